@@ -1,0 +1,156 @@
+"""The ``lmerge`` command: one verb per job.
+
+Verbs are plain typed functions handed to jsonargparse, so each signature is its CLI and
+each docstring its help. Every bad input ends in one line on stderr and exit code 2; pass
+``--debug`` anywhere for the traceback instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+from typing import Any, Literal
+
+import yaml
+
+from lmerge.config import MergeConfig, SaveConfig, migrate_legacy, read_yaml
+from lmerge.errors import ConfigError, LMergeError
+from lmerge.methods import METHODS
+from lmerge.runner import run_merge
+
+
+def merge(
+    adapters: list[str],
+    method: str,
+    merge_mode: Literal["common", "strict"] = "common",
+    method_params: dict[str, Any] | None = None,
+    transforms: list[Any] | None = None,
+    lambda_policy: str | dict[str, Any] = "scalar",
+    save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
+    output_dir: str = "artifacts",
+    catalog: str | None = None,
+    tag: str | None = None,
+) -> None:
+    """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
+
+    Args:
+        adapters: Adapter directories or task names from the catalog, e.g. [sentiment, question].
+        method: Merge method: {methods}.
+        merge_mode: common merges the modules all adapters share; strict fails on any difference.
+        method_params: The method's parameters, e.g. --method_params.k 20; each method's, with
+            defaults: {params}.
+        transforms: Pre-merge transforms, e.g. [{{name: layer_l2_normalize, params: {{target_norm: 1.0}}}}].
+        lambda_policy: scalar, or {{type: per_layer, default: 0.5, overrides: {{0: 0.2}}}}.
+        save: How to save the merge (format lora, full or none; rank for dense methods).
+        output_dir: Root of all outputs.
+        catalog: Task catalog YAML that maps task names to adapters.
+        tag: Name of this merge in outputs; default: the method and its parameters.
+    """
+    config = MergeConfig(
+        adapters=adapters,
+        method=method,
+        merge_mode=merge_mode,
+        method_params=method_params or {},
+        transforms=transforms or [],
+        lambda_policy=lambda_policy,
+        save=save,
+        output_dir=output_dir,
+        catalog=catalog,
+        tag=tag,
+    )
+    result = run_merge(config)
+    meta = result.metadata
+    for name, keys in meta["dropped_keys"].items():
+        _note(f"merge_mode common: left out {len(keys)} module(s) only {name!r} has, e.g. {keys[0]}")
+    saved = result.saved
+    detail = f"saved {saved['format']}"
+    if "rank" in saved:
+        detail += f" rank {saved['rank']}"
+    if "svd_relative_error_max" in saved:
+        detail += f" (max relative SVD error {saved['svd_relative_error_max']:.3g})"
+    print(f"merged {len(meta['adapters'])} adapters with {result.tag} over {meta['modules']} modules; {detail}")
+    print(f"run bundle: {result.run_dir}")
+
+
+def _method_help() -> dict[str, str]:
+    ordered = sorted(METHODS.values(), key=lambda m: (m.kind.value, m.name))
+    methods = "; ".join(f"{m.name} ({m.kind.value}): {m.description.rstrip('.')}" for m in ordered)
+    params = "; ".join(
+        f"{m.name}: " + (", ".join(f"{k}={m.defaults.get(k, 'required')}" for k in m.param_names) or "none")
+        for m in ordered
+    )
+    return {"methods": methods, "params": params}
+
+
+merge.__doc__ = merge.__doc__.format(**_method_help())
+
+VERBS = {"merge": merge}
+
+
+def _note(message: str) -> None:
+    print(f"lmerge: note: {message}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"lmerge: {category.__name__}: {message}", file=sys.stderr)
+
+
+def expand_args(argv: list[str]) -> list[str]:
+    """Read every ``--config FILE`` ourselves (legacy keys migrated, unknown keys named with
+    the file) and hand jsonargparse the result; map the legacy ``--lambda`` flag."""
+    if not argv or argv[0] not in VERBS:
+        return argv
+    accepted = set(inspect.signature(VERBS[argv[0]]).parameters)
+    out = [argv[0]]
+    rest = iter(argv[1:])
+    for arg in rest:
+        name, _, inline = arg.partition("=")
+        if name in ("--config", "--lambda"):
+            value = inline or next(rest, None)
+            if value is None:
+                raise ConfigError(f"{name}: expects a value")
+            if name == "--lambda":
+                warnings.warn("--lambda is deprecated; use --method_params.lambda", DeprecationWarning, stacklevel=2)
+                out += ["--method_params.lambda", value]
+                continue
+            data = migrate_legacy(read_yaml(value), value)
+            unknown = sorted(set(data) - accepted)
+            if unknown:
+                valid = ", ".join(sorted(accepted))
+                raise ConfigError(f"{value}: {unknown[0]}: unknown key for lmerge {argv[0]} (valid: {valid})")
+            out += ["--config", yaml.safe_dump(data, default_flow_style=True, width=1 << 30)]
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``lmerge`` command; returns the exit code."""
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"lmerge(\.|$)")
+    try:
+        CLI(VERBS, args=expand_args(argv), as_positional=False, exit_on_error=False)
+    except LMergeError as exc:
+        if debug:
+            raise
+        print(f"lmerge: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from argparse import ArgumentError
+
+        if debug or not isinstance(exc, ArgumentError):
+            raise
+        print(f"lmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

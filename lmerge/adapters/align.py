@@ -1,0 +1,62 @@
+"""Check that adapters belong together and choose the module keys to merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.errors import AdapterError, ConfigError
+
+MERGE_MODES = ("common", "strict")
+
+
+def check_compatible(adapters: list[LoraAdapter]) -> None:
+    """Refuse adapters of different base models, or of mixed weight layouts."""
+    bases = {}
+    for adapter in adapters:
+        if adapter.base_model:
+            bases.setdefault(_normalize_base(adapter.base_model), adapter)
+    if len(bases) > 1:
+        first, second = list(bases.values())[:2]
+        raise AdapterError(
+            f"adapters {first.name!r} and {second.name!r} come from different base models "
+            f"({first.base_model!r} vs {second.base_model!r})"
+        )
+    if len({adapter.fan_in_fan_out for adapter in adapters}) > 1:
+        raise AdapterError("adapters disagree on fan_in_fan_out; they were made for different model layouts")
+
+
+def align_keys(adapters: list[LoraAdapter], merge_mode: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The module keys to merge and, per adapter, the keys left out (``common`` mode).
+
+    ``common`` keeps the keys every adapter has; ``strict`` fails on any difference.
+    Either way, a key whose input/output features differ between adapters is an error.
+    """
+    if merge_mode not in MERGE_MODES:
+        raise ConfigError(f"merge_mode: {merge_mode!r} is not one of {', '.join(MERGE_MODES)}")
+    common = set(adapters[0].module_keys).intersection(*(a.module_keys for a in adapters[1:]))
+    dropped = {a.name: [k for k in a.module_keys if k not in common] for a in adapters}
+    dropped = {name: keys for name, keys in dropped.items() if keys}
+    if dropped and merge_mode == "strict":
+        name, keys = next(iter(dropped.items()))
+        shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        raise AdapterError(f"merge_mode strict: adapter {name!r} has modules the others lack: {shown}")
+    if not common:
+        raise AdapterError("the adapters share no LoRA module; there is nothing to merge")
+    keys = [k for k in adapters[0].module_keys if k in common]
+    for key in keys:
+        reference = adapters[0].shapes[key]
+        for other in adapters[1:]:
+            shape = other.shapes[key]
+            if (shape.in_features, shape.out_features) != (reference.in_features, reference.out_features):
+                raise AdapterError(
+                    f"module {key}: shape mismatch, {adapters[0].name!r} is "
+                    f"[{reference.out_features}x{reference.in_features}] but {other.name!r} is "
+                    f"[{shape.out_features}x{shape.in_features}]"
+                )
+    return keys, dropped
+
+
+def _normalize_base(name: str) -> str:
+    path = Path(name)
+    return str(path.resolve()) if path.exists() else name.rstrip("/")

@@ -1,0 +1,218 @@
+"""Load one PEFT LoRA adapter directory lazily and safely (safetensors only, never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmerge.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_LORA_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+# Only these tensor kinds carry a LoRA we cannot merge: name them instead of a generic "unexpected".
+_UNSUPPORTED = {
+    "lora_magnitude_vector": "DoRA magnitude vectors (use_dora) cannot be merged as plain LoRA",
+    "lora_embedding_": "LoRA on embedding layers is not supported",
+}
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """Shape of one LoRA module: rank, input and output features."""
+
+    rank: int
+    in_features: int
+    out_features: int
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter on disk. Reads only the safetensors header at load time;
+    tensors are read (and checked for NaN/Inf) when a module is asked for."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = _read_config(self.path)
+        self.weights_file = _weights_file(self.path)
+        self._validate_config()
+        self.shapes, self.head_tensors, self._tensor_names = self._read_header()
+
+    # ---- public facts ----------------------------------------------------------------------
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def module_keys(self) -> list[str]:
+        return list(self.shapes)
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        """The dtype the LoRA factors are stored in."""
+        a_name, _ = next(iter(self._tensor_names.values()))
+        with self._open() as handle:
+            code = handle.get_slice(a_name).get_dtype()
+        return _DTYPES.get(code, torch.float32)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @cached_property
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.weights_file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def scaling(self, key: str) -> float:
+        """PEFT's scaling of module ``key``: alpha / r, or alpha / sqrt(r) with rslora."""
+        rank = self.shapes[key].rank
+        alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, key, self.config["lora_alpha"]))
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], B [out, r])`` of module ``key`` in float32, checked finite."""
+        a_name, b_name = self._tensor_names[key]
+        return self._read(a_name), self._read(b_name)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The task-head tensors PEFT saved from ``modules_to_save``, under their file names."""
+        return {name: self._read(name, cast=False) for name in self.head_tensors}
+
+    # ---- loading -------------------------------------------------------------------------------
+    def _validate_config(self) -> None:
+        where = self.path / CONFIG_FILE
+        peft_type = self.config.get("peft_type")
+        if peft_type != "LORA":
+            raise AdapterError(f"{where}: peft_type {peft_type!r} is not LORA; only LoRA adapters merge")
+        if self.config.get("use_dora"):
+            raise AdapterError(f"{where}: use_dora is true; DoRA adapters cannot be merged as plain LoRA")
+        if self.config.get("bias", "none") != "none":
+            raise AdapterError(
+                f"{where}: bias={self.config['bias']!r} trains biases outside LoRA; only bias='none' merges"
+            )
+        if "lora_alpha" not in self.config:
+            raise AdapterError(f"{where}: missing key 'lora_alpha'")
+
+    def _read_header(self) -> tuple[dict[str, ModuleShape], list[str], dict[str, tuple[str, str]]]:
+        found: dict[str, dict[str, list[int]]] = {}
+        names: dict[str, dict[str, str]] = {}
+        heads: list[str] = []
+        head_modules = tuple(self.config.get("modules_to_save") or ())
+        with self._open() as handle:
+            for tensor in handle.keys():
+                for marker, reason in _UNSUPPORTED.items():
+                    if marker in tensor:
+                        raise AdapterError(f"{self.weights_file}: {tensor}: {reason}")
+                match = _LORA_SUFFIX.match(tensor)
+                if match:
+                    module = match["module"].removeprefix(PEFT_PREFIX)
+                    found.setdefault(module, {})[match["which"]] = handle.get_slice(tensor).get_shape()
+                    names.setdefault(module, {})[match["which"]] = tensor
+                elif _belongs_to(tensor.removeprefix(PEFT_PREFIX), head_modules):
+                    heads.append(tensor)
+                else:
+                    raise AdapterError(
+                        f"{self.weights_file}: tensor {tensor!r} is neither LoRA nor in modules_to_save"
+                    )
+        if not found:
+            raise AdapterError(f"{self.weights_file}: holds no LoRA tensors")
+        shapes = {module: self._module_shape(module, parts) for module, parts in found.items()}
+        return shapes, heads, {module: (pair["A"], pair["B"]) for module, pair in names.items()}
+
+    def _module_shape(self, module: str, parts: dict[str, list[int]]) -> ModuleShape:
+        if set(parts) != {"A", "B"}:
+            missing = "lora_B" if "A" in parts else "lora_A"
+            raise AdapterError(f"{self.weights_file}: module {module} has no {missing} tensor")
+        a_shape, b_shape = parts["A"], parts["B"]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise AdapterError(
+                f"{self.weights_file}: module {module}: only linear LoRA merges "
+                f"(lora_A {a_shape}, lora_B {b_shape})"
+            )
+        if a_shape[0] != b_shape[1]:
+            raise AdapterError(
+                f"{self.weights_file}: module {module}: rank mismatch, lora_A {a_shape} vs lora_B {b_shape}"
+            )
+        expected = int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8)))
+        if a_shape[0] != expected:
+            raise AdapterError(
+                f"{self.weights_file}: module {module} has rank {a_shape[0]} but {CONFIG_FILE} says {expected}"
+            )
+        return ModuleShape(rank=a_shape[0], in_features=a_shape[1], out_features=b_shape[0])
+
+    def _open(self):  # noqa: ANN202 - safetensors' handle type is private
+        try:
+            return safe_open(str(self.weights_file), framework="pt")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{self.weights_file}: not a readable safetensors file ({exc})") from None
+
+    def _read(self, tensor: str, cast: bool = True) -> torch.Tensor:
+        try:
+            with self._open() as handle:
+                value = handle.get_tensor(tensor)
+        except SafetensorError as exc:
+            raise AdapterError(f"{self.weights_file}: cannot read {tensor} ({exc})") from None
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterError(f"{self.weights_file}: tensor {tensor} holds NaN or Inf values")
+        return value.float() if cast else value
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise AdapterError(f"{path}: adapter directory does not exist")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing; not a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_path}: invalid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _weights_file(path: Path) -> Path:
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    if (path / PICKLE_FILE).exists():
+        raise AdapterError(
+            f"{path / PICKLE_FILE}: pickle weights are refused (loading them can run code); "
+            "convert the adapter to safetensors"
+        )
+    raise AdapterError(f"{weights}: missing")
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first pattern matching a suffix of the key."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _belongs_to(tensor: str, modules: tuple[str, ...]) -> bool:
+    return any(
+        tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module
+    )

@@ -1,0 +1,180 @@
+"""Write a merge: as a PEFT LoRA adapter (exact for factor and linear methods, truncated SVD
+for dense ones), as full merged weights, or not at all. Task heads travel alongside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmerge.adapters.lora import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
+from lmerge.errors import AdapterError, OutputError
+from lmerge.merge import MergedModule
+
+HEADS_DIR = "heads"
+# Task types whose head belongs to each task (saved per adapter), so the full-weights save
+# keeps the shared backbone only.
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+}
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [k, in], B [out, k], relative Frobenius error)`` with ``B @ A`` the best rank-``k``
+    approximation found by a randomized SVD (a few GEMMs, not a full decomposition)."""
+    rank = min(rank, *delta.shape)
+    total = float(delta.square().sum())
+    if total == 0.0:
+        return delta.new_zeros(rank, delta.shape[1]), delta.new_zeros(delta.shape[0], rank), 0.0
+    oversampled = min(rank + 8, *delta.shape)
+    U, S, V = torch.svd_lowrank(delta, q=oversampled, niter=niter)
+    U, S, V = U[:, :rank], S[:rank], V[:, :rank]
+    # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2).
+    error = max(total - float(S.square().sum()), 0.0) ** 0.5 / total**0.5
+    return V.T.contiguous(), (U * S).contiguous(), error
+
+
+class LoraWriter:
+    """Collects merged modules and writes a PEFT LoRA adapter whose scaling is 1 everywhere."""
+
+    format = "lora"
+
+    def __init__(self, adapters: list[LoraAdapter], rank: int | None, svd_niter: int = 2) -> None:
+        self.adapters = adapters
+        self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
+        self.svd_niter = svd_niter
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+        self.svd_errors: dict[str, float] = {}
+
+    def add(self, module: MergedModule) -> None:
+        if module.delta is not None:
+            A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
+            self.svd_errors[module.key] = error
+        else:
+            A, B = module.A, module.B
+        dtype = self.adapters[0].dtype
+        self.tensors[f"{PEFT_PREFIX}{module.key}.lora_A.weight"] = A.to(dtype).contiguous()
+        self.tensors[f"{PEFT_PREFIX}{module.key}.lora_B.weight"] = B.to(dtype).contiguous()
+        self.ranks[module.key] = A.shape[0]
+
+    def write(self, out: Path) -> dict[str, Any]:
+        rank = max(self.ranks.values())
+        config = dict(self.adapters[0].config)
+        odd = {key: r for key, r in self.ranks.items() if r != rank}
+        config.update(
+            r=rank,
+            lora_alpha=rank,  # alpha == r everywhere: scaling 1, the factors carry everything
+            rank_pattern=odd,
+            alpha_pattern=dict(odd),
+            use_rslora=False,
+            target_modules=list(self.ranks),
+            modules_to_save=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            exclude_modules=None,
+            inference_mode=True,
+        )
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(self.tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]
+        info: dict[str, Any] = {"format": self.format, "rank": rank, "files": files}
+        if self.svd_errors:
+            info["svd_rank"] = self.rank
+            info["svd_relative_error"] = self.svd_errors
+            info["svd_relative_error_max"] = max(self.svd_errors.values())
+        return info
+
+
+class FullWriter:
+    """Adds every merged module into the base model's weights and saves it with
+    ``save_pretrained``; for tasks with their own heads, the backbone alone."""
+
+    format = "full"
+
+    def __init__(self, adapters: list[LoraAdapter], base_model: str | None) -> None:
+        self.adapters = adapters
+        self.base_model = base_model or adapters[0].base_model
+        if not self.base_model:
+            raise AdapterError(
+                f"{adapters[0].path}: base_model_name_or_path is not set; give save.base_model for format full"
+            )
+        self.model, self.prefix = _load_base(self.base_model, adapters[0].task_type)
+
+    def add(self, module: MergedModule) -> None:
+        name = module.key.removeprefix(self.prefix)
+        try:
+            target = self.model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"base model {self.base_model}: has no module {name!r}") from None
+        delta = module.dense()
+        if self.adapters[0].fan_in_fan_out:
+            delta = delta.T
+        with torch.no_grad():
+            target.weight += delta.to(target.weight.dtype)
+
+    def write(self, out: Path) -> dict[str, Any]:
+        self.model.save_pretrained(out)
+        heads = write_heads(self.adapters, out)
+        return {"format": self.format, "base_model": self.base_model, "files": sorted(_files(out)), "heads": heads}
+
+
+class NullWriter:
+    """Saves nothing: the run bundle holds the metadata only."""
+
+    format = "none"
+
+    def add(self, module: MergedModule) -> None:
+        pass
+
+    def write(self, out: Path) -> dict[str, Any]:
+        return {"format": self.format, "files": []}
+
+
+def write_heads(adapters: list[LoraAdapter], out: Path) -> list[str]:
+    """Each adapter's task head (``modules_to_save``) as ``heads/<adapter>.safetensors``."""
+    written = []
+    for adapter in adapters:
+        state = adapter.head_state()
+        if not state:
+            continue
+        (out / HEADS_DIR).mkdir(exist_ok=True)
+        relative = f"{HEADS_DIR}/{adapter.name}.safetensors"
+        metadata = {"adapter": str(adapter.path), "modules_to_save": json.dumps(adapter.config["modules_to_save"])}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / relative), metadata=metadata)
+        written.append(relative)
+    return written
+
+
+def _load_base(path: str, task_type: str | None) -> tuple[torch.nn.Module, str]:
+    import transformers
+
+    auto = getattr(transformers, _AUTO_CLASSES.get(task_type or "", "AutoModel"))
+    try:
+        model = auto.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
+    # Heads are per task: the backbone alone is saved and adapter keys lose the head model's prefix.
+    prefix = f"{model.base_model_prefix}." if task_type in _HEAD_TASKS or auto is transformers.AutoModel else ""
+    return model, prefix
+
+
+def _files(out: Path) -> list[str]:
+    return [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+
+
+def writer_for(fmt: str, adapters: list[LoraAdapter], rank: int | None, base_model: str | None):
+    """The writer for save format ``fmt``."""
+    builders = {
+        "lora": lambda: LoraWriter(adapters, rank),
+        "full": lambda: FullWriter(adapters, base_model),
+        "none": NullWriter,
+    }
+    if fmt not in builders:
+        raise OutputError(f"save.format: {fmt!r} is not one of {', '.join(builders)}")
+    return builders[fmt]()

@@ -1,0 +1,137 @@
+"""The unified merge schema: ``MergeConfig`` and friends, and the YAML loader with the
+specification's legacy keys (migrated with a DeprecationWarning)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmerge.errors import ConfigError
+
+
+@dataclass
+class SaveConfig:
+    """How a merge is saved."""
+
+    format: Literal["lora", "full", "none"] = "lora"
+    """``lora``: a PEFT adapter (exact for factor and linear methods, truncated SVD for dense
+    ones); ``full``: the base model with the merge added to its weights; ``none``: metadata only."""
+    rank: int | None = None
+    """Rank of the saved LoRA for dense methods (ties, dare, ...); default: the largest input rank."""
+    base_model: str | None = None
+    """Base model directory for ``format: full``; default: the adapters' ``base_model_name_or_path``."""
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"save.rank: must be a positive integer, got {self.rank}")
+
+
+@dataclass
+class MergeConfig:
+    """One merge: which adapters, which method with which parameters, and where it goes."""
+
+    adapters: list[str]
+    """Adapter directories, or task names from the catalog."""
+    method: str
+    """Merge method (see ``lmerge merge --help`` for the list)."""
+    merge_mode: Literal["common", "strict"] = "common"
+    """``common``: merge the modules all adapters share; ``strict``: any difference is an error."""
+    method_params: dict[str, Any] = field(default_factory=dict)
+    """The method's parameters, e.g. ``{lambda: 0.5}`` or ``{k: 20}``."""
+    transforms: list[Any] = field(default_factory=list)
+    """Pre-merge transforms, e.g. ``[{name: layer_l2_normalize, params: {target_norm: 1.0}}]``."""
+    lambda_policy: str | dict[str, Any] = "scalar"
+    """``scalar``, or ``{type: per_layer, default: 0.5, overrides: {0: 0.2}}``."""
+    save: SaveConfig = field(default_factory=SaveConfig)
+    """How the merge is saved."""
+    output_dir: str = "artifacts"
+    """Root of all outputs."""
+    catalog: str | None = None
+    """Task catalog YAML mapping task names to adapters."""
+    tag: str | None = None
+    """Name of this merge in outputs; default: the method and its parameters."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.save, dict):
+            self.save = _build(SaveConfig, self.save, "save.")
+        if self.merge_mode not in ("common", "strict"):
+            raise ConfigError(f"merge_mode: {self.merge_mode!r} is not one of common, strict")
+        if not isinstance(self.method_params, dict):
+            raise ConfigError(f"method_params: expected a mapping, got {self.method_params!r}")
+
+
+# The specification's migration table: old top-level keys and where they live now.
+LEGACY_KEYS = {
+    "lambda": "method_params.lambda",
+    "params": "method_params",
+    "grid": "search.grid (with search.type: grid)",
+}
+
+
+def migrate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Rewrite legacy keys to the unified schema, warning once per key."""
+    data = dict(data)
+    for old, new in LEGACY_KEYS.items():
+        if old not in data:
+            continue
+        warnings.warn(f"{source}: key {old!r} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        value = data.pop(old)
+        if old == "lambda":
+            data["method_params"] = {**(data.get("method_params") or {}), "lambda": value}
+        elif old == "params":
+            data["method_params"] = {**value, **(data.get("method_params") or {})}
+        else:
+            search = dict(data.get("search") or {})
+            search.setdefault("type", "grid")
+            search["grid"] = value
+            data["search"] = search
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; malformed or non-mapping files name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "parse error"
+        raise ConfigError(f"{path}:{where}: malformed YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_merge_config(path: str | Path, **overrides: Any) -> MergeConfig:
+    """Read a merge config YAML (legacy keys migrated), apply ``overrides``, and check it."""
+    data = migrate_legacy(read_yaml(path), str(path))
+    data.update(overrides)
+    return _build(MergeConfig, data, "", source=str(path))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None = None) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    where = f"{source}: " if source else ""
+    if unknown:
+        raise ConfigError(f"{where}{prefix}{unknown[0]}: unknown key (valid: {', '.join(sorted(names))})")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}{prefix}{missing[0]}: required key is missing")
+    return cls(**data)

@@ -1,0 +1,91 @@
+"""The streaming merge engine: one module at a time, through the method's kind.
+
+Only dense methods ever build a dense task vector, and only for the module at hand, so peak
+memory is one module's deltas for all adapters plus the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.layers import layer_index
+from lmerge.methods.registry import Kind, MergeMethod, ModuleContext
+from lmerge.policies import LambdaFn
+
+
+@dataclass
+class MergedModule:
+    """The merge of one module: LoRA factors with scaling 1 (``A`` [R, in], ``B`` [out, R])
+    or a dense delta [out, in]."""
+
+    key: str
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The module's weight update ``B @ A`` (or the dense delta itself)."""
+        return self.delta if self.delta is not None else self.B @ self.A
+
+
+def _combine_factors(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    A, B = method.fn(As, Bs, params, ctx)
+    return MergedModule(ctx.key, A=A, B=B)
+
+
+def _combine_linear(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    # sum_i c_i B_i A_i == [c_1 B_1 ... c_n B_n] @ [A_1; ...; A_n]: exact, rank sum(r_i).
+    coefficients = method.fn(len(As), params, ctx)
+    B = torch.cat([c * B for c, B in zip(coefficients, Bs, strict=True)], dim=1)
+    return MergedModule(ctx.key, A=torch.cat(As, dim=0), B=B)
+
+
+def _combine_dense(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    deltas = torch.stack([B @ A for A, B in zip(As, Bs, strict=True)])
+    return MergedModule(ctx.key, delta=method.fn(deltas, params, ctx))
+
+
+COMBINERS: dict[Kind, Callable[..., MergedModule]] = {
+    Kind.FACTORS: _combine_factors,
+    Kind.LINEAR: _combine_linear,
+    Kind.DENSE: _combine_dense,
+}
+
+
+def scaled_factors(
+    adapters: list[LoraAdapter], key: str, scales: Mapping[tuple[int, str], float] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each adapter's ``A`` and ``B`` for ``key``, with its scaling (and transform factor) in ``B``."""
+    As, Bs = [], []
+    for i, adapter in enumerate(adapters):
+        A, B = adapter.factors(key)
+        As.append(A)
+        Bs.append(B * (adapter.scaling(key) * (scales or {}).get((i, key), 1.0)))
+    return As, Bs
+
+
+def factor_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Frobenius norm of ``B @ A`` without building it: ``||BA||^2 = sum((B^T B) * (A A^T))``."""
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
+def merge_modules(
+    adapters: list[LoraAdapter],
+    keys: list[str],
+    method: MergeMethod,
+    params: dict[str, Any],
+    lambda_fn: LambdaFn,
+    scales: Mapping[tuple[int, str], float] | None = None,
+) -> Iterator[MergedModule]:
+    """Merge ``keys`` one module at a time."""
+    combine = COMBINERS[method.kind]
+    for key in keys:
+        layer = layer_index(key)
+        As, Bs = scaled_factors(adapters, key, scales)
+        with torch.no_grad():
+            yield combine(method, As, Bs, params, ModuleContext(key=key, layer=layer, lam=lambda_fn(layer)))

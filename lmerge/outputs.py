@@ -1,0 +1,140 @@
+"""Output paths, run bundles and atomic writes: the one place that decides where files go.
+
+A ground-floor module: merging, saving, evaluation and sweeps write through it, and it
+imports none of them. Every file is written to a temporary name and renamed, and a run
+bundle is built in a hidden staging directory that is renamed into place when complete,
+so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lmerge.errors import OutputError
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def safe_component(name: str, what: str = "name") -> str:
+    """``name`` if it is usable as one path component inside the output root, else an error.
+
+    Refuses separators, ``..``, absolute paths and hidden names, so task names and tags
+    cannot escape the output root.
+    """
+    if not isinstance(name, str) or not _SAFE.match(name) or ".." in name:
+        raise OutputError(f"{what} {name!r} is not a safe file name (letters, digits, . _ + = - only)")
+    return name
+
+
+def task_combo(names: list[str]) -> str:
+    """Directory name for a set of adapters, e.g. ``sentiment_question``."""
+    return "_".join(safe_component(n, "adapter name") for n in names)
+
+
+def merged_dir(root: str | Path, method: str, names: list[str]) -> Path:
+    """``<root>/merged/<method>/<task_combo>``."""
+    return Path(root) / "merged" / safe_component(method, "method") / task_combo(names)
+
+
+def check_output_root(root: str | Path) -> Path:
+    """The output root, created if missing; a clear error if it is a file or not writable."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output_dir {root}: exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output_dir {root}: cannot be created ({exc.strerror})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise OutputError(f"output_dir {root}: not writable")
+    return root
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+@dataclass
+class Staged:
+    """A directory being built: files go into ``work``; ``final`` is set once it is in place."""
+
+    work: Path
+    final: Path | None = None
+
+
+@contextlib.contextmanager
+def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]:
+    """Yield a hidden staging directory in ``parent``; on success rename it to
+    ``final_name()`` (asked again if another process took that name meanwhile), on any
+    failure remove it."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staged = Staged(work=Path(tempfile.mkdtemp(prefix=".run.", suffix=".staging", dir=parent)))
+    staging = staged.work
+    try:
+        yield staged
+        for _ in range(1000):
+            final = final_name()
+            try:
+                os.rename(staging, final)
+                staged.final = final
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        raise OutputError(f"{parent}: could not find a free directory name")
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{parent}: cannot be written ({exc.strerror or exc})") from None
+        raise
+
+
+def new_run_dir(parent: Path, now: datetime | None = None) -> Path:
+    """A not-yet-existing ``run_YYYYMMDD_HHMMSS`` path under ``parent``; a suffix keeps runs
+    started in the same second apart."""
+    stamp = (now or datetime.now()).strftime("run_%Y%m%d_%H%M%S")
+    candidate = parent / stamp
+    suffix = 1
+    while candidate.exists():
+        candidate = parent / f"{stamp}_{suffix}"
+        suffix += 1
+    return candidate
+
+
+def run_bundle(root: str | Path, method: str, names: list[str]) -> contextlib.AbstractContextManager[Staged]:
+    """Stage a run bundle ``<root>/merged/<method>/<combo>/runs/run_<time>/``: it appears,
+    complete, when the block ends without error (its path is then ``.final``), and not at
+    all otherwise."""
+    runs = merged_dir(check_output_root(root), method, names) / "runs"
+    return staged_dir(runs, lambda: new_run_dir(runs))

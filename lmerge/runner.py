@@ -1,0 +1,155 @@
+"""``run_merge``: the single entry point from a config to a merged, saved, recorded result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from lmerge.adapters.align import align_keys, check_compatible
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.adapters.resolve import resolve_adapters
+from lmerge.adapters.save import writer_for
+from lmerge.config import MergeConfig
+from lmerge.errors import ConfigError, MethodError
+from lmerge.layers import layer_index
+from lmerge.merge import factor_norm, merge_modules, scaled_factors
+from lmerge.methods import MergeMethod, get_method
+from lmerge.outputs import run_bundle, safe_component, write_json_atomic
+from lmerge.policies import build_policy, overridden_layers, policy_spec
+from lmerge.transforms import parse_transforms
+
+_PACKAGES = ("lmerge", "torch", "transformers", "peft", "safetensors")
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced: its identity, where its bundle is, and its metadata."""
+
+    method: str
+    params: dict[str, Any]
+    tag: str
+    run_dir: Path
+    metadata: dict[str, Any] = field(repr=False)
+    saved: dict[str, Any] = field(repr=False)
+
+
+def run_merge(config: MergeConfig) -> MergeResult:
+    """Resolve adapters, normalize parameters, transform, merge module by module, save, and
+    write the run bundle. Raises :class:`lmerge.errors.LMergeError` on any bad input."""
+    started = time.perf_counter()
+    method = get_method(config.method)
+    if config.save.format != "none" and not method.saveable:
+        raise MethodError(f"method {method.name!r} cannot be saved; use save.format none")
+    adapters = resolve_adapters(config.adapters, config.catalog)
+    params = method.normalize_params(config.method_params, len(adapters))
+    lambda_fn = build_policy(config.lambda_policy, method, params)
+    transforms = parse_transforms(config.transforms)
+    tag = safe_component(config.tag, "tag") if config.tag else merge_tag(method, params)
+    check_compatible(adapters)
+    keys, dropped = align_keys(adapters, config.merge_mode)
+    _check_policy_layers(config.lambda_policy, keys)
+    scales = _transform_scales(adapters, keys, transforms)
+
+    with run_bundle(config.output_dir, method.name, [a.name for a in adapters]) as bundle:
+        writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
+        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales):
+            writer.add(module)
+        saved = writer.write(bundle.work)
+        meta = _metadata(config, method, params, tag, adapters, keys, dropped, saved, started)
+        write_json_atomic(bundle.work / "merge_metadata.json", meta)
+        write_json_atomic(bundle.work / "summary.json", _summary(meta))
+    return MergeResult(method.name, params, tag, bundle.final, meta, saved)
+
+
+def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:
+    """A readable, stable name for a merge: the method and the parameters that differ from
+    its defaults (``ties_k=50.0``); list-valued parameters enter as a short hash."""
+    parts = [method.name]
+    for name in sorted(params):
+        value = params[name]
+        if name in method.defaults and value == method.defaults[name]:
+            continue
+        if isinstance(value, bool | int | float) or value is None:
+            parts.append(f"{name}={value}")
+        else:
+            digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            parts.append(f"{name}={digest}")
+    return "_".join(parts)
+
+
+def _check_policy_layers(spec: Any, keys: list[str]) -> None:
+    layers = {layer_index(k) for k in keys} - {None}
+    missing = sorted(overridden_layers(spec) - layers)
+    if missing:
+        span = f"{min(layers)}-{max(layers)}" if layers else "none"
+        raise ConfigError(f"lambda_policy.overrides: layer {missing[0]} is not in the adapters (layers {span})")
+
+
+def _transform_scales(adapters: list[LoraAdapter], keys: list[str], transforms) -> dict[tuple[int, str], float]:
+    scales: dict[tuple[int, str], float] = {}
+    for transform, params in transforms:
+        norms = {}
+        if transform.needs_norms:
+            for key in keys:
+                As, Bs = scaled_factors(adapters, key, scales)
+                norms.update({(i, key): factor_norm(A, B) for i, (A, B) in enumerate(zip(As, Bs, strict=True))})
+        # Transforms compose: each multiplies the factors the previous ones left.
+        for index, factor in transform.fn(norms, len(adapters), keys, params).items():
+            scales[index] = scales.get(index, 1.0) * factor
+    return scales
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _metadata(config, method, params, tag, adapters, keys, dropped, saved, started) -> dict[str, Any]:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": method.name,
+        "kind": method.kind.value,
+        "tag": tag,
+        "params": params,
+        "method_params": config.method_params,
+        "lambda_policy": policy_spec(config.lambda_policy),
+        "transforms": config.transforms,
+        "merge_mode": config.merge_mode,
+        "adapters": [
+            {
+                "name": a.name,
+                "path": str(a.path.resolve()),
+                "sha256": a.sha256,
+                "base_model": a.base_model,
+                "task_type": a.task_type,
+                "ranks": sorted({s.rank for s in a.shapes.values()}),
+            }
+            for a in adapters
+        ],
+        "modules": len(keys),
+        "dropped_keys": dropped,
+        "save": {**asdict(config.save), **saved},
+        "versions": _versions(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _summary(meta: dict[str, Any]) -> dict[str, Any]:
+    save = meta["save"]
+    summary = {key: meta[key] for key in ("created", "method", "tag", "params", "merge_mode", "modules")}
+    summary["adapters"] = [a["name"] for a in meta["adapters"]]
+    summary["saved"] = {"format": save["format"], "files": save["files"]}
+    if "svd_relative_error_max" in save:
+        summary["saved"]["svd_relative_error_max"] = save["svd_relative_error_max"]
+    return summary
