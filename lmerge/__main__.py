@@ -8,6 +8,7 @@ each docstring its help. Every bad input ends in one line on stderr and exit cod
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import warnings
 from typing import Any, Literal
@@ -125,6 +126,15 @@ def expand_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _argument_message(exc: Exception) -> str:
+    """jsonargparse's message on one line; its long union-type report cut to key and value."""
+    text = " ".join(str(exc).split())
+    union = re.match(
+        r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union.*Given value: (?P<v>.*)$', text
+    )
+    return f"{union['key']}: invalid value {union['v']}" if union else text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
     from jsonargparse import CLI, set_parsing_settings
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if debug or not isinstance(exc, ArgumentError):
             raise
-        print(f"lmerge: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"lmerge: error: {_argument_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -98,7 +98,9 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     paths["bert_a"] = make_adapter(bert, root / "bert_a", seed=1, **seq)
     paths["bert_b"] = make_adapter(bert, root / "bert_b", seed=2, **seq)
     paths["bert_c"] = make_adapter(bert, root / "bert_c", seed=3, r=2, alpha=4, use_rslora=True, **seq)
-    paths["bert_d"] = make_adapter(bert, root / "bert_d", seed=4, rank_pattern={"layer.1.attention.self.query": 2}, **seq)
+    paths["bert_d"] = make_adapter(
+        bert, root / "bert_d", seed=4, rank_pattern={"layer.1.attention.self.query": 2}, **seq
+    )
     lm = {"task_type": "CAUSAL_LM"}
     paths["llama_a"] = make_adapter(llama, root / "llama_a", seed=5, targets=LLAMA_TARGETS, **lm)
     paths["llama_b"] = make_adapter(llama, root / "llama_b", seed=6, r=8, alpha=16, targets=LLAMA_TARGETS, **lm)

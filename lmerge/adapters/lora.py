@@ -131,9 +131,7 @@ class LoraAdapter:
                 elif _belongs_to(tensor.removeprefix(PEFT_PREFIX), head_modules):
                     heads.append(tensor)
                 else:
-                    raise AdapterError(
-                        f"{self.weights_file}: tensor {tensor!r} is neither LoRA nor in modules_to_save"
-                    )
+                    raise AdapterError(f"{self.weights_file}: tensor {tensor!r} is neither LoRA nor in modules_to_save")
         if not found:
             raise AdapterError(f"{self.weights_file}: holds no LoRA tensors")
         shapes = {module: self._module_shape(module, parts) for module, parts in found.items()}
@@ -146,8 +144,7 @@ class LoraAdapter:
         a_shape, b_shape = parts["A"], parts["B"]
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise AdapterError(
-                f"{self.weights_file}: module {module}: only linear LoRA merges "
-                f"(lora_A {a_shape}, lora_B {b_shape})"
+                f"{self.weights_file}: module {module}: only linear LoRA merges (lora_A {a_shape}, lora_B {b_shape})"
             )
         if a_shape[0] != b_shape[1]:
             raise AdapterError(
@@ -213,6 +210,4 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def _belongs_to(tensor: str, modules: tuple[str, ...]) -> bool:
-    return any(
-        tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module
-    )
+    return any(tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module)

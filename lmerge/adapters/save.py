@@ -80,6 +80,9 @@ class LoraWriter:
             exclude_modules=None,
             inference_mode=True,
         )
+        if config.get("task_type") in _HEAD_TASKS:
+            # PEFT would demand one classifier inside the adapter; each task's head is in heads/.
+            config["task_type"] = None
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(self.tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]

@@ -1,0 +1,176 @@
+"""The ``lmerge`` command: help, shipped configs, legacy keys, and a merge end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmerge.__main__ import main
+from lmerge.catalog import load_catalog
+from lmerge.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "callbacks").rglob("*.yaml"))
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_every_verb_method_and_save_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "merge" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in METHODS:
+        assert f"{name} (" in text
+    for flag in ("--save.format", "--save.rank", "--save.base_model", "--lambda_policy", "--transforms"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_configs_parse_and_name_their_command(path, capsys):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# lmerge "), f"{path} must begin with the command that runs it"
+    if path.name == "catalog.yaml":
+        assert load_catalog(path)  # a task catalog, read by --catalog
+        return
+    verb = first.split()[2]
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {
+        "merge_weighted_scalar.yaml",
+        "merge_weighted_per_layer.yaml",
+        "merge_dare.yaml",
+        "merge_ties.yaml",
+    } <= names
+
+
+def test_merge_from_config_with_flag_overrides(zoo, tmp_path, capsys):
+    config = tmp_path / "m.yaml"
+    config.write_text(f"adapters: [{zoo['llama_a']}, {zoo['llama_b']}]\nmethod: ties\nmethod_params: {{k: 20}}\n")
+    code, out, err = run(
+        [
+            "merge",
+            "--config",
+            config,
+            "--method_params.k",
+            "50",
+            "--save.rank",
+            "4",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    run_dir = Path(out.split("run bundle: ")[1].strip())
+    meta = json.loads((run_dir / "merge_metadata.json").read_text())
+    assert meta["params"] == {"k": 50.0, "lambda": 1.0}
+    assert meta["save"]["rank"] == 4
+    assert run_dir.parent.parent == tmp_path / "out" / "merged" / "ties" / "llama_a_llama_b"
+    assert {a["name"] for a in meta["adapters"]} == {"llama_a", "llama_b"}
+    assert all(len(a["sha256"]) == 64 for a in meta["adapters"])
+    assert set(meta["versions"]) >= {"torch", "transformers", "peft", "safetensors", "lmerge"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tag"] == "ties_k=50.0"
+
+
+def test_legacy_keys_and_flag_still_work(zoo, tmp_path, capsys):
+    config = tmp_path / "legacy.yaml"
+    config.write_text(f"adapters: [{zoo['bert_a']}, {zoo['bert_b']}]\nmethod: weighted_delta\nlambda: 0.3\n")
+    code, out, err = run(["merge", "--config", config, "--output_dir", tmp_path, "--save.format", "none"], capsys)
+    assert code == 0, err
+    assert "DeprecationWarning" in err and "'lambda' is deprecated; use method_params.lambda" in err
+    assert "weighted_delta_lambda=0.3" in out
+    params = tmp_path / "params.yaml"
+    params.write_text(f"adapters: [{zoo['bert_a']}, {zoo['bert_b']}]\nmethod: task_vector\nparams: {{lambda: 0.2}}\n")
+    code, out, err = run(["merge", "--config", params, "--lambda", "0.6", "--output_dir", tmp_path], capsys)
+    assert code == 0, err
+    assert "task_vector_lambda=0.6" in out and "--lambda is deprecated" in err
+
+
+def test_common_mode_reports_what_it_left_out(zoo, tmp_path, capsys):
+    code, out, err = run(
+        [
+            "merge",
+            "--adapters",
+            f"[{zoo['llama_a']},{zoo['llama_c']}]",
+            "--method",
+            "uniform_delta",
+            "--output_dir",
+            tmp_path,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "left out 10 module(s) only 'llama_a' has" in err
+    assert "over 4 modules" in out
+
+
+def test_per_layer_policy_and_transform(zoo, tmp_path, capsys):
+    code, out, err = run(
+        [
+            "merge",
+            "--adapters",
+            f"[{zoo['bert_a']},{zoo['bert_b']}]",
+            "--method",
+            "task_vector",
+            "--lambda_policy",
+            "{type: per_layer, default: 0.5, overrides: {1: 0.0}}",
+            "--transforms",
+            "[{name: layer_l2_normalize, params: {target_norm: 2.0}}]",
+            "--output_dir",
+            tmp_path,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    from lmerge.adapters import LoraAdapter
+
+    saved = LoraAdapter(Path(out.split("run bundle: ")[1].strip()))
+    layer0 = [k for k in saved.module_keys if ".layer.0." in k]
+    layer1 = [k for k in saved.module_keys if ".layer.1." in k]
+    for key in layer1:
+        A, B = saved.factors(key)
+        assert float((B @ A).abs().max()) == 0.0
+    # Each adapter's layer 0 was normalized to norm 2, then weighted 0.5 each.
+    norms = []
+    for key in layer0:
+        A, B = saved.factors(key)
+        norms.append(B @ A)
+    assert all(n.norm() > 0 for n in norms)
+
+
+def test_real_command_exit_code_and_debug(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "lmerge",
+        "merge",
+        "--adapters",
+        f"[{tmp_path / 'missing'}]",
+        "--method",
+        "ties",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "missing" in done.stderr
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=tmp_path)
+    assert "Traceback" in debug.stderr
+    assert not (tmp_path / "artifacts").exists()

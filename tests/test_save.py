@@ -1,0 +1,166 @@
+"""Saved merges load with PEFT / transformers and reproduce a dense reference merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import merge_utils
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lmerge.adapters import LoraAdapter
+from lmerge.config import MergeConfig, SaveConfig
+from lmerge.runner import run_merge
+
+LLAMA = ("llama_a", "llama_b")  # ranks 4 and 8
+BERT = ("bert_a", "bert_c")  # rank 4 and rank 2 with rslora
+
+
+def deltas(zoo, names, key):
+    out = []
+    for name in names:
+        adapter = LoraAdapter(zoo[name])
+        A, B = adapter.factors(key)
+        out.append(adapter.scaling(key) * B @ A)
+    return torch.stack(out)
+
+
+def factors(zoo, names, key):
+    pairs = []
+    for name in names:
+        adapter = LoraAdapter(zoo[name])
+        A, B = adapter.factors(key)
+        pairs.append((A, adapter.scaling(key) * B))
+    return pairs
+
+
+# Independent dense references: (method, params, reference(zoo, names, key) -> delta).
+REFERENCES = {
+    "task_vector": ({"lambda": 0.7}, lambda d: 0.7 * d.sum(0)),
+    "uniform_delta": ({}, lambda d: d.mean(0)),
+    "uniform_scalar_delta": ({"scale": 0.4}, lambda d: 0.4 * d.sum(0)),
+    "weighted_delta": ({"lambda": 0.3}, lambda d: 0.3 * d[0] + 0.7 * d[1]),
+    "weighted_delta_n": ({"weights": [0.2, 0.9]}, lambda d: 0.2 * d[0] + 0.9 * d[1]),
+    "ties": (
+        {"k": 30, "lambda": 0.8},
+        lambda d: merge_utils.ties(d, torch.full((len(d),), 0.8), density=0.3, majority_sign_method="total"),
+    ),
+    "magnitude_prune": (
+        {"k": 40, "lambda": 1.0},
+        lambda d: merge_utils.magnitude_prune(d, torch.full((len(d),), 1.0 / len(d)), density=0.4),
+    ),
+}
+
+
+def reference_model(zoo, base, auto, names, delta_of):
+    model = auto.from_pretrained(zoo[base])
+    for key in LoraAdapter(zoo[names[0]]).module_keys:
+        with torch.no_grad():
+            model.get_submodule(key).weight += delta_of(key)
+    return model.eval()
+
+
+def outputs(model, vocab):
+    ids = torch.arange(12).reshape(2, 6) % vocab + 1
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_saved_lora_reproduces_reference(zoo, tmp_path, method, family):
+    names, auto, vocab = (
+        (LLAMA, AutoModelForCausalLM, 128) if family == "llama" else (BERT, AutoModelForSequenceClassification, 100)
+    )
+    params, reference = REFERENCES[method]
+    # Dense methods are saved by SVD at the full rank of the tiny model (32): exact up to float error.
+    save = SaveConfig(format="lora", rank=32)
+    result = run_merge(
+        MergeConfig(
+            adapters=[str(zoo[n]) for n in names],
+            method=method,
+            method_params=params,
+            save=save,
+            output_dir=str(tmp_path),
+        )
+    )
+    loaded = PeftModel.from_pretrained(auto.from_pretrained(zoo[family]), result.run_dir).eval()
+    expected = reference_model(zoo, family, auto, names, lambda key: reference(deltas(zoo, names, key)))
+    torch.testing.assert_close(outputs(loaded, vocab), outputs(expected, vocab), atol=1e-4, rtol=1e-4)
+
+
+def test_linear_save_is_exact_concatenation(zoo, tmp_path):
+    result = run_merge(
+        MergeConfig(adapters=[str(zoo[n]) for n in LLAMA], method="task_vector", output_dir=str(tmp_path))
+    )
+    saved = LoraAdapter(result.run_dir)
+    key = saved.module_keys[0]
+    assert saved.shapes[key].rank == 12  # 4 + 8, no SVD
+    assert saved.scaling(key) == 1.0
+    assert "svd_relative_error" not in result.saved
+    A, B = saved.factors(key)
+    torch.testing.assert_close(B @ A, deltas(zoo, LLAMA, key).sum(0))
+
+
+@pytest.mark.parametrize(
+    "method,expected",
+    [
+        ("uniform", lambda p: (p[0][1] + p[1][1]) / 2 @ ((p[0][0] + p[1][0]) / 2)),
+        ("weighted", lambda p: (0.25 * p[0][1] + 0.75 * p[1][1]) @ (0.25 * p[0][0] + 0.75 * p[1][0])),
+    ],
+)
+def test_factor_methods_keep_rank(zoo, tmp_path, method, expected):
+    names = ("bert_a", "bert_b")
+    params = {"lambda": 0.25} if method == "weighted" else {}
+    result = run_merge(
+        MergeConfig(
+            adapters=[str(zoo[n]) for n in names],
+            method=method,
+            method_params=params,
+            output_dir=str(tmp_path),
+        )
+    )
+    saved = LoraAdapter(result.run_dir)
+    for key in saved.module_keys:
+        assert saved.shapes[key].rank == 4
+        A, B = saved.factors(key)
+        torch.testing.assert_close(B @ A, expected(factors(zoo, names, key)))
+
+
+def test_dense_default_rank_records_svd_error(zoo, tmp_path):
+    result = run_merge(MergeConfig(adapters=[str(zoo[n]) for n in LLAMA], method="ties", output_dir=str(tmp_path)))
+    saved = LoraAdapter(result.run_dir)
+    assert {s.rank for s in saved.shapes.values()} == {8}  # the largest input rank
+    errors = json.loads((result.run_dir / "merge_metadata.json").read_text())["save"]["svd_relative_error"]
+    assert set(errors) == set(saved.module_keys)
+    assert all(0 < e < 1 for e in errors.values())
+
+
+def test_full_save_matches_lora_save(zoo, tmp_path):
+    names = [str(zoo[n]) for n in LLAMA]
+    full = run_merge(
+        MergeConfig(adapters=names, method="dare", save=SaveConfig(format="full"), output_dir=str(tmp_path))
+    )
+    lora = run_merge(MergeConfig(adapters=names, method="dare", save=SaveConfig(rank=32), output_dir=str(tmp_path)))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo["llama"]), lora.run_dir)
+    full_model = AutoModelForCausalLM.from_pretrained(full.run_dir)
+    torch.testing.assert_close(outputs(full_model.eval(), 128), outputs(peft_model.eval(), 128), atol=1e-4, rtol=1e-4)
+
+
+def test_full_save_of_classifiers_keeps_backbone_and_heads(zoo, tmp_path):
+    names = [str(zoo[n]) for n in BERT]
+    full = run_merge(
+        MergeConfig(adapters=names, method="task_vector", save=SaveConfig(format="full"), output_dir=str(tmp_path))
+    )
+    backbone = AutoModel.from_pretrained(full.run_dir)
+    assert type(backbone).__name__ == "BertModel"
+    assert sorted(p.name for p in (full.run_dir / "heads").iterdir()) == [
+        "bert_a.safetensors",
+        "bert_c.safetensors",
+    ]
+    key = "encoder.layer.0.attention.self.query"
+    base = AutoModel.from_pretrained(zoo["bert"])
+    expected = base.get_submodule(key).weight + deltas(zoo, BERT, f"bert.{key}").sum(0)
+    torch.testing.assert_close(backbone.get_submodule(key).weight, expected)
