@@ -138,3 +138,57 @@ def run_bundle(root: str | Path, method: str, names: list[str]) -> contextlib.Ab
     all otherwise."""
     runs = merged_dir(check_output_root(root), method, names) / "runs"
     return staged_dir(runs, lambda: new_run_dir(runs))
+
+
+def eval_dir(root: str | Path, method: str, names: list[str], split: str, namespace: str) -> Path:
+    """``<root>/merged/<method>/<combo>/eval/<split>/`` for full splits, with a
+    ``<namespace>/`` level below for eval subsets so they never overwrite full-split files."""
+    base = merged_dir(root, method, names) / "eval" / safe_component(split, "split")
+    return base if namespace == "full" else base / safe_component(namespace, "subset namespace")
+
+
+def index_path(root: str | Path, method: str, names: list[str]) -> Path:
+    """The append-only evaluation history ``<root>/merged/<method>/<combo>/eval/index.json``."""
+    return merged_dir(root, method, names) / "eval" / "index.json"
+
+
+def append_index(path: Path, entry: dict[str, Any]) -> int:
+    """Append ``entry`` to the JSON list at ``path`` under an inter-process lock; returns the
+    new length. The file is rewritten atomically, so readers never see a partial list."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        entries = json.loads(path.read_text()) if path.exists() else []
+        if not isinstance(entries, list):
+            raise OutputError(f"{path}: expected a JSON list of evaluations")
+        entries.append(entry)
+        write_json_atomic(path, entries)
+    return len(entries)
+
+
+def task_metrics_link(root: str | Path, task: str, split: str, others: list[str], label: str) -> Path:
+    """``<root>/<task>/metrics/eval/<split>/merged/<other_tasks>/<label>/metrics.json``."""
+    other = "_".join(safe_component(o, "task") for o in others) or "alone"
+    return (
+        Path(root)
+        / safe_component(task, "task")
+        / "metrics"
+        / "eval"
+        / safe_component(split, "split")
+        / "merged"
+        / other
+        / safe_component(label, "tag")
+        / "metrics.json"
+    )
+
+
+def link_atomic(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` with a relative symlink, replacing any older link atomically."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, link.parent)
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(relative, tmp)
+    os.replace(tmp, link)

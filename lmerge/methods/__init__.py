@@ -1,7 +1,7 @@
 """Merge methods: one file per method, each registering itself in ``registry.METHODS``.
 
 Every module in this package is imported here, so a new method file is picked up without a
-hand-kept list; ``tests/test_registry.py`` checks that each file registers its own name.
+hand-kept list; ``tests/test_methods.py`` checks that each file registers its own name.
 """
 
 from __future__ import annotations

@@ -67,20 +67,14 @@ class MergeMethod:
     def normalize_params(self, params: Mapping[str, Any] | None, n_adapters: int) -> dict[str, Any]:
         """Check the adapter count, fill defaults, cast CLI strings and validate."""
         if n_adapters < self.min_adapters:
-            raise MethodError(
-                f"method {self.name!r} needs at least {self.min_adapters} adapters, got {n_adapters}"
-            )
+            raise MethodError(f"method {self.name!r} needs at least {self.min_adapters} adapters, got {n_adapters}")
         if self.max_adapters is not None and n_adapters > self.max_adapters:
-            raise MethodError(
-                f"method {self.name!r} takes at most {self.max_adapters} adapters, got {n_adapters}"
-            )
+            raise MethodError(f"method {self.name!r} takes at most {self.max_adapters} adapters, got {n_adapters}")
         given = dict(params or {})
         unknown = sorted(set(given) - set(self.param_names))
         if unknown:
             valid = ", ".join(self.param_names) or "none"
-            raise MethodError(
-                f"method_params.{unknown[0]}: not a parameter of method {self.name!r} (valid: {valid})"
-            )
+            raise MethodError(f"method_params.{unknown[0]}: not a parameter of method {self.name!r} (valid: {valid})")
         missing = [name for name in self.required if name not in given]
         if missing:
             raise MethodError(f"method_params.{missing[0]} is required by method {self.name!r}")
@@ -158,7 +152,5 @@ def _cast_like(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise MethodError(
-            f"method_params.{name}: expected {type(default).__name__}, got {value!r}"
-        ) from None
+        raise MethodError(f"method_params.{name}: expected {type(default).__name__}, got {value!r}") from None
     return value

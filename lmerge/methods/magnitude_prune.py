@@ -1,0 +1,28 @@
+"""``magnitude_prune``: each task vector cut to its largest magnitudes, then their mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmerge.methods._ops import check_number, check_range, module_lambda, prune_magnitude
+from lmerge.methods.registry import Kind, ModuleContext, register
+
+
+def _validate(params: dict[str, Any], n_adapters: int) -> None:
+    check_range(params, "k", 0.0, 100.0)
+    check_number(params, "lambda")
+
+
+@register(
+    "magnitude_prune",
+    kind=Kind.DENSE,
+    defaults={"k": 20.0, "lambda": 1.0},
+    validate=_validate,
+    lambda_param="lambda",
+)
+def magnitude_prune(deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+    """Magnitude pruning: keep each task vector's top k% magnitudes, mean, times lambda."""
+    pruned = prune_magnitude(deltas, params["k"] / 100.0)
+    return pruned.mean(dim=0) * module_lambda(params, ctx, "lambda")
