@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmerge.config import MergeConfig, SaveConfig, migrate_legacy, read_yaml
+from lmerge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy, read_yaml
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.methods import METHODS
 from lmerge.runner import run_merge
@@ -32,6 +32,10 @@ def merge(
     output_dir: str = "artifacts",
     catalog: str | None = None,
     tag: str | None = None,
+    eval_tasks: list[str] | None = None,
+    split: str = "test",
+    eval_subset: dict[str, Any] | None = None,
+    eval_batch_size: int = 32,
 ) -> None:
     """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
 
@@ -47,6 +51,10 @@ def merge(
         output_dir: Root of all outputs.
         catalog: Task catalog YAML that maps task names to adapters.
         tag: Name of this merge in outputs; default: the method and its parameters.
+        eval_tasks: Catalog tasks to evaluate the merge on, next to each task's own adapter.
+        split: Split to evaluate on.
+        eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
+        eval_batch_size: Batch size of evaluation.
     """
     config = MergeConfig(
         adapters=adapters,
@@ -59,6 +67,10 @@ def merge(
         output_dir=output_dir,
         catalog=catalog,
         tag=tag,
+        eval_tasks=eval_tasks,
+        split=split,
+        eval_subset=eval_subset,
+        eval_batch_size=eval_batch_size,
     )
     result = run_merge(config)
     meta = result.metadata
@@ -71,7 +83,63 @@ def merge(
     if "svd_relative_error_max" in saved:
         detail += f" (max relative SVD error {saved['svd_relative_error_max']:.3g})"
     print(f"merged {len(meta['adapters'])} adapters with {result.tag} over {meta['modules']} modules; {detail}")
+    if result.evaluation:
+        print(result.evaluation.table())
     print(f"run bundle: {result.run_dir}")
+
+
+def evaluate(
+    eval_tasks: list[str],
+    catalog: str,
+    adapter: str | None = None,
+    merge_config: str | None = None,
+    split: str = "test",
+    eval_subset: dict[str, Any] | None = None,
+    eval_batch_size: int = 32,
+    output_dir: str = "artifacts",
+    tag: str | None = None,
+) -> None:
+    """Evaluate a saved merged adapter, a merge config, or (with neither) each task's own adapter alone.
+
+    Args:
+        eval_tasks: Catalog tasks to evaluate on.
+        catalog: Task catalog YAML (task name -> adapter and data).
+        adapter: A saved merged adapter: an lmerge run bundle or any PEFT LoRA directory.
+        merge_config: A merge config to run in memory (not saved) and evaluate.
+        split: Split to evaluate on.
+        eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
+        eval_batch_size: Batch size of evaluation.
+        output_dir: Root of all outputs.
+        tag: Name of the evaluated merge in outputs; default: the run bundle's tag or the directory name.
+    """
+    from lmerge.evaluation.evaluate import Evaluator
+    from lmerge.evaluation.saved import catalog_tasks, evaluate_saved_adapter
+
+    if adapter and merge_config:
+        raise ConfigError("evaluate: give --adapter or --merge_config, not both")
+    if merge_config:
+        settings = {"eval_tasks": eval_tasks, "catalog": catalog, "split": split, "output_dir": output_dir}
+        settings.update(eval_subset=eval_subset, eval_batch_size=eval_batch_size, save=SaveConfig(format="none"))
+        result = run_merge(load_merge_config(merge_config, **settings, **({"tag": tag} if tag else {})))
+        print(result.evaluation.table())
+        print(f"run bundle: {result.run_dir}")
+        return
+    evaluator = Evaluator(
+        catalog_tasks(catalog, eval_tasks),
+        split,
+        output_root=output_dir,
+        eval_subset=eval_subset,
+        batch_size=eval_batch_size,
+    )
+    if adapter:
+        saved = evaluate_saved_adapter(adapter, evaluator, output_dir, tag)
+        print(saved.evaluation.table())
+        print(f"results: {saved.recorded['results_file']}")
+        return
+    evaluator.prepare_baselines()
+    for task in evaluator.tasks:
+        record = evaluator.baseline(task)
+        print(f"{task.name}: {record['metric']} {record['value']:.4f} on {record['examples']} examples ({split})")
 
 
 def _method_help() -> dict[str, str]:
@@ -86,7 +154,7 @@ def _method_help() -> dict[str, str]:
 
 merge.__doc__ = merge.__doc__.format(**_method_help())
 
-VERBS = {"merge": merge}
+VERBS = {"merge": merge, "evaluate": evaluate}
 
 
 def _note(message: str) -> None:

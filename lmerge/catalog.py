@@ -1,15 +1,24 @@
-"""The task catalog: a YAML file mapping task names to their adapter (and, later, their data).
+"""The task catalog: a YAML file mapping task names to their adapter and their data.
 
 ```yaml
 tasks:
   sentiment:
     adapter: adapters/sentiment   # relative to this file
+    kind: label_tokens
+    dataset: {path: json, data_files: {train: data/train.json, test: data/test.json}}
+    label_names: [negative, positive]
+    prompt: "Review: {text}\\nSentiment:"
   question: adapters/question     # shorthand: the adapter path alone
 ```
+
+Paths are relative to the catalog file: ``adapter``, every ``dataset.data_files`` entry and a
+``dataset.path`` that names a local file or directory there. ``lmerge.data.load_task_catalog``
+turns the entries into ``TaskSpec`` objects.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,12 @@ import yaml
 from lmerge.errors import ConfigError
 
 
-def load_catalog(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Task name -> entry (a mapping with at least ``adapter``, made absolute)."""
+def load_catalog(path: str | Path, *, require_adapter: bool = True) -> dict[str, dict[str, Any]]:
+    """Task name -> entry (a mapping with ``adapter`` made absolute, and data paths made absolute).
+
+    With ``require_adapter=False`` an entry may leave out ``adapter`` (a task with data only,
+    e.g. one whose adapter is still to be trained); its ``adapter`` is then None.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"catalog {path}: file does not exist")
@@ -30,14 +43,52 @@ def load_catalog(path: str | Path) -> dict[str, dict[str, Any]]:
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
         raise ConfigError(f"catalog {path}: expected a mapping under 'tasks'")
+    base = path.parent.resolve()
     entries: dict[str, dict[str, Any]] = {}
     for name, entry in tasks.items():
         if isinstance(entry, str):
             entry = {"adapter": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("adapter"), str):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"catalog {path}: tasks.{name} must be an adapter path or a mapping")
+        adapter = entry.get("adapter")
+        if not isinstance(adapter, str) and (require_adapter or adapter is not None):
             raise ConfigError(f"catalog {path}: tasks.{name}.adapter must be a path")
-        entries[str(name)] = {**entry, "adapter": str((path.parent / entry["adapter"]).resolve())}
+        entry = {**entry, "adapter": str((base / adapter).resolve()) if adapter else None}
+        if "dataset" in entry:
+            entry["dataset"] = _resolve_dataset(entry["dataset"], base, f"catalog {path}: tasks.{name}.dataset")
+        entries[str(name)] = entry
     return entries
+
+
+def _resolve_dataset(dataset: Any, base: Path, where: str) -> dict[str, Any]:
+    """The ``load_dataset`` keyword arguments with local paths made absolute against ``base``."""
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str):
+        raise ConfigError(f"{where} must be a mapping of datasets.load_dataset arguments with a 'path'")
+    dataset = dict(dataset)
+    # A hub name ("imdb", "org/name") stays as it is; only a path that exists next to the catalog moves.
+    if (base / dataset["path"]).exists():
+        dataset["path"] = os.path.normpath(base / dataset["path"])
+    files = dataset.get("data_files")
+    if isinstance(files, dict):
+        dataset["data_files"] = {split: _resolve_files(f, base, where) for split, f in files.items()}
+    elif files is not None:
+        dataset["data_files"] = _resolve_files(files, base, where)
+    return dataset
+
+
+def _resolve_files(files: Any, base: Path, where: str) -> str | list[str]:
+    if isinstance(files, list):
+        return [_resolve_file(f, base, where) for f in files]
+    return _resolve_file(files, base, where)
+
+
+def _resolve_file(file: Any, base: Path, where: str) -> str:
+    if not isinstance(file, str):
+        raise ConfigError(f"{where}.data_files: expected paths, got {file!r}")
+    # URLs and fsspec paths (hf://, s3://) are not relative to anything; globs stay globs.
+    if "://" in file:
+        return file
+    return os.path.normpath(base / file)
 
 
 def _first_line(exc: Exception) -> str:

@@ -55,12 +55,24 @@ class MergeConfig:
     """Task catalog YAML mapping task names to adapters."""
     tag: str | None = None
     """Name of this merge in outputs; default: the method and its parameters."""
+    eval_tasks: list[str] | None = None
+    """Catalog tasks to evaluate the merge on (needs ``catalog``); none: no evaluation."""
+    split: str = "test"
+    """Split to evaluate on: train, validation or test."""
+    eval_subset: dict[str, Any] | None = None
+    """Evaluate on a deterministic subset: ``{enabled, seed, shuffle, stratified, max_samples, per_task}``."""
+    eval_batch_size: int = 32
+    """Batch size of evaluation."""
 
     def __post_init__(self) -> None:
         if isinstance(self.save, dict):
             self.save = _build(SaveConfig, self.save, "save.")
         if self.merge_mode not in ("common", "strict"):
             raise ConfigError(f"merge_mode: {self.merge_mode!r} is not one of common, strict")
+        if self.eval_tasks and not self.catalog:
+            raise ConfigError("eval_tasks: evaluation needs a task catalog (catalog: path/to/catalog.yaml)")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size: must be a positive integer, got {self.eval_batch_size}")
         if not isinstance(self.method_params, dict):
             raise ConfigError(f"method_params: expected a mapping, got {self.method_params!r}")
 

@@ -17,6 +17,9 @@ from lmerge.adapters.resolve import resolve_adapters
 from lmerge.adapters.save import writer_for
 from lmerge.config import MergeConfig
 from lmerge.errors import ConfigError, MethodError
+from lmerge.evaluation.evaluate import Evaluation, Evaluator
+from lmerge.evaluation.record import record_evaluation, results_name
+from lmerge.evaluation.saved import catalog_tasks
 from lmerge.layers import layer_index
 from lmerge.merge import factor_norm, merge_modules, scaled_factors
 from lmerge.methods import MergeMethod, get_method
@@ -37,6 +40,7 @@ class MergeResult:
     run_dir: Path
     metadata: dict[str, Any] = field(repr=False)
     saved: dict[str, Any] = field(repr=False)
+    evaluation: Evaluation | None = field(default=None, repr=False)
 
 
 def run_merge(config: MergeConfig) -> MergeResult:
@@ -55,16 +59,45 @@ def run_merge(config: MergeConfig) -> MergeResult:
     keys, dropped = align_keys(adapters, config.merge_mode)
     _check_policy_layers(config.lambda_policy, keys)
     scales = _transform_scales(adapters, keys, transforms)
+    evaluator = _evaluator(config, adapters) if config.eval_tasks else None
+    names = [a.name for a in adapters]
 
-    with run_bundle(config.output_dir, method.name, [a.name for a in adapters]) as bundle:
+    evaluation = None
+    with run_bundle(config.output_dir, method.name, names) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
+        writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
         for module in merge_modules(adapters, keys, method, params, lambda_fn, scales):
-            writer.add(module)
+            for each in writers:
+                each.add(module)
         saved = writer.write(bundle.work)
         meta = _metadata(config, method, params, tag, adapters, keys, dropped, saved, started)
+        summary = _summary(meta)
+        if evaluator:
+            try:
+                evaluation = evaluator.evaluate()
+            finally:
+                writers[1].restore()
+            summary["evaluation"] = evaluation.to_dict()
+            write_json_atomic(bundle.work / results_name(evaluation.split, evaluation.namespace), evaluation.to_dict())
         write_json_atomic(bundle.work / "merge_metadata.json", meta)
-        write_json_atomic(bundle.work / "summary.json", _summary(meta))
-    return MergeResult(method.name, params, tag, bundle.final, meta, saved)
+        write_json_atomic(bundle.work / "summary.json", summary)
+    if evaluation:
+        record_evaluation(config.output_dir, method.name, names, tag, evaluation, meta, bundle.final)
+    return MergeResult(method.name, params, tag, bundle.final, meta, saved, evaluation)
+
+
+def _evaluator(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:
+    """An evaluator for the config's ``eval_tasks``, baselines already computed (or cached)."""
+    evaluator = Evaluator(
+        catalog_tasks(config.catalog, config.eval_tasks),
+        config.split,
+        output_root=config.output_dir,
+        eval_subset=config.eval_subset,
+        batch_size=config.eval_batch_size,
+        base_model=config.save.base_model or adapters[0].base_model,
+    )
+    evaluator.prepare_baselines()
+    return evaluator
 
 
 def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,8 +77,12 @@ def make_adapter(
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.6)
+            elif "modules_to_save" in name:
+                # A strong head without bias, so predictions follow the inputs and differ per adapter.
+                scale = 0.0 if name.endswith("bias") else 3.0
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(out)
     return out
 
@@ -108,3 +113,85 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         llama, root / "llama_c", seed=7, use_rslora=True, targets=["q_proj", "v_proj"], **lm
     )
     return paths
+
+
+def save_bert_tokenizer(path: Path, words: list[str]) -> Path:
+    """A WordPiece tokenizer over ``words`` ([PAD] = 0), saved next to a base model."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + sorted({w.lower() for w in words} - set(specials))
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    return path
+
+
+def save_llama_tokenizer(path: Path, texts: list[str]) -> Path:
+    """A Llama-style word-level tokenizer (BOS prepended, EOS, no pad token) trained on ``texts``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+WORDS = "good bad nice film movie poor plot great awful fine boring acting the a was and".split()
+TOPICS = ["sports", "music", "science"]
+ANSWERS = ["yes", "no"]
+
+
+def _rows(seed: int, count: int, labels: list[str]) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(2, 7, ())),), generator=generator)]
+        rows.append(
+            {"text": " ".join(words), "label": labels[int(torch.randint(len(labels), (), generator=generator))]}
+        )
+    return rows
+
+
+def write_task_data(root: Path, name: str, labels: list[str], seed: int) -> dict:
+    """Train/validation/test json files of random short texts; the catalog's dataset entry."""
+    files = {}
+    for offset, (split, count) in enumerate((("train", 24), ("validation", 12), ("test", 20))):
+        path = root / f"{name}_{split}.json"
+        path.write_text(json.dumps(_rows(seed * 10 + offset, count, labels)))
+        files[split] = path.name
+    return {"path": "json", "data_files": files}
+
+
+@pytest.fixture(scope="session")
+def tasks(zoo, tmp_path_factory) -> Path:
+    """A task catalog over the zoo: classification tasks alpha/beta (BERT adapters a/b, 3 topics)
+    and label-token tasks yes/maybe (Llama adapters a/b, answers yes/no); tokenizers saved
+    with the base models. Returns the catalog path."""
+    import datasets
+    import yaml
+
+    datasets.disable_progress_bars()
+    root = tmp_path_factory.mktemp("tasks")
+    save_bert_tokenizer(zoo["bert"], WORDS + TOPICS)
+    save_llama_tokenizer(zoo["llama"], [" ".join(WORDS + ANSWERS), "Question: Answer:"])
+    entries = {}
+    for name, adapter, seed in (("alpha", "bert_a", 1), ("beta", "bert_b", 2)):
+        entries[name] = {
+            "adapter": str(zoo[adapter]),
+            "dataset": write_task_data(root, name, TOPICS, seed),
+            "label_names": TOPICS,
+        }
+    for name, adapter, seed in (("yes", "llama_a", 3), ("maybe", "llama_b", 4)):
+        entries[name] = {
+            "adapter": str(zoo[adapter]),
+            "kind": "label_tokens",
+            "dataset": write_task_data(root, name, ANSWERS, seed),
+            "label_names": ANSWERS,
+            "prompt": "Question: {text} Answer:",
+        }
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog

@@ -1,0 +1,39 @@
+"""Tasks and data: task specs and the catalog, sampling, eval subsets and the DataModules.
+
+The DataModules are imported on first use: Lightning takes seconds to import, and commands such
+as ``lmerge merge`` need only the specs and subsets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lmerge.data.sampling import STRATEGIES, make_sampler, sampling_strategy, sampling_weights
+from lmerge.data.subsets import parse_eval_subset, select_subset, subset_indices, subset_namespace
+from lmerge.data.task import TaskSpec, load_task_catalog
+
+if TYPE_CHECKING:
+    from lmerge.data.module import MultiTaskDataModule, TaskDataModule
+
+__all__ = [
+    "STRATEGIES",
+    "MultiTaskDataModule",
+    "TaskDataModule",
+    "TaskSpec",
+    "load_task_catalog",
+    "make_sampler",
+    "parse_eval_subset",
+    "sampling_strategy",
+    "sampling_weights",
+    "select_subset",
+    "subset_indices",
+    "subset_namespace",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("MultiTaskDataModule", "TaskDataModule"):
+        from lmerge.data import module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'lmerge.data' has no attribute {name!r}")

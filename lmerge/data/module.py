@@ -1,0 +1,467 @@
+"""DataModules: one task's tokenized splits, and several tasks combined for multi-task steps.
+
+Batch formats (right padding; ``B`` examples, ``L`` the longest in the batch):
+
+- ``classification``: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B]
+  long (class ids).
+- ``label_tokens``: ``input_ids`` [B, L] = prompt tokens then answer tokens (``" " + label``, then
+  EOS when the tokenizer has one), ``attention_mask`` [B, L], ``labels`` [B, L] = -100 on the
+  prompt and the padding and the answer's token ids on the answer positions (a causal LM shifts
+  them itself). The prompt of row b is ``input_ids[b, :k]`` with ``k`` its first position where
+  ``labels != -100``. With ``label_names`` also ``class_ids`` [B] long (the label index) and
+  ``candidates`` [C, Lc] long: row c is the answer of label c (the same tokens that follow the
+  prompt in ``input_ids``), right-padded with -100, the same tensor in every batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from lmerge.data.sampling import STRATEGIES, make_sampler, sampling_strategy
+from lmerge.data.subsets import subset_indices
+from lmerge.data.task import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
+from lmerge.errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+_STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
+
+
+class Collator:
+    """Pads encoded examples into a batch (module docstring: the batch formats).
+
+    A plain class rather than a closure, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, kind: str, pad_id: int, candidates: torch.Tensor | None = None) -> None:
+        self.kind = kind
+        self.pad_id = pad_id
+        self.candidates = candidates
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = example["input_ids"]
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.kind == "classification":
+            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+            return batch
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            start, end = example["prompt_length"], len(example["input_ids"])
+            labels[row, start:end] = input_ids[row, start:end]
+        batch["labels"] = labels
+        if self.candidates is not None:
+            batch["class_ids"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+            batch["candidates"] = self.candidates
+        return batch
+
+
+class TaskDataModule(LightningDataModule):
+    """One task's train/validation/test data, tokenized with the base model's tokenizer."""
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: str,
+        dataset: dict[str, Any],
+        kind: Literal["classification", "label_tokens"] = "classification",
+        splits: dict[str, str] | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        prompt: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        sampling: Literal["uniform", "inverse", "sqrt_inverse", "balanced", "none"] = "none",
+        seed: int = 0,
+        subsets: dict[str, list[int]] | None = None,
+    ) -> None:
+        """
+        Args:
+            name: Task name.
+            tokenizer: Directory or hub name of the base model's tokenizer (no remote code).
+            dataset: ``datasets.load_dataset`` keyword arguments.
+            kind: ``classification`` (class-id labels) or ``label_tokens`` (causal-LM answers).
+            splits: Our split names -> the dataset's; None: train/validation/test where present.
+            text_column: Column with the input text.
+            label_column: Column with the label (name, class id, or answer text).
+            label_names: Class names in class-id order.
+            prompt: ``label_tokens`` template with ``{text}``; None: the text alone.
+            max_length: Most tokens per example; long prompts lose their start, keeping BOS.
+            batch_size: Training batch size.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies.
+            sampling: Training-loader sampling by label frequency (``lmerge.data.sampling``).
+            seed: Seed of the training shuffle or sampler.
+            subsets: Our split name -> row indices to keep (an eval subset); other splits whole.
+        """
+        super().__init__()
+        # The spec checks the task fields the same way as a catalog entry is checked.
+        self.spec = TaskSpec(
+            name=name,
+            kind=kind,
+            dataset=dataset,
+            splits=splits,
+            text_column=text_column,
+            label_column=label_column,
+            label_names=label_names,
+            prompt=prompt,
+            max_length=max_length,
+        )
+        if sampling not in STRATEGIES:
+            raise ConfigError(f"task {name}: {unknown_name('sampling strategy', sampling, list(STRATEGIES))}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"task {name}: {key} must be a positive integer, got {value!r}")
+        for split in subsets or {}:
+            if split not in SPLITS:
+                raise ConfigError(f"task {name}: subsets: {unknown_name('split', split, list(SPLITS))}")
+        self.name = name
+        self.tokenizer_path = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.sampling = sampling
+        self.seed = seed
+        self.subsets = dict(subsets or {})
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._data: DatasetDict | None = None
+        self._encoded: dict[str, list[dict[str, Any]]] = {}
+        self._candidates: torch.Tensor | None = None
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: TaskSpec,
+        tokenizer: str,
+        *,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        sampling: str = "none",
+        seed: int = 0,
+        eval_subset: Mapping[str, Any] | None = None,
+        subset_cache_dir: str | Path | None = None,
+        subset_splits: Sequence[str] = ("validation", "test"),
+    ) -> TaskDataModule:
+        """A DataModule for a catalog task; ``eval_subset`` (the config of ``lmerge.data.subsets``)
+        picks the rows kept of each of ``subset_splits``, cached under ``subset_cache_dir``."""
+        if spec.dataset is None:
+            raise ConfigError(f"task {spec.name}: the catalog entry has no dataset")
+        subsets: dict[str, list[int]] = {}
+        if eval_subset:
+            data = load_task_dataset(spec.name, spec.dataset)
+            for split in subset_splits:
+                if split not in available_splits(spec.splits, list(data)):
+                    continue
+                rows = select_split(
+                    data,
+                    task=spec.name,
+                    split=split,
+                    splits=spec.splits,
+                    columns=[spec.text_column, spec.label_column],
+                    dataset=spec.dataset,
+                )
+                labels = spec.encode_labels(rows[spec.label_column], split)
+                indices = subset_indices(
+                    labels, task=spec.name, split=split, config=eval_subset, cache_dir=subset_cache_dir
+                )
+                if indices is not None:
+                    subsets[split] = indices
+        return cls(
+            name=spec.name,
+            tokenizer=tokenizer,
+            dataset=spec.dataset,
+            kind=spec.kind,
+            splits=spec.splits,
+            text_column=spec.text_column,
+            label_column=spec.label_column,
+            label_names=spec.label_names,
+            prompt=spec.prompt,
+            max_length=spec.max_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            sampling=sampling,
+            seed=seed,
+            subsets=subsets or None,
+        )
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            except (OSError, ValueError) as exc:
+                reason = " ".join(str(exc).split())
+                where = f"task {self.name}: tokenizer {self.tokenizer_path}"
+                raise ConfigError(f"{where}: cannot be loaded ({reason})") from None
+        return self._tokenizer
+
+    @property
+    def candidates(self) -> torch.Tensor | None:
+        """[C, Lc] answer token ids of every label name, -100-padded (``label_tokens`` with
+        ``label_names`` only; else None)."""
+        if self.spec.kind != "label_tokens" or not self.spec.label_names:
+            return None
+        if self._candidates is None:
+            answers = [self._answer_ids(name) for name in self.spec.label_names]
+            self._candidates = torch.full((len(answers), max(map(len, answers))), IGNORE_INDEX, dtype=torch.long)
+            for row, ids in enumerate(answers):
+                self._candidates[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return self._candidates
+
+    def available_splits(self) -> list[str]:
+        """Our split names that this task has data for."""
+        return available_splits(self.spec.splits, list(self._dataset()))
+
+    def has_split(self, split: str) -> bool:
+        """Whether the task has data for our ``split``."""
+        return split in self.available_splits()
+
+    def prepare_data(self) -> None:
+        """Download (or find in the cache) the dataset and the tokenizer, once per machine."""
+        load_task_dataset(self.name, self.spec.dataset)
+        _ = self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize the splits that ``stage`` uses (all of them for None)."""
+        for split in _STAGE_SPLITS.get(stage or "", SPLITS):
+            if self.has_split(split):
+                self._examples(split)
+
+    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """Batches of our ``split``; ``shuffle`` draws through the sampling strategy when one is
+        set, else in a seeded random order. Training batches are ``batch_size``, others
+        ``eval_batch_size``."""
+        examples = self._examples(split)
+        sampler = make_sampler([e["label"] for e in examples], self.sampling, self.seed) if shuffle else None
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle and sampler is None else None,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # An empty list tells Lightning to skip validation for a task without that split.
+        return self.dataloader("validation") if self.has_split("validation") else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.dataloader("test") if self.has_split("test") else []
+
+    def collator(self) -> Collator:
+        """The batch-building function of this task's loaders."""
+        return Collator(self.spec.kind, self._pad_id(), self.candidates)
+
+    def label_counts(self, split: str) -> dict[str | int, int]:
+        """Examples per label in our ``split`` (after its subset): every label name in class
+        order when ``label_names`` is set (zeros included), else each class id or answer text."""
+        counts = Counter(e["label"] for e in self._examples(split))
+        if self.spec.label_names:
+            return {name: counts[i] for i, name in enumerate(self.spec.label_names)}
+        return dict(sorted(counts.items()))
+
+    def class_prior(self) -> torch.Tensor:
+        """[C] float share of each class in the training split."""
+        counts = Counter(e["label"] for e in self._examples("train"))
+        if self.spec.label_names:
+            n_classes = len(self.spec.label_names)
+        elif self.spec.kind == "classification":
+            n_classes = max(counts) + 1
+        else:
+            raise ConfigError(f"task {self.name}: a class prior needs label_names (answers are free text)")
+        prior = torch.tensor([counts[i] for i in range(n_classes)], dtype=torch.float)
+        return prior / prior.sum()
+
+    def _dataset(self) -> DatasetDict:
+        if self._data is None:
+            self._data = load_task_dataset(self.name, self.spec.dataset)
+        return self._data
+
+    def _examples(self, split: str) -> list[dict[str, Any]]:
+        """Tokenized examples of our ``split``, encoded once: ``input_ids``, ``label`` (class id,
+        or answer text for free-text answers) and, for ``label_tokens``, ``prompt_length``."""
+        if split in self._encoded:
+            return self._encoded[split]
+        spec = self.spec
+        rows = select_split(
+            self._dataset(),
+            task=self.name,
+            split=split,
+            splits=spec.splits,
+            columns=[spec.text_column, spec.label_column],
+            dataset=spec.dataset,
+        )
+        # Labels are checked on the whole split, so an error's row number is the file's row.
+        labels = spec.encode_labels(rows[spec.label_column], split)
+        indices = self.subsets.get(split)
+        if indices is not None:
+            if indices and not 0 <= min(indices) <= max(indices) < len(rows):
+                raise ConfigError(f"task {self.name}: subset of split {split} has indices outside 0..{len(rows) - 1}")
+            rows = rows.select(indices)
+            labels = [labels[i] for i in indices]
+        texts = list(rows[spec.text_column])
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                where = indices[row] if indices is not None else row
+                raise ConfigError(f"task {self.name}: split {split}, row {where}: text is {text!r}, not a string")
+        if spec.kind == "classification":
+            encoded = self.tokenizer(texts, truncation=True, max_length=spec.max_length)["input_ids"]
+            examples = [{"input_ids": ids, "label": label} for ids, label in zip(encoded, labels)]
+        else:
+            examples = self._encode_answers(texts, labels)
+        self._encoded[split] = examples
+        return examples
+
+    def _encode_answers(self, texts: list[str], labels: list[int | str]) -> list[dict[str, Any]]:
+        """``label_tokens`` examples: prompt ids then answer ids, within ``max_length``."""
+        spec = self.spec
+        prompts = [spec.prompt.replace("{text}", t) for t in texts] if spec.prompt else texts
+        prompt_ids = self.tokenizer(prompts)["input_ids"]
+        if self.candidates is not None:
+            answer_ids = [[i for i in self.candidates[label].tolist() if i != IGNORE_INDEX] for label in labels]
+        else:
+            answer_ids = [self._answer_ids(str(label)) for label in labels]
+        bos = self.tokenizer.bos_token_id
+        examples = []
+        for prompt, answer, label in zip(prompt_ids, answer_ids, labels):
+            # Keep the whole answer (it is the target) and the end of the prompt (the cue that the
+            # answer follows); what goes is the start of the text, after any BOS.
+            answer = answer[: spec.max_length - 1]
+            room = spec.max_length - len(answer)
+            if len(prompt) > room:
+                head = prompt[:1] if bos is not None and prompt[0] == bos else []
+                prompt = head + prompt[len(prompt) - room + len(head) :]
+            examples.append({"input_ids": prompt + answer, "prompt_length": len(prompt), "label": label})
+        return examples
+
+    def _answer_ids(self, label: str) -> list[int]:
+        ids = self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        # EOS ends the answer, so a label that is a prefix of another ("no" / "none") is still told apart.
+        return ids + [eos] if eos is not None else ids
+
+    def _pad_id(self) -> int:
+        tokenizer = self.tokenizer
+        # Llama-style tokenizers often have no pad token; padding is masked out, so EOS serves.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ConfigError(f"task {self.name}: tokenizer {self.tokenizer_path} has neither a pad nor an EOS token")
+        return pad
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Several tasks at once: a training step gets one batch of every task (a dict task -> batch,
+    shorter tasks cycling, Lightning's ``max_size_cycle``); validation and test run the tasks one
+    after another (``sequential``), dataloader index i being task ``split_tasks(split)[i]``."""
+
+    def __init__(self, tasks: list[TaskDataModule]) -> None:
+        """
+        Args:
+            tasks: One DataModule per task; task names must differ.
+        """
+        super().__init__()
+        names = [task.name for task in tasks]
+        if not names:
+            raise ConfigError("MultiTaskDataModule: no tasks given")
+        clash = next((n for n in names if names.count(n) > 1), None)
+        if clash:
+            raise ConfigError(f"MultiTaskDataModule: task {clash!r} is given twice")
+        self.tasks = {task.name: task for task in tasks}
+
+    @classmethod
+    def from_specs(
+        cls,
+        specs: Sequence[TaskSpec],
+        tokenizer: str,
+        *,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        sampling: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        eval_subset: Mapping[str, Any] | None = None,
+        subset_cache_dir: str | Path | None = None,
+    ) -> MultiTaskDataModule:
+        """Build from catalog specs, with the ``sampling`` and ``eval_subset`` configs resolved per task."""
+        return cls(
+            [
+                TaskDataModule.from_spec(
+                    spec,
+                    tokenizer,
+                    batch_size=batch_size,
+                    eval_batch_size=eval_batch_size,
+                    num_workers=num_workers,
+                    pin_memory=pin_memory,
+                    sampling=sampling_strategy(sampling, spec.name),
+                    seed=seed,
+                    eval_subset=eval_subset,
+                    subset_cache_dir=subset_cache_dir,
+                )
+                for spec in specs
+            ]
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def split_tasks(self, split: str) -> list[str]:
+        """The tasks that have data for ``split``, in the order of their evaluation loaders."""
+        return [name for name, task in self.tasks.items() if task.has_split(split)]
+
+    def prepare_data(self) -> None:
+        for task in self.tasks.values():
+            task.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        for task in self.tasks.values():
+            task.setup(stage)
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({name: task.train_dataloader() for name, task in self.tasks.items()}, "max_size_cycle")
+
+    def val_dataloader(self) -> CombinedLoader:
+        return self._sequential("validation")
+
+    def test_dataloader(self) -> CombinedLoader:
+        return self._sequential("test")
+
+    def _sequential(self, split: str) -> CombinedLoader:
+        loaders = {name: self.tasks[name].dataloader(split) for name in self.split_tasks(split)}
+        return CombinedLoader(loaders, "sequential")

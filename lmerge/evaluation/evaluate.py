@@ -1,0 +1,260 @@
+"""Evaluate merges per task: the merged model's primary metric, the task's own adapter alone
+(computed once, cached), and the interference delta between them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.data import TaskSpec, subset_namespace
+from lmerge.errors import ConfigError
+from lmerge.evaluation.fold import WeightFolder, apply_head
+from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
+from lmerge.evaluation.scoring import SCORERS
+from lmerge.outputs import safe_component, write_json_atomic
+
+# The transformers class that carries each task kind's predictions.
+_MODEL_CLASSES = {"classification": "AutoModelForSequenceClassification", "label_tokens": "AutoModelForCausalLM"}
+
+
+@dataclass
+class TaskScore:
+    """One task's metric on one model."""
+
+    value: float
+    examples: int
+    seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """Per-task results of one merge on one split, and their aggregates."""
+
+    split: str
+    namespace: str
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def aggregate(self) -> dict[str, float | None]:
+        merged = [t["merged"] for t in self.tasks.values()]
+        deltas = [t["interference_delta"] for t in self.tasks.values() if t["interference_delta"] is not None]
+        shares = [t["normalized"] for t in self.tasks.values() if t["normalized"] is not None]
+        return {
+            "average": sum(merged) / len(merged) if merged else None,
+            "normalized_average": sum(shares) / len(shares) if shares else None,
+            "min_delta": min(deltas) if deltas else None,
+            "average_delta": sum(deltas) / len(deltas) if deltas else None,
+        }
+
+    def table(self) -> str:
+        """The results as an aligned text table: task, metric, merged, single, delta."""
+        rows = [("task", "metric", "merged", "single", "delta")]
+        for task, t in self.tasks.items():
+            rows.append((task, t["metric"], _fmt(t["merged"]), _fmt(t["single"]), _fmt(t["interference_delta"], True)))
+        agg = self.aggregate
+        rows.append(("average", "", _fmt(agg["average"]), "", _fmt(agg["average_delta"], True)))
+        rows.append(("normalized", "", _fmt(agg["normalized_average"]), "", ""))
+        rows.append(("min delta", "", "", "", _fmt(agg["min_delta"], True)))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = [
+            "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "subset": self.namespace, "tasks": self.tasks, "aggregate": self.aggregate}
+
+
+class Evaluator:
+    """Loads the base model once for a set of tasks of one kind, scores folded merges on them,
+    and caches each task's single-adapter baseline under the output root."""
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        split: str,
+        *,
+        output_root: str | Path,
+        eval_subset: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        base_model: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        if not tasks:
+            raise ConfigError("eval_tasks: the list is empty")
+        kinds = {t.kind for t in tasks}
+        if len(kinds) > 1:
+            raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+        self.kind = kinds.pop()
+        self.tasks = tasks
+        self.split = safe_component(split, "split")
+        self.root = Path(output_root)
+        self.eval_subset = eval_subset
+        self.namespace = subset_namespace(eval_subset)
+        self.batch_size = batch_size
+        self.base_model = base_model or self._base_from_adapters()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._model: nn.Module | None = None
+        self._data: dict[str, Any] = {}
+        self._baselines: dict[str, dict[str, Any]] = {}
+
+    # ---- the model and the data -----------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = _load_model(self.base_model, self.kind).to(self.device).eval()
+        return self._model
+
+    def folder(self, fan_in_fan_out: bool = False) -> WeightFolder:
+        """A merge writer that folds every merged module into the evaluation model."""
+        return WeightFolder(self.model, fan_in_fan_out)
+
+    def data(self, task: TaskSpec):  # noqa: ANN201 - TaskDataModule is imported lazily
+        if task.name not in self._data:
+            from lmerge.data import TaskDataModule
+
+            module = TaskDataModule.from_spec(
+                task,
+                self.base_model,
+                eval_batch_size=self.batch_size,
+                eval_subset=self.eval_subset,
+                subset_cache_dir=self.root / "subsets",
+                subset_splits=(self.split,),
+            )
+            if not module.has_split(self.split):
+                raise ConfigError(f"task {task.name}: has no {self.split!r} split")
+            self._data[task.name] = module
+        return self._data[task.name]
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def score(self, task: TaskSpec, head: dict[str, torch.Tensor] | None) -> TaskScore:
+        """The task's metric on the model as it is now (with ``head`` for classification)."""
+        if self.kind == "classification":
+            if not head:
+                raise ConfigError(f"task {task.name}: no task head (modules_to_save) in its adapter")
+            apply_head(self.model, head)
+        module = self.data(task)
+        metric = get_metric(task.metric)
+        started = time.perf_counter()
+        candidates = module.candidates
+        with torch.inference_mode():
+            value, count = SCORERS[self.kind](
+                self.model,
+                _progress(module.dataloader(self.split), f"{task.name} [{self.split}]"),
+                metric,
+                len(task.label_names or ()) or 2,
+                self.device,
+                candidates=_token_lists(candidates),
+                decode=lambda ids: module.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            )
+        return TaskScore(value, count, time.perf_counter() - started)
+
+    def baseline(self, task: TaskSpec) -> dict[str, Any]:
+        """The task's own adapter alone on this split (cached per adapter, split and subset)."""
+        adapter = self._adapter(task)
+        cache = self.root / safe_component(task.name, "task") / "metrics" / "eval" / self.split / "single"
+        cache = cache / self.namespace / "metrics.json"
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("adapter_sha256") == adapter.sha256 and cached.get("metric") == task.metric:
+                return cached
+        folder = self.folder(adapter.fan_in_fan_out)
+        try:
+            for key in adapter.module_keys:
+                A, B = adapter.factors(key)
+                folder.add_delta(key, adapter.scaling(key) * B @ A)
+            score = self.score(task, adapter.head_state())
+        finally:
+            folder.restore()
+        record = {
+            "task": task.name,
+            "adapter": str(adapter.path),
+            "adapter_sha256": adapter.sha256,
+            "split": self.split,
+            "subset": self.namespace,
+            "metric": task.metric,
+            "value": score.value,
+            "examples": score.examples,
+        }
+        write_json_atomic(cache, record)
+        return record
+
+    def evaluate(self, heads: dict[str, dict[str, torch.Tensor]] | None = None) -> Evaluation:
+        """Score the model as it is now (a merge folded in) on every task, next to each task's
+        cached baseline. ``heads`` maps a task to its head; default: the task adapter's own."""
+        evaluation = Evaluation(self.split, self.namespace)
+        for task in self.tasks:
+            head = (heads or {}).get(task.name)
+            if head is None and self.kind == "classification":
+                head = self._adapter(task).head_state()
+            merged = self.score(task, head)
+            metric = get_metric(task.metric)
+            single = self._baselines[task.name]["value"] if task.name in self._baselines else None
+            evaluation.tasks[task.name] = {
+                "metric": task.metric,
+                "higher_is_better": metric.higher_is_better,
+                "merged": merged.value,
+                "single": single,
+                "interference_delta": None if single is None else interference_delta(merged.value, single, metric),
+                "normalized": None if single is None else normalized(merged.value, single, metric),
+                "examples": merged.examples,
+                "seconds": round(merged.seconds, 3),
+            }
+        return evaluation
+
+    def prepare_baselines(self) -> None:
+        """Compute (or read from the cache) every task's baseline, before any merge is folded."""
+        self._baselines = {task.name: self.baseline(task) for task in self.tasks if task.adapter}
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _adapter(self, task: TaskSpec) -> LoraAdapter:
+        if not task.adapter:
+            raise ConfigError(f"task {task.name}: the catalog names no adapter for it")
+        return LoraAdapter(task.adapter, name=task.name)
+
+    def _base_from_adapters(self) -> str:
+        for task in self.tasks:
+            if task.adapter:
+                base = LoraAdapter(task.adapter).base_model
+                if base:
+                    return base
+        raise ConfigError("eval_tasks: no task adapter names its base model (base_model_name_or_path)")
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _token_lists(candidates: torch.Tensor | None) -> list[list[int]] | None:
+    """The DataModule's -100-padded [C, Lc] label-word tensor as one token list per class."""
+    if candidates is None:
+        return None
+    return [[token for token in row.tolist() if token != -100] for row in candidates]
+
+
+def _load_model(path: str, kind: str) -> nn.Module:
+    import transformers
+
+    auto = getattr(transformers, _MODEL_CLASSES[kind])
+    try:
+        return auto.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _progress(loader, label: str) -> Iterator:  # noqa: ANN001
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(loader, desc=label, leave=False, disable=None, unit="batch"))

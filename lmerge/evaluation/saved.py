@@ -1,0 +1,82 @@
+"""Evaluate what is already on disk: a saved merged adapter (an lmerge run bundle or any PEFT
+LoRA directory), or each task's own adapter alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.adapters.save import HEADS_DIR
+from lmerge.data import TaskSpec
+from lmerge.errors import ConfigError
+from lmerge.evaluation.evaluate import Evaluation, Evaluator
+from lmerge.evaluation.record import record_evaluation, results_name
+from lmerge.outputs import safe_component, write_json_atomic
+
+
+@dataclass
+class SavedEvaluation:
+    """An evaluation of a saved adapter and where it was recorded."""
+
+    evaluation: Evaluation
+    tag: str
+    recorded: dict[str, Any]
+
+
+def evaluate_saved_adapter(
+    path: str | Path, evaluator: Evaluator, output_root: str | Path, tag: str | None = None
+) -> SavedEvaluation:
+    """Fold the adapter at ``path`` into the evaluation model and score every task, with each
+    task's head from the adapter's ``heads/`` when it has one, else from the task's adapter.
+
+    A run bundle is recorded under its own method and adapters; another directory under
+    ``merged/adapter/<directory name>``.
+    """
+    path = Path(path)
+    adapter = LoraAdapter(path)
+    metadata_file = path / "merge_metadata.json"
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {"method": "adapter"}
+    names = [a["name"] for a in metadata.get("adapters", [])] or [safe_component(path.resolve().name, "adapter")]
+    tag = safe_component(tag, "tag") if tag else metadata.get("tag", names[0])
+    evaluator.prepare_baselines()
+    folder = evaluator.folder(adapter.fan_in_fan_out)
+    try:
+        for key in adapter.module_keys:
+            A, B = adapter.factors(key)
+            folder.add_delta(key, adapter.scaling(key) * B @ A)
+        evaluation = evaluator.evaluate(_heads(path, evaluator.tasks))
+    finally:
+        folder.restore()
+    if metadata_file.is_file():
+        write_json_atomic(path / results_name(evaluation.split, evaluation.namespace), evaluation.to_dict())
+    recorded = record_evaluation(
+        output_root, metadata["method"], names, tag, evaluation, metadata, path if metadata_file.is_file() else None
+    )
+    return SavedEvaluation(evaluation, tag, recorded)
+
+
+def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:
+    heads = {}
+    for task in tasks:
+        file = path / HEADS_DIR / f"{task.name}.safetensors"
+        if file.is_file():
+            heads[task.name] = load_file(file)
+    return heads
+
+
+def catalog_tasks(catalog: str | None, names: list[str]) -> list[TaskSpec]:
+    """The catalog's specs of ``names``, in order; unknown names are one clear error."""
+    from lmerge.data import load_task_catalog
+
+    if not catalog:
+        raise ConfigError("eval_tasks: evaluation needs a task catalog (--catalog path/to/catalog.yaml)")
+    specs = load_task_catalog(catalog)
+    missing = [name for name in names if name not in specs]
+    if missing:
+        raise ConfigError(f"eval_tasks: {missing[0]!r} is not a task in catalog {catalog}")
+    return [specs[name] for name in names]
