@@ -1,0 +1,76 @@
+"""Atomic writes, staged run bundles, the locked eval index, and safe names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmerge.errors import OutputError
+from lmerge.outputs import append_index, run_bundle, safe_component, write_json_atomic
+
+APPENDER = """
+import sys
+from pathlib import Path
+from lmerge.outputs import append_index
+path, worker = Path(sys.argv[1]), int(sys.argv[2])
+for i in range(25):
+    append_index(path, {"worker": worker, "i": i})
+"""
+
+
+def test_index_survives_four_concurrent_writers(tmp_path):
+    index = tmp_path / "eval" / "index.json"
+    workers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(index), str(w)]) for w in range(4)]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
+    entries = json.loads(index.read_text())
+    assert len(entries) == 100
+    assert sorted((e["worker"], e["i"]) for e in entries) == [(w, i) for w in range(4) for i in range(25)]
+
+
+def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    write_json_atomic(target, {"version": 1})
+
+    def crash(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OutputError, match="results.json: cannot be written"):
+        write_json_atomic(target, {"version": 2})
+    assert json.loads(target.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+
+
+def test_index_append_keeps_history_when_a_write_fails(tmp_path, monkeypatch):
+    index = tmp_path / "index.json"
+    append_index(index, {"n": 1})
+    monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OutputError):
+        append_index(index, {"n": 2})
+    assert json.loads(index.read_text()) == [{"n": 1}]
+
+
+def test_failed_run_leaves_no_bundle(tmp_path):
+    with pytest.raises(RuntimeError), run_bundle(tmp_path, "ties", ["a", "b"]) as bundle:
+        (bundle.work / "adapter_model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed")
+    runs = tmp_path / "merged" / "ties" / "a_b" / "runs"
+    assert list(runs.iterdir()) == []
+
+
+def test_runs_in_the_same_second_get_distinct_bundles(tmp_path):
+    finals = []
+    for _ in range(3):
+        with run_bundle(tmp_path, "ties", ["a"]) as bundle:
+            (bundle.work / "summary.json").write_text("{}")
+        finals.append(bundle.final)
+    assert len(set(finals)) == 3 and all((f / "summary.json").is_file() for f in finals)
+
+
+@pytest.mark.parametrize("name", ["../up", "/abs", "a/b", ".hidden", "", "x\\y", "a..b"])
+def test_unsafe_names_cannot_escape_the_output_root(name):
+    with pytest.raises(OutputError, match="not a safe file name"):
+        safe_component(name, "task")
