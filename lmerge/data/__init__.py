@@ -13,10 +13,11 @@ from lmerge.data.subsets import parse_eval_subset, select_subset, subset_indices
 from lmerge.data.task import TaskSpec, load_task_catalog
 
 if TYPE_CHECKING:
-    from lmerge.data.module import MultiTaskDataModule, TaskDataModule
+    from lmerge.data.module import CatalogDataModule, MultiTaskDataModule, TaskDataModule
 
 __all__ = [
     "STRATEGIES",
+    "CatalogDataModule",
     "MultiTaskDataModule",
     "TaskDataModule",
     "TaskSpec",
@@ -32,7 +33,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("MultiTaskDataModule", "TaskDataModule"):
+    if name in ("CatalogDataModule", "MultiTaskDataModule", "TaskDataModule"):
         from lmerge.data import module
 
         return getattr(module, name)

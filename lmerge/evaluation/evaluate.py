@@ -16,13 +16,11 @@ from torch import nn
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec, subset_namespace
 from lmerge.errors import ConfigError
-from lmerge.evaluation.fold import WeightFolder, apply_head
+from lmerge.evaluation.fold import WeightFolder
 from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
 from lmerge.evaluation.scoring import SCORERS
+from lmerge.models import apply_head, load_model
 from lmerge.outputs import safe_component, write_json_atomic
-
-# The transformers class that carries each task kind's predictions.
-_MODEL_CLASSES = {"classification": "AutoModelForSequenceClassification", "label_tokens": "AutoModelForCausalLM"}
 
 
 @dataclass
@@ -112,7 +110,7 @@ class Evaluator:
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            self._model = _load_model(self.base_model, self.kind).to(self.device).eval()
+            self._model = load_model(self.base_model, self.kind).to(self.device).eval()
         return self._model
 
     def folder(self, fan_in_fan_out: bool = False) -> WeightFolder:
@@ -242,16 +240,6 @@ def _token_lists(candidates: torch.Tensor | None) -> list[list[int]] | None:
     if candidates is None:
         return None
     return [[token for token in row.tolist() if token != -100] for row in candidates]
-
-
-def _load_model(path: str, kind: str) -> nn.Module:
-    import transformers
-
-    auto = getattr(transformers, _MODEL_CLASSES[kind])
-    try:
-        return auto.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
 
 
 def _progress(loader, label: str) -> Iterator:  # noqa: ANN001

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmerge.adapters.lora import PEFT_PREFIX
 from lmerge.errors import AdapterError
 from lmerge.merge import MergedModule
 
@@ -48,19 +47,3 @@ class WeightFolder:
             for key, original in self.originals.items():
                 self.model.get_submodule(key).weight.copy_(original)
         self.originals.clear()
-
-
-def apply_head(model: nn.Module, head_state: dict[str, torch.Tensor]) -> None:
-    """Load a task head saved by PEFT (``modules_to_save``) into ``model``, replacing the
-    parameters whole, since each task's head may have its own number of classes."""
-    for name, tensor in head_state.items():
-        path = name.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", "")
-        module_path, _, param = path.rpartition(".")
-        try:
-            module = model.get_submodule(module_path)
-        except AttributeError:
-            raise AdapterError(f"task head tensor {name!r} has no module {module_path!r} in the model") from None
-        parameter = nn.Parameter(tensor.to(next(model.parameters()).device), requires_grad=False)
-        setattr(module, param, parameter)
-        if isinstance(module, nn.Linear) and param == "weight":
-            module.out_features, module.in_features = tensor.shape
