@@ -11,6 +11,7 @@ import inspect
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -161,8 +162,15 @@ def _note(message: str) -> None:
     print(f"lmerge: note: {message}", file=sys.stderr)
 
 
+_default_show_warning = warnings.showwarning
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"lmerge: {category.__name__}: {message}", file=sys.stderr)
+    # Our own warnings in one line; other packages' in their usual form.
+    if "lmerge" in Path(filename).parts:
+        print(f"lmerge: {category.__name__}: {message}", file=sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
 
 
 def expand_args(argv: list[str]) -> list[str]:
@@ -203,6 +211,53 @@ def _argument_message(exc: Exception) -> str:
     return f"{union['key']}: invalid value {union['v']}" if union else text
 
 
+LIGHTNING_VERBS = ("fit", "validate", "test")
+
+
+def lightning(argv: list[str]) -> None:
+    """``lmerge fit|validate|test``: LightningCLI over any learner (``model.class_path``) and the
+    catalog DataModule, with the coefficient logger and the merge export always on."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from lmerge.callbacks import CoefficientLogger, MergeExport
+    from lmerge.data import CatalogDataModule
+
+    # Learners keep the frozen model in eval mode on purpose (no dropout while learning coefficients).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+    class LMergeCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+            parser.add_lightning_class_args(CoefficientLogger, "coefficient_logger")
+            parser.add_lightning_class_args(MergeExport, "export")
+            parser.link_arguments("data.catalog", "model.init_args.catalog")
+            parser.link_arguments("data.tasks", "model.init_args.tasks")
+
+    LMergeCLI(
+        LightningModule,
+        CatalogDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        parser_kwargs={"exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def overview() -> str:
+    """``lmerge --help``: every verb with its one-line purpose."""
+    verbs = {
+        "merge": merge.__doc__.strip().splitlines()[0],
+        "evaluate": evaluate.__doc__.strip().splitlines()[0],
+        "fit": "Learn merge coefficients (AdaMerging, gradient, SuperMerge, regret smooth-max) or fine-tune a LoRA.",
+        "validate": "Run a learner's validation loop (LightningCLI).",
+        "test": "Run a learner's test loop (LightningCLI).",
+    }
+    lines = ["usage: lmerge VERB [options]   (lmerge VERB --help for its options; --debug shows tracebacks)", ""]
+    lines += [f"  {verb:<9} {text}" for verb, text in verbs.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
     from jsonargparse import CLI, set_parsing_settings
@@ -213,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     warnings.showwarning = _show_warning
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"lmerge(\.|$)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0
     try:
+        if argv[0] in LIGHTNING_VERBS:
+            lightning(argv)
+            return 0
         CLI(VERBS, args=expand_args(argv), as_positional=False, exit_on_error=False)
     except LMergeError as exc:
         if debug:

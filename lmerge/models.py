@@ -15,13 +15,14 @@ MODEL_CLASSES = {"classification": "AutoModelForSequenceClassification", "label_
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model(path: str, kind: str, dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """The base model at ``path`` in the class that task kind ``kind`` needs (never remote code)."""
+def load_model(path: str, kind: str, dtype: torch.dtype | None = torch.float32, **options: object) -> nn.Module:
+    """The base model at ``path`` in the class that task kind ``kind`` needs (never remote code);
+    ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
     import transformers
 
     auto = getattr(transformers, MODEL_CLASSES[kind])
     try:
-        return auto.from_pretrained(path, dtype=dtype or "auto")
+        return auto.from_pretrained(path, dtype=dtype or "auto", **options)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
 

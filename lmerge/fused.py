@@ -1,0 +1,309 @@
+"""Fused LoRA linear: a model whose targeted linears compute ``W x + sum_i c_i s_i B_i A_i x`` with
+two GEMMs per module whatever the number of adapters, gradients reaching only the coefficients;
+``fold`` writes the merge into the weights once so evaluation runs at the base model's speed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.coefficients import Coefficients
+from lmerge.errors import AdapterError, ConfigError, unknown_name
+from lmerge.layers import layer_index
+
+IMPLEMENTATIONS = ("fused_lora_linear", "dense")
+GRANULARITIES = ("task_wise", "layer_wise")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Scalings and folded deltas are formed in at least float32, so bf16 rounds once, at the end.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_group(coefficients: Coefficients, group: int) -> None:
+    if not 0 <= group < coefficients.groups:
+        raise ValueError(f"group {group} is out of range for {coefficients.groups} coefficient groups")
+
+
+class FusedLoRALinear(nn.Module):
+    """``base(x) + ((x A_cat^T) * c_rep) B_cat^T`` with ``c_rep`` each adapter's coefficient times its
+    scaling, repeated over its rank. The factors are non-persistent buffers: frozen, out of the
+    optimizer and out of checkpoints. ``dtype`` is the low-rank path's dtype (default: the base's)."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        A_cat: Tensor,
+        B_cat: Tensor,
+        scalings: Tensor,
+        ranks: list[int],
+        coefficients: Coefficients,
+        group: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        total = sum(ranks)
+        if A_cat.shape != (total, base.in_features) or B_cat.shape != (base.out_features, total):
+            raise ValueError(
+                f"factors A {list(A_cat.shape)}, B {list(B_cat.shape)} do not fit ranks {ranks} "
+                f"of a linear {base.in_features} -> {base.out_features}"
+            )
+        if not len(ranks) == len(scalings) == coefficients.n_adapters:
+            raise ValueError(f"{len(ranks)} ranks and {len(scalings)} scalings for {coefficients.n_adapters} adapters")
+        _check_group(coefficients, group)
+        device, dtype = base.weight.device, dtype or base.weight.dtype
+        self.base = base
+        self.coefficients = coefficients
+        self.group = group
+        self.ranks = list(ranks)
+        self.register_buffer("A_cat", A_cat.to(device, dtype), persistent=False)
+        self.register_buffer("B_cat", B_cat.to(device, dtype), persistent=False)
+        self.register_buffer("scalings", scalings.to(device, _compute_dtype(dtype)), persistent=False)
+        # Adapter index of each of the R rank rows: a gather, no host sync as repeat_interleave with a list has.
+        rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        self.register_buffer("rank_index", rank_index.to(device), persistent=False)
+
+    def scaled_coefficients(self) -> Tensor:
+        """``c_rep`` [R]: this group's coefficients times the scalings, repeated over each rank."""
+        return (self.coefficients()[self.group] * self.scalings)[self.rank_index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        c_rep = self.scaled_coefficients().to(self.A_cat.dtype)
+        low = F.linear(x.to(self.A_cat.dtype), self.A_cat) * c_rep
+        return y + F.linear(low, self.B_cat).to(y.dtype)
+
+    def merged_delta(self) -> Tensor:
+        """``B_cat diag(c_rep) A_cat`` [out, in] with the current coefficients, in at least float32."""
+        dtype = _compute_dtype(self.A_cat.dtype)
+        return (self.B_cat.to(dtype) * self.scaled_coefficients().to(dtype)) @ self.A_cat.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, group={self.group}"
+
+
+class DenseMergedLinear(nn.Module):
+    """The dense reference ``(W + sum_i c_i delta_i) x`` with task vectors ``deltas`` [n, out, in]
+    (a non-persistent buffer), rebuilt at every call; also the fallback for task vectors that are not LoRA."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        deltas: Tensor,
+        coefficients: Coefficients,
+        group: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if deltas.shape != (coefficients.n_adapters, base.out_features, base.in_features):
+            raise ValueError(
+                f"deltas {list(deltas.shape)} do not fit {coefficients.n_adapters} adapters "
+                f"of a linear {base.in_features} -> {base.out_features}"
+            )
+        _check_group(coefficients, group)
+        self.base = base
+        self.coefficients = coefficients
+        self.group = group
+        self.register_buffer("deltas", deltas.to(base.weight.device, dtype or base.weight.dtype), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.base.weight
+        c = self.coefficients()[self.group].to(self.deltas.dtype)
+        merged = weight + torch.einsum("n,noi->oi", c, self.deltas).to(weight.dtype)
+        return F.linear(x, merged, self.base.bias)
+
+    def merged_delta(self) -> Tensor:
+        """``sum_i c_i delta_i`` [out, in] with the current coefficients, in at least float32."""
+        dtype = _compute_dtype(self.deltas.dtype)
+        return torch.einsum("n,noi->oi", self.coefficients()[self.group].to(dtype), self.deltas.to(dtype))
+
+
+class FusedModel:
+    """A model with fused (or dense) merged linears attached, as returned by :func:`attach`.
+    ``fold``/``unfold`` switch between merged plain weights and the trainable fused form;
+    ``detach`` gives the original model back."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        coefficients: Coefficients,
+        modules: dict[str, FusedLoRALinear | DenseMergedLinear],
+        group_layers: list[int | None],
+        requires_grad: dict[str, bool],
+    ) -> None:
+        self.model = model
+        self.coefficients = coefficients
+        self.modules = modules
+        self.group_layers = group_layers
+        self.folded = False
+        self.attached = True
+        self._requires_grad = requires_grad
+        self._originals: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Write ``W + merged delta`` (current coefficients) into each base linear and put the plain
+        linears back; folding again starts from the original weights."""
+        self._check_attached()
+        for key, module in self.modules.items():
+            weight = module.base.weight
+            if key not in self._originals:
+                self._originals[key] = weight.detach().clone()
+            delta = module.merged_delta()
+            dtype = torch.promote_types(weight.dtype, delta.dtype)
+            weight.copy_(self._originals[key].to(dtype) + delta.to(dtype))
+            _set_submodule(self.model, key, module.base)
+        self.folded = True
+
+    def unfold(self) -> None:
+        """Restore the original weights and re-install the fused modules (no-op unless folded)."""
+        self._check_attached()
+        if not self.folded:
+            return
+        self._restore_weights()
+        for key, module in self.modules.items():
+            _set_submodule(self.model, key, module)
+        self.folded = False
+
+    def detach(self) -> nn.Module:
+        """Give the model back as it was: original weights, plain linears, original ``requires_grad``."""
+        self._check_attached()
+        self._restore_weights()
+        for key, module in self.modules.items():
+            _set_submodule(self.model, key, module.base)
+        for name, parameter in self.model.named_parameters():
+            if name in self._requires_grad:
+                parameter.requires_grad_(self._requires_grad[name])
+        self.folded = False
+        self.attached = False
+        return self.model
+
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        for key, original in self._originals.items():
+            self.modules[key].base.weight.copy_(original)
+        # The copies are only needed while folded; dropping them frees memory for training.
+        self._originals.clear()
+
+    def _check_attached(self) -> None:
+        if not self.attached:
+            raise RuntimeError("this FusedModel was detached; attach the adapters again")
+
+
+def attach(
+    model: nn.Module,
+    adapters: list[LoraAdapter],
+    keys: list[str],
+    coefficients: Coefficients,
+    group_of: Callable[[str], int],
+    impl: str = "fused_lora_linear",
+    dtype: torch.dtype | None = None,
+) -> FusedModel:
+    """Replace each linear ``model.get_submodule(key)`` by a :class:`FusedLoRALinear` (or, with
+    ``impl="dense"``, a :class:`DenseMergedLinear`) using coefficient group ``group_of(key)``.
+    Every model parameter is frozen; ``coefficients`` moves to the model's device and its ``raw``
+    is the only trainable parameter left. ``dtype``: the dtype of the merged path (default: each base
+    weight's)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError("impl: " + unknown_name("implementation", impl, list(IMPLEMENTATIONS)))
+    if len(adapters) != coefficients.n_adapters:
+        raise ConfigError(f"coefficients: {coefficients.n_adapters} per group for {len(adapters)} adapters")
+    fan_in_fan_out = [a.name for a in adapters if a.fan_in_fan_out]
+    if fan_in_fan_out:
+        raise AdapterError(
+            f"adapter {fan_in_fan_out[0]!r} has fan_in_fan_out (GPT-2 Conv1D layers); "
+            "learned coefficients support nn.Linear layers only"
+        )
+    bases = {key: _linear(model, key) for key in keys}
+    groups = {key: group_of(key) for key in keys}
+    for key, group in groups.items():
+        if not 0 <= group < coefficients.groups:
+            raise ConfigError(f"module {key}: coefficient group {group} is out of range ({coefficients.groups} groups)")
+    if bases:
+        coefficients.to(next(iter(bases.values())).weight.device)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    modules: dict[str, FusedLoRALinear | DenseMergedLinear] = {}
+    for key, base in bases.items():
+        As, Bs = _factors(adapters, key, base)
+        scalings = [adapter.scaling(key) for adapter in adapters]
+        if impl == "dense":
+            work = _compute_dtype(dtype or base.weight.dtype)
+            deltas = torch.stack([s * (B.to(work) @ A.to(work)) for s, A, B in zip(scalings, As, Bs, strict=True)])
+            module = DenseMergedLinear(base, deltas, coefficients, groups[key], dtype)
+        else:
+            module = FusedLoRALinear(
+                base,
+                torch.cat(As, dim=0),
+                torch.cat(Bs, dim=1),
+                torch.tensor(scalings, dtype=torch.float64),
+                [A.shape[0] for A in As],
+                coefficients,
+                groups[key],
+                dtype,
+            )
+        _set_submodule(model, key, module)
+        modules[key] = module
+    return FusedModel(model, coefficients, modules, _group_layers(keys, groups, coefficients.groups), requires_grad)
+
+
+def layer_groups(keys: list[str], granularity: str) -> tuple[list[str], list[int | None], Callable[[str], int]]:
+    """Coefficient groups for ``keys``: ``(group_names, group_layers, group_of)``. ``task_wise``: one
+    group "all"; ``layer_wise``: one group per layer index in the keys, sorted, then "other" for the
+    keys without a layer index if there are any."""
+    if granularity == "task_wise":
+        return ["all"], [None], lambda key: 0
+    if granularity != "layer_wise":
+        raise ConfigError("granularity: " + unknown_name("granularity", granularity, list(GRANULARITIES)))
+    found = {layer_index(key) for key in keys}
+    layers: list[int | None] = [*sorted(found - {None}), *([None] if None in found else [])]
+    index = {layer: group for group, layer in enumerate(layers)}
+
+    def group_of(key: str) -> int:
+        layer = layer_index(key)
+        if layer not in index:
+            raise ConfigError(f"module {key}: no coefficient group for layer {layer}")
+        return index[layer]
+
+    return [f"layer.{layer}" if layer is not None else "other" for layer in layers], layers, group_of
+
+
+def _group_layers(keys: list[str], groups: dict[str, int], n_groups: int) -> list[int | None]:
+    """Each group's layer when all its modules share one layer index, else ``None``."""
+    members: list[set[int | None]] = [set() for _ in range(n_groups)]
+    for key in keys:
+        members[groups[key]].add(layer_index(key))
+    return [next(iter(layers)) if len(layers) == 1 else None for layers in members]
+
+
+def _linear(model: nn.Module, key: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(key)
+    except AttributeError:
+        raise AdapterError(f"the model has no module {key!r} that the adapters target") from None
+    if not isinstance(module, nn.Linear):
+        raise AdapterError(f"module {key!r} is a {type(module).__name__}; only nn.Linear layers can be fused")
+    return module
+
+
+def _factors(adapters: list[LoraAdapter], key: str, base: nn.Linear) -> tuple[list[Tensor], list[Tensor]]:
+    As, Bs = [], []
+    for adapter in adapters:
+        A, B = adapter.factors(key)
+        if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
+            raise AdapterError(
+                f"module {key}: adapter {adapter.name!r} is [{B.shape[0]}x{A.shape[1]}] but the model's "
+                f"linear is [{base.out_features}x{base.in_features}]; the adapter was made for another model"
+            )
+        As.append(A)
+        Bs.append(B)
+    return As, Bs
+
+
+def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
+    parent, _, name = key.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)

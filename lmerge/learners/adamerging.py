@@ -1,0 +1,68 @@
+"""AdaMerging (Yang et al., 2024): minimize the entropy of each task's predictions on
+unlabeled inputs, with coefficients clamped to [0, 1] and initialized at 0.3."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from lmerge.learners.base import Batch, MergeLearner
+from lmerge.learners.losses import PREDICTIONS, entropy
+
+
+class AdaMerging(MergeLearner):
+    """Entropy minimization over unlabeled inputs (labels in the batches are never read)."""
+
+    objective_name = "entropy"
+
+    def __init__(
+        self,
+        catalog: str,
+        adapters: list[str],
+        tasks: list[str] | None = None,
+        granularity: Literal["task_wise", "layer_wise"] = "layer_wise",
+        init: float | list[float] = 0.3,
+        lr: float = 1e-3,
+        diversity_weight: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            catalog: Task catalog YAML (task name -> adapter and data).
+            adapters: The adapters to merge: catalog task names or adapter directories.
+            tasks: The tasks whose inputs drive the objective; default: the adapters that are catalog tasks.
+            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise`` (the paper's best): per layer.
+            init: Initial coefficient (the paper: 0.3).
+            lr: Adam learning rate (the paper: 1e-3).
+            diversity_weight: Information-maximization weight (0 = the paper's objective): also keep the
+                batch-mean prediction close to the task's training class prior when known, else maximize its entropy,
+                against the collapse to one class that entropy minimization alone can reach.
+            **kwargs: Shared learner options (see ``MergeLearner``), e.g. ``early_stopping_patience``.
+        """
+        kwargs.setdefault("parametrization", "clamp")
+        super().__init__(catalog, adapters, tasks, granularity=granularity, init=init, lr=lr, **kwargs)
+        self.diversity_weight = diversity_weight
+        self.priors: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for task in self.task_specs:
+            module = datamodule.tasks.get(task) if datamodule is not None else None
+            if module is not None and self.kind == "classification" and module.has_split("train"):
+                self.priors[task] = module.class_prior().to(self.device)
+
+    def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        probs = PREDICTIONS[self.kind](logits, batch)
+        term = entropy(probs).mean()
+        mean = probs.mean(0)
+        for index, share in enumerate(mean.detach().tolist()):
+            self.log(f"predicted_distribution/{task}/{index}", share)
+        if self.diversity_weight:
+            prior = self.priors.get(task)
+            if prior is not None and len(prior) == len(mean):
+                spread = (mean * (mean.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
+            else:
+                spread = -entropy(mean)
+            term = term + self.diversity_weight * spread
+        return term

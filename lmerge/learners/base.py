@@ -1,0 +1,244 @@
+"""``MergeLearner``: the LightningModule every coefficient learner builds on.
+
+It holds the base model with every targeted linear fused over all adapters' LoRA factors
+(``lmerge.fused``), one frozen head per classification task, and the merge coefficients,
+which are its only trainable parameters (and the only tensors its checkpoints keep).
+Subclasses define the per-task objective and how task terms combine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from lmerge.adapters.align import align_keys, check_compatible
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.adapters.resolve import resolve_adapters
+from lmerge.coefficients import Coefficients, export_merge_spec
+from lmerge.data import load_task_catalog
+from lmerge.errors import ConfigError
+from lmerge.fused import attach, layer_groups
+from lmerge.learners.losses import TASK_LOSSES
+from lmerge.models import DTYPES, build_head, load_model
+
+Batch = dict[str, Any]
+
+
+class MergeLearner(LightningModule):
+    """Learns merge coefficients of ``adapters`` on the tasks of a catalog. A subclass defines
+    ``task_objective(task, logits, batch) -> Tensor`` (one task's term) and may override ``combine``."""
+
+    def __init__(
+        self,
+        catalog: str,
+        adapters: list[str],
+        tasks: list[str] | None = None,
+        granularity: Literal["task_wise", "layer_wise"] = "task_wise",
+        parametrization: Literal["clamp", "sigmoid", "tanh", "softmax", "none"] = "clamp",
+        init: float | list[float] = 0.3,
+        lr: float = 1e-3,
+        merge_mode: Literal["common", "strict"] = "common",
+        merge_impl: Literal["fused_lora_linear", "dense"] = "fused_lora_linear",
+        model_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32",
+        base_model: str | None = None,
+        early_stopping_patience: int = 0,
+        early_stopping_threshold: float = 0.0,
+        early_stopping_warmup_steps: int = 0,
+        min_optimizer_steps_before_early_stop: int = 0,
+        restore_best_checkpoint: bool = False,
+    ) -> None:
+        """
+        Args:
+            catalog: Task catalog YAML (task name -> adapter and data).
+            adapters: The adapters to merge: catalog task names or adapter directories.
+            tasks: The tasks trained on (their heads are loaded); default: the adapters that are catalog tasks.
+            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise``: one per adapter and layer.
+            parametrization: How raw parameters map to coefficients (clamp [0,1], sigmoid, tanh, softmax, none).
+            init: Initial coefficient value (or one per adapter).
+            lr: Adam learning rate of the coefficients.
+            merge_mode: ``common`` merges the modules all adapters share; ``strict`` fails on any difference.
+            merge_impl: ``fused_lora_linear`` (two GEMMs per module) or ``dense`` (the reference).
+            model_dtype: Dtype the base model and LoRA factors are loaded in (``auto``: the checkpoint's).
+            base_model: Base model directory; default: the adapters' ``base_model_name_or_path``.
+            early_stopping_patience: Stop after this many steps without improvement of the loss (0: never).
+            early_stopping_threshold: Smallest loss decrease that counts as an improvement.
+            early_stopping_warmup_steps: Steps before patience is tracked.
+            min_optimizer_steps_before_early_stop: Steps before early stopping may stop the run.
+            restore_best_checkpoint: End with the coefficients of the lowest minibatch loss.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.adapters = resolve_adapters(adapters, catalog)
+        check_compatible(self.adapters)
+        self.keys, self.dropped_keys = align_keys(self.adapters, merge_mode)
+        specs = load_task_catalog(catalog)
+        names = tasks if tasks is not None else [a.name for a in self.adapters if a.name in specs]
+        missing = [t for t in names if t not in specs]
+        if missing:
+            raise ConfigError(f"model.tasks: {missing[0]!r} is not a task in catalog {catalog}")
+        if not names:
+            raise ConfigError("model.tasks: no task to train on; name catalog tasks")
+        self.task_specs = {name: specs[name] for name in names}
+        kinds = {spec.kind for spec in self.task_specs.values()}
+        if len(kinds) > 1:
+            raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+        self.kind = kinds.pop()
+        self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
+        self.coefficients = Coefficients(
+            len(self.adapters), len(self.group_names), parametrization, init, group_names=self.group_names
+        )
+        self.base_model_path = base_model or self.adapters[0].base_model
+        if not self.base_model_path:
+            raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
+        self.model: nn.Module | None = None
+        self.heads = nn.ModuleDict()
+        # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
+        self.strict_loading = False
+        self._best: tuple[float, list[list[float]]] | None = None
+        self._stale = 0
+        self._last_terms: dict[str, float] = {}
+
+    # ---- the model --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base model, fuse the adapters into it and build the task heads (once)."""
+        if self.model is not None:
+            return
+        dtype = DTYPES[self.hparams.model_dtype]
+        model = load_model(self.base_model_path, self.kind, dtype).requires_grad_(False).eval()
+        self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, self.hparams.merge_impl)
+        self.model = model
+        if self.kind == "classification":
+            for name, spec in self.task_specs.items():
+                if not spec.adapter:
+                    raise ConfigError(f"task {name}: the catalog names no adapter, so it has no head")
+                head_state = LoraAdapter(spec.adapter, name=name).head_state()
+                if not head_state:
+                    raise ConfigError(f"task {name}: its adapter saved no head (modules_to_save)")
+                self._head_path, self.heads[name] = build_head(model, head_state)
+
+    def train(self, mode: bool = True) -> MergeLearner:
+        # Dropout stays off: the coefficients are learned on the deterministic merged function.
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()
+        self.heads.eval()
+        return self
+
+    def task_logits(self, task: str, batch: Batch) -> torch.Tensor:
+        """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
+        if self.kind == "classification":
+            self.model.set_submodule(self._head_path, self.heads[task])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss from the per-task terms (default: their sum)."""
+        return torch.stack(list(terms.values())).sum()
+
+    objective_name = "objective"
+
+    # ---- training -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.coefficients.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
+        terms = {task: self.task_objective(task, self.task_logits(task, b), b) for task, b in batch.items()}
+        loss = self.combine(terms)
+        self._last_terms = {task: float(term.detach()) for task, term in terms.items()}
+        self.log("train/loss", loss, prog_bar=True)
+        for task, term in terms.items():
+            self.log(f"train/{self.objective_name}/{task}", term)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.coefficients.project_()
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        if self.hparams.restore_best_checkpoint and (self._best is None or loss < self._best[0]):
+            self._best = (loss, self.coefficients.values())
+        self._track_early_stop(loss)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.restore_best_checkpoint and self._best is not None:
+            self.coefficients.set_values(self._best[1])
+
+    def _track_early_stop(self, loss: float) -> None:
+        patience = self.hparams.early_stopping_patience
+        step = self.global_step
+        if patience <= 0 or step < self.hparams.early_stopping_warmup_steps:
+            return
+        best = getattr(self, "_patience_best", None)
+        if best is None or loss < best - self.hparams.early_stopping_threshold:
+            self._patience_best, self._stale = loss, 0
+            return
+        self._stale += 1
+        if self._stale >= patience and step >= self.hparams.min_optimizer_steps_before_early_stop:
+            self.trainer.should_stop = True
+
+    # ---- validation and test ------------------------------------------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        # One number to monitor (early stopping, best coefficients): the mean over the tasks.
+        losses = [v for k, v in self.trainer.callback_metrics.items() if k.startswith("val/loss/")]
+        if losses:
+            self.log("val/loss", torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses]).mean())
+
+    def _evaluation_step(self, stage: str, batch: Batch, dataloader_idx: int) -> None:
+        split = "validation" if stage == "val" else "test"
+        task = self.trainer.datamodule.split_tasks(split)[dataloader_idx]
+        if task not in self.task_specs:
+            return
+        logits = self.task_logits(task, batch)
+        options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"])}
+        self.log(f"{stage}/loss/{task}", TASK_LOSSES[self.kind](logits, batch), **options)
+        if self.kind == "classification":
+            accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+            self.log(f"{stage}/accuracy/{task}", accuracy, **options)
+
+    # ---- checkpoints and export ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
+
+    @contextlib.contextmanager
+    def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:
+        """Run the fused model with ``values`` as its coefficients (e.g. one adapter alone)."""
+        fixed = Coefficients(len(self.adapters), len(self.group_names), "none", 0.0).to(self.device)
+        fixed.set_values(values)
+        originals = {key: module.coefficients for key, module in self.fused.modules.items()}
+        for module in self.fused.modules.values():
+            module.coefficients = fixed
+        try:
+            yield
+        finally:
+            for key, module in self.fused.modules.items():
+                module.coefficients = originals[key]
+
+    def one_hot(self, adapter_index: int) -> list[list[float]]:
+        """Coefficients that select one adapter alone, in every group."""
+        return [[1.0 if i == adapter_index else 0.0 for i in range(len(self.adapters))] for _ in self.group_names]
+
+    def merge_spec(self) -> dict[str, Any]:
+        """The learned merge as a ``weighted_delta_n`` config that ``lmerge merge`` reproduces."""
+        signed = self.coefficients.parametrization.signed
+        spec = export_merge_spec(self.coefficients, self.hparams.adapters, self.group_layers, signed)
+        return {**spec, "catalog": self.hparams.catalog, "merge_mode": self.hparams.merge_mode}
+
+    def adapter_for_task(self, task: str) -> int:
+        """Index of the adapter that belongs to ``task`` (same name, or the catalog's adapter)."""
+        names = [a.name for a in self.adapters]
+        if task in names:
+            return names.index(task)
+        spec = self.task_specs[task]
+        paths = [str(a.path.resolve()) for a in self.adapters]
+        if spec.adapter and spec.adapter in paths:
+            return paths.index(spec.adapter)
+        raise ConfigError(f"task {task}: none of the merged adapters is its own, so it has no single-task baseline")

@@ -1,0 +1,29 @@
+"""Each task's loss under its own adapter alone, on the training split: the yardstick that
+normalized and regret objectives divide by."""
+
+from __future__ import annotations
+
+import torch
+
+from lmerge.learners.base import MergeLearner
+from lmerge.learners.losses import TASK_LOSSES
+
+
+def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
+    """Mean task loss of each task's own adapter (one-hot coefficients) over ``batches`` batches."""
+    datamodule = learner.trainer.datamodule
+    losses = {}
+    for task in learner.task_specs:
+        loader = datamodule.tasks[task].dataloader(datamodule.fit_split, batch_size=datamodule.fit_batch_size)
+        total, count = 0.0, 0
+        with torch.no_grad(), learner.fixed_coefficients(learner.one_hot(learner.adapter_for_task(task))):
+            for index, batch in enumerate(loader):
+                if index >= batches:
+                    break
+                batch = learner.transfer_batch_to_device(batch, learner.device, 0)
+                total += float(TASK_LOSSES[learner.kind](learner.task_logits(task, batch), batch))
+                count += 1
+        losses[task] = total / max(count, 1)
+    if learner.logger is not None:
+        learner.logger.log_metrics({f"baseline/{task}": loss for task, loss in losses.items()}, step=0)
+    return losses

@@ -1,0 +1,129 @@
+"""``LoraFinetune``: train one task's LoRA adapter (and head) with PEFT and save it in PEFT
+format, for users who have no adapters yet (and for the demo's benchmark)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+
+from lmerge.data import load_task_catalog
+from lmerge.errors import ConfigError
+from lmerge.learners.losses import TASK_LOSSES
+from lmerge.models import load_model
+from lmerge.outputs import staged_dir
+
+# PEFT task types per task kind (PEFT keeps a classification head trainable and saves it).
+_TASK_TYPES = {"classification": "SEQ_CLS", "label_tokens": "CAUSAL_LM"}
+
+
+class LoraFinetune(LightningModule):
+    """Fine-tunes a LoRA adapter for one catalog task and saves it where the catalog points."""
+
+    def __init__(
+        self,
+        catalog: str,
+        tasks: list[str],
+        base_model: str,
+        output_dir: str | None = None,
+        r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        target_modules: list[str] | None = None,
+        use_rslora: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            catalog: Task catalog YAML (task name -> adapter and data).
+            tasks: The one task to fine-tune on.
+            base_model: Base model directory.
+            output_dir: Where the adapter is saved; default: the task's ``adapter`` path in the catalog.
+            r: LoRA rank.
+            lora_alpha: LoRA alpha (scaling alpha / r).
+            lora_dropout: Dropout on the LoRA input.
+            target_modules: Module names to adapt; default: PEFT's choice for the model type.
+            use_rslora: Scale by alpha / sqrt(r).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if len(tasks) != 1:
+            raise ConfigError(f"model.tasks: LoraFinetune trains one task at a time, got {len(tasks)}")
+        self.task = tasks[0]
+        specs = load_task_catalog(catalog)
+        if self.task not in specs:
+            raise ConfigError(f"model.tasks: {self.task!r} is not a task in catalog {catalog}")
+        self.spec = specs[self.task]
+        self.output_dir = output_dir or self.spec.adapter
+        if not self.output_dir:
+            raise ConfigError(f"model.output_dir: task {self.task} has no adapter path in the catalog; give one")
+        if self.spec.kind == "classification" and not self.spec.label_names:
+            raise ConfigError(f"task {self.task}: classification fine-tuning needs label_names in the catalog")
+        self.model: torch.nn.Module | None = None
+        self.strict_loading = False
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from peft import LoraConfig, get_peft_model
+
+        options: dict[str, Any] = {}
+        if self.spec.kind == "classification":
+            options["num_labels"] = len(self.spec.label_names)
+        base = load_model(self.hparams.base_model, self.spec.kind, torch.float32, **options)
+        config = LoraConfig(
+            task_type=_TASK_TYPES[self.spec.kind],
+            r=self.hparams.r,
+            lora_alpha=self.hparams.lora_alpha,
+            lora_dropout=self.hparams.lora_dropout,
+            target_modules=self.hparams.target_modules,
+            use_rslora=self.hparams.use_rslora,
+        )
+        self.model = get_peft_model(base, config)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return TASK_LOSSES[self.spec.kind](logits, batch), logits
+
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch[self.task])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss, logits = self._loss(batch)
+        options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"]), "prog_bar": True}
+        self.log(f"val/loss/{self.task}", loss, **options)
+        if self.spec.kind == "classification":
+            self.log(f"val/accuracy/{self.task}", (logits.argmax(-1) == batch["labels"]).float().mean(), **options)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        self.save_adapter(self.output_dir)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Save the adapter (and head) in PEFT format, replacing ``path`` only once complete."""
+        path = Path(path)
+        previous = path.with_name(f".{path.name}.previous")
+        with staged_dir(path.parent, lambda: path) as staged:
+            self.model.save_pretrained(staged.work)
+            if path.exists():
+                # The old adapter stays until the new one is whole; then the two renames swap them.
+                path.rename(previous)
+        shutil.rmtree(previous, ignore_errors=True)
+        return path

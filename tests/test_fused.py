@@ -1,0 +1,255 @@
+"""The fused LoRA linear against the dense reference and independent merges, gradients, freezing,
+fold/unfold/detach, and the exported merge spec reproduced by ``lmerge merge``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_adapter
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lmerge.adapters import LoraAdapter
+from lmerge.adapters.align import align_keys
+from lmerge.coefficients import Coefficients, export_merge_spec
+from lmerge.config import MergeConfig, SaveConfig
+from lmerge.errors import AdapterError, ConfigError
+from lmerge.fused import DenseMergedLinear, FusedLoRALinear, attach, layer_groups
+from lmerge.runner import run_merge
+
+# base model, auto class, vocabulary size, adapters (unequal ranks; bert_c has rslora, bert_d mixed ranks)
+FAMILIES = {
+    "bert": ("bert", AutoModelForSequenceClassification, 100, ("bert_a", "bert_c", "bert_d")),
+    "llama": ("llama", AutoModelForCausalLM, 128, ("llama_a", "llama_b")),
+}
+
+
+def setup(zoo, family, granularity, parametrization="tanh", dtype=torch.float64):
+    """The base model, adapters, keys, grouping and distinct (signed, for tanh) coefficients."""
+    base, auto, vocab, names = FAMILIES[family]
+    adapters = [LoraAdapter(zoo[name]) for name in names]
+    keys, _ = align_keys(adapters, "common")
+    group_names, group_layers, group_of = layer_groups(keys, granularity)
+    n = len(adapters)
+    sign = -1 if parametrization in ("tanh", "none") else 1
+    values = [[sign**i * (0.15 + 0.2 * i) + 0.1 * g for i in range(n)] for g in range(len(group_names))]
+    coefficients = Coefficients(n, len(group_names), parametrization, values, group_names).to(dtype)
+    model = auto.from_pretrained(zoo[base]).to(dtype).eval()
+    ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    return model, adapters, keys, coefficients, group_of, group_layers, ids
+
+
+def logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def relative_error(value, reference):
+    value, reference = value.detach().float(), reference.detach().float()
+    return float((value - reference).norm() / reference.norm())
+
+
+def merge_by_hand(model, adapters, keys, values, group_of):
+    """W + sum_i c_i s_i B_i A_i written into a copy of ``model``, from the adapters' own factors."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for key in keys:
+            weight = merged.get_submodule(key).weight
+            for c, adapter in zip(values[group_of(key)], adapters, strict=True):
+                A, B = adapter.factors(key)
+                weight += c * adapter.scaling(key) * (B.to(weight.dtype) @ A.to(weight.dtype))
+    return merged
+
+
+@pytest.mark.parametrize("granularity", ["task_wise", "layer_wise"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fused_equals_dense_and_an_independent_merge(zoo, family, granularity):
+    model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, granularity)
+    by_hand = merge_by_hand(model, adapters, keys, coefficients.values(), group_of)
+    dense = copy.deepcopy(model)
+    attach(dense, adapters, keys, coefficients, group_of, impl="dense")
+    attach(model, adapters, keys, coefficients, group_of)
+    assert all(isinstance(model.get_submodule(key), FusedLoRALinear) for key in keys)
+    assert all(isinstance(dense.get_submodule(key), DenseMergedLinear) for key in keys)
+    with torch.no_grad():
+        fused = logits(model, ids)
+        torch.testing.assert_close(fused, logits(dense, ids), atol=1e-10, rtol=0)
+        torch.testing.assert_close(fused, logits(by_hand, ids), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_coefficient_gradients_equal_the_dense_reference(zoo, family):
+    model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, "layer_wise", "sigmoid")
+    dense_model, dense_coefficients = copy.deepcopy(model), copy.deepcopy(coefficients)
+    attach(model, adapters, keys, coefficients, group_of)
+    attach(dense_model, adapters, keys, dense_coefficients, group_of, impl="dense")
+    for m, c in ((model, coefficients), (dense_model, dense_coefficients)):
+        logits(m, ids).log_softmax(-1)[..., 0].mean().backward()
+        assert c.raw.grad is not None and c.raw.grad.abs().min() > 0
+    torch.testing.assert_close(coefficients.raw.grad, dense_coefficients.raw.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_only_the_coefficients_train(zoo):
+    model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, "bert", "layer_wise", "clamp", torch.float32)
+    coefficients.set_values([0.3, 0.5, 0.7])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fused = attach(model, adapters, keys, coefficients, group_of)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is coefficients.raw
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    logits(model, ids)[:, 0].sum().backward()
+    optimizer.step()
+    coefficients.project_()
+    assert coefficients.values() != [[0.3, 0.5, 0.7]] * 2
+    after = dict(fused.detach().named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fold_unfold_and_detach(zoo):
+    model, adapters, keys, coefficients, group_of, group_layers, ids = setup(zoo, "llama", "layer_wise")
+    model.model.layers[1].mlp.requires_grad_(False)  # detach must give back these flags too
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.no_grad():
+        original = logits(model, ids)
+        fused_model = attach(model, adapters, keys, coefficients, group_of)
+        assert fused_model.group_layers == group_layers == [0, 1]
+        assert set(fused_model.modules) == set(keys)
+        fused = logits(model, ids)
+        fused_model.fold()
+        assert all(type(model.get_submodule(key)) is torch.nn.Linear for key in keys)
+        torch.testing.assert_close(logits(model, ids), fused, atol=1e-10, rtol=0)
+        # Folding again with new values starts from the original weights, not the folded ones.
+        coefficients.set_values([[0.5, -0.25], [0.1, 0.9]])
+        fused_model.fold()
+        refolded = logits(model, ids)
+        fused_model.unfold()
+        assert all(isinstance(model.get_submodule(key), FusedLoRALinear) for key in keys)
+        torch.testing.assert_close(logits(model, ids), refolded, atol=1e-10, rtol=0)
+        coefficients.set_values([[-0.4, 0.6], [0.2, 0.3]])
+        fused = logits(model, ids)
+        fused_model.fold()
+        torch.testing.assert_close(logits(model, ids), fused, atol=1e-10, rtol=0)
+        assert fused_model.detach() is model
+        assert torch.equal(logits(model, ids), original)
+    assert all(type(model.get_submodule(key)) is torch.nn.Linear for key in keys)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    with pytest.raises(RuntimeError, match="detached"):
+        fused_model.fold()
+
+
+def test_bfloat16_module_matches_float32(zoo):
+    # Per module: the tiny random models amplify bf16 rounding through their layers, whatever the merge.
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, "llama", "layer_wise", "sigmoid", torch.bfloat16)
+    key = "model.layers.1.mlp.down_proj"
+    coefficients.float()
+    reference = merge_by_hand(model.float(), adapters, [key], coefficients.values(), group_of).get_submodule(key)
+    fused_model = attach(model.bfloat16(), adapters, keys, coefficients, group_of)
+    module = fused_model.modules[key]
+    assert module.A_cat.dtype == torch.bfloat16 and module.scalings.dtype == torch.float32
+    x = torch.randn(4, module.base.in_features, generator=torch.Generator().manual_seed(3))
+    y = module(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y, reference(x)) < 1e-2
+    y.float().square().mean().backward()
+    grad = coefficients.raw.grad
+    assert grad.dtype == torch.float32 and grad[1].abs().min() > 0 and not grad[0].any()  # layer 1's group only
+    fused_model.fold()
+    assert model.get_submodule(key).weight.dtype == torch.bfloat16
+    assert relative_error(model.get_submodule(key).weight, reference.weight) < 1e-2
+
+
+def test_bfloat16_model_with_a_float32_merged_path(zoo):
+    model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, "bert", "task_wise", "tanh", torch.bfloat16)
+    fused_model = attach(model, adapters, keys, coefficients.float(), group_of, dtype=torch.float32)
+    module = fused_model.modules[keys[0]]
+    assert module.A_cat.dtype == torch.float32 and module.base.weight.dtype == torch.bfloat16
+    assert logits(model, ids).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("family", "name"), [("bert", "bert_c"), ("llama", "llama_b")])
+def test_one_adapter_at_coefficient_one_equals_peft(zoo, family, name):
+    base, auto, vocab, _ = FAMILIES[family]
+    adapter = LoraAdapter(zoo[name])
+    coefficients = Coefficients(1, parametrization="none", init=1.0)
+    model = auto.from_pretrained(zoo[base]).eval()
+    attach(model, [adapter], adapter.module_keys, coefficients, lambda key: 0)
+    peft_model = PeftModel.from_pretrained(auto.from_pretrained(zoo[base]), zoo[name]).eval()
+    ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    # The backbone only: a PEFT classification adapter also brings its own head.
+    backbone = model.base_model_prefix
+    with torch.no_grad():
+        ours = getattr(model, backbone)(input_ids=ids).last_hidden_state
+        theirs = getattr(peft_model.base_model.model, backbone)(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_groups():
+    keys = ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.0.output.dense", "bert.pooler.dense"]
+    names, layers, group_of = layer_groups(keys, "layer_wise")
+    assert (names, layers) == (["layer.0", "layer.1", "other"], [0, 1, None])
+    assert [group_of(key) for key in keys] == [1, 0, 2]
+    names, layers, group_of = layer_groups(keys[:2], "layer_wise")
+    assert (names, layers) == (["layer.0", "layer.1"], [0, 1])
+    with pytest.raises(ConfigError, match="no coefficient group for layer None"):
+        group_of("bert.pooler.dense")
+    names, layers, group_of = layer_groups(keys, "task_wise")
+    assert (names, layers, [group_of(key) for key in keys]) == (["all"], [None], [0, 0, 0])
+    with pytest.raises(ConfigError, match="granularity.*'block_wise'.*layer_wise, task_wise"):
+        layer_groups(keys, "block_wise")
+
+
+def test_attach_refuses_what_it_cannot_fuse(zoo):
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, "bert", "task_wise", "clamp", torch.float32)
+    coefficients.set_values(0.5)
+    with pytest.raises(AdapterError, match="no module 'model.layers.0.self_attn.q_proj'"):
+        attach(model, adapters, ["model.layers.0.self_attn.q_proj"], coefficients, group_of)
+    with pytest.raises(AdapterError, match="module 'bert.encoder' is a BertEncoder; only nn.Linear"):
+        attach(model, adapters, ["bert.encoder"], coefficients, group_of)
+    with pytest.raises(ConfigError, match="coefficients: 3 per group for 2 adapters"):
+        attach(model, adapters[:2], keys, coefficients, group_of)
+    with pytest.raises(ConfigError, match="group 1 is out of range"):
+        attach(model, adapters, keys, coefficients, lambda key: 1)
+    with pytest.raises(ConfigError, match="impl.*'sparse'.*dense, fused_lora_linear"):
+        attach(model, adapters, keys, coefficients, group_of, impl="sparse")
+    conv1d = LoraAdapter(adapters[0].path)
+    conv1d.config["fan_in_fan_out"] = True
+    with pytest.raises(AdapterError, match="fan_in_fan_out .*GPT-2 Conv1D"):
+        attach(model, [conv1d, *adapters[1:]], keys, coefficients, group_of)
+    # Nothing was touched by the refusals.
+    assert all(type(model.get_submodule(key)) is torch.nn.Linear for key in keys)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def pooler_adapters(zoo, tmp_path_factory):
+    """Two BERT adapters that also target the pooler, a module without a layer index."""
+    root = tmp_path_factory.mktemp("pooler")
+    common = {"task_type": "SEQ_CLS", "targets": ["query", "pooler.dense"]}
+    return [
+        make_adapter(zoo["bert"], root / "p4", seed=11, **common),
+        make_adapter(zoo["bert"], root / "p2", seed=12, r=2, alpha=4, use_rslora=True, **common),
+    ]
+
+
+def test_exported_spec_reproduces_the_folded_model(zoo, pooler_adapters, tmp_path):
+    adapters = [LoraAdapter(path) for path in pooler_adapters]
+    keys, _ = align_keys(adapters, "common")
+    group_names, group_layers, group_of = layer_groups(keys, "layer_wise")
+    assert "bert.pooler.dense" in keys and group_names == ["layer.0", "layer.1", "other"]
+    coefficients = Coefficients(2, 3, "tanh", [[0.6, -0.3], [0.2, 0.8], [-0.5, 0.4]], group_names)
+    model = AutoModelForSequenceClassification.from_pretrained(zoo["bert"]).eval()
+    fused_model = attach(model, adapters, keys, coefficients, group_of)
+    assert fused_model.group_layers == group_layers
+    fused_model.fold()
+
+    spec = export_merge_spec(coefficients, [str(path) for path in pooler_adapters], group_layers, signed=True)
+    assert spec["method_params"]["weights"] == coefficients.values()[2]
+    result = run_merge(MergeConfig(**spec, save=SaveConfig(format="lora"), output_dir=str(tmp_path)))
+    merged = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), result.run_dir)
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = logits(model, ids), logits(merged.eval(), ids)
+    assert not torch.allclose(ours, logits(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), ids))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,133 @@
+"""Coefficient learners: each runs on tiny models and data, moves its coefficients the right way,
+logs to TensorBoard, and exports a merge spec that ``lmerge merge`` reproduces exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lmerge.callbacks import CoefficientLogger, export_learned_merge
+from lmerge.data import CatalogDataModule
+from lmerge.learners import AdaMerging, GradientCE, RegretSmoothMax, SuperMerge
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def fit(learner, data, steps, tmp_path, **trainer_options):
+    seed_everything(0, workers=True)
+    trainer = Trainer(
+        max_steps=steps,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        **trainer_options,
+    )
+    trainer.fit(learner, datamodule=data)
+    return trainer
+
+
+def data_for(tasks, fit_split, names=("alpha", "beta"), **options):
+    return CatalogDataModule(str(tasks), list(names), fit_split=fit_split, batch_size=4, **options)
+
+
+LEARNERS = [
+    (AdaMerging, "test", {"lr": 0.05}),
+    (GradientCE, "validation", {"ce_baseline_batches": 2}),
+    (SuperMerge, "validation", {}),
+    (RegretSmoothMax, "validation", {"baseline_batches": 2}),
+]
+
+
+@pytest.mark.parametrize("learner_class,split,options", LEARNERS, ids=[c[0].__name__ for c in LEARNERS])
+def test_learner_trains_and_its_export_reproduces_the_model(zoo, tasks, tmp_path, learner_class, split, options):
+    learner = learner_class(str(tasks), ["alpha", "beta"], ["alpha", "beta"], **options)
+    before = learner.coefficients.values()
+    fit(learner, data_for(tasks, split), 3, tmp_path)
+    assert learner.coefficients.values() != before
+    bundle = export_learned_merge(learner, str(tmp_path / "out"), save="lora")
+    spec = yaml.safe_load((bundle / "merge_spec.yaml").read_text())
+    assert spec["method"] == "weighted_delta_n"
+    assert json.loads((bundle / "coefficients.json").read_text())["values"] == learner.coefficients.values()
+    assert (bundle / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
+    saved = sorted((tmp_path / "out" / "merged" / "weighted_delta_n" / "alpha_beta" / "runs").iterdir())[-1]
+    tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
+    batch = tokenizer(["good film plot", "the movie was awful"], return_tensors="pt", padding=True)
+    merged = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), saved).eval()
+    learner.model.eval()
+    with torch.no_grad():
+        learned = learner.task_logits("alpha", batch)
+        merged.base_model.model.set_submodule("classifier", learner.heads["alpha"])
+        exported = merged(**batch).logits
+    torch.testing.assert_close(exported, learned, atol=1e-5, rtol=1e-4)
+
+
+def test_adamerging_lowers_entropy(tasks, tmp_path):
+    learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], granularity="task_wise", lr=0.05)
+    losses = []
+
+    class Record(CoefficientLogger):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            losses.append(float(outputs["loss"]))
+
+    data = data_for(tasks, "test")
+    data.fit_batch_size = 20  # the whole test split in every step: the same objective each step
+    fit(learner, data, 12, tmp_path, callbacks=[Record()])
+    assert losses[-1] < losses[0]
+
+
+def test_gradient_ce_prefers_the_adapter_that_fits(zoo, tasks, tmp_path):
+    """Relabel alpha's validation data with the predictions of alpha's own adapter: CE pulls the
+    merge toward alpha's adapter and away from beta's."""
+    catalog = yaml.safe_load(tasks.read_text())
+    entry = catalog["tasks"]["alpha"]
+    rows = json.loads((tasks.parent / entry["dataset"]["data_files"]["validation"]).read_text())
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), entry["adapter"])
+    tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
+    with torch.no_grad():
+        predicted = model.eval()(**tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)).logits
+    for row, label in zip(rows, predicted.argmax(-1).tolist()):
+        row["label"] = entry["label_names"][label]
+    (tmp_path / "fit.json").write_text(json.dumps(rows))
+    entry["dataset"] = {"path": "json", "data_files": {"validation": str(tmp_path / "fit.json")}}
+    relabeled = tmp_path / "catalog.yaml"
+    relabeled.write_text(yaml.safe_dump({"tasks": {"alpha": entry, "beta": catalog["tasks"]["beta"]}}))
+    learner = GradientCE(str(relabeled), ["alpha", "beta"], ["alpha"], ce_task_weighting="equal", lr=0.05, init=0.5)
+    data = CatalogDataModule(str(relabeled), ["alpha"], fit_split="validation", batch_size=12)
+    fit(learner, data, 15, tmp_path)
+    ((alpha, beta),) = learner.coefficients.values()
+    assert alpha > 0.5 > beta
+
+
+def test_tensorboard_holds_coefficients_and_heatmap(tasks, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"])
+    trainer = fit(learner, data_for(tasks, "test"), 2, tmp_path, callbacks=[CoefficientLogger(1, 1)])
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for group in learner.coefficients.group_names:
+        assert f"coefficients/{group}/alpha" in scalars and f"coefficients/{group}/beta" in scalars
+    assert "train/entropy/alpha" in scalars and "predicted_distribution/alpha/0" in scalars
+    assert "coefficients/heatmap" in events.Tags()["images"]
+
+
+def test_only_coefficients_train_and_checkpoints_hold_only_them(tasks, tmp_path):
+    learner = RegretSmoothMax(str(tasks), ["alpha", "beta"], ["alpha", "beta"], baseline_batches=1)
+    trainer = fit(learner, data_for(tasks, "validation"), 2, tmp_path)
+    assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["coefficients.raw"]
+    assert learner.hparams.tau == 0.1 and learner.hparams.parametrization == "softmax"
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"]
+    assert list(state) == ["coefficients.raw"]
+    assert abs(sum(learner.coefficients.values()[0]) - 1) < 1e-6
