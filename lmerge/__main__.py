@@ -33,6 +33,7 @@ def merge(
     output_dir: str = "artifacts",
     catalog: str | None = None,
     tag: str | None = None,
+    optimizer: str | dict[str, Any] | None = None,
     eval_tasks: list[str] | None = None,
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
@@ -52,6 +53,8 @@ def merge(
         output_dir: Root of all outputs.
         catalog: Task catalog YAML that maps task names to adapters.
         tag: Name of this merge in outputs; default: the method and its parameters.
+        optimizer: Learn the weighted_delta_n coefficients first: {{name: adamerging, params: {{max_steps: 100}}}}
+            (also gradient, supermerge, regret_smoothmax; params: learner, trainer and data settings).
         eval_tasks: Catalog tasks to evaluate the merge on, next to each task's own adapter.
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
@@ -68,6 +71,7 @@ def merge(
         output_dir=output_dir,
         catalog=catalog,
         tag=tag,
+        optimizer=optimizer,
         eval_tasks=eval_tasks,
         split=split,
         eval_subset=eval_subset,
@@ -222,10 +226,6 @@ def lightning(argv: list[str]) -> None:
 
     from lmerge.callbacks import CoefficientLogger, MergeExport
     from lmerge.data import CatalogDataModule
-
-    # Learners keep the frozen model in eval mode on purpose (no dropout while learning coefficients).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
     class LMergeCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001

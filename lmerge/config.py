@@ -55,6 +55,9 @@ class MergeConfig:
     """Task catalog YAML mapping task names to adapters."""
     tag: str | None = None
     """Name of this merge in outputs; default: the method and its parameters."""
+    optimizer: str | dict[str, Any] | None = None
+    """A learner that sets the coefficients of ``weighted_delta_n`` before merging: ``none``, or
+    ``{name: adamerging | gradient | supermerge | regret_smoothmax, params: {...}}``."""
     eval_tasks: list[str] | None = None
     """Catalog tasks to evaluate the merge on (needs ``catalog``); none: no evaluation."""
     split: str = "test"
@@ -75,6 +78,18 @@ class MergeConfig:
             raise ConfigError(f"eval_batch_size: must be a positive integer, got {self.eval_batch_size}")
         if not isinstance(self.method_params, dict):
             raise ConfigError(f"method_params: expected a mapping, got {self.method_params!r}")
+
+
+def optimizer_spec(optimizer: str | dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """``(name, params)`` of the config's ``optimizer`` (``none`` when absent)."""
+    if optimizer is None or isinstance(optimizer, str):
+        return optimizer or "none", {}
+    if not isinstance(optimizer, dict) or "name" not in optimizer:
+        raise ConfigError("optimizer: expected a name or {name: ..., params: {...}}")
+    extra = sorted(set(optimizer) - {"name", "params"})
+    if extra:
+        raise ConfigError(f"optimizer.{extra[0]}: unknown key (valid: name, params)")
+    return optimizer["name"], dict(optimizer.get("params") or {})
 
 
 # The specification's migration table: old top-level keys and where they live now.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -15,7 +16,7 @@ from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.adapters.resolve import resolve_adapters
 from lmerge.adapters.save import writer_for
-from lmerge.config import MergeConfig
+from lmerge.config import MergeConfig, optimizer_spec
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import record_evaluation, results_name
@@ -47,6 +48,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     """Resolve adapters, normalize parameters, transform, merge module by module, save, and
     write the run bundle. Raises :class:`lmerge.errors.LMergeError` on any bad input."""
     started = time.perf_counter()
+    config, learned = _learn(config)
     method = get_method(config.method)
     if config.save.format != "none" and not method.saveable:
         raise MethodError(f"method {method.name!r} cannot be saved; use save.format none")
@@ -71,6 +73,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
                 each.add(module)
         saved = writer.write(bundle.work)
         meta = _metadata(config, method, params, tag, adapters, keys, dropped, saved, started)
+        meta["optimizer"] = learned
         summary = _summary(meta)
         if evaluator:
             try:
@@ -84,6 +87,19 @@ def run_merge(config: MergeConfig) -> MergeResult:
     if evaluation:
         record_evaluation(config.output_dir, method.name, names, tag, evaluation, meta, bundle.final)
     return MergeResult(method.name, params, tag, bundle.final, meta, saved, evaluation)
+
+
+def _learn(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any] | None]:
+    """Run the config's learner, if it names one, and put what it learned into the config."""
+    name, params = optimizer_spec(config.optimizer)
+    if name == "none":
+        return config, None
+    if config.method != "weighted_delta_n":
+        raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
+    from lmerge.learners.from_config import learn_method_params
+
+    method_params, record = learn_method_params(name, params, config.catalog, config.adapters, config.merge_mode)
+    return dataclasses.replace(config, method_params=method_params), record
 
 
 def _evaluator(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:

@@ -9,6 +9,7 @@ Subclasses define the per-task objective and how task terms combine.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -27,6 +28,11 @@ from lmerge.learners.losses import TASK_LOSSES
 from lmerge.models import DTYPES, build_head, load_model
 
 Batch = dict[str, Any]
+
+# Learners keep the frozen model in eval mode on purpose (no dropout while learning coefficients),
+# and Lightning 2.6's CombinedLoader trips a torch deprecation of its own: neither is the user's concern.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
 class MergeLearner(LightningModule):
