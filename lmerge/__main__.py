@@ -240,6 +240,8 @@ def lightning(argv: list[str]) -> None:
         subclass_mode_model=True,
         args=argv,
         parser_kwargs={"exit_on_error": False},
+        # The DataModules' samplers shard themselves across processes (lmerge.data.sampling.EpochSampler).
+        trainer_defaults={"use_distributed_sampler": False},
         save_config_kwargs={"overwrite": True},
     )
 

@@ -73,16 +73,18 @@ class Coefficients(nn.Module):
     ) -> None:
         super().__init__()
         if parametrization not in PARAMETRIZATIONS:
-            raise ConfigError("parametrization: " + unknown_name("parametrization", parametrization, list(PARAMETRIZATIONS)))
+            valid = list(PARAMETRIZATIONS)
+            raise ConfigError("parametrization: " + unknown_name("parametrization", parametrization, valid))
         if n_adapters < 1 or groups < 1:
             raise ConfigError(f"coefficients: need at least one adapter and one group, got {n_adapters} and {groups}")
         self.parametrization = PARAMETRIZATIONS[parametrization]
         self.n_adapters = n_adapters
         self.groups = groups
-        names = group_names if group_names is not None else (["all"] if groups == 1 else [str(g) for g in range(groups)])
-        if len(names) != groups:
-            raise ConfigError(f"group_names: {len(names)} names for {groups} groups")
-        self.group_names = list(names)
+        if group_names is None:
+            group_names = ["all"] if groups == 1 else [str(g) for g in range(groups)]
+        if len(group_names) != groups:
+            raise ConfigError(f"group_names: {len(group_names)} names for {groups} groups")
+        self.group_names = list(group_names)
         # Initial values must lie inside the open range: at an infinite raw value the gradient is zero.
         self.raw = nn.Parameter(self._raw_for(init, "init", allow_bounds=False).float())
 

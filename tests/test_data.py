@@ -19,7 +19,7 @@ from conftest import save_bert_tokenizer, save_llama_tokenizer  # noqa: E402
 from lmerge.catalog import load_catalog  # noqa: E402
 from lmerge.data import subsets  # noqa: E402
 from lmerge.data.module import MultiTaskDataModule, TaskDataModule  # noqa: E402
-from lmerge.data.sampling import make_sampler, sampling_strategy, sampling_weights  # noqa: E402
+from lmerge.data.sampling import EpochSampler, make_sampler, sampling_strategy, sampling_weights  # noqa: E402
 from lmerge.data.subsets import select_subset, subset_indices, subset_namespace  # noqa: E402
 from lmerge.data.task import TaskSpec, load_task_catalog  # noqa: E402
 from lmerge.errors import ConfigError  # noqa: E402
@@ -278,7 +278,13 @@ def test_sampling_weights(strategy, expected):
 
 
 def test_sampler_is_seeded_and_balances_classes():
-    assert make_sampler(LABELS, "none") is None
+    plain = make_sampler(LABELS, "none", seed=1)
+    assert sorted(plain) == list(range(len(LABELS)))  # a permutation: plain shuffling
+    first = list(plain)
+    plain.set_epoch(1)
+    assert sorted(plain) == list(range(len(LABELS))) and list(plain) != first or len(LABELS) < 3
+    plain.set_epoch(0)
+    assert list(plain) == first  # the order is a function of seed and epoch alone (exact resume)
     sampler = make_sampler(LABELS, "balanced", seed=3)
     assert len(sampler) == len(LABELS) and list(sampler) == list(make_sampler(LABELS, "balanced", seed=3))
     drawn = Counter(LABELS[i] for i in make_sampler(LABELS, "inverse", seed=0, num_samples=30_000))
@@ -325,13 +331,14 @@ def test_sampling_config_errors(config, message):
 
 
 def test_training_loader_uses_the_sampler(data_dir, bert_tokenizer):
-    from torch.utils.data import RandomSampler, WeightedRandomSampler
-
     weighted = TaskDataModule(tokenizer=bert_tokenizer, sampling="inverse", **sentiment(data_dir))
-    assert isinstance(weighted.train_dataloader().sampler, WeightedRandomSampler)
+    sampler = weighted.train_dataloader().sampler
+    assert isinstance(sampler, EpochSampler) and sampler.weights is not None
     assert isinstance(weighted.dataloader("test").sampler, torch.utils.data.SequentialSampler)
     plain = TaskDataModule(tokenizer=bert_tokenizer, **sentiment(data_dir))
-    assert isinstance(plain.train_dataloader().sampler, RandomSampler)
+    assert (
+        isinstance(plain.train_dataloader().sampler, EpochSampler) and plain.train_dataloader().sampler.weights is None
+    )
     first = [b["labels"].tolist() for b in plain.train_dataloader()]
     assert first == [b["labels"].tolist() for b in plain.train_dataloader()]  # seeded order
 

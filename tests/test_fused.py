@@ -213,11 +213,28 @@ def test_attach_refuses_what_it_cannot_fuse(zoo):
         attach(model, adapters, keys, coefficients, lambda key: 1)
     with pytest.raises(ConfigError, match="impl.*'sparse'.*dense, fused_lora_linear"):
         attach(model, adapters, keys, coefficients, group_of, impl="sparse")
+    with pytest.raises(AdapterError, match="adapter 'bert_a' has no module 'bert.encoder.layer.0.output.dense'"):
+        attach(model, adapters, [*keys, "bert.encoder.layer.0.output.dense"], coefficients, group_of)
+    other = copy.deepcopy(model)
+    other.bert.encoder.layer[1].attention.self.value = torch.nn.Linear(32, 16)
+    with pytest.raises(AdapterError, match=r"layer.1.attention.self.value: adapter 'bert_a' is \[32x32\] .* \[16x32\]"):
+        attach(other, adapters, keys, coefficients, group_of)
+    assert not any(isinstance(m, FusedLoRALinear) for m in other.modules())
+
+    def nan_in_the_last_module(key):
+        if key == keys[-1]:
+            raise AdapterError("tensor holds NaN or Inf values")
+        return adapters[1].factors(key)
+
+    broken = LoraAdapter(adapters[1].path)
+    broken.factors = nan_in_the_last_module
+    with pytest.raises(AdapterError, match="NaN"):
+        attach(model, [adapters[0], broken, adapters[2]], keys, coefficients, group_of)
     conv1d = LoraAdapter(adapters[0].path)
     conv1d.config["fan_in_fan_out"] = True
     with pytest.raises(AdapterError, match="fan_in_fan_out .*GPT-2 Conv1D"):
         attach(model, [conv1d, *adapters[1:]], keys, coefficients, group_of)
-    # Nothing was touched by the refusals.
+    # Every refusal leaves the model as it was; the NaN one undoes the modules it had already fused.
     assert all(type(model.get_submodule(key)) is torch.nn.Linear for key in keys)
     assert all(p.requires_grad for p in model.parameters())
 

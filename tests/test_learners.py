@@ -131,3 +131,68 @@ def test_only_coefficients_train_and_checkpoints_hold_only_them(tasks, tmp_path)
     state = torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"]
     assert list(state) == ["coefficients.raw"]
     assert abs(sum(learner.coefficients.values()[0]) - 1) < 1e-6
+
+
+def test_resume_from_checkpoint_continues_the_same_trajectory(tasks, tmp_path):
+    """One epoch, its checkpoint, then a second epoch from it: the same coefficients as two epochs
+    in a row (the shuffled order is a function of seed and epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt=None, callbacks=()):
+        seed_everything(0, workers=True)
+        learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.05)
+        trainer = Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+        )
+        trainer.fit(learner, datamodule=data_for(tasks, "test"), ckpt_path=ckpt)
+        return torch.tensor(learner.coefficients.values())
+
+    straight = run(2)
+    first = run(1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    resumed = run(2, ckpt=tmp_path / "ckpt" / "last.ckpt")
+    torch.testing.assert_close(resumed, straight, atol=1e-6, rtol=0)
+    assert first.ne(straight).any()
+
+
+FIT_CONFIG = """
+model:
+  class_path: lmerge.learners.AdaMerging
+  init_args: {{adapters: [alpha, beta], granularity: task_wise, lr: 0.05}}
+data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: {batch}}}
+trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
+export: {{output_dir: {out}}}
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
+    """Two gloo processes with 4 examples each take the same steps as one process with 8."""
+    import subprocess
+    import sys
+
+    runs = {}
+    for name, batch, extra in (("single", 8, []), ("ddp", 4, ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(FIT_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name))
+        command = [
+            sys.executable,
+            "-m",
+            "lmerge",
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.accelerator",
+            "cpu",
+            *extra,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        exported = next((tmp_path / name).rglob("coefficients.json"))
+        runs[name] = json.loads(exported.read_text())["values"]
+    torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)

@@ -267,9 +267,7 @@ class TaskDataModule(LightningDataModule):
         return DataLoader(
             examples,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle and sampler is None else None,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -12,15 +12,23 @@ sampling:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import Sampler
 
 from lmerge.errors import ConfigError, unknown_name
 
-STRATEGIES = ("uniform", "inverse", "sqrt_inverse", "balanced", "none")
+# Weight of an example from its label's count and the number of classes.
+_WEIGHTS = {
+    "uniform": lambda count, classes: torch.ones_like(count),
+    "inverse": lambda count, classes: 1.0 / count,
+    "sqrt_inverse": lambda count, classes: 1.0 / count.sqrt(),
+    "balanced": lambda count, classes: 1.0 / (classes * count),
+    "none": lambda count, classes: torch.ones_like(count),
+}
+STRATEGIES = tuple(_WEIGHTS)
 _KEYS = ("enabled", "strategy")
 
 
@@ -33,31 +41,68 @@ def sampling_weights(labels: Sequence[Hashable], strategy: str) -> torch.Tensor:
     - ``balanced``: ``1 / (n_classes * count(y))``: each class holds total mass ``1 / n_classes``
       and the weights sum to 1 (draws as ``inverse`` does; the scale differs).
     """
-    if strategy not in STRATEGIES:
+    if strategy not in _WEIGHTS:
         raise ConfigError(unknown_name("sampling strategy", strategy, list(STRATEGIES)))
     counts = Counter(labels)
     count = torch.tensor([counts[y] for y in labels], dtype=torch.float64)
-    if strategy in ("none", "uniform"):
-        return torch.ones_like(count)
-    if strategy == "inverse":
-        return 1.0 / count
-    if strategy == "sqrt_inverse":
-        return 1.0 / count.sqrt()
-    return 1.0 / (len(counts) * count)
+    return _WEIGHTS[strategy](count, len(counts))
+
+
+class EpochSampler(Sampler[int]):
+    """Indices in an order drawn from ``seed + epoch``: a random permutation, or, with
+    ``weights``, ``num_samples`` draws with replacement. Lightning calls ``set_epoch`` at
+    each epoch, so a run resumed from a checkpoint sees the same batches as one that was not.
+
+    Under distributed training each process takes every ``world_size``-th index of that one
+    order (wrapped to equal length), so N processes with batch b see, step by step, the same
+    examples as one process with batch N*b; the trainer must then not wrap it in its own
+    DistributedSampler (``use_distributed_sampler: false``, the default of ``lmerge fit``)."""
+
+    def __init__(self, size: int, seed: int = 0, weights: torch.Tensor | None = None, num_samples: int | None = None):
+        self.size = size
+        self.seed = seed
+        self.weights = weights
+        self.num_samples = num_samples or size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, True, generator=generator).tolist()
+        rank, world = _process_group()
+        if world > 1:
+            order = (order * world)[: len(self) * world][rank::world]
+        return iter(order)
+
+    def __len__(self) -> int:
+        total = self.size if self.weights is None else self.num_samples
+        world = _process_group()[1]
+        return -(-total // world)
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def make_sampler(
     labels: Sequence[Hashable], strategy: str, seed: int = 0, num_samples: int | None = None
-) -> WeightedRandomSampler | None:
-    """A seeded sampler drawing ``num_samples`` (default: one epoch's worth) examples with
-    replacement by :func:`sampling_weights`; None for ``none`` (plain shuffling instead)."""
+) -> EpochSampler:
+    """A seeded, epoch-aware sampler: by :func:`sampling_weights` with replacement
+    (``num_samples`` draws, default one epoch's worth), or a plain shuffle for ``none``."""
     weights = sampling_weights(labels, strategy)
-    if strategy == "none":
-        return None
     if not len(weights):
         raise ConfigError(f"sampling {strategy!r}: the training split is empty")
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples or len(weights), replacement=True, generator=generator)
+    if strategy == "none":
+        return EpochSampler(len(weights), seed)
+    return EpochSampler(len(weights), seed, weights, num_samples)
 
 
 def sampling_strategy(config: Mapping[str, Any] | None, task: str) -> str:

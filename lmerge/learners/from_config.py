@@ -65,7 +65,12 @@ def learn_method_params(
         raise ConfigError(f"optimizer {name}: learning needs a task catalog with the tasks' data (catalog: ...)")
     learner_class = LEARNERS[name]
     accepted = _accepted(learner_class)
-    trainer_args: dict[str, Any] = {"max_steps": 100, "logger": True, "enable_checkpointing": False}
+    trainer_args: dict[str, Any] = {
+        "max_steps": 100,
+        "logger": True,
+        "enable_checkpointing": False,
+        "use_distributed_sampler": False,  # the samplers shard themselves (EpochSampler)
+    }
     data_args: dict[str, Any] = {"fit_split": _DEFAULT_SPLITS.get(name, "validation")}
     learner_args: dict[str, Any] = {"merge_mode": merge_mode}
     for key, value in params.items():
