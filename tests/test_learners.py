@@ -196,3 +196,24 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
         exported = next((tmp_path / name).rglob("coefficients.json"))
         runs[name] = json.loads(exported.read_text())["values"]
     torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+
+
+def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
+    from lmerge.adapters import LoraAdapter
+    from lmerge.learners import LoraFinetune
+
+    out = tmp_path / "adapter"
+    learner = LoraFinetune(str(tasks), ["alpha"], str(zoo["bert"]), output_dir=str(out), r=4, lr=0.05)
+    data = CatalogDataModule(str(tasks), ["alpha"], fit_split="train", batch_size=8, tokenizer=str(zoo["bert"]))
+    losses = []
+
+    class Record(CoefficientLogger):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            losses.append(float(outputs["loss"]))
+
+    fit(learner, data, 12, tmp_path, callbacks=[Record()])
+    assert losses[-1] < losses[0]
+    adapter = LoraAdapter(out)
+    assert adapter.task_type == "SEQ_CLS" and adapter.head_state()
+    assert {s.rank for s in adapter.shapes.values()} == {4}
+    assert not list(tmp_path.glob(".adapter*"))  # staged and swapped, nothing left behind
