@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmerge.errors import ConfigError
 
 
@@ -33,14 +31,11 @@ def load_catalog(path: str | Path, *, require_adapter: bool = True) -> dict[str,
     With ``require_adapter=False`` an entry may leave out ``adapter`` (a task with data only,
     e.g. one whose adapter is still to be trained); its ``adapter`` is then None.
     """
+    from lmerge.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"catalog {path}: file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"catalog {path}: malformed YAML ({_first_line(exc)})") from None
-    tasks = data.get("tasks") if isinstance(data, dict) else None
+    data = read_yaml(path, what="catalog")
+    tasks = data.get("tasks")
     if not isinstance(tasks, dict):
         raise ConfigError(f"catalog {path}: expected a mapping under 'tasks'")
     base = path.parent.resolve()
@@ -89,7 +84,3 @@ def _resolve_file(file: Any, base: Path, where: str) -> str:
     if "://" in file:
         return file
     return os.path.normpath(base / file)
-
-
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

@@ -120,11 +120,11 @@ def migrate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML mapping from ``path``; malformed or non-mapping files name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
+        raise ConfigError(f"{path}: {what} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

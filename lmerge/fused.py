@@ -218,7 +218,7 @@ def attach(
             f"adapter {fan_in_fan_out[0]!r} has fan_in_fan_out (GPT-2 Conv1D layers); "
             "learned coefficients support nn.Linear layers only"
         )
-    bases = {key: _linear(model, key) for key in keys}
+    bases = {key: _linear(model, key, adapters) for key in keys}
     groups = {key: group_of(key) for key in keys}
     for key, group in groups.items():
         if not 0 <= group < coefficients.groups:
@@ -227,28 +227,38 @@ def attach(
         coefficients.to(next(iter(bases.values())).weight.device)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
-    modules: dict[str, FusedLoRALinear | DenseMergedLinear] = {}
-    for key, base in bases.items():
-        As, Bs = _factors(adapters, key, base)
-        scalings = [adapter.scaling(key) for adapter in adapters]
-        if impl == "dense":
-            work = _compute_dtype(dtype or base.weight.dtype)
-            deltas = torch.stack([s * (B.to(work) @ A.to(work)) for s, A, B in zip(scalings, As, Bs, strict=True)])
-            module = DenseMergedLinear(base, deltas, coefficients, groups[key], dtype)
-        else:
-            module = FusedLoRALinear(
-                base,
-                torch.cat(As, dim=0),
-                torch.cat(Bs, dim=1),
-                torch.tensor(scalings, dtype=torch.float64),
-                [A.shape[0] for A in As],
-                coefficients,
-                groups[key],
-                dtype,
-            )
-        _set_submodule(model, key, module)
-        modules[key] = module
-    return FusedModel(model, coefficients, modules, _group_layers(keys, groups, coefficients.groups), requires_grad)
+    fused = FusedModel(model, coefficients, {}, _group_layers(keys, groups, coefficients.groups), requires_grad)
+    try:
+        for key, base in bases.items():
+            fused.modules[key] = _merged_linear(adapters, key, base, coefficients, groups[key], impl, dtype)
+            _set_submodule(model, key, fused.modules[key])
+    except BaseException:
+        # A bad tensor in some adapter (NaN, unreadable) must not leave the model half attached.
+        fused.detach()
+        raise
+    return fused
+
+
+def _merged_linear(
+    adapters: list[LoraAdapter],
+    key: str,
+    base: nn.Linear,
+    coefficients: Coefficients,
+    group: int,
+    impl: str,
+    dtype: torch.dtype | None,
+) -> FusedLoRALinear | DenseMergedLinear:
+    As, Bs = zip(*(adapter.factors(key) for adapter in adapters), strict=True)
+    scalings = [adapter.scaling(key) for adapter in adapters]
+    if impl == "dense":
+        work = _compute_dtype(dtype or base.weight.dtype)
+        deltas = torch.stack([s * (B.to(work) @ A.to(work)) for s, A, B in zip(scalings, As, Bs, strict=True)])
+        return DenseMergedLinear(base, deltas, coefficients, group, dtype)
+    A_cat, B_cat = torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+    ranks = [A.shape[0] for A in As]
+    return FusedLoRALinear(
+        base, A_cat, B_cat, torch.tensor(scalings, dtype=torch.float64), ranks, coefficients, group, dtype
+    )
 
 
 def layer_groups(keys: list[str], granularity: str) -> tuple[list[str], list[int | None], Callable[[str], int]]:
@@ -280,28 +290,24 @@ def _group_layers(keys: list[str], groups: dict[str, int], n_groups: int) -> lis
     return [next(iter(layers)) if len(layers) == 1 else None for layers in members]
 
 
-def _linear(model: nn.Module, key: str) -> nn.Linear:
+def _linear(model: nn.Module, key: str, adapters: list[LoraAdapter]) -> nn.Linear:
+    """The linear at ``key``, checked against every adapter's shape before the model is touched."""
     try:
         module = model.get_submodule(key)
     except AttributeError:
         raise AdapterError(f"the model has no module {key!r} that the adapters target") from None
     if not isinstance(module, nn.Linear):
         raise AdapterError(f"module {key!r} is a {type(module).__name__}; only nn.Linear layers can be fused")
-    return module
-
-
-def _factors(adapters: list[LoraAdapter], key: str, base: nn.Linear) -> tuple[list[Tensor], list[Tensor]]:
-    As, Bs = [], []
     for adapter in adapters:
-        A, B = adapter.factors(key)
-        if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
+        shape = adapter.shapes.get(key)
+        if shape is None:
+            raise AdapterError(f"adapter {adapter.name!r} has no module {key!r}")
+        if (shape.out_features, shape.in_features) != (module.out_features, module.in_features):
             raise AdapterError(
-                f"module {key}: adapter {adapter.name!r} is [{B.shape[0]}x{A.shape[1]}] but the model's "
-                f"linear is [{base.out_features}x{base.in_features}]; the adapter was made for another model"
+                f"module {key}: adapter {adapter.name!r} is [{shape.out_features}x{shape.in_features}] but "
+                f"the model's linear is [{module.out_features}x{module.in_features}]; it was made for another model"
             )
-        As.append(A)
-        Bs.append(B)
-    return As, Bs
+    return module
 
 
 def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:

@@ -278,7 +278,7 @@ CASES = [
     (
         "missing catalog file",
         lambda z, t: ["--adapters", "[sentiment]", "--method", "ties", "--catalog", str(t / "cat.yaml")],
-        "cat.yaml: file does not exist",
+        "cat.yaml: catalog does not exist",
     ),
     (
         "strict mode difference",
