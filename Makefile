@@ -1,9 +1,9 @@
-# `make test` and `make demo` do all the set-up on a fresh machine: a venv, the pinned set.
+# `make test` does all the set-up on a fresh machine (a venv, the pinned set), then tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo
+.PHONY: install test lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,13 +16,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every test, the slow end-to-end ones included (CI runs this).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
-
-test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
-
-demo: $(STAMP)
-	$(VENV)/bin/lmerge demo
