@@ -1,0 +1,362 @@
+"""Benchmark lmerge's merges against PEFT's ``add_weighted_adapter`` and the dense-delta floor.
+
+    .venv/bin/python scripts/bench_merge.py --n 2 4 8 [--cases ...] [--repeat 1] [--skip-slow-peers]
+        [--slow-n 8] [--out results.json]
+
+A Llama-shaped random model (hidden 1024, intermediate 2816, 8 layers) and n random LoRA
+adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per run in a
+temporary directory. Every case then runs in its own process (this script with ``--case``),
+which prints one JSON line: the wall time of the timed part only (imports and set-up
+excluded), the RSS right before it and the peak RSS during it (VmHWM, reset first).
+
+- ``lmerge:<method>[:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full model).
+- ``peft:<combination_type>``: ``add_weighted_adapter`` on a PeftModel holding all n adapters,
+  plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
+- ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
+  the least work any dense merge must do.
+
+PEFT's ``*_svd`` types take one to two minutes each (a full SVD per module), so they run only
+at the n values of ``--slow-n`` (default: the largest ``--n``), or not at all with
+``--skip-slow-peers``. The default cases leave out PEFT's plain ``svd`` (no lmerge row is
+compared with it) and the lmerge methods weighted, uniform_delta, uniform_scalar_delta and
+weighted_delta; name them in ``--cases`` to run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 1024, 2816, 8, 16, 256
+RANK, ALPHA = 16, 32
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DENSITY = 0.2
+FLOOR = "floor"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked operation; ``peer`` names the PEFT case an lmerge case is compared with."""
+
+    name: str
+    method: str = ""
+    params: Callable[[int], dict[str, Any]] = field(default=lambda n: {})
+    save: str = "lora"
+    peer: str | None = None
+    slow: bool = False
+    default: bool = True
+
+
+def _lmerge(method: str, peer: str | None, save: str = "lora", default: bool = True, **params: Any) -> Case:
+    """An lmerge case with fixed method parameters."""
+    suffix = "" if save == "lora" else f":{save}"
+    return Case(f"lmerge:{method}{suffix}", method, lambda n: dict(params), save, peer, default=default)
+
+
+def _peft(combination: str, default: bool = True) -> Case:
+    """A PEFT ``add_weighted_adapter`` case; the ``*svd`` types are slow."""
+    return Case(f"peft:{combination}", combination, slow=combination.endswith("svd"), default=default)
+
+
+CASES = {
+    case.name: case
+    for case in [
+        Case(FLOOR),
+        _lmerge("uniform", "peft:linear"),
+        _lmerge("task_vector", "peft:cat"),
+        _lmerge("task_vector", None, save="full"),
+        Case(
+            "lmerge:weighted_delta_n",
+            "weighted_delta_n",
+            lambda n: {"weights": [1.0 / n] * n},
+            peer="peft:cat",
+        ),
+        _lmerge("ties", "peft:ties_svd", k=100 * DENSITY),
+        _lmerge("ties", None, save="full", k=100 * DENSITY),
+        _lmerge("dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
+        _lmerge("dare_ties", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
+        _lmerge("magnitude_prune", "peft:magnitude_prune_svd", k=100 * DENSITY),
+        Case(
+            "lmerge:weighted",
+            "weighted",
+            lambda n: {"weights": [1.0 / n] * n},
+            peer="peft:linear",
+            default=False,
+        ),
+        _lmerge("uniform_delta", "peft:cat", default=False),
+        _lmerge("uniform_scalar_delta", "peft:cat", default=False),
+        _lmerge("weighted_delta", "peft:cat", default=False),
+        _peft("cat"),
+        _peft("linear"),
+        _peft("svd", default=False),  # no lmerge row is compared with it
+        _peft("ties_svd"),
+        _peft("dare_ties_svd"),
+        _peft("magnitude_prune_svd"),
+    ]
+}
+
+
+# ---- data ------------------------------------------------------------------------------------
+def generate(root: Path, n_adapters: int) -> None:
+    """Save the random base model to ``root/base`` and ``n_adapters`` random LoRA adapters
+    (non-zero A and B, one seed each) to ``root/adapters/task<i>``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    model.name_or_path = str(root / "base")  # becomes the adapters' base_model_name_or_path
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT still calls
+        peft_model = get_peft_model(model, lora)
+    layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+    assert len(layers) == LAYERS * len(TARGETS)
+    for i in range(n_adapters):
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for layer in layers:
+                for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                    weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(weight.shape[1]))
+        peft_model.save_pretrained(root / "adapters" / f"task{i}")
+
+
+def adapter_dirs(root: Path, n: int) -> list[Path]:
+    """The first ``n`` generated adapters."""
+    return [root / "adapters" / f"task{i}" for i in range(n)]
+
+
+# ---- one case, in the child process ----------------------------------------------------------
+def memory_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak-RSS mark (Linux >= 4.0) so that ``VmHWM`` covers only what follows.
+
+    ``ru_maxrss`` cannot be reset, and in a child it starts at the parent's peak (the kernel
+    keeps the pre-exec memory's high-water mark), so it would show the parent's model.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def prepare_floor(adapters: list[Path]) -> Callable[[], None]:
+    """The floor: read every module's A and B from each adapter file and build its dense delta."""
+    from safetensors import safe_open
+
+    def run() -> None:
+        handles = [safe_open(str(path / "adapter_model.safetensors"), framework="pt") for path in adapters]
+        configs = [json.loads((path / "adapter_config.json").read_text()) for path in adapters]
+        scalings = [config["lora_alpha"] / config["r"] for config in configs]
+        a_names = [name for name in handles[0].keys() if name.endswith(".lora_A.weight")]
+        for a_name in a_names:
+            b_name = a_name.replace(".lora_A.", ".lora_B.")
+            for handle, scaling in zip(handles, scalings, strict=True):
+                (handle.get_tensor(b_name) * scaling) @ handle.get_tensor(a_name)  # built, then dropped
+
+    return run
+
+
+def prepare_lmerge(case: Case, adapters: list[Path], out: Path) -> Callable[[], None]:
+    """One ``run_merge`` call, saving under ``out``."""
+    from lmerge.config import MergeConfig, SaveConfig
+    from lmerge.runner import run_merge
+
+    if case.save == "full":
+        import transformers  # noqa: F401 - lmerge imports it lazily; keep the import out of the timing
+
+    config = MergeConfig(
+        adapters=[str(path) for path in adapters],
+        method=case.method,
+        method_params=case.params(len(adapters)),
+        save=SaveConfig(format=case.save, rank=RANK),
+        output_dir=str(out),
+    )
+    return lambda: run_merge(config)
+
+
+def prepare_peft(case: Case, adapters: list[Path], out: Path) -> Callable[[], None]:
+    """Load the base model with all adapters; the timed part merges them and saves the result."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        str(adapters[0]),
+        adapter_name="task0",
+    )
+    names = [f"task{i}" for i in range(len(adapters))]
+    for name, path in zip(names[1:], adapters[1:], strict=True):
+        model.load_adapter(str(path), adapter_name=name)
+    density = DENSITY if case.method.endswith("_svd") and case.method != "svd" else None
+
+    def run() -> None:
+        weights = [1.0] * len(names)
+        model.add_weighted_adapter(names, weights, "merged", combination_type=case.method, density=density)
+        model.save_pretrained(str(out), selected_adapters=["merged"])
+
+    return run
+
+
+def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
+    """Set up case ``name`` for the first ``n`` adapters, then time it alone."""
+    import torch
+
+    case = CASES[name]
+    adapters = adapter_dirs(data, n)
+    out = Path(tempfile.mkdtemp(prefix="out_", dir=data))
+    if name == FLOOR:
+        fn = prepare_floor(adapters)
+    elif name.startswith("lmerge:"):
+        fn = prepare_lmerge(case, adapters, out)
+    else:
+        fn = prepare_peft(case, adapters, out)
+    baseline = memory_mb("VmRSS")
+    reset_peak_rss()
+    started = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - started
+    peak = memory_mb("VmHWM")
+    shutil.rmtree(out)
+    return {
+        "case": name,
+        "n": n,
+        "seconds": seconds,
+        "baseline_mb": baseline,
+        "peak_mb": peak,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---- the parent: run every case in its own process and print the table -----------------------
+def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
+    """The fastest of ``repeat`` runs of one case, each in a fresh process."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, __file__, "--case", name, "--n", str(n), "--data", str(data)]
+    runs = []
+    for _ in range(repeat):
+        child = subprocess.run(command, env=env, capture_output=True, text=True)
+        if child.returncode != 0:
+            lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
+            return {"case": name, "n": n, "error": lines[-1]}
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return min(runs, key=lambda run: run["seconds"])
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a markdown table; ratios are this case's seconds over the reference's."""
+    seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
+    lines = [
+        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | |")
+            continue
+        floor = seconds.get((FLOOR, r["n"]))
+        peer = CASES[r["case"]].peer
+        peer_seconds = seconds.get((peer, r["n"]))
+        cells = [
+            r["case"],
+            str(r["n"]),
+            f"{r['seconds']:.3f}",
+            f"{r['peak_mb']:.0f}",
+            f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
+            f"{r['seconds'] / floor:.2f}" if floor else "",
+            peer.removeprefix("peft:") if peer else "",
+            f"{r['seconds'] / peer_seconds:.3f}" if peer_seconds else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def delta_sizes_mb(n: int) -> tuple[float, float]:
+    """float32 MB of the n dense deltas of the largest module, and of every module."""
+    shapes = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 3
+    largest = max(rows * cols for rows, cols in shapes)
+    every = LAYERS * sum(rows * cols for rows, cols in shapes)
+    return n * largest * 4 / 2**20, n * every * 4 / 2**20
+
+
+def main() -> None:
+    """Run the cases (or, with ``--case``, one case in this process) and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="adapter counts")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: see the module doc")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest counts")
+    parser.add_argument("--skip-slow-peers", action="store_true", help="skip PEFT's *_svd types")
+    parser.add_argument("--slow-n", type=int, nargs="+", help="n for PEFT's *_svd types (default: max --n)")
+    parser.add_argument("--out", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.n[0], args.data)))
+        return
+
+    import torch
+
+    names = args.cases or [name for name, case in CASES.items() if case.default]
+    slow_n = set() if args.skip_slow_peers else set(args.slow_n or [max(args.n)])
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    print("machine: {cpus} CPUs, torch {torch}, {torch_threads} torch threads".format(**machine))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
+        data = Path(tmp)
+        started = time.perf_counter()
+        generate(data, max(args.n))
+        elapsed = time.perf_counter() - started
+        print(f"generated the model and {max(args.n)} adapters in {elapsed:.1f} s", flush=True)
+        for n in args.n:
+            for name in names:
+                if CASES[name].slow and n not in slow_n:
+                    continue
+                result = measure(name, n, data, args.repeat)
+                results.append(result)
+                shown = result.get("error") or f"{result['seconds']:.3f} s, peak {result['peak_mb']:.0f} MB"
+                print(f"  n={n} {name}: {shown}", flush=True)
+    print(f"\nwhole run: {time.perf_counter() - started:.0f} s\n")
+    print(table(results))
+    for n in args.n:
+        module, every = delta_sizes_mb(n)
+        print(f"n={n}: dense deltas of the largest module {module:.0f} MB, of all modules {every:.0f} MB")
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
