@@ -221,3 +221,41 @@ def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
     assert adapter.task_type == "SEQ_CLS" and adapter.head_state()
     assert {s.rank for s in adapter.shapes.values()} == {4}
     assert not list(tmp_path.glob(".adapter*"))  # staged and swapped, nothing left behind
+
+
+def test_hierarchical_supermerge_merges_groups_first(zoo, tasks, tmp_path):
+    """Within-group stage: each task sees only its group's adapters; group stage: group weights
+    learn with the within-group coefficients frozen; the export is their product."""
+    hierarchical = {"enabled": True, "groups": [["alpha"], ["beta"]], "stage_steps": 2}
+    learner = SuperMerge(
+        str(tasks), ["alpha", "beta"], ["alpha", "beta"], variant="task_wise", hierarchical=hierarchical
+    )
+    seen = []
+
+    class Spy(CoefficientLogger):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            coefficients = pl_module.coefficients
+            seen.append((coefficients.raw.detach().clone(), coefficients.across.detach().clone()))
+
+    fit(learner, data_for(tasks, "validation"), 4, tmp_path, callbacks=[Spy()])
+    (within_1, across_1), (within_2, across_2), (within_3, across_3), (within_4, across_4) = seen
+    assert not torch.equal(within_1, within_2) and torch.equal(across_1, across_2) and across_2.eq(1).all()
+    assert torch.equal(within_2, within_4) and not torch.equal(across_3, across_4)
+    product = torch.tanh(within_4) * across_4
+    torch.testing.assert_close(torch.tensor(learner.coefficients.values()), product)
+    spec = learner.merge_spec()
+    assert spec["method_params"]["allow_negative_coefficients"] is True
+
+
+def test_hierarchical_task_forward_uses_only_its_group(tasks):
+    learner = SuperMerge(
+        str(tasks),
+        ["alpha", "beta"],
+        ["alpha", "beta"],
+        variant="task_wise",
+        hierarchical={"group_size": 1, "stage_steps": 1},
+    )
+    learner.configure_model()
+    learner.coefficients.set_stage(within=True)
+    learner.coefficients.only_group_of(1)
+    assert learner.coefficients()[0, 0] == 0 and learner.coefficients()[0, 1] != 0

@@ -1,11 +1,14 @@
-"""SuperMerge: supervised, signed coefficients (tanh) learned on validation data."""
+"""SuperMerge: supervised, signed coefficients (tanh) learned on validation data, optionally
+hierarchically: each group of adapters is merged first, on its own tasks, then the groups."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
+from lmerge.coefficients import Coefficients
 from lmerge.errors import ConfigError
 from lmerge.learners.base import Batch, MergeLearner
 from lmerge.learners.losses import TASK_LOSSES
@@ -27,6 +30,7 @@ class SuperMerge(MergeLearner):
         lr: float = 1e-2,
         normalize_coefficients: bool = False,
         split: Literal["validation"] = "validation",
+        hierarchical: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -40,6 +44,10 @@ class SuperMerge(MergeLearner):
             lr: Adam learning rate.
             normalize_coefficients: Kept false, as in the paper: the exported spec does not normalize.
             split: SuperMerge selects on validation data.
+            hierarchical: ``{enabled: true, groups: [[a, b], [c, d]] (or group_size: 2), stage_steps: 100}``:
+                for ``stage_steps`` steps each task sees only its own group's adapters and the coefficients
+                within groups learn; then every group is on and one signed weight per group and layer learns
+                (the within-group coefficients frozen). The learned coefficient of an adapter is the product.
             **kwargs: Shared learner options (see ``MergeLearner``).
         """
         if normalize_coefficients:
@@ -47,12 +55,95 @@ class SuperMerge(MergeLearner):
         super().__init__(
             catalog, adapters, tasks, granularity=variant, parametrization="tanh", init=init, lr=lr, **kwargs
         )
+        self.stage_steps = 0
+        if hierarchical and hierarchical.get("enabled", True):
+            groups = adapter_groups(hierarchical, [a.name for a in self.adapters])
+            self.stage_steps = int(hierarchical.get("stage_steps", 0))
+            if self.stage_steps < 1:
+                raise ConfigError("model.hierarchical.stage_steps: give the steps of the within-group stage (>= 1)")
+            self.coefficients = HierarchicalCoefficients(self.coefficients, groups)
 
     def on_fit_start(self) -> None:
         if self.trainer.datamodule.fit_split != self.hparams.split:
             raise ConfigError(f"data.fit_split must be {self.hparams.split!r} for SuperMerge")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if isinstance(self.coefficients, HierarchicalCoefficients):
+            self.coefficients.set_stage(within=self.global_step < self.stage_steps)
+
+    def on_train_end(self) -> None:
+        # Whatever stage training stopped in, the learned merge has every group on.
+        if isinstance(self.coefficients, HierarchicalCoefficients):
+            self.coefficients.set_stage(within=False)
+
+    def task_logits(self, task: str, batch: Batch) -> torch.Tensor:
+        coefficients = self.coefficients
+        if isinstance(coefficients, HierarchicalCoefficients) and coefficients.within_stage:
+            coefficients.only_group_of(self.adapter_for_task(task))
+        return super().task_logits(task, batch)
+
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # Per-task heads differ in their number of classes, so the loss is computed here; for a
         # causal LM it is the same token-normalized CE the model's own ``loss`` returns.
         return TASK_LOSSES[self.kind](logits, batch)
+
+
+def adapter_groups(config: dict[str, Any], names: list[str]) -> list[list[int]]:
+    """Adapter indices per group, from ``groups`` (names) or ``group_size`` (in order)."""
+    if config.get("groups"):
+        groups = [[_index(names, name) for name in group] for group in config["groups"]]
+        flat = sorted(i for group in groups for i in group)
+        if flat != list(range(len(names))):
+            raise ConfigError("model.hierarchical.groups: every adapter must be in exactly one group")
+        return groups
+    size = int(config.get("group_size") or 0)
+    if size < 1:
+        raise ConfigError("model.hierarchical: give groups (lists of adapter names) or group_size")
+    return [list(range(start, min(start + size, len(names)))) for start in range(0, len(names), size)]
+
+
+def _index(names: list[str], name: str) -> int:
+    if name not in names:
+        raise ConfigError(f"model.hierarchical.groups: {name!r} is not one of the adapters ({', '.join(names)})")
+    return names.index(name)
+
+
+class HierarchicalCoefficients(Coefficients):
+    """Coefficients ``tanh(within) * across[group of the adapter]`` per layer group, with a mask
+    that keeps one adapter group on while the within-group stage trains."""
+
+    def __init__(self, within: Coefficients, groups: list[list[int]]) -> None:
+        super().__init__(within.n_adapters, within.groups, "tanh", 0.0, group_names=within.group_names)
+        self.raw = within.raw
+        self.adapter_group = [
+            next(g for g, members in enumerate(groups) if i in members) for i in range(self.n_adapters)
+        ]
+        # One signed weight per adapter group and layer group, starting at 1: the groups simply add up.
+        self.across = nn.Parameter(torch.ones(within.groups, len(groups)))
+        self.register_buffer("mask", torch.ones(self.n_adapters), persistent=False)
+        self.within_stage = True
+
+    def forward(self) -> torch.Tensor:
+        across = self.across[:, self.adapter_group]
+        return torch.tanh(self.raw) * across * self.mask
+
+    def set_stage(self, within: bool) -> None:
+        """Train the within-group coefficients (stage 1) or the group weights (stage 2)."""
+        self.within_stage = within
+        self.raw.requires_grad_(within)
+        self.across.requires_grad_(not within)
+        if not within:
+            self.mask = torch.ones_like(self.mask)
+
+    def only_group_of(self, adapter: int) -> None:
+        """Switch every adapter off but those in ``adapter``'s group."""
+        group = self.adapter_group[adapter]
+        # A new tensor, not an in-place change: earlier tasks' graphs of this step still hold the old mask.
+        self.mask = torch.tensor([float(g == group) for g in self.adapter_group], device=self.mask.device)
+
+    @torch.no_grad()
+    def set_values(self, values: Any) -> None:
+        """Set the product: group weights to 1, the within-group coefficients to ``values``."""
+        self.across.fill_(1.0)
+        self.mask = torch.ones_like(self.mask)
+        super().set_values(values)
