@@ -259,3 +259,23 @@ def test_hierarchical_task_forward_uses_only_its_group(tasks):
     learner.coefficients.set_stage(within=True)
     learner.coefficients.only_group_of(1)
     assert learner.coefficients()[0, 0] == 0 and learner.coefficients()[0, 1] != 0
+
+
+def test_merge_config_with_a_learner_merges_what_it_learned(tasks, tmp_path, capsys):
+    from lmerge.__main__ import main
+
+    config = tmp_path / "m.yaml"
+    config.write_text(
+        f"adapters: [alpha, beta]\ncatalog: {tasks}\nmethod: weighted_delta_n\n"
+        "optimizer: {name: gradient, params: {max_steps: 2, batch_size: 4, ce_baseline_batches: 1, "
+        "progress_bar: false, early_stopping_min_delta: 0.01}}\n"
+        f"eval_tasks: [alpha]\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    assert main(["merge", "--config", str(config)]) == 0, capsys.readouterr().err
+    run_dir = capsys.readouterr().out.split("run bundle: ")[1].strip()
+    meta = json.loads((tmp_path / run_dir / "merge_metadata.json").read_text())
+    assert meta["optimizer"]["name"] == "gradient" and meta["optimizer"]["steps"] == 2
+    assert meta["params"]["weights"] == meta["optimizer"]["values"][0]
+    config.write_text(config.read_text().replace("early_stopping_min_delta", "early_stopping_mindelta"))
+    assert main(["merge", "--config", str(config)]) == 2
+    assert "optimizer.params.early_stopping_mindelta: not a setting of optimizer 'gradient'" in capsys.readouterr().err
