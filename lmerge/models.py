@@ -20,9 +20,10 @@ def load_model(path: str, kind: str, dtype: torch.dtype | None = torch.float32, 
     ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
     import transformers
 
-    auto = getattr(transformers, MODEL_CLASSES[kind])
     try:
-        return auto.from_pretrained(path, dtype=dtype or "auto", **options)
+        encoder_decoder = transformers.AutoConfig.from_pretrained(path).is_encoder_decoder
+        name = "AutoModelForSeq2SeqLM" if kind == "label_tokens" and encoder_decoder else MODEL_CLASSES[kind]
+        return getattr(transformers, name).from_pretrained(path, dtype=dtype or "auto", **options)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
 

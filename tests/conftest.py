@@ -61,9 +61,10 @@ def make_adapter(
 ) -> Path:
     """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    autos = {"SEQ_CLS": AutoModelForSequenceClassification, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM}
+    auto = autos.get(task_type, AutoModelForCausalLM)
     model = auto.from_pretrained(base)
     config = LoraConfig(
         task_type=task_type,
@@ -187,6 +188,55 @@ def tasks(zoo, tmp_path_factory) -> Path:
     for name, adapter, seed in (("yes", "llama_a", 3), ("maybe", "llama_b", 4)):
         entries[name] = {
             "adapter": str(zoo[adapter]),
+            "kind": "label_tokens",
+            "dataset": write_task_data(root, name, ANSWERS, seed),
+            "label_names": ANSWERS,
+            "prompt": "Question: {text} Answer:",
+        }
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def t5_tasks(tmp_path_factory) -> Path:
+    """A tiny random T5 (encoder-decoder) with a word-level tokenizer, two LoRA adapters and a
+    label-token task catalog (answers yes/no). Returns the catalog path."""
+    import yaml
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("t5")
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "</s>", "<unk>"]
+    backend.train_from_iterator(
+        [" ".join(WORDS + ANSWERS) + " Question: Answer:"], trainers.WordLevelTrainer(special_tokens=specials)
+    )
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    base = root / "t5"
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(base)
+    entries = {}
+    for name, seed in (("first", 8), ("second", 9)):
+        adapter = make_adapter(base, root / name, seed=seed, targets=["q", "v"], task_type="SEQ_2_SEQ_LM")
+        entries[name] = {
+            "adapter": str(adapter),
             "kind": "label_tokens",
             "dataset": write_task_data(root, name, ANSWERS, seed),
             "label_names": ANSWERS,

@@ -183,3 +183,41 @@ def test_evaluate_command_on_saved_adapter_and_single(tasks, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("alpha: accuracy ")
     assert main(["evaluate", "--eval_tasks", "[zeta]", "--catalog", str(tasks), "--output_dir", out]) == 2
     assert "'zeta' is not a task in catalog" in capsys.readouterr().err
+
+
+def test_seq2seq_label_tokens_match_peft(t5_tasks, tmp_path):
+    """An encoder-decoder reads the prompt; the label word with the highest decoder likelihood wins."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    result = run_merge(
+        MergeConfig(
+            adapters=["first", "second"],
+            catalog=str(t5_tasks),
+            method="task_vector",
+            eval_tasks=["first", "second"],
+            output_dir=str(tmp_path),
+        )
+    )
+    base = t5_tasks.parent / "t5"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    def accuracy(model, spec, data):
+        correct = 0
+        for row in data:
+            prompt = tokenizer(spec.prompt.format(text=row["text"]), return_tensors="pt")
+            scores = []
+            for word in spec.label_names:
+                answer = tokenizer(" " + word, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                with torch.no_grad():
+                    logits = model(**prompt, labels=torch.tensor([answer])).logits[0]
+                scores.append(float(torch.log_softmax(logits.float(), -1)[range(len(answer)), answer].sum()))
+            correct += spec.label_names.index(row["label"]) == max(range(len(scores)), key=scores.__getitem__)
+        return correct / len(data)
+
+    merged = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), result.run_dir).eval()
+    for task in ("first", "second"):
+        spec, data = rows(t5_tasks, task)
+        single = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), spec.adapter).eval()
+        scores = result.evaluation.tasks[task]
+        assert abs(scores["single"] - accuracy(single, spec, data)) < 1e-6
+        assert abs(scores["merged"] - accuracy(merged, spec, data)) < 1e-6

@@ -11,6 +11,9 @@ Batch formats (right padding; ``B`` examples, ``L`` the longest in the batch):
   ``labels != -100``. With ``label_names`` also ``class_ids`` [B] long (the label index) and
   ``candidates`` [C, Lc] long: row c is the answer of label c (the same tokens that follow the
   prompt in ``input_ids``), right-padded with -100, the same tensor in every batch.
+  For an encoder-decoder (seq2seq) base model instead: ``input_ids`` = the prompt alone,
+  ``labels`` [B, La] = the answer tokens (-100 padded; the model shifts them into decoder
+  inputs) and ``encoder_decoder: True``.
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ class Collator:
     A plain class rather than a closure, so DataLoader workers can pickle it.
     """
 
-    def __init__(self, kind: str, pad_id: int, candidates: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, kind: str, pad_id: int, candidates: torch.Tensor | None = None, encoder_decoder: bool = False
+    ) -> None:
         self.kind = kind
         self.pad_id = pad_id
         self.candidates = candidates
+        self.encoder_decoder = encoder_decoder
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)
@@ -61,10 +67,18 @@ class Collator:
         if self.kind == "classification":
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
             return batch
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        for row, example in enumerate(examples):
-            start, end = example["prompt_length"], len(example["input_ids"])
-            labels[row, start:end] = input_ids[row, start:end]
+        if self.encoder_decoder:
+            # The encoder reads the prompt; the decoder's targets are the answer tokens alone.
+            answer_width = max(len(e["answer_ids"]) for e in examples)
+            labels = torch.full((len(examples), answer_width), IGNORE_INDEX, dtype=torch.long)
+            for row, example in enumerate(examples):
+                labels[row, : len(example["answer_ids"])] = torch.tensor(example["answer_ids"], dtype=torch.long)
+            batch["encoder_decoder"] = True
+        else:
+            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+            for row, example in enumerate(examples):
+                start, end = example["prompt_length"], len(example["input_ids"])
+                labels[row, start:end] = input_ids[row, start:end]
         batch["labels"] = labels
         if self.candidates is not None:
             batch["class_ids"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
@@ -149,6 +163,7 @@ class TaskDataModule(LightningDataModule):
         self._data: DatasetDict | None = None
         self._encoded: dict[str, list[dict[str, Any]]] = {}
         self._candidates: torch.Tensor | None = None
+        self._encoder_decoder: bool | None = None
 
     @classmethod
     def from_spec(
@@ -285,7 +300,7 @@ class TaskDataModule(LightningDataModule):
 
     def collator(self) -> Collator:
         """The batch-building function of this task's loaders."""
-        return Collator(self.spec.kind, self._pad_id(), self.candidates)
+        return Collator(self.spec.kind, self._pad_id(), self.candidates, self.encoder_decoder)
 
     def label_counts(self, split: str) -> dict[str | int, int]:
         """Examples per label in our ``split`` (after its subset): every label name in class
@@ -358,6 +373,11 @@ class TaskDataModule(LightningDataModule):
             answer_ids = [self._answer_ids(str(label)) for label in labels]
         bos = self.tokenizer.bos_token_id
         examples = []
+        if self.encoder_decoder:
+            return [
+                {"input_ids": prompt[: spec.max_length], "answer_ids": answer[: spec.max_length], "label": label}
+                for prompt, answer, label in zip(prompt_ids, answer_ids, labels)
+            ]
         for prompt, answer, label in zip(prompt_ids, answer_ids, labels):
             # Keep the whole answer (it is the target) and the end of the prompt (the cue that the
             # answer follows); what goes is the start of the text, after any BOS.
@@ -368,6 +388,18 @@ class TaskDataModule(LightningDataModule):
                 prompt = head + prompt[len(prompt) - room + len(head) :]
             examples.append({"input_ids": prompt + answer, "prompt_length": len(prompt), "label": label})
         return examples
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the base model is an encoder-decoder (seq2seq) model, read from its config."""
+        if self._encoder_decoder is None:
+            from transformers import AutoConfig
+
+            try:
+                self._encoder_decoder = bool(AutoConfig.from_pretrained(self.tokenizer_path).is_encoder_decoder)
+            except (OSError, ValueError):
+                self._encoder_decoder = False  # a tokenizer directory without a model config
+        return self._encoder_decoder
 
     def _answer_ids(self, label: str) -> list[int]:
         ids = self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmerge.evaluation.metrics import MetricSpec
+from lmerge.losses import aligned, answer_start_logits, forward_logits
 
 Batch = dict[str, Any]
 
@@ -32,10 +33,10 @@ def score_classification(
     return float(measure.compute()), count
 
 
-def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the label tokens of a causal LM (shifted by one) and the
-    mask of positions that count (``labels != -100``)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the label tokens and the mask of positions that count
+    (``labels != -100``)."""
+    logits, labels = aligned(logits.float(), labels, batch)
     mask = labels != -100
     picked = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return picked * mask, mask
@@ -59,12 +60,12 @@ def score_label_tokens(
     count = 0
     for batch in batches:
         batch = _to(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward_logits(model, batch)
         labels = batch["labels"]
         count += len(labels)
+        predicted_logits, target = aligned(logits, labels, batch)
         if metric.on_text:
-            predicted = logits[:, :-1].argmax(-1)
-            target = labels[:, 1:]
+            predicted = predicted_logits.argmax(-1)
             mask = target != -100
             hyps = [decode(predicted[i][mask[i]].tolist()) for i in range(len(labels))]
             refs = [decode(target[i][mask[i]].tolist()) for i in range(len(labels))]
@@ -73,9 +74,8 @@ def score_label_tokens(
             scores = _candidate_scores(model, batch, logits, candidates)
             measure.update(scores.argmax(-1), batch["class_ids"])
         else:
-            target = labels[:, 1:]
             mask = target != -100
-            correct = ((logits[:, :-1].argmax(-1) == target) | ~mask).all(-1)
+            correct = ((predicted_logits.argmax(-1) == target) | ~mask).all(-1)
             # Exact match as a two-class accuracy: class 1 = the whole answer is right.
             measure.update(correct.long(), torch.ones_like(correct, dtype=torch.long))
     return float(measure.compute()), count
@@ -86,18 +86,19 @@ def _candidate_scores(
 ) -> torch.Tensor:
     """[B, n_classes] log-likelihood of each label word after each example's prompt."""
     labels = batch["labels"]
-    starts = (labels != -100).int().argmax(-1)  # first answer position of each example
     firsts = [c[0] for c in candidates]
     if len(set(firsts)) == len(firsts) and all(len(c) == 1 for c in candidates):
         # Single-token label words: one forward pass already holds every candidate's score.
-        rows = torch.arange(len(labels), device=labels.device)
-        next_token = F.log_softmax(logits[rows, starts - 1].float(), -1)
-        return next_token[:, firsts]
+        return F.log_softmax(answer_start_logits(logits, batch).float(), -1)[:, firsts]
     scores = []
     for candidate in candidates:
-        ids, mask, target = _with_answer(batch, starts, candidate)
-        out = model(input_ids=ids, attention_mask=mask).logits
-        picked, counted = answer_log_probs(out, target)
+        if batch.get("encoder_decoder"):
+            target = torch.tensor([list(candidate)] * len(labels), device=labels.device)
+            asked = {**batch, "labels": target}
+        else:
+            ids, mask, target = _with_answer(batch, (labels != -100).int().argmax(-1), candidate)
+            asked = {"input_ids": ids, "attention_mask": mask, "labels": target}
+        picked, _ = answer_log_probs(forward_logits(model, asked), target, asked)
         scores.append(picked.sum(-1))
     return torch.stack(scores, -1)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 
 from lmerge.learners.base import Batch, MergeLearner
-from lmerge.learners.losses import PREDICTIONS, entropy
+from lmerge.losses import PREDICTIONS, entropy
 
 
 class AdaMerging(MergeLearner):

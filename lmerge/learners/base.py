@@ -24,7 +24,7 @@ from lmerge.coefficients import Coefficients, export_merge_spec
 from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
 from lmerge.fused import attach, layer_groups
-from lmerge.learners.losses import TASK_LOSSES
+from lmerge.losses import TASK_LOSSES, forward_logits
 from lmerge.models import DTYPES, build_head, load_model
 
 Batch = dict[str, Any]
@@ -139,7 +139,7 @@ class MergeLearner(LightningModule):
         """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
         if self.kind == "classification":
             self.model.set_submodule(self._head_path, self.heads[task])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return forward_logits(self.model, batch)
 
     # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

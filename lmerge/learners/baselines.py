@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmerge.learners.base import MergeLearner
-from lmerge.learners.losses import TASK_LOSSES
+from lmerge.losses import TASK_LOSSES
 
 
 def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:

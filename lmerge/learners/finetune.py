@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
-from lmerge.learners.losses import TASK_LOSSES
+from lmerge.losses import TASK_LOSSES, forward_logits
 from lmerge.models import load_model
 from lmerge.outputs import staged_dir
 
@@ -78,8 +78,9 @@ class LoraFinetune(LightningModule):
         if self.spec.kind == "classification":
             options["num_labels"] = len(self.spec.label_names)
         base = load_model(self.hparams.base_model, self.spec.kind, torch.float32, **options)
+        task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else _TASK_TYPES[self.spec.kind]
         config = LoraConfig(
-            task_type=_TASK_TYPES[self.spec.kind],
+            task_type=task_type,
             r=self.hparams.r,
             lora_alpha=self.hparams.lora_alpha,
             lora_dropout=self.hparams.lora_dropout,
@@ -93,7 +94,7 @@ class LoraFinetune(LightningModule):
         return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward_logits(self.model, batch)
         return TASK_LOSSES[self.spec.kind](logits, batch), logits
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:

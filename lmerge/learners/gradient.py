@@ -10,7 +10,7 @@ import torch
 from lmerge.errors import ConfigError
 from lmerge.learners.base import Batch, MergeLearner
 from lmerge.learners.baselines import baseline_losses
-from lmerge.learners.losses import TASK_LOSSES
+from lmerge.losses import TASK_LOSSES
 
 
 class GradientCE(MergeLearner):

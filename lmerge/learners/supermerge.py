@@ -11,7 +11,7 @@ from torch import nn
 from lmerge.coefficients import Coefficients
 from lmerge.errors import ConfigError
 from lmerge.learners.base import Batch, MergeLearner
-from lmerge.learners.losses import TASK_LOSSES
+from lmerge.losses import TASK_LOSSES
 
 
 class SuperMerge(MergeLearner):
