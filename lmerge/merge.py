@@ -1,12 +1,14 @@
 """The streaming merge engine: one module at a time, through the method's kind.
 
-Only dense methods ever build a dense task vector, and only for the module at hand, so peak
-memory is one module's deltas for all adapters plus the output.
+Only dense methods ever build dense task vectors, for the module at hand and a block of rows at
+a time (:class:`~lmerge.methods._ops.TaskVectors`), so peak memory stays below one module's
+deltas for all adapters plus the output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.layers import layer_index
+from lmerge.methods._ops import TaskVectors
 from lmerge.methods.registry import Kind, MergeMethod, ModuleContext
 from lmerge.policies import LambdaFn
 
@@ -46,8 +49,7 @@ def _combine_linear(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
 
 
 def _combine_dense(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
-    deltas = torch.stack([B @ A for A, B in zip(As, Bs, strict=True)])
-    return MergedModule(ctx.key, delta=method.fn(deltas, params, ctx))
+    return MergedModule(ctx.key, delta=method.fn(TaskVectors.from_factors(As, Bs), params, ctx))
 
 
 COMBINERS: dict[Kind, Callable[..., MergedModule]] = {
@@ -82,10 +84,17 @@ def merge_modules(
     lambda_fn: LambdaFn,
     scales: Mapping[tuple[int, str], float] | None = None,
 ) -> Iterator[MergedModule]:
-    """Merge ``keys`` one module at a time."""
+    """Merge ``keys`` one module at a time.
+
+    Each adapter's weights file is opened once per module rather than once per tensor, and
+    closed before the merge: a file held open across modules keeps its mapped pages resident.
+    """
     combine = COMBINERS[method.kind]
     for key in keys:
         layer = layer_index(key)
-        As, Bs = scaled_factors(adapters, key, scales)
+        with ExitStack() as files:
+            for adapter in adapters:
+                files.enter_context(adapter.reading())
+            As, Bs = scaled_factors(adapters, key, scales)
         with torch.no_grad():
             yield combine(method, As, Bs, params, ModuleContext(key=key, layer=layer, lam=lambda_fn(layer)))

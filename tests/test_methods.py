@@ -54,6 +54,11 @@ def _factors(n: int, rank: int = 4, seed: int = 0) -> tuple[list[torch.Tensor], 
     return As, Bs
 
 
+def _dense(method: MergeMethod, deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+    """A dense method's merge of the stacked task vectors ``deltas`` [n, out, in]."""
+    return method.fn(_ops.TaskVectors.from_dense(deltas), params, ctx)
+
+
 def _merged_delta(method: MergeMethod, params: dict[str, Any], deltas: torch.Tensor, **factor_inputs):
     """Run ``method`` and return the merged dense delta, whatever its kind."""
     params = method.normalize_params(params, deltas.shape[0])
@@ -65,7 +70,7 @@ def _merged_delta(method: MergeMethod, params: dict[str, Any], deltas: torch.Ten
         coefficients = method.fn(deltas.shape[0], params, ctx)
         assert len(coefficients) == deltas.shape[0]
         return sum(c * d for c, d in zip(coefficients, deltas))
-    return method.fn(deltas, params, ctx)
+    return _dense(method, deltas, params, ctx)
 
 
 # ---------------------------------------------------------------- registry
@@ -167,9 +172,9 @@ def test_runs_deterministically_and_keeps_shape_without_nan(name):
     else:
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             deltas = _deltas(n, dtype=dtype)
-            merged = method.fn(deltas, params, ctx)
+            merged = _dense(method, deltas, params, ctx)
             assert merged.shape == deltas.shape[1:] and merged.dtype == dtype
-            assert torch.equal(merged, method.fn(deltas, params, ctx))
+            assert torch.equal(merged, _dense(method, deltas, params, ctx))
             assert not merged.isnan().any()
 
 
@@ -205,7 +210,7 @@ def test_identical_adapters_are_a_fixed_point(name):
 def test_ties_matches_peft(k, lam):
     deltas = _deltas(3, 40, 50)
     params = get_method("ties").normalize_params({"k": k, "lambda": lam}, 3)
-    merged = METHODS["ties"].fn(deltas, params, _ctx(METHODS["ties"], params))
+    merged = _dense(METHODS["ties"], deltas, params, _ctx(METHODS["ties"], params))
     expected = PEFT.ties(list(deltas), torch.full((3,), lam), density=k / 100, majority_sign_method="total")
     torch.testing.assert_close(merged, expected)
 
@@ -216,7 +221,7 @@ def test_magnitude_prune_matches_peft(k, lam):
     deltas = _deltas(3, 40, 50)
     method = get_method("magnitude_prune")
     params = method.normalize_params({"k": k, "lambda": lam}, 3)
-    merged = method.fn(deltas, params, _ctx(method, params))
+    merged = _dense(method, deltas, params, _ctx(method, params))
     expected = PEFT.magnitude_prune(list(deltas), torch.full((3,), lam / 3), density=k / 100)
     torch.testing.assert_close(merged, expected)
 
@@ -226,7 +231,7 @@ def test_ties_at_k100_is_the_disjoint_mean_of_the_raw_deltas():
     method = get_method("ties")
     params = method.normalize_params({"k": 100.0, "lambda": 2.0}, 2)
     # Signs (+, -, -): means 2, -2, -1, times lambda 2.
-    assert method.fn(deltas, params, _ctx(method, params)).tolist() == [[4.0, -4.0, -2.0]]
+    assert _dense(method, deltas, params, _ctx(method, params)).tolist() == [[4.0, -4.0, -2.0]]
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.5, 0.9])
@@ -234,22 +239,42 @@ def test_dare_is_the_mean_of_the_dropped_and_rescaled_deltas(drop_rate):
     deltas = _deltas(3)
     method = get_method("dare")
     params = method.normalize_params({"drop_rate": drop_rate, "seed": 5, "lambda": 0.8}, 3)
-    merged = method.fn(deltas, params, _ctx(method, params))
+    merged = _dense(method, deltas, params, _ctx(method, params))
     dropped = _ops.dare(deltas, drop_rate, 5, KEY)
     torch.testing.assert_close(merged, dropped.mean(dim=0) * 0.8)
     if drop_rate:
         other = ModuleContext(key=KEY.replace("q_proj", "k_proj"), layer=3, lam=0.8)
-        assert not torch.equal(merged, method.fn(deltas, params, other))
+        assert not torch.equal(merged, _dense(method, deltas, params, other))
 
 
 def test_dare_ties_is_peft_sign_election_and_disjoint_merge_of_the_dropped_deltas():
     deltas = _deltas(3)
     method = get_method("dare_ties")
     params = method.normalize_params({"drop_rate": 0.5, "seed": 5, "lambda": 0.8}, 3)
-    merged = method.fn(deltas, params, _ctx(method, params))
+    merged = _dense(method, deltas, params, _ctx(method, params))
     dropped = _ops.dare(deltas, 0.5, 5, KEY)
     sign_mask = PEFT.calculate_majority_sign_mask(dropped, method="total")
     torch.testing.assert_close(merged, PEFT.disjoint_merge(dropped, sign_mask) * 0.8)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.kind is Kind.DENSE))
+def test_dense_methods_merge_factors_block_by_block_as_the_dense_stack(name):
+    method = METHODS[name]
+    params = method.normalize_params({}, 3)
+    g = torch.Generator().manual_seed(9)
+    As = [torch.randn(r, 70, generator=g) / 8 for r in (4, 4, 4)]
+    Bs = [torch.randn(90, r, generator=g) for r in (4, 4, 4)]
+    deltas = torch.stack([B @ A for A, B in zip(As, Bs)])
+    expected = _dense(method, deltas, params, _ctx(method, params))
+    # Any block size gives the same numbers: blocks are bitwise rows of the whole.
+    for block_elements in (700, 5000):
+        blocked = method.fn(_ops.TaskVectors.from_dense(deltas, block_elements), params, _ctx(method, params))
+        assert torch.equal(blocked, expected)
+    for ranks in ((4, 4, 4), (2, 4, 3)):
+        factors = [A[:r] for A, r in zip(As, ranks)], [B[:, :r] for B, r in zip(Bs, ranks)]
+        products = torch.stack([B @ A for A, B in zip(*factors)])
+        merged = method.fn(_ops.TaskVectors.from_factors(*factors, block_elements=2000), params, _ctx(method, params))
+        torch.testing.assert_close(merged, _dense(method, products, params, _ctx(method, params)))
 
 
 def _coefficients(name: str, params: dict[str, Any], n: int, layer: int | None = 3, lam=None) -> list[float]:

@@ -1,4 +1,5 @@
-"""Tensor math shared by the merge methods: top-k masks, DARE, sign election, disjoint mean."""
+"""Tensor math shared by the merge methods: task vectors in blocks, top-k, DARE, sign election,
+disjoint mean."""
 
 from __future__ import annotations
 
@@ -19,6 +20,52 @@ def _reference_topk(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     mask = torch.zeros(x.numel(), dtype=torch.bool)
     mask[order[:k]] = True
     return mask.view(x.shape)
+
+
+def _factors(n: int, out: int, inp: int, ranks: list[int] | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ranks = ranks or [4] * n
+    As = [torch.randn(r, inp, generator=g) for r in ranks]
+    Bs = [torch.randn(out, r, generator=g) for r in ranks]
+    return As, Bs
+
+
+def _blocks(deltas: _ops.TaskVectors) -> list[tuple[int, torch.Tensor]]:
+    """``(start, block)`` of every block that ``merge`` hands out."""
+    seen = []
+
+    def record(block: torch.Tensor, start: int) -> torch.Tensor:
+        seen.append((start, block.clone()))
+        return block[0]
+
+    deltas.merge(record)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (37, 29), (130, 64), (1000, 33)])
+@pytest.mark.parametrize("block_elements", [64, 4096, 1 << 20])
+def test_task_vector_blocks_cover_the_rows_in_order(shape, block_elements):
+    out, inp = shape
+    deltas = torch.randn(3, out, inp, generator=torch.Generator().manual_seed(0))
+    blocks = _blocks(_ops.TaskVectors.from_dense(deltas, block_elements))
+    rows = [block.shape[1] for _, block in blocks]
+    assert [start for start, _ in blocks] == [sum(rows[:j]) * inp for j in range(len(rows))]
+    assert torch.equal(torch.cat([block for _, block in blocks], dim=1), deltas)
+    # Blocks start at whole vectors and never multiply fewer than 12 rows (bitwise the full product).
+    assert all(start % 64 == 0 for start, _ in blocks)
+    assert all(r >= min(12, out) for r in rows)
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 8, 4]])
+def test_task_vectors_from_factors_are_the_products(ranks):
+    As, Bs = _factors(3, 70, 50, ranks)
+    deltas = _ops.TaskVectors.from_factors(As, Bs, block_elements=2000)
+    assert deltas.n == 3 and deltas.shape == (70, 50) and deltas.numel == 3500
+    blocks = torch.cat([block for _, block in _blocks(deltas)], dim=1)
+    torch.testing.assert_close(blocks, torch.stack([B @ A for A, B in zip(As, Bs)]))
+    positions = torch.tensor([0, 49, 50, 1234, 3499])
+    for i, (A, B) in enumerate(zip(As, Bs)):
+        torch.testing.assert_close(deltas.values_at(i, positions), (B @ A).reshape(-1)[positions])
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64, 33), (300, 257)])
@@ -63,15 +110,63 @@ def test_topk_mask_rejects_fractions_outside_unit_interval(keep):
         _ops.topk_mask(torch.ones(3), keep)
 
 
-def test_prune_magnitude_is_per_task_vector():
+def test_top_k_pruning_is_per_task_vector():
     # The second task vector is 1000x larger: a pooled top-k would keep none of the first.
     deltas = torch.randn(2, 20, 30, generator=torch.Generator().manual_seed(2))
     deltas[1] *= 1000
-    pruned = _ops.prune_magnitude(deltas, 0.1)
-    for delta, kept in zip(deltas, pruned):
-        mask = _reference_topk(delta, 0.1)
+    for i, delta in enumerate(deltas):
+        kept = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas), 0.1, lambda block, i=i: block[i])
         assert int((kept != 0).sum()) == int(0.1 * delta.numel())
-        assert torch.equal(kept, delta * mask)
+        assert torch.equal(kept, delta * _reference_topk(delta, 0.1))
+
+
+def _reference_pruned_sum(deltas: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    return (deltas * torch.stack([_reference_topk(delta, keep_fraction) for delta in deltas])).sum(dim=0)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.05, 0.2, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_merge_top_k_is_exactly_the_pruned_merge(keep, dtype):
+    g = torch.Generator().manual_seed(5)
+    deltas = (torch.randn(3, 150, 97, generator=g) * torch.rand(3, 150, 1, generator=g)).to(dtype)
+    for block_elements in (512, 1 << 20):
+        merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, block_elements), keep, lambda b: b.sum(dim=0))
+        assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.3, 0.7])
+def test_merge_top_k_keeps_ties_in_flat_order_across_blocks(keep):
+    # Few distinct magnitudes: the k-th largest is tied with thousands of entries in many blocks.
+    g = torch.Generator().manual_seed(6)
+    deltas = torch.randint(-4, 5, (2, 120, 80), generator=g).float()
+    merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, 640), keep, lambda b: b.sum(dim=0))
+    assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
+
+
+def test_merge_top_k_with_fewer_nonzero_entries_than_k_keeps_them_all():
+    deltas = torch.zeros(2, 40, 50)
+    deltas[0, 3, :7] = torch.arange(1.0, 8.0)
+    deltas[1, 10:20, 5] = -2.0
+    merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas), 0.5, lambda b: b.sum(dim=0))
+    assert torch.equal(merged, deltas.sum(dim=0))
+
+
+def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
+    # A tiny sample and no margin: the brackets miss often, and the module is merged again.
+    monkeypatch.setattr(_ops, "_SAMPLE", (16, 16))
+    monkeypatch.setattr(_ops, "_Z", 0.0)
+    passes = []
+    bracketed_merge = _ops._bracketed_merge
+    monkeypatch.setattr(_ops, "_bracketed_merge", lambda *args: passes.append(1) or bracketed_merge(*args))
+    g = torch.Generator().manual_seed(7)
+    merges = 0
+    for seed in range(5):
+        deltas = torch.randn(4, 64, 50, generator=g) * (seed + 1)
+        for keep in (0.1, 0.5, 0.9):
+            merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, 800), keep, lambda b: b.sum(dim=0))
+            assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
+            merges += 1
+    assert len(passes) > merges  # some merges did take the second pass
 
 
 def test_dare_is_deterministic_per_key_and_seed():
@@ -84,13 +179,10 @@ def test_dare_is_deterministic_per_key_and_seed():
 
 def test_dare_masks_are_the_same_in_another_process():
     # Python's str hash is salted per process; the masks must not depend on it.
-    code = (
-        "from lmerge.methods._ops import dare_generator, dare_mask; "
-        "print(dare_mask((64,), 0.5, dare_generator(7, 'a.b.3.q')).int().tolist())"
-    )
+    code = "from lmerge.methods._ops import dare_mask; print(dare_mask((4, 16), 0.5, 7, 'a.b.3.q').int().tolist())"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    here = _ops.dare_mask((64,), 0.5, _ops.dare_generator(7, "a.b.3.q")).int().tolist()
+    here = _ops.dare_mask((4, 16), 0.5, 7, "a.b.3.q").int().tolist()
     assert out.stdout.strip() == str(here)
 
 
@@ -117,6 +209,36 @@ def test_dare_keeps_dtype_and_device():
     assert out.dtype == torch.float64 and out.device == deltas.device
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype):
+    deltas = (torch.randn(3, 50, 37, generator=torch.Generator().manual_seed(8)) + 5).to(dtype)
+    keep = _ops.dare_mask(deltas.shape, 0.7, 3, "layers.2.v_proj")
+    mask = _ops.DareMask(0.7, 3, "layers.2.v_proj")
+    for i in range(3):
+        for block_elements in (100, 1 << 20):
+            dropped = _ops.TaskVectors.from_dense(deltas, block_elements).merge(
+                lambda block, start, i=i: mask.apply_(block, start)[i]
+            )
+            assert torch.equal(dropped, deltas[i] * keep[i])
+
+
+@pytest.mark.parametrize("drop_rate", [0.1, 0.5, 0.9, 0.999])
+def test_dare_masks_are_independent_draws(drop_rate):
+    keep = _ops.dare_mask((4, 512, 512), drop_rate, 11, "model.layers.7.mlp.down_proj").float()
+    n = keep[0].numel()
+    for row in keep:
+        assert abs(row.mean().item() - (1 - drop_rate)) < 5 * ((1 - drop_rate) * drop_rate / n) ** 0.5
+
+    def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
+        return float((a * b).mean() / (a.std() * b.std()))
+
+    # Neighbours along a row and a column, and the same entry of another task vector.
+    pairs = [(keep[:, :, :-1], keep[:, :, 1:]), (keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])]
+    for a, b in pairs:
+        assert abs(correlation(a, b)) < 5 / a.numel() ** 0.5
+
+
 def test_elect_sign_and_disjoint_mean_by_hand():
     deltas = torch.tensor(
         [
@@ -129,4 +251,4 @@ def test_elect_sign_and_disjoint_mean_by_hand():
     # Column sums 0, 1, 0, -1, 5: a zero sum elects +1.
     assert sign.tolist() == [1.0, 1.0, 1.0, -1.0, 1.0]
     # Only nonzero entries with the elected sign count; none at all gives 0.
-    assert _ops.disjoint_mean(deltas, sign).tolist() == [1.0, 4.0, 0.0, -5.0, 3.0]
+    assert _ops.disjoint_mean_(deltas.clone()).tolist() == [1.0, 4.0, 0.0, -5.0, 3.0]

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +51,7 @@ class LoraAdapter:
         self.weights_file = _weights_file(self.path)
         self._validate_config()
         self.shapes, self.head_tensors, self._tensor_names = self._read_header()
+        self._handle = None  # the weights file, while a ``reading()`` block holds it open
 
     # ---- public facts ----------------------------------------------------------------------
     @property
@@ -97,6 +100,20 @@ class LoraAdapter:
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task-head tensors PEFT saved from ``modules_to_save``, under their file names."""
         return {name: self._read(name, cast=False) for name in self.head_tensors}
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the weights file open for the block: its reads share one handle instead of
+        opening the file per tensor. Nested blocks share the outermost one's handle."""
+        if self._handle is not None:
+            yield
+            return
+        with self._open() as handle:
+            self._handle = handle
+            try:
+                yield
+            finally:
+                self._handle = None
 
     # ---- loading -------------------------------------------------------------------------------
     def _validate_config(self) -> None:
@@ -165,8 +182,11 @@ class LoraAdapter:
 
     def _read(self, tensor: str, cast: bool = True) -> torch.Tensor:
         try:
-            with self._open() as handle:
-                value = handle.get_tensor(tensor)
+            if self._handle is not None:
+                value = self._handle.get_tensor(tensor)
+            else:
+                with self._open() as handle:
+                    value = handle.get_tensor(tensor)
         except SafetensorError as exc:
             raise AdapterError(f"{self.weights_file}: cannot read {tensor} ({exc})") from None
         if value.is_floating_point() and not torch.isfinite(value).all():

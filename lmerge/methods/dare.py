@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import check_int, check_number, check_range, module_lambda
-from lmerge.methods._ops import dare as drop_and_rescale
+from lmerge.methods._ops import DareMask, TaskVectors, check_int, check_number, check_range, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -24,7 +23,9 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     validate=_validate,
     lambda_param="lambda",
 )
-def dare(deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+def dare(deltas: TaskVectors, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
     """DARE: drop entries at drop_rate and rescale the rest, mean of the task vectors, times lambda."""
-    dropped = drop_and_rescale(deltas, params["drop_rate"], params["seed"], ctx.key)
-    return dropped.mean(dim=0) * module_lambda(params, ctx, "lambda")
+    mask = DareMask(params["drop_rate"], params["seed"], ctx.key)
+    merged = deltas.merge(lambda block, start: mask.apply_(block, start).sum(dim=0))
+    # The rescale 1 / (1 - drop_rate) and the mean's 1 / n are linear: applied once, at the end.
+    return merged.mul_(module_lambda(params, ctx, "lambda") / (deltas.n * (1.0 - params["drop_rate"])))

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from lmerge.methods._ops import (
+    DareMask,
+    TaskVectors,
     check_int,
     check_number,
     check_range,
-    dare,
-    disjoint_mean,
-    elect_sign,
+    disjoint_mean_,
     module_lambda,
 )
 from lmerge.methods.registry import Kind, ModuleContext, register
@@ -31,7 +31,9 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     validate=_validate,
     lambda_param="lambda",
 )
-def dare_ties(deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+def dare_ties(deltas: TaskVectors, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
     """DARE-TIES: drop and rescale at drop_rate, elect signs, disjoint mean, times lambda."""
-    dropped = dare(deltas, params["drop_rate"], params["seed"], ctx.key)
-    return disjoint_mean(dropped, elect_sign(dropped)) * module_lambda(params, ctx, "lambda")
+    mask = DareMask(params["drop_rate"], params["seed"], ctx.key)
+    merged = deltas.merge(lambda block, start: disjoint_mean_(mask.apply_(block, start)))
+    # Sign election and the disjoint mean commute with the positive rescale 1 / (1 - drop_rate).
+    return merged.mul_(module_lambda(params, ctx, "lambda") / (1.0 - params["drop_rate"]))

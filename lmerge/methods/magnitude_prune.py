@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import check_number, check_range, module_lambda, prune_magnitude
+from lmerge.methods._ops import TaskVectors, check_number, check_range, merge_top_k, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -22,7 +22,7 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     validate=_validate,
     lambda_param="lambda",
 )
-def magnitude_prune(deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+def magnitude_prune(deltas: TaskVectors, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
     """Magnitude pruning: keep each task vector's top k% magnitudes, mean, times lambda."""
-    pruned = prune_magnitude(deltas, params["k"] / 100.0)
-    return pruned.mean(dim=0) * module_lambda(params, ctx, "lambda")
+    merged = merge_top_k(deltas, params["k"] / 100.0, lambda pruned: pruned.sum(dim=0))
+    return merged.div_(deltas.n).mul_(module_lambda(params, ctx, "lambda"))

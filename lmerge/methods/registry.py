@@ -6,8 +6,10 @@ Three kinds of method, each with its own function signature:
   arrives with its adapter's scaling folded in and the result has scaling 1.
 - ``linear``: ``fn(n, params, ctx) -> list[float]`` is only a coefficient rule; the shared
   combiner applies ``sum_i c_i * delta_i`` exactly as a LoRA of rank ``sum_i r_i``.
-- ``dense``: ``fn(deltas, params, ctx) -> delta`` works elementwise on the stacked task
-  vectors ``[n, out, in]`` of one module.
+- ``dense``: ``fn(deltas, params, ctx) -> delta`` works elementwise on the task vectors of
+  one module. ``deltas`` is a ``_ops.TaskVectors``: its ``merge`` hands blocks of rows
+  ``[n, rows, in]``, built from the LoRA factors, to the method's per-block step and assembles
+  the ``[out, in]`` result, so that the dense ``[n, out, in]`` stack never exists.
 """
 
 from __future__ import annotations

@@ -10,14 +10,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import (
-    check_number,
-    check_range,
-    disjoint_mean,
-    elect_sign,
-    module_lambda,
-    prune_magnitude,
-)
+from lmerge.methods._ops import TaskVectors, check_number, check_range, disjoint_mean_, merge_top_k, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -33,7 +26,7 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     validate=_validate,
     lambda_param="lambda",
 )
-def ties(deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
+def ties(deltas: TaskVectors, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
     """TIES: keep each task vector's top k% magnitudes, elect signs, disjoint mean, times lambda."""
-    trimmed = prune_magnitude(deltas, params["k"] / 100.0)
-    return disjoint_mean(trimmed, elect_sign(trimmed)) * module_lambda(params, ctx, "lambda")
+    merged = merge_top_k(deltas, params["k"] / 100.0, disjoint_mean_)
+    return merged.mul_(module_lambda(params, ctx, "lambda"))
