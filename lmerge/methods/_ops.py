@@ -5,11 +5,13 @@ Pure torch: no model, adapter or file handling. Sign election and the disjoint m
 ``disjoint_merge``), which is the TIES paper's merge: the mean over the adapters that agree with
 the elected sign, not their sum.
 
-Dense methods get a module's task vectors as :class:`TaskVectors` and work on them a block of
-rows at a time: each block is built from the LoRA factors into a buffer that stays in cache, and
-every step on it is an in-place pass, so the dense ``[n, out, in]`` stack never exists. Boolean
-temporaries are avoided: comparisons that produce ``bool`` tensors cost several times a float
-pass on CPU, so masks are applied with ``hardshrink``, ``clamp``, ``sign`` and integer bit ops.
+Dense methods get a module's task vectors as :class:`TaskVectors` and merge them a block of
+rows at a time: each block is built from the LoRA factors into a reused buffer of a few MiB and
+every step on it is an in-place pass, so the dense ``[n, out, in]`` stack never exists. Top-k
+pruning is exact without a separate pass over the data (:func:`merge_top_k`) and DARE draws its
+masks from a counter-based hash, block by block (:class:`DareMask`). Boolean temporaries are
+avoided: comparisons that produce ``bool`` tensors cost several times a float pass on CPU, so
+masks are applied with ``hardshrink``, ``clamp``, ``sign`` and integer bit operations.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ class TaskVectors:
             return self._dense[i].reshape(-1)[positions]
         A, B = self._factors[0][i], self._factors[1][i]
         rows, cols = positions.div(self.shape[1], rounding_mode="floor"), positions.remainder(self.shape[1])
-        pairs = B.index_select(0, rows).unsqueeze(1), A.T.contiguous().index_select(0, cols).unsqueeze(2)
-        return torch.bmm(*pairs).view(-1)  # row . column, one small GEMM each
+        products = B.index_select(0, rows).mul_(A.T.contiguous().index_select(0, cols))
+        return products @ products.new_ones(products.shape[1])  # row . column
 
     def _row_blocks(self, rows_per_block: int) -> list[slice]:
         rows, align = self.shape[0], _ALIGN // math.gcd(self.shape[1], _ALIGN)
@@ -124,8 +126,8 @@ class TaskVectors:
 _BINS = 4096
 """Histogram bins for the k-th largest search: with 4096 bins the bin that holds the k-th value
 of a 3M-entry array has ~1k entries, so the exact selection inside it costs nothing."""
-_SAMPLE = (1 << 13, 1 << 15)
-"""Entries of a task vector sampled to bracket its k-th largest magnitude: 1/128 of them, within
+_SAMPLE = (1 << 14, 1 << 16)
+"""Entries of a task vector sampled to bracket its k-th largest magnitude: 1/64 of them, within
 these bounds (or all). A larger sample costs more but narrows the brackets, so that fewer
 positions are merged twice; this balances the two."""
 _Z = 3.5
@@ -243,7 +245,7 @@ def _bracket(deltas: TaskVectors, i: int, k: int) -> tuple[float, float]:
     """``(low, high)`` such that the k-th largest magnitude of task vector ``i`` very likely lies
     in ``(low, high]``, from a strided sample (all entries when there are few)."""
     numel, cols = deltas.numel, deltas.shape[1]
-    stride = max(1, numel // min(max(numel // 128, _SAMPLE[0]), _SAMPLE[1]))
+    stride = max(1, numel // min(max(numel // 64, _SAMPLE[0]), _SAMPLE[1]))
     while math.gcd(stride, cols) != 1:  # visit every column, not a sublattice of them
         stride += 1
     sample = _magnitudes(deltas.values_at(i, torch.arange(stride // 2, numel, stride)))
@@ -262,18 +264,6 @@ def _magnitudes(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-@dataclass
-class _Undecided:
-    """The positions of a block where some task vector has an entry inside its bracket."""
-
-    where: torch.Tensor
-    """Their flat indices, ascending."""
-    sure: torch.Tensor
-    """[n, m]: the entries there over the brackets (kept for sure), zeros elsewhere."""
-    inside: torch.Tensor
-    """[n, m]: the entries there inside the brackets, zeros elsewhere."""
-
-
 def _bracketed_merge(
     deltas: TaskVectors,
     k: int,
@@ -284,56 +274,55 @@ def _bracketed_merge(
     bracket ``(low, high]``; per task vector its exact :class:`Cut`, or a wider bracket if not."""
     n = deltas.n
     above = torch.zeros(n, dtype=torch.float64)
-    undecided: list[_Undecided] = []
+    # Per block, the positions where some task vector has an entry inside its bracket, and all
+    # entries there that are over ``low`` (the others are dropped whatever the exact cut).
+    positions, columns = [], []
     spare = torch.empty(0, dtype=deltas.dtype)
 
     def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
         nonlocal spare
         if spare.numel() < 2 * block.numel():
             spare = torch.empty(2 * block.numel(), dtype=deltas.dtype)
-        bracketed, signs = spare[: 2 * block.numel()].view(2, *block.shape)
-        for x, y, (low, high) in zip(block, bracketed, brackets, strict=True):
-            torch.hardshrink(x, low, out=y)  # |x| > low: all that the exact cut may keep
-            _shrink_(x, high)  # |x| > high: kept for sure
+        sure, kept = spare[: 2 * block.numel()].view(2, *block.shape)
+        for x, y, z, (low, high) in zip(block, sure, kept, brackets, strict=True):
+            torch.hardshrink(x, high, out=y)  # |x| > high: kept for sure
+            torch.hardshrink(x, low, out=z)  # |x| > low: all that the exact cut may keep
         # Count in floats (exact: a block has fewer than 2**24 entries); a bool sum would copy twice.
-        signs = torch.sign(block, out=signs).abs_().view(n, -1)
+        signs = torch.sign(sure, out=block).abs_().view(n, -1)
         above.add_(signs.sum(dim=1, dtype=torch.float64 if signs.dtype == torch.float64 else torch.float32))
-        bracketed.sub_(block)  # low < |x| <= high: undecided
-        spread = bracketed.amax(dim=0).abs_().add_(bracketed.amin(dim=0).abs_())  # 0 where none is undecided
+        inside = torch.sub(kept, sure, out=block)  # low < |x| <= high: undecided
+        spread = inside.amax(dim=0).abs_().add_(inside.amin(dim=0).abs_())  # 0 where none is undecided
         where = spread.view(-1).bool().nonzero().view(-1)
         if where.numel():
-            # Pad the columns to whole vectors (see _ALIGN) with copies of the first; fn's results
-            # for them are dropped.
-            columns = torch.cat([where, where.new_zeros(-where.numel() % _ALIGN)])
-            sure, inside = (t.view(n, -1).index_select(1, columns) for t in (block, bracketed))
-            undecided.append(_Undecided(where + start, sure, inside))
-        return fn(block)
+            positions.append(where + start)
+            columns.append(kept.view(n, -1).index_select(1, where))
+        return fn(sure)
 
     merged = deltas.merge(merge_block)
-    found = [
-        _cut(deltas, k, int(count), bracket, i, undecided) for i, (count, bracket) in enumerate(zip(above, brackets))
-    ]
-    if all(isinstance(cut, Cut) for cut in found):
-        for part in undecided:
-            x = part.inside.add_(part.sure)  # the entries over ``low``
-            for row, cut in zip(x, found, strict=True):
-                cut.apply_(row, int(torch.searchsorted(part.where, cut.index)))
-            merged.view(-1)[part.where] = fn(x.unsqueeze(1)).view(-1)[: part.where.numel()]
+    where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+    # Zero columns pad the positions to whole vectors (see _ALIGN); fn's results for them are dropped.
+    undecided = torch.cat([*columns, torch.zeros(n, -where.numel() % _ALIGN, dtype=deltas.dtype)], dim=1)
+    found = [_cut(deltas, k, int(count), bracket, x, where) for count, bracket, x in zip(above, brackets, undecided)]
+    if where.numel() and all(isinstance(cut, Cut) for cut in found):
+        for x, cut in zip(undecided, found, strict=True):
+            cut.apply_(x, int(torch.searchsorted(where, cut.index)))
+        merged.view(-1)[where] = fn(undecided.unsqueeze(1)).view(-1)[: where.numel()]
     return merged, found
 
 
 def _cut(
-    deltas: TaskVectors, k: int, above: int, bracket: tuple[float, float], i: int, undecided: list[_Undecided]
+    deltas: TaskVectors, k: int, above: int, bracket: tuple[float, float], kept: torch.Tensor, where: torch.Tensor
 ) -> Cut | tuple[float, float]:
-    """The exact cut of task vector ``i``, with ``above`` entries over its ``bracket`` and the
-    ones inside it in ``undecided``; or, if its k-th largest magnitude is not in the bracket,
-    the bracket beyond."""
+    """The exact cut of a task vector with ``above`` entries over its ``bracket`` ``(low, high]``
+    and, at the flat indices ``where``, the entries ``kept`` that are over ``low`` (zeros
+    elsewhere); or, if the k-th largest magnitude is not in the bracket, the bracket beyond it."""
     low, high = bracket
     rank = k - above
     if rank < 1:
         return (high, math.inf)
-    inside = [_magnitudes(part.inside[i, : part.where.numel()]) for part in undecided]
-    magnitudes = torch.cat([x[x.bool()] for x in inside]) if inside else torch.zeros(0)
+    kept = kept[: where.numel()]
+    inside = _magnitudes(kept - torch.hardshrink(kept, high) if math.isfinite(high) else kept)
+    magnitudes = inside[inside.bool()]
     if rank > magnitudes.numel():
         return (0.0, low) if low > 0 else Cut(deltas.numel, -1.0, -1.0)
     value = float(_kth_largest(magnitudes, rank))
@@ -341,15 +330,9 @@ def _cut(
     cut = Cut(deltas.numel, _below(value, deltas.dtype), value)
     if greater + int((magnitudes == value).sum()) == k:
         return cut
-    kept = k - greater  # entries at exactly the k-th largest that are kept: the first ones
-    if kept == 0:
-        return Cut(0, cut.before, value)
-    for part, x in zip(undecided, inside, strict=True):
-        tied = (x == value).nonzero().view(-1)
-        if tied.numel() >= kept:
-            return Cut(int(part.where[tied[kept - 1]]) + 1, cut.before, value)
-        kept -= tied.numel()
-    raise AssertionError(f"task vector {i} has fewer entries of magnitude {value} than counted")
+    tied = k - greater  # entries at exactly the k-th largest that are kept: the first ones
+    index = int(where[(inside == value).nonzero()[tied - 1]]) + 1 if tied else 0
+    return Cut(index, cut.before, value)
 
 
 def topk_mask(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
