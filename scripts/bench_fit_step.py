@@ -2,9 +2,8 @@
 lmerge's dense reference and FusionBench's ``LayerWiseMergedModel``.
 
     .venv/bin/python scripts/bench_fit_step.py [--models minilm llama] [--n 2 4 8 16] [--llama-n 2 8]
-        [--cases limit fused dense fusionbench] [--steps 5] [--llama-steps 3] [--warmup 1] [--repeat 1]
-        [--threads 0]
-        [--fusionbench-python /tmp/fbvenv/bin/python] [--out results.json]
+        [--cases limit fused dense fusionbench] [--steps 5] [--llama-steps 2] [--warmup 1] [--repeat 1]
+        [--threads 0] [--fusionbench-python /tmp/fbvenv/bin/python] [--out results.json]
 
 FusionBench lives in its own venv (its pins clash with lmerge's), e.g.::
 
@@ -37,24 +36,26 @@ entropy of the predictions (AdaMerging's objective), backward, Adam on the train
   lmerge), one weight per model and tensor, clamped to [0, 1], init 0.3, ``strict=False`` (the
   merged state dict lacks BERT's non-persistent buffers); FusionBench's ``entropy_loss`` and its
   loop order: ``backward(retain_graph=True)``, Adam step, ``merge_weights()``;
-- ``paired`` (not run by default): ``limit`` and ``fused`` in one process, their steps alternated;
-  the median per-round ratio is the steadiest check of the 1.1x target on a busy machine (no RSS);
 - ``fusionbench_targets`` (not run by default): the same with task vectors for the LoRA-targeted
-  weights only, the most favourable set-up for FusionBench (the others are zero anyway).
+  weights only, the most favourable set-up for FusionBench (the others are zero anyway);
+- ``paired`` (not run by default): ``limit`` and ``fused`` in one process, their steps alternated;
+  the median per-round ratio is the steadiest check of the 1.1x target on a busy machine (no RSS).
 
 Models are in eval mode in every case (FusionBench's loop calls ``train()``; dropout only adds noise).
 
 Reported: the median wall time of ``--steps`` steps after ``--warmup`` steps, and the peak RSS over
 them (VmHWM, reset through /proc/self/clear_refs once the model is built and after ``malloc_trim``)
-next to the RSS at that reset. The ratio column is the step time over the ``limit`` of the same
+next to the RSS at that reset (the base weights are mmapped from safetensors: they count once
+touched, so in the peak, not at the reset). The ratio column is the step time over the ``limit`` of the same
 model and n (the limit is measured at every n, right before the others, to pair them in time).
 
 On a shared machine other processes inflate the wall times at random; ``--repeat R`` runs the whole
 sweep R times, round by round, and keeps each case's fastest run (the CPU ms column helps too).
 
 Defaults: limit, fused, dense, fusionbench; MiniLM at n = 2, 4, 8, 16 with 5 timed steps; Llama
-at n = 2, 8 (``--llama-n``) with 3 (``--llama-steps``): a Llama step takes seconds on 2 cores, and
+at n = 2, 8 (``--llama-n``) with 2 (``--llama-steps``): a Llama step takes 3-10 s on 2 cores, and
 at n = 16 the dense and FusionBench cases hold 16 dense copies of the merged weights (4.5-6.7 GB).
+The default run takes 8-10 minutes on a 2-core machine, depending on what else runs there.
 """
 
 from __future__ import annotations
@@ -548,7 +549,7 @@ def main() -> None:
     parser.add_argument("--llama-n", type=int, nargs="+", default=[2, 8], help="adapter counts for llama")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (the median counts)")
-    parser.add_argument("--llama-steps", type=int, default=3, help="timed steps per case for llama")
+    parser.add_argument("--llama-steps", type=int, default=2, help="timed steps per case for llama")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all cases; the fastest run counts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
