@@ -286,11 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from argparse import ArgumentError
 
-        if debug or not isinstance(exc, ArgumentError):
+        # LightningCLI's parser wraps an error raised while building the model or data in its own.
+        cause = _lmerge_cause(exc)
+        if debug or not (cause or isinstance(exc, ArgumentError)):
             raise
-        print(f"lmerge: error: {_argument_message(exc)}", file=sys.stderr)
+        print(f"lmerge: error: {cause or _argument_message(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _lmerge_cause(exc: BaseException) -> LMergeError | None:
+    """The LMergeError that ``exc`` was raised from, if any."""
+    while exc is not None and not isinstance(exc, LMergeError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 if __name__ == "__main__":

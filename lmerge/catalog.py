@@ -13,7 +13,9 @@ tasks:
 
 Paths are relative to the catalog file: ``adapter``, every ``dataset.data_files`` entry and a
 ``dataset.path`` that names a local file or directory there. ``lmerge.data.load_task_catalog``
-turns the entries into ``TaskSpec`` objects.
+turns the entries into ``TaskSpec`` objects. A catalog whose files a command builds (the demo's)
+names it in a top-level ``built_by: lmerge demo``; a missing adapter or data file then says to
+run that command first.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from typing import Any
 from lmerge.errors import ConfigError
 
 
-def load_catalog(path: str | Path, *, require_adapter: bool = True) -> dict[str, dict[str, Any]]:
+def load_catalog(
+    path: str | Path, *, require_adapter: bool = True, require_data: bool = True
+) -> dict[str, dict[str, Any]]:
     """Task name -> entry (a mapping with ``adapter`` made absolute, and data paths made absolute).
 
     With ``require_adapter=False`` an entry may leave out ``adapter`` (a task with data only,
-    e.g. one whose adapter is still to be trained); its ``adapter`` is then None.
+    e.g. one whose adapter is still to be trained); its ``adapter`` is then None, and a built
+    catalog's adapters need not exist yet. ``require_data=False`` lets its data files be missing
+    too (for the command that builds them).
     """
     from lmerge.config import read_yaml
 
@@ -38,6 +44,9 @@ def load_catalog(path: str | Path, *, require_adapter: bool = True) -> dict[str,
     tasks = data.get("tasks")
     if not isinstance(tasks, dict):
         raise ConfigError(f"catalog {path}: expected a mapping under 'tasks'")
+    built_by = data.get("built_by")
+    if built_by is not None and not isinstance(built_by, str):
+        raise ConfigError(f"catalog {path}: built_by must be the command that builds its files")
     base = path.parent.resolve()
     entries: dict[str, dict[str, Any]] = {}
     for name, entry in tasks.items():
@@ -52,7 +61,21 @@ def load_catalog(path: str | Path, *, require_adapter: bool = True) -> dict[str,
         if "dataset" in entry:
             entry["dataset"] = _resolve_dataset(entry["dataset"], base, f"catalog {path}: tasks.{name}.dataset")
         entries[str(name)] = entry
+    if built_by:
+        _check_built(path, entries, built_by, require_adapter, require_data)
     return entries
+
+
+def _check_built(path: Path, entries: dict, built_by: str, adapters: bool, data: bool) -> None:
+    """One line naming the first missing file of a built catalog, and the command that builds it."""
+    for name, entry in entries.items():
+        wanted = [entry["adapter"]] if adapters and entry["adapter"] else []
+        files = entry.get("dataset", {}).get("data_files") if data else None
+        for split_files in files.values() if isinstance(files, dict) else [files or []]:
+            wanted += [split_files] if isinstance(split_files, str) else split_files
+        missing = [file for file in wanted if not Path(file).exists()]
+        if missing:
+            raise ConfigError(f"catalog {path}: tasks.{name}: {missing[0]} does not exist; run `{built_by}` first")
 
 
 def _resolve_dataset(dataset: Any, base: Path, where: str) -> dict[str, Any]:

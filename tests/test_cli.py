@@ -47,7 +47,7 @@ def test_shipped_configs_parse_with_the_command_they_name(path, capsys, monkeypa
     command = shlex.split(first.removeprefix("# ").split("  ")[0])
     assert str(path.relative_to(ROOT)) in command
     if path.name == "catalog.yaml":
-        assert load_catalog(path)  # a task catalog, read by --catalog
+        assert load_catalog(path, require_adapter=False, require_data=False)  # a task catalog, read by --catalog
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
         main([*command[1:], "--print_config"])
