@@ -4,7 +4,9 @@ two GEMMs per module whatever the number of adapters, gradients reaching only th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +69,26 @@ class FusedLoRALinear(nn.Module):
         rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
         self.register_buffer("rank_index", rank_index.to(device), persistent=False)
 
+        # Set by attach: the model-wide table that computes every module's c_rep once per model forward.
+        self.table: ScaleTable | None = None
+        self.slot = 0
+
     def scaled_coefficients(self) -> Tensor:
         """``c_rep`` [R]: this group's coefficients times the scalings, repeated over each rank."""
         return (self.coefficients()[self.group] * self.scalings)[self.rank_index]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        c_rep = self.scaled_coefficients().to(self.A_cat.dtype)
-        low = F.linear(x.to(self.A_cat.dtype), self.A_cat) * c_rep
-        return y + F.linear(low, self.B_cat).to(y.dtype)
+        chunks = self.table.chunks if self.table is not None else None
+        c_rep = chunks[self.slot] if chunks is not None else self.scaled_coefficients()
+        rows = x.reshape(-1, x.shape[-1])
+        y = self.base(rows)
+        low = F.linear(rows.to(self.A_cat.dtype), self.A_cat) * c_rep.to(self.A_cat.dtype)
+        if low.dtype == y.dtype:
+            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add.
+            y = torch.addmm(y, low, self.B_cat.t())
+        else:
+            y = y + F.linear(low, self.B_cat).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def merged_delta(self) -> Tensor:
         """``B_cat diag(c_rep) A_cat`` [out, in] with the current coefficients, in at least float32."""
@@ -84,6 +97,36 @@ class FusedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, group={self.group}"
+
+
+class ScaleTable:
+    """Every fused module's ``c_rep`` from one gather and one product per model forward, instead
+    of a parametrization, select, product and gather per module (and their backward) in every
+    module. :meth:`fill` runs before the model's forward and :meth:`clear` after it; a module
+    called on its own, or while cleared, computes its ``c_rep`` itself."""
+
+    def __init__(self, modules: list[FusedLoRALinear]) -> None:
+        self.sizes = [sum(module.ranks) for module in modules]
+        dtype = functools.reduce(torch.promote_types, (module.scalings.dtype for module in modules))
+        self.group = torch.cat([torch.full((size,), m.group) for m, size in zip(modules, self.sizes)])
+        self.adapter = torch.cat([module.rank_index.cpu() for module in modules])
+        self.scaling = torch.cat([module.scalings.cpu().to(dtype)[module.rank_index.cpu()] for module in modules])
+        self.chunks: tuple[Tensor, ...] | None = None
+        for slot, module in enumerate(modules):
+            module.table, module.slot = self, slot
+
+    def fill(self, coefficients: Coefficients) -> None:
+        """Compute every module's ``c_rep`` from ``coefficients`` (one autograd node for all modules)."""
+        values = coefficients()
+        if self.group.device != values.device:
+            self.group, self.adapter, self.scaling = (
+                t.to(values.device) for t in (self.group, self.adapter, self.scaling)
+            )
+        self.chunks = (values[self.group, self.adapter] * self.scaling).split(self.sizes)
+
+    def clear(self) -> None:
+        """Drop the chunks (and the graph they hold) once the forward is done."""
+        self.chunks = None
 
 
 class DenseMergedLinear(nn.Module):
@@ -143,6 +186,43 @@ class FusedModel:
         self.attached = True
         self._requires_grad = requires_grad
         self._originals: dict[str, Tensor] = {}
+        fused = [module for module in modules.values() if isinstance(module, FusedLoRALinear)]
+        self._table = ScaleTable(fused) if fused else None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._install_hooks()
+
+    @contextlib.contextmanager
+    def use_coefficients(self, coefficients: Coefficients) -> Iterator[None]:
+        """Run the merged modules with ``coefficients`` (same groups and adapters) instead, e.g.
+        one adapter alone; the learned ones are back on exit."""
+        learned = self.coefficients
+        self._set_coefficients(coefficients)
+        try:
+            yield
+        finally:
+            self._set_coefficients(learned)
+
+    def _set_coefficients(self, coefficients: Coefficients) -> None:
+        self.coefficients = coefficients
+        for module in self.modules.values():
+            module.coefficients = coefficients
+
+    def _install_hooks(self) -> None:
+        if self._table is None or self._hooks:
+            return
+        table = self._table
+        self._hooks = [
+            self.model.register_forward_pre_hook(lambda module, args: table.fill(self.coefficients)),
+            # always_call: an exception in the forward must not leave a stale graph behind.
+            self.model.register_forward_hook(lambda module, args, output: table.clear(), always_call=True),
+        ]
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._table is not None:
+            self._table.clear()
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -157,6 +237,7 @@ class FusedModel:
             dtype = torch.promote_types(weight.dtype, delta.dtype)
             weight.copy_(self._originals[key].to(dtype) + delta.to(dtype))
             _set_submodule(self.model, key, module.base)
+        self._remove_hooks()
         self.folded = True
 
     def unfold(self) -> None:
@@ -167,6 +248,7 @@ class FusedModel:
         self._restore_weights()
         for key, module in self.modules.items():
             _set_submodule(self.model, key, module)
+        self._install_hooks()
         self.folded = False
 
     def detach(self) -> nn.Module:
@@ -175,6 +257,7 @@ class FusedModel:
         self._restore_weights()
         for key, module in self.modules.items():
             _set_submodule(self.model, key, module.base)
+        self._remove_hooks()
         for name, parameter in self.model.named_parameters():
             if name in self._requires_grad:
                 parameter.requires_grad_(self._requires_grad[name])
@@ -225,18 +308,16 @@ def attach(
             raise ConfigError(f"module {key}: coefficient group {group} is out of range ({coefficients.groups} groups)")
     if bases:
         coefficients.to(next(iter(bases.values())).weight.device)
+    # Every merged module is built (adapter tensors read and checked) before the model is touched,
+    # so a bad tensor in some adapter (NaN, unreadable) leaves the model as it was.
+    modules = {
+        key: _merged_linear(adapters, key, base, coefficients, groups[key], impl, dtype) for key, base in bases.items()
+    }
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
-    fused = FusedModel(model, coefficients, {}, _group_layers(keys, groups, coefficients.groups), requires_grad)
-    try:
-        for key, base in bases.items():
-            fused.modules[key] = _merged_linear(adapters, key, base, coefficients, groups[key], impl, dtype)
-            _set_submodule(model, key, fused.modules[key])
-    except BaseException:
-        # A bad tensor in some adapter (NaN, unreadable) must not leave the model half attached.
-        fused.detach()
-        raise
-    return fused
+    for key, module in modules.items():
+        _set_submodule(model, key, module)
+    return FusedModel(model, coefficients, modules, _group_layers(keys, groups, coefficients.groups), requires_grad)
 
 
 def _merged_linear(

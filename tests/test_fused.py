@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -270,3 +271,43 @@ def test_exported_spec_reproduces_the_folded_model(zoo, pooler_adapters, tmp_pat
         ours, theirs = logits(model, ids), logits(merged.eval(), ids)
     assert not torch.allclose(ours, logits(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), ids))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _separate_add_forward(module, x):
+    """The fused forward with a separate low-rank output and add instead of ``addmm``."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = module.base(rows) + F.linear(F.linear(rows, module.A_cat) * module.scaled_coefficients(), module.B_cat)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _unflattened_forward(module, x):
+    """The fused forward on the input's own shape, as lmerge computed it before ``addmm``."""
+    return module.base(x) + F.linear(F.linear(x, module.A_cat) * module.scaled_coefficients(), module.B_cat)
+
+
+def _loss_and_gradient(model, coefficients, ids):
+    coefficients.raw.grad = None
+    loss = logits(model, ids).log_softmax(-1)[..., 0].mean()
+    loss.backward()
+    return loss.detach(), coefficients.raw.grad.clone()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_addmm_forward_equals_the_separate_add_bit_for_bit(zoo, family, monkeypatch):
+    model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, "layer_wise", "sigmoid", torch.float32)
+    fused_model = attach(model, adapters, keys, coefficients, group_of)
+    table = fused_model._table
+    with_table = _loss_and_gradient(model, coefficients, ids)
+    assert table.chunks is None  # cleared after the forward: no graph kept alive
+    monkeypatch.setattr(table, "fill", lambda coefficients: None)  # each module computes its own c_rep
+    per_module = _loss_and_gradient(model, coefficients, ids)
+    monkeypatch.setattr(FusedLoRALinear, "forward", _separate_add_forward)
+    separate = _loss_and_gradient(model, coefficients, ids)
+    assert torch.equal(per_module[0], separate[0]) and torch.equal(per_module[1], separate[1])
+    monkeypatch.setattr(FusedLoRALinear, "forward", _unflattened_forward)
+    unflattened = _loss_and_gradient(model, coefficients, ids)
+    # The loss is the same bit for bit; the gradients sum the same terms in another order (the
+    # backward graph's shape decides in which order q, k and v return their input gradients).
+    for result in (with_table, per_module):
+        assert torch.equal(result[0], unflattened[0])
+        torch.testing.assert_close(result[1], unflattened[1], rtol=1e-5, atol=1e-9)

@@ -219,14 +219,8 @@ class MergeLearner(LightningModule):
         """Run the fused model with ``values`` as its coefficients (e.g. one adapter alone)."""
         fixed = Coefficients(len(self.adapters), len(self.group_names), "none", 0.0).to(self.device)
         fixed.set_values(values)
-        originals = {key: module.coefficients for key, module in self.fused.modules.items()}
-        for module in self.fused.modules.values():
-            module.coefficients = fixed
-        try:
+        with self.fused.use_coefficients(fixed):
             yield
-        finally:
-            for key, module in self.fused.modules.items():
-                module.coefficients = originals[key]
 
     def one_hot(self, adapter_index: int) -> list[list[float]]:
         """Coefficients that select one adapter alone, in every group."""
