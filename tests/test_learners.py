@@ -122,6 +122,22 @@ def test_tensorboard_holds_coefficients_and_heatmap(tasks, tmp_path):
     assert "coefficients/heatmap" in events.Tags()["images"]
 
 
+def test_adamerging_logs_a_summary_instead_of_a_vocabulary_of_classes(tasks, monkeypatch):
+    learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], distribution_max_classes=4)
+    logged = {}
+    monkeypatch.setattr(learner, "log", lambda name, value, **options: logged.setdefault(name, float(value)))
+    few, many = torch.randn(6, 3), torch.zeros(6, 1000)
+    many[:, 7] = 10.0  # every example predicts class 7: a collapse
+    learner.task_objective("alpha", few, {})
+    learner.task_objective("beta", many, {})
+    assert sorted(k for k in logged if k.startswith("predicted_distribution/alpha/")) == [
+        f"predicted_distribution/alpha/{i}" for i in range(3)
+    ]
+    beta = {k.rpartition("/")[2]: v for k, v in logged.items() if k.startswith("predicted_distribution/beta/")}
+    assert set(beta) == {"entropy", "top1_mass", "top5_mass"}
+    assert beta["top1_mass"] > 0.9 and beta["top5_mass"] >= beta["top1_mass"] and beta["entropy"] < 0.5
+
+
 def test_only_coefficients_train_and_checkpoints_hold_only_them(tasks, tmp_path):
     learner = RegretSmoothMax(str(tasks), ["alpha", "beta"], ["alpha", "beta"], baseline_batches=1)
     trainer = fit(learner, data_for(tasks, "validation"), 2, tmp_path)

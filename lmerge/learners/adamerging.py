@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmerge.errors import ConfigError
 from lmerge.learners.base import Batch, MergeLearner
 from lmerge.losses import PREDICTIONS, entropy
 
@@ -25,6 +26,7 @@ class AdaMerging(MergeLearner):
         init: float | list[float] = 0.3,
         lr: float = 1e-3,
         diversity_weight: float = 0.0,
+        distribution_max_classes: int = 32,
         **kwargs: Any,
     ) -> None:
         """
@@ -38,10 +40,15 @@ class AdaMerging(MergeLearner):
             diversity_weight: Information-maximization weight (0 = the paper's objective): also keep the
                 batch-mean prediction close to the task's training class prior when known, else maximize its entropy,
                 against the collapse to one class that entropy minimization alone can reach.
+            distribution_max_classes: Log each task's predicted-class distribution (one scalar per class and
+                step) up to this many classes; above it (e.g. a vocabulary), a summary: the entropy of the
+                batch-mean prediction and the mass of its top 1 and top 5 classes.
             **kwargs: Shared learner options (see ``MergeLearner``), e.g. ``early_stopping_patience``.
         """
         kwargs.setdefault("parametrization", "clamp")
         super().__init__(catalog, adapters, tasks, granularity=granularity, init=init, lr=lr, **kwargs)
+        if distribution_max_classes < 0:
+            raise ConfigError(f"model.distribution_max_classes: must be >= 0, got {distribution_max_classes}")
         self.diversity_weight = diversity_weight
         self.priors: dict[str, torch.Tensor] = {}
 
@@ -56,8 +63,7 @@ class AdaMerging(MergeLearner):
         probs = PREDICTIONS[self.kind](logits, batch)
         term = entropy(probs).mean()
         mean = probs.mean(0)
-        for index, share in enumerate(mean.detach().tolist()):
-            self.log(f"predicted_distribution/{task}/{index}", share)
+        self._log_distribution(task, mean.detach())
         if self.diversity_weight:
             prior = self.priors.get(task)
             if prior is not None and len(prior) == len(mean):
@@ -66,3 +72,15 @@ class AdaMerging(MergeLearner):
                 spread = -entropy(mean)
             term = term + self.diversity_weight * spread
         return term
+
+    def _log_distribution(self, task: str, mean: torch.Tensor) -> None:
+        """The batch-mean prediction, so that a collapse to one class shows in TensorBoard."""
+        if len(mean) <= self.hparams.distribution_max_classes:
+            for index, share in enumerate(mean.tolist()):
+                self.log(f"predicted_distribution/{task}/{index}", share)
+            return
+        # One scalar per class of a vocabulary would be tens of thousands of series per step.
+        top = mean.topk(min(5, len(mean))).values
+        self.log(f"predicted_distribution/{task}/entropy", entropy(mean))
+        self.log(f"predicted_distribution/{task}/top1_mass", top[0])
+        self.log(f"predicted_distribution/{task}/top5_mass", top.sum())
