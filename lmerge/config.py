@@ -57,7 +57,8 @@ class MergeConfig:
     """Name of this merge in outputs; default: the method and its parameters."""
     optimizer: str | dict[str, Any] | None = None
     """A learner that sets the coefficients of ``weighted_delta_n`` before merging: ``none``, or
-    ``{name: adamerging | gradient | supermerge | regret_smoothmax, params: {...}}``."""
+    ``{name: adamerging | gradient | supermerge | regret_smoothmax, params: {...}}``; or ``bayes``:
+    search the method parameters over ``search`` first (``params`` override its keys)."""
     eval_tasks: list[str] | None = None
     """Catalog tasks to evaluate the merge on (needs ``catalog``); none: no evaluation."""
     split: str = "test"
@@ -66,6 +67,9 @@ class MergeConfig:
     """Evaluate on a deterministic subset: ``{enabled, seed, shuffle, stratified, max_samples, per_task}``."""
     eval_batch_size: int = 32
     """Batch size of evaluation."""
+    search: dict[str, Any] | None = None
+    """For ``optimizer: bayes``: the search over method parameters, as in a sweep config
+    (``{budget: 20, init_points: 6, seed: 42, space: {lambda: {type: float, min: 0, max: 1}}}``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.save, dict):

@@ -44,9 +44,11 @@ class MergeResult:
     evaluation: Evaluation | None = field(default=None, repr=False)
 
 
-def run_merge(config: MergeConfig) -> MergeResult:
+def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeResult:
     """Resolve adapters, normalize parameters, transform, merge module by module, save, and
-    write the run bundle. Raises :class:`lmerge.errors.LMergeError` on any bad input."""
+    write the run bundle. ``evaluator``: one already prepared for ``config.eval_tasks`` (a sweep
+    reuses one, so the base model loads once); default: a new one when the config evaluates.
+    Raises :class:`lmerge.errors.LMergeError` on any bad input."""
     started = time.perf_counter()
     config, learned = _learn(config)
     method = get_method(config.method)
@@ -61,7 +63,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
     keys, dropped = align_keys(adapters, config.merge_mode)
     _check_policy_layers(config.lambda_policy, keys)
     scales = _transform_scales(adapters, keys, transforms)
-    evaluator = _evaluator(config, adapters) if config.eval_tasks else None
+    if evaluator is None and config.eval_tasks:
+        evaluator = evaluator_for(config, adapters)
     names = [a.name for a in adapters]
 
     evaluation = None
@@ -94,6 +97,11 @@ def _learn(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any] | None]:
     name, params = optimizer_spec(config.optimizer)
     if name == "none":
         return config, None
+    if name == "bayes":
+        from lmerge.sweep.run import search_method_params
+
+        method_params, record = search_method_params(config, params)
+        return dataclasses.replace(config, method_params=method_params), record
     if config.method != "weighted_delta_n":
         raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
     from lmerge.learners.from_config import learn_method_params
@@ -102,7 +110,7 @@ def _learn(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any] | None]:
     return dataclasses.replace(config, method_params=method_params), record
 
 
-def _evaluator(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:
+def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:
     """An evaluator for the config's ``eval_tasks``, baselines already computed (or cached)."""
     evaluator = Evaluator(
         catalog_tasks(config.catalog, config.eval_tasks),

@@ -27,7 +27,7 @@ def run(args, capsys):
 def test_help_lists_every_verb_method_and_save_option(capsys):
     assert main(["--help"]) == 0
     overview = capsys.readouterr().out
-    for verb in ("merge", "evaluate", "fit", "validate", "test"):
+    for verb in ("merge", "sweep", "evaluate", "fit", "validate", "test"):
         assert f"  {verb} " in overview
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
