@@ -6,6 +6,7 @@ as ``lmerge merge`` need only the specs and subsets.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from lmerge.data.sampling import STRATEGIES, make_sampler, sampling_strategy, sampling_weights
@@ -13,7 +14,9 @@ from lmerge.data.subsets import parse_eval_subset, select_subset, subset_indices
 from lmerge.data.task import TaskSpec, load_task_catalog
 
 if TYPE_CHECKING:
-    from lmerge.data.module import CatalogDataModule, MultiTaskDataModule, TaskDataModule
+    from lmerge.data.catalog_module import CatalogDataModule
+    from lmerge.data.multitask import MultiTaskDataModule
+    from lmerge.data.task_module import TaskDataModule
 
 __all__ = [
     "STRATEGIES",
@@ -32,9 +35,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("CatalogDataModule", "MultiTaskDataModule", "TaskDataModule"):
-        from lmerge.data import module
+# The module that defines each DataModule, imported on first use.
+_LAZY = {
+    "CatalogDataModule": "lmerge.data.catalog_module",
+    "MultiTaskDataModule": "lmerge.data.multitask",
+    "TaskDataModule": "lmerge.data.task_module",
+}
 
-        return getattr(module, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lmerge.data' has no attribute {name!r}")

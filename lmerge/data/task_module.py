@@ -1,20 +1,5 @@
-"""DataModules: one task's tokenized splits, and several tasks combined for multi-task steps.
-
-Batch formats (right padding; ``B`` examples, ``L`` the longest in the batch):
-
-- ``classification``: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B]
-  long (class ids).
-- ``label_tokens``: ``input_ids`` [B, L] = prompt tokens then answer tokens (``" " + label``, then
-  EOS when the tokenizer has one), ``attention_mask`` [B, L], ``labels`` [B, L] = -100 on the
-  prompt and the padding and the answer's token ids on the answer positions (a causal LM shifts
-  them itself). The prompt of row b is ``input_ids[b, :k]`` with ``k`` its first position where
-  ``labels != -100``. With ``label_names`` also ``class_ids`` [B] long (the label index) and
-  ``candidates`` [C, Lc] long: row c is the answer of label c (the same tokens that follow the
-  prompt in ``input_ids``), right-padded with -100, the same tensor in every batch.
-  For an encoder-decoder (seq2seq) base model instead: ``input_ids`` = the prompt alone,
-  ``labels`` [B, La] = the answer tokens (-100 padded; the model shifts them into decoder
-  inputs) and ``encoder_decoder: True``.
-"""
+"""``TaskDataModule``: one task's train/validation/test splits, tokenized with the base model's
+tokenizer, in the batch formats of ``lmerge.data.collate``."""
 
 from __future__ import annotations
 
@@ -25,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from lmerge.data.sampling import STRATEGIES, make_sampler, sampling_strategy
+from lmerge.data.collate import IGNORE_INDEX, Collator
+from lmerge.data.sampling import STRATEGIES, make_sampler
 from lmerge.data.subsets import subset_indices
 from lmerge.data.task import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
 from lmerge.errors import ConfigError, unknown_name
@@ -37,53 +22,7 @@ if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
-
-
-class Collator:
-    """Pads encoded examples into a batch (module docstring: the batch formats).
-
-    A plain class rather than a closure, so DataLoader workers can pickle it.
-    """
-
-    def __init__(
-        self, kind: str, pad_id: int, candidates: torch.Tensor | None = None, encoder_decoder: bool = False
-    ) -> None:
-        self.kind = kind
-        self.pad_id = pad_id
-        self.candidates = candidates
-        self.encoder_decoder = encoder_decoder
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            ids = example["input_ids"]
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.kind == "classification":
-            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-            return batch
-        if self.encoder_decoder:
-            # The encoder reads the prompt; the decoder's targets are the answer tokens alone.
-            answer_width = max(len(e["answer_ids"]) for e in examples)
-            labels = torch.full((len(examples), answer_width), IGNORE_INDEX, dtype=torch.long)
-            for row, example in enumerate(examples):
-                labels[row, : len(example["answer_ids"])] = torch.tensor(example["answer_ids"], dtype=torch.long)
-            batch["encoder_decoder"] = True
-        else:
-            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-            for row, example in enumerate(examples):
-                start, end = example["prompt_length"], len(example["input_ids"])
-                labels[row, start:end] = input_ids[row, start:end]
-        batch["labels"] = labels
-        if self.candidates is not None:
-            batch["class_ids"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-            batch["candidates"] = self.candidates
-        return batch
 
 
 class TaskDataModule(LightningDataModule):
@@ -414,164 +353,3 @@ class TaskDataModule(LightningDataModule):
         if pad is None:
             raise ConfigError(f"task {self.name}: tokenizer {self.tokenizer_path} has neither a pad nor an EOS token")
         return pad
-
-
-class MultiTaskDataModule(LightningDataModule):
-    """Several tasks at once: a training step gets one batch of every task (a dict task -> batch,
-    shorter tasks cycling, Lightning's ``max_size_cycle``); validation and test run the tasks one
-    after another (``sequential``), dataloader index i being task ``split_tasks(split)[i]``."""
-
-    def __init__(self, tasks: list[TaskDataModule]) -> None:
-        """
-        Args:
-            tasks: One DataModule per task; task names must differ.
-        """
-        super().__init__()
-        names = [task.name for task in tasks]
-        if not names:
-            raise ConfigError("MultiTaskDataModule: no tasks given")
-        clash = next((n for n in names if names.count(n) > 1), None)
-        if clash:
-            raise ConfigError(f"MultiTaskDataModule: task {clash!r} is given twice")
-        self.tasks = {task.name: task for task in tasks}
-
-    @classmethod
-    def from_specs(
-        cls,
-        specs: Sequence[TaskSpec],
-        tokenizer: str,
-        *,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        sampling: Mapping[str, Any] | None = None,
-        seed: int = 0,
-        eval_subset: Mapping[str, Any] | None = None,
-        subset_cache_dir: str | Path | None = None,
-    ) -> MultiTaskDataModule:
-        """Build from catalog specs, with the ``sampling`` and ``eval_subset`` configs resolved per task."""
-        return cls(
-            [
-                TaskDataModule.from_spec(
-                    spec,
-                    tokenizer,
-                    batch_size=batch_size,
-                    eval_batch_size=eval_batch_size,
-                    num_workers=num_workers,
-                    pin_memory=pin_memory,
-                    sampling=sampling_strategy(sampling, spec.name),
-                    seed=seed,
-                    eval_subset=eval_subset,
-                    subset_cache_dir=subset_cache_dir,
-                )
-                for spec in specs
-            ]
-        )
-
-    @property
-    def task_names(self) -> list[str]:
-        return list(self.tasks)
-
-    def split_tasks(self, split: str) -> list[str]:
-        """The tasks that have data for ``split``, in the order of their evaluation loaders."""
-        return [name for name, task in self.tasks.items() if task.has_split(split)]
-
-    def prepare_data(self) -> None:
-        for task in self.tasks.values():
-            task.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        for task in self.tasks.values():
-            task.setup(stage)
-
-    def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader({name: task.train_dataloader() for name, task in self.tasks.items()}, "max_size_cycle")
-
-    def val_dataloader(self) -> CombinedLoader:
-        return self._sequential("validation")
-
-    def test_dataloader(self) -> CombinedLoader:
-        return self._sequential("test")
-
-    def _sequential(self, split: str) -> CombinedLoader:
-        loaders = {name: self.tasks[name].dataloader(split) for name in self.split_tasks(split)}
-        return CombinedLoader(loaders, "sequential")
-
-
-class CatalogDataModule(MultiTaskDataModule):
-    """Catalog tasks by name, with flat arguments for ``lmerge fit`` configs. Training draws one
-    batch of every task per step from ``fit_split``: ``train`` to fine-tune, ``validation`` for
-    supervised coefficient learners, ``test`` for AdaMerging (which reads inputs, never labels)."""
-
-    def __init__(
-        self,
-        catalog: str,
-        tasks: list[str],
-        fit_split: Literal["train", "validation", "test"] = "train",
-        tokenizer: str | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        sampling: dict[str, Any] | None = None,
-        seed: int = 0,
-        eval_subset: dict[str, Any] | None = None,
-        subset_cache_dir: str = "artifacts/subsets",
-    ) -> None:
-        """
-        Args:
-            catalog: Task catalog YAML.
-            tasks: Catalog task names.
-            fit_split: The split that training steps draw from.
-            tokenizer: Tokenizer directory; default: the base model of the first task's adapter.
-            batch_size: Examples per task per training step.
-            eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            num_workers: DataLoader worker processes.
-            pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies.
-            sampling: Label-frequency sampling config ``{default: {...}, per_task: {...}}``.
-            seed: Seed of shuffles and samplers.
-            eval_subset: Eval-subset config for the validation and test splits.
-            subset_cache_dir: Where eval-subset indices are cached.
-        """
-        from lmerge.data.task import load_task_catalog
-
-        specs = load_task_catalog(catalog)
-        missing = [name for name in tasks if name not in specs]
-        if missing:
-            raise ConfigError(f"data.tasks: {missing[0]!r} is not a task in catalog {catalog}")
-        chosen = [specs[name] for name in tasks]
-        tokenizer = tokenizer or _base_model_of(chosen)
-        built = MultiTaskDataModule.from_specs(
-            chosen,
-            tokenizer,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            sampling=sampling,
-            seed=seed,
-            eval_subset=eval_subset,
-            subset_cache_dir=subset_cache_dir,
-        )
-        super().__init__(list(built.tasks.values()))
-        self.catalog = catalog
-        self.fit_split = fit_split
-        self.fit_batch_size = batch_size
-
-    def train_dataloader(self) -> CombinedLoader:
-        loaders = {
-            name: task.dataloader(self.fit_split, shuffle=True, batch_size=self.fit_batch_size)
-            for name, task in self.tasks.items()
-        }
-        return CombinedLoader(loaders, "max_size_cycle")
-
-
-def _base_model_of(specs: Sequence[TaskSpec]) -> str:
-    from lmerge.adapters.lora import LoraAdapter
-
-    for spec in specs:
-        base = LoraAdapter(spec.adapter).base_model if spec.adapter else None
-        if base:
-            return base
-    raise ConfigError("data.tokenizer: no task adapter names its base model; give the tokenizer directory")

@@ -1,0 +1,90 @@
+"""``CatalogDataModule``: catalog tasks by name, with the flat arguments of ``lmerge fit`` configs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from lightning.pytorch.utilities import CombinedLoader
+
+from lmerge.data.multitask import MultiTaskDataModule
+from lmerge.data.task import TaskSpec
+from lmerge.errors import ConfigError
+
+
+class CatalogDataModule(MultiTaskDataModule):
+    """Catalog tasks by name, with flat arguments for ``lmerge fit`` configs. Training draws one
+    batch of every task per step from ``fit_split``: ``train`` to fine-tune, ``validation`` for
+    supervised coefficient learners, ``test`` for AdaMerging (which reads inputs, never labels)."""
+
+    def __init__(
+        self,
+        catalog: str,
+        tasks: list[str],
+        fit_split: Literal["train", "validation", "test"] = "train",
+        tokenizer: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        sampling: dict[str, Any] | None = None,
+        seed: int = 0,
+        eval_subset: dict[str, Any] | None = None,
+        subset_cache_dir: str = "artifacts/subsets",
+    ) -> None:
+        """
+        Args:
+            catalog: Task catalog YAML.
+            tasks: Catalog task names.
+            fit_split: The split that training steps draw from.
+            tokenizer: Tokenizer directory; default: the base model of the first task's adapter.
+            batch_size: Examples per task per training step.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies.
+            sampling: Label-frequency sampling config ``{default: {...}, per_task: {...}}``.
+            seed: Seed of shuffles and samplers.
+            eval_subset: Eval-subset config for the validation and test splits.
+            subset_cache_dir: Where eval-subset indices are cached.
+        """
+        from lmerge.data.task import load_task_catalog
+
+        specs = load_task_catalog(catalog)
+        missing = [name for name in tasks if name not in specs]
+        if missing:
+            raise ConfigError(f"data.tasks: {missing[0]!r} is not a task in catalog {catalog}")
+        chosen = [specs[name] for name in tasks]
+        tokenizer = tokenizer or _base_model_of(chosen)
+        built = MultiTaskDataModule.from_specs(
+            chosen,
+            tokenizer,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            sampling=sampling,
+            seed=seed,
+            eval_subset=eval_subset,
+            subset_cache_dir=subset_cache_dir,
+        )
+        super().__init__(list(built.tasks.values()))
+        self.catalog = catalog
+        self.fit_split = fit_split
+        self.fit_batch_size = batch_size
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {
+            name: task.dataloader(self.fit_split, shuffle=True, batch_size=self.fit_batch_size)
+            for name, task in self.tasks.items()
+        }
+        return CombinedLoader(loaders, "max_size_cycle")
+
+
+def _base_model_of(specs: Sequence[TaskSpec]) -> str:
+    from lmerge.adapters.lora import LoraAdapter
+
+    for spec in specs:
+        base = LoraAdapter(spec.adapter).base_model if spec.adapter else None
+        if base:
+            return base
+    raise ConfigError("data.tokenizer: no task adapter names its base model; give the tokenizer directory")
