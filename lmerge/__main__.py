@@ -20,7 +20,6 @@ from lmerge.config import MergeConfig, SaveConfig, load_merge_config, migrate_le
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.methods import METHODS
 from lmerge.runner import run_merge
-from lmerge.sweep.search import SearchConfig
 
 
 def merge(
@@ -39,7 +38,6 @@ def merge(
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
-    search: dict[str, Any] | None = None,
 ) -> None:
     """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
 
@@ -61,7 +59,6 @@ def merge(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
         eval_batch_size: Batch size of evaluation.
-        search: For optimizer bayes: the search space and budget, as in a sweep config's search.
     """
     config = MergeConfig(
         adapters=adapters,
@@ -79,7 +76,6 @@ def merge(
         split=split,
         eval_subset=eval_subset,
         eval_batch_size=eval_batch_size,
-        search=search,
     )
     result = run_merge(config)
     meta = result.metadata
@@ -95,82 +91,6 @@ def merge(
     if result.evaluation:
         print(result.evaluation.table())
     print(f"run bundle: {result.run_dir}")
-
-
-def sweep(
-    adapters: list[str],
-    method: str,
-    merge_mode: Literal["common", "strict"] = "common",
-    method_params: dict[str, Any] | None = None,
-    transforms: list[Any] | None = None,
-    lambda_policy: str | dict[str, Any] = "scalar",
-    save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    output_dir: str = "artifacts",
-    catalog: str | None = None,
-    optimizer: str | dict[str, Any] | None = None,
-    eval_tasks: list[str] | None = None,
-    split: str = "test",
-    eval_subset: dict[str, Any] | None = None,
-    eval_batch_size: int = 32,
-    search: SearchConfig = SearchConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    constraint_nonnegative: bool = False,
-    save_merged: bool = False,
-    storage: str | None = None,
-) -> None:
-    """Search a merge's parameters (grid or Bayesian), ranking points by their worst interference delta.
-
-    Re-running the same command resumes the sweep; several processes given the same config (and
-    --storage for several machines) share its points.
-
-    Args:
-        adapters: Adapter directories or task names from the catalog.
-        method: Merge method whose parameters are searched.
-        merge_mode: common merges the modules all adapters share; strict fails on any difference.
-        method_params: Parameters held fixed; the searched ones come from search.
-        transforms: Pre-merge transforms.
-        lambda_policy: scalar, or {type: per_layer, default: 0.5, overrides: {0: 0.2}}.
-        save: How points are saved when save_merged is set.
-        output_dir: Root of all outputs.
-        catalog: Task catalog YAML that maps task names to adapters and data.
-        optimizer: none (a sweep searches the parameters itself).
-        eval_tasks: Catalog tasks each point is evaluated on; default: the adapters.
-        split: Split to evaluate on.
-        eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
-        eval_batch_size: Batch size of evaluation.
-        search: What to try, e.g. --search.type grid --search.grid.lambda [0.1,0.3].
-        constraint_nonnegative: Keep the method's lambda-like parameter >= 0.
-        save_merged: Save every point's merge; default: evaluate in memory only.
-        storage: Optuna storage shared by several machines (sqlite:///..., postgresql://...);
-            default: a journal file in the sweep directory.
-    """
-    from lmerge.sweep import SweepConfig, run_sweep
-
-    config = SweepConfig(
-        adapters=adapters,
-        method=method,
-        merge_mode=merge_mode,
-        method_params=method_params or {},
-        transforms=transforms or [],
-        lambda_policy=lambda_policy,
-        save=save,
-        output_dir=output_dir,
-        catalog=catalog,
-        optimizer=optimizer,
-        eval_tasks=eval_tasks,
-        split=split,
-        eval_subset=eval_subset,
-        eval_batch_size=eval_batch_size,
-        search=search,
-        constraint_nonnegative=constraint_nonnegative,
-        save_merged=save_merged,
-        storage=storage,
-    )
-    result = run_sweep(config)
-    print(result.table())
-    if result.best:
-        print(f"\nbest: {result.best['tag']}  score {result.best['score']:+.4f}  (config: {result.best_config})")
-        print(result.best_config.read_text(), end="")
-    print(f"sweep: {result.path}")
 
 
 def evaluate(
@@ -239,7 +159,7 @@ def _method_help() -> dict[str, str]:
 
 merge.__doc__ = merge.__doc__.format(**_method_help())
 
-VERBS = {"merge": merge, "sweep": sweep, "evaluate": evaluate}
+VERBS = {"merge": merge, "evaluate": evaluate}
 
 
 def _note(message: str) -> None:
@@ -287,26 +207,12 @@ def expand_args(argv: list[str]) -> list[str]:
 
 
 def _argument_message(exc: Exception) -> str:
-    """jsonargparse's message on one line; its long union-type report cut to the key and the
-    complaint about the first type that is not None (for ``X | None``: the one about X)."""
-    text = str(exc)
-    union = re.match(r'Parser key "(?P<key>[^"]+)":\s+Does not validate against any of the Union', text)
-    if not union:
-        return " ".join(text.split())
-    listed = text.partition("Errors:")[2].partition("\n  Given value type:")[0]
-    complaints = [" ".join(c.split()) for c in re.split(r"\n    - ", listed)[1:]]
-    complaint = next((c for c in complaints if c != "Expected a <class 'NoneType'>"), None)
-    value = " ".join(text.rpartition("Given value:")[2].split())
-    if complaint is None:
-        return f"{union['key']}: invalid value {value}"
-    # A nested union is cut the same way; a nested parser's 'Parser key "x": ...' reads as 'x: ...'.
-    complaint = re.sub(
-        r'Parser key "([^"]+)": Does not validate .*Given value: (.*)$', r"\1: invalid value \2", complaint
+    """jsonargparse's message on one line; its long union-type report cut to key and value."""
+    text = " ".join(str(exc).split())
+    union = re.match(
+        r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union.*Given value: (?P<v>.*)$', text
     )
-    complaint = re.sub(r'Parser key "([^"]+)":', r"\1:", complaint)
-    if "value" not in complaint and not value.startswith(("NestedArg(", "Namespace(")):
-        complaint += f", got {value}"
-    return f"{union['key']}: {complaint}"
+    return f"{union['key']}: invalid value {union['v']}" if union else text
 
 
 LIGHTNING_VERBS = ("fit", "validate", "test")
@@ -328,13 +234,6 @@ def lightning(argv: list[str]) -> None:
             parser.link_arguments("data.catalog", "model.init_args.catalog")
             parser.link_arguments("data.tasks", "model.init_args.tasks")
 
-        def before_fit(self) -> None:
-            _check_checkpoint_args(self.config_init[self.subcommand])
-
-        before_validate = before_test = before_fit
-
-    # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     LMergeCLI(
         LightningModule,
         CatalogDataModule,
@@ -347,22 +246,10 @@ def lightning(argv: list[str]) -> None:
     )
 
 
-def _check_checkpoint_args(settings: dict[str, Any]) -> None:
-    """A ``ckpt_path`` that names a file must exist; checkpoints load with ``weights_only`` (no
-    pickled code runs) unless the user asks otherwise."""
-    path = settings.get("ckpt_path")
-    keywords = ("last", "best", "hpc", "registry")
-    if path and not str(path).startswith(keywords) and "://" not in str(path) and not Path(path).is_file():
-        raise ConfigError(f"ckpt_path {path}: checkpoint file does not exist")
-    if settings.get("weights_only") is None:
-        settings["weights_only"] = True
-
-
 def overview() -> str:
     """``lmerge --help``: every verb with its one-line purpose."""
     verbs = {
         "merge": merge.__doc__.strip().splitlines()[0],
-        "sweep": sweep.__doc__.strip().splitlines()[0],
         "evaluate": evaluate.__doc__.strip().splitlines()[0],
         "fit": "Learn merge coefficients (AdaMerging, gradient, SuperMerge, regret smooth-max) or fine-tune a LoRA.",
         "validate": "Run a learner's validation loop (LightningCLI).",

@@ -1,0 +1,81 @@
+"""Build the benchmark where its catalog points: each task's json splits, then its LoRA adapter
+fine-tuned by ``lmerge fit --config configs/finetune.yaml`` (both cached)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmerge.catalog import load_catalog
+from lmerge.demo.prepare import split_rows, task_rows, write_split_files
+from lmerge.demo.sources import DemoSources
+from lmerge.errors import ConfigError
+from lmerge.outputs import write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """Most rows per split of every task."""
+
+    train: int = 2400
+    """Training rows (fine-tuning)."""
+    validation: int = 200
+    """Validation rows (supervised learners and the sweep)."""
+    test: int = 300
+    """Test rows (every reported number)."""
+
+
+def prepare_data(
+    catalog: Path, sources: DemoSources, sizes: SplitSizes, seed: int, min_label_examples: int | None = None
+) -> tuple[dict[str, dict], list[str]]:
+    """Write every catalog task's splits where its ``data_files`` point, unless a manifest beside
+    them says they were built with these sizes and seed. Returns each task's manifest, and the
+    tasks whose data was (re)written: their adapters must be trained again, since an adapter
+    trained on other splits may have seen today's test rows."""
+    manifests = {}
+    rebuilt = []
+    for name, entry in load_catalog(catalog, require_adapter=False, require_data=False).items():
+        files = (entry.get("dataset") or {}).get("data_files")
+        if not isinstance(files, dict) or not all(isinstance(f, str) for f in files.values()):
+            raise ConfigError(f"catalog {catalog}: tasks.{name}.dataset.data_files must map each split to one file")
+        manifest_path = Path(files.get("train", next(iter(files.values())))).parent / MANIFEST
+        wanted = {"task": name, "seed": seed, "sizes": asdict(sizes), "files": files}
+        cached = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if {k: cached.get(k) for k in wanted} == wanted and all(Path(f).is_file() for f in files.values()):
+            manifests[name] = cached
+            continue
+        rows = task_rows(name, sources, min_label_examples)
+        splits = split_rows(rows, seed, validation=sizes.validation, test=sizes.test, train=sizes.train)
+        counts = write_split_files(splits, files)
+        labels = sorted({label for _, label in rows})
+        manifests[name] = {**wanted, "examples": len(rows), "counts": counts, "labels": labels}
+        write_json_atomic(manifest_path, manifests[name])
+        rebuilt.append(name)
+    return manifests, rebuilt
+
+
+def finetune_command(configs: Path, catalog: Path, task: str, base_model: Path, logs: Path) -> list[str]:
+    """The ``lmerge fit`` arguments that fine-tune ``task``'s adapter (saved where the catalog says)."""
+    return [
+        "fit",
+        "--config",
+        str(configs / "finetune.yaml"),
+        "--data.catalog",
+        str(catalog),
+        f"--data.tasks=[{task}]",
+        "--data.tokenizer",
+        str(base_model),
+        "--model.init_args.base_model",
+        str(base_model),
+        "--trainer.default_root_dir",
+        str(logs),
+    ]
+
+
+def missing_adapters(catalog: Path) -> list[str]:
+    """Catalog tasks whose adapter directory is not there yet."""
+    entries = load_catalog(catalog, require_adapter=False)
+    return [name for name, entry in entries.items() if not (Path(entry["adapter"]) / "adapter_config.json").is_file()]

@@ -1,0 +1,149 @@
+"""``run_demo``: build the benchmark, run every method on it, and report. Each step runs a shipped
+config (``configs/finetune.yaml``, ``configs/demo/*.yaml``, the learners' ``configs/*.yaml``)
+through the code ``lmerge fit|merge|sweep`` use, so any step can be re-run by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmerge.data import load_task_catalog
+from lmerge.demo.build import SplitSizes, finetune_command, missing_adapters, prepare_data
+from lmerge.demo.report import bar_chart_png, text_table, write_report
+from lmerge.demo.runs import MethodResult, run_grid_sweep, run_learner, run_static, single_row
+from lmerge.demo.sources import DemoSources
+from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
+
+# Row label -> config, relative to the configs directory.
+STATIC = {"uniform": "demo/uniform.yaml", "ties": "demo/ties.yaml", "dare": "demo/dare.yaml"}
+SWEEP = ("task_vector sweep", "demo/task_vector_sweep.yaml")
+LEARNERS = {
+    "AdaMerging": "adamerging.yaml",
+    "gradient CE": "gradient.yaml",
+    "SuperMerge": "supermerge.yaml",
+    "regret smooth-max": "regret_smoothmax.yaml",
+}
+
+
+@dataclass
+class DemoOutcome:
+    """What a demo run produced."""
+
+    results: list[MethodResult]
+    table: str
+    report: Path
+    chart: Path
+    seconds: float
+    peak_rss_mb: float
+
+
+def run_demo(
+    *,
+    catalog: Path,
+    configs: Path,
+    output_dir: Path,
+    logs_dir: Path,
+    sources: DemoSources,
+    sizes: SplitSizes,
+    seed: int = 0,
+    retrain: bool = False,
+    fit_args: Sequence[str] = (),
+    eval_batch_size: int = 32,
+    min_label_examples: int | None = None,
+) -> DemoOutcome:
+    """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
+    learner (e.g. ``--trainer.max_steps 5``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()
+    steps = 3 + len(STATIC) + 1 + len(LEARNERS)
+    step = _Steps(steps)
+
+    step("data: parse, deduplicate and split the packaged datasets")
+    data, rebuilt = prepare_data(catalog, sources, sizes, seed, min_label_examples)
+    for task, manifest in data.items():
+        print(f"  {task}: {manifest['examples']} examples, {len(manifest['labels'])} labels, {manifest['counts']}")
+
+    demo_dir = output_dir / "demo"
+    base_model = demo_dir / "base_model"
+    link_atomic(base_model, sources.base_model)
+    step("fine-tune each task's LoRA adapter (configs/finetune.yaml)")
+    todo = list(data) if retrain else sorted(set(rebuilt) | set(missing_adapters(catalog)), key=list(data).index)
+    for task in data:
+        if task not in todo:
+            print(f"  {task}: cached adapter (--retrain to train it again)")
+            continue
+        print(f"  {task}: fine-tuning")
+        _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *fit_args])
+
+    metrics = {name: spec.metric for name, spec in load_task_catalog(catalog).items() if name in data}
+    merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
+    results: list[MethodResult] = []
+    for name, config in STATIC.items():
+        step(f"{name} (configs/{config})")
+        row, evaluation = run_static(name, configs / config, merge_overrides)
+        if not results:
+            results.append(single_row(evaluation))
+        results.append(row)
+
+    step(f"{SWEEP[0]} (configs/{SWEEP[1]}): ranked on validation, best scored on test")
+    results.append(run_grid_sweep(SWEEP[0], configs / SWEEP[1], merge_overrides, {"split": "test"}))
+
+    learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
+    for name, config in LEARNERS.items():
+        step(f"{name} (configs/{config})")
+        command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
+        command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
+        command += ["--export.save", "none", "--export.eval_tasks", "null", *fit_args]
+        results.append(run_learner(name, command, learned_overrides))
+
+    step("report")
+    table = text_table(results, metrics)
+    chart = demo_dir / "results.png"
+    write_bytes_atomic(chart, bar_chart_png(results, metrics))
+    seconds = time.perf_counter() - started
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    facts = {
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
+        "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
+        "fine-tuned this run": ", ".join(todo) or "none (cached)",
+        "wall time": f"{seconds:.0f} s",
+        "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
+    }
+    report = demo_dir / "REPORT.md"
+    write_report(report, results, metrics, data, chart, facts)
+    write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results])
+    return DemoOutcome(results, table, report, chart, seconds, peak_rss_mb)
+
+
+class _Steps:
+    """Numbered progress lines between the steps' own progress bars."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, title: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        print(f"\n[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
+
+
+def _fit(command: list[str]) -> None:
+    from lmerge.__main__ import lightning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+        lightning(command)
+
+
+def _as_json(row: MethodResult) -> dict:
+    return json.loads(json.dumps({**vars(row), "average": row.average}, default=str))

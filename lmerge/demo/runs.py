@@ -1,0 +1,109 @@
+"""The demo's merges, each run through the same code and shipped config a user would run by hand,
+and reduced to one row of the results table."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmerge.config import load_merge_config
+from lmerge.errors import LMergeError
+from lmerge.evaluation.evaluate import Evaluation
+from lmerge.runner import run_merge
+
+
+@dataclass
+class MethodResult:
+    """One row of the results table: a method's primary metric per task on the test split."""
+
+    name: str
+    """Row label."""
+    kind: str
+    """``single`` (each task's own adapter), ``static``, ``sweep`` or ``learned``."""
+    scores: dict[str, float]
+    """Task -> primary metric."""
+    normalized: float
+    """Mean over tasks of the score divided by the task's own adapter's score."""
+    min_delta: float
+    """Worst task's score minus its own adapter's (higher is better)."""
+    seconds: float
+    """Wall time of this step (learning included)."""
+    detail: str = ""
+    """Where its outputs are, or what was chosen."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything the report shows besides the scores (e.g. learned coefficients)."""
+
+    @property
+    def average(self) -> float:
+        return sum(self.scores.values()) / len(self.scores)
+
+    @classmethod
+    def from_evaluation(cls, name: str, kind: str, evaluation: Evaluation, seconds: float, detail: str) -> MethodResult:
+        aggregate = evaluation.aggregate
+        return cls(
+            name=name,
+            kind=kind,
+            scores={task: t["merged"] for task, t in evaluation.tasks.items()},
+            normalized=aggregate["normalized_average"],
+            min_delta=aggregate["min_delta"],
+            seconds=seconds,
+            detail=detail,
+        )
+
+
+def single_row(evaluation: Evaluation) -> MethodResult:
+    """Each task's own adapter on its own task: the ceiling every merge is measured against."""
+    scores = {task: t["single"] for task, t in evaluation.tasks.items()}
+    return MethodResult("single-task adapters", "single", scores, 1.0, 0.0, 0.0, "each task's own adapter")
+
+
+def run_static(name: str, config: Path, overrides: dict[str, Any]) -> tuple[MethodResult, Evaluation]:
+    """``lmerge merge --config config`` with ``overrides`` (catalog, output root)."""
+    started = time.perf_counter()
+    result = run_merge(load_merge_config(config, **overrides))
+    row = MethodResult.from_evaluation(name, "static", result.evaluation, time.perf_counter() - started, "")
+    row.detail = str(result.run_dir)
+    return row, result.evaluation
+
+
+def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_overrides: dict[str, Any]) -> MethodResult:
+    """``lmerge sweep --config config`` (ranked on its own split, resumed when it ran before), then
+    its best point merged and scored on the test split."""
+    from lmerge.sweep import load_sweep_config, run_sweep
+
+    started = time.perf_counter()
+    sweep = run_sweep(load_sweep_config(config, **overrides))
+    if sweep.best is None or sweep.best_config is None:
+        raise LMergeError(f"sweep {config}: no point was evaluated")
+    result = run_merge(load_merge_config(sweep.best_config, **overrides, **test_overrides))
+    chosen = ", ".join(f"{k}={v}" for k, v in sorted(sweep.best["params"].items()) if k in sweep.swept)
+    row = MethodResult.from_evaluation(
+        f"{name} ({chosen})", "sweep", result.evaluation, time.perf_counter() - started, str(sweep.path)
+    )
+    row.extra["points"] = [
+        {"params": {k: p["params"][k] for k in sweep.swept}, "score": p["score"]} for p in sweep.points
+    ]
+    return row
+
+
+def run_learner(name: str, command: list[str], merge_overrides: dict[str, Any]) -> MethodResult:
+    """``lmerge fit`` with ``command``'s arguments (its export writes the learned merge spec), then
+    that merge scored on the test split, as ``lmerge merge --config <merge_spec.yaml>`` would."""
+    from lmerge.__main__ import lightning
+    from lmerge.callbacks import MergeExport
+
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # We hand LightningCLI its arguments on purpose, whatever sys.argv holds.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+        cli = lightning(command)
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, MergeExport))
+    spec = export.bundle / "merge_spec.yaml"
+    result = run_merge(load_merge_config(spec, **merge_overrides, tag=name))
+    row = MethodResult.from_evaluation(name, "learned", result.evaluation, time.perf_counter() - started, str(spec))
+    row.extra["coefficients"] = export.bundle / "coefficients.png"
+    row.extra["log_dir"] = cli.trainer.log_dir
+    return row

@@ -1,0 +1,201 @@
+"""``lmerge demo``: data preparation on small samples written here (parsing, dedup, seeded splits,
+label sets), the 'run lmerge demo first' message, and (slow) the whole pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmerge.__main__ import main
+from lmerge.demo.build import SplitSizes, prepare_data
+from lmerge.demo.prepare import (
+    deduplicate,
+    read_conversations,
+    read_questions,
+    read_sentiment,
+    read_sms,
+    split_rows,
+    task_rows,
+)
+from lmerge.demo.sources import DemoSources
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGS = ("english", "spanish", "swedish")
+
+
+def write_sources(root: Path, copies: int = 1) -> DemoSources:
+    """Small files in the packaged formats, with the known traps: neutral ratings, stacked TREC
+    subsets, repeated SMS (one quoted over two lines), an untranslated 'Swedish' utterance."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["id\tsentiment\ttext"]
+    for i in range(copies):
+        lines += [f"{3 * i}\t2.1\tgood film number {i}", f"{3 * i + 1}\t-1.4\tbad plot number {i}"]
+        lines.append(f"{3 * i + 2}\t0.2\tthe film number {i}")  # neutral: left out
+    lines.append("99\t1.0\tGood  film number 0")  # a duplicate up to case and spaces
+    (root / "reviews.txt").write_text("\n".join(lines) + "\n")
+    questions = []
+    for i in range(copies):
+        questions += [f"HUM:ind Who made film {i} ?", f"LOC:city Where is plot {i} ?", f"NUM:date When was {i} ?"]
+    # TREC's file stacks nested subsets: the same questions again.
+    (root / "questions.txt").write_text("\n".join(questions + questions[: len(questions) // 2]) + "\n")
+    sms = [",spam,text"]
+    for i in range(copies):
+        sms += [f'{2 * i},0,"see you at {i}\nok"', f"{2 * i + 1},1,win a prize {i} now"]
+    sms.append('77,0,"see you at 0\nok"')
+    (root / "sms.csv").write_text("\n".join(sms) + "\n")
+    for language, word in zip(LANGS, ("hello there my friend", "hola amigo mio querido", "hej min van kara")):
+        folder = root / "chat" / language
+        folder.mkdir(parents=True, exist_ok=True)
+        conversations = [[f"{word} number {i}", "short"] for i in range(copies)]
+        if language == "swedish":
+            # One Swedish utterance and one left untranslated (also under English).
+            conversations = [[f"{word} number 0"], ["hello there my friend number 0"]]
+        (folder / "talk.yml").write_text(yaml.safe_dump({"conversations": conversations}))
+    return DemoSources(
+        base_model=root / "model",
+        sentiment=root / "reviews.txt",
+        questions=root / "questions.txt",
+        sms=root / "sms.csv",
+        conversations=root / "chat",
+        languages=LANGS,
+    )
+
+
+def test_readers_parse_labels_and_deduplicate(tmp_path):
+    sources = write_sources(tmp_path, copies=3)
+    reviews = read_sentiment(sources.sentiment)
+    assert ("good film number 1", "pos") in reviews and ("bad plot number 2", "neg") in reviews
+    assert not any(text.startswith("the film") for text, _ in reviews)
+    assert len(reviews) == 7 and len(deduplicate(reviews)) == 6
+    questions = read_questions(sources.questions)
+    assert len(questions) == 13 and {label for _, label in questions} == {"HUM", "LOC", "NUM"}
+    assert ("Who made film 0 ?", "HUM") in deduplicate(questions) and len(deduplicate(questions)) == 9
+    sms = read_sms(sources.sms)
+    assert ("see you at 0\nok", "ham") in sms and ("win a prize 2 now", "spam") in sms
+    assert len(sms) == 7 and ("see you at 0 ok", "ham") in deduplicate(sms) and len(deduplicate(sms)) == 6
+    chat = read_conversations(sources.conversations, LANGS)
+    assert all(len(text) >= 15 for text, _ in chat)  # "short" is left out
+    kept = deduplicate(chat)
+    assert ("hello there my friend number 0", "english") not in kept  # under two languages: dropped
+    assert {label for _, label in kept} == set(LANGS) and len(kept) == 6
+
+
+def test_task_rows_drop_small_languages(tmp_path, monkeypatch):
+    from lmerge.demo import prepare
+
+    sources = write_sources(tmp_path, copies=3)
+    langid = prepare.DemoTask(lambda s: read_conversations(s.conversations, LANGS), min_label_examples=2)
+    monkeypatch.setitem(prepare.TASKS, "langid", langid)
+    rows = task_rows("langid", sources)
+    assert {label for _, label in rows} == {"english", "spanish"}  # one Swedish utterance is left: too few
+    assert len(rows) == 5
+
+
+def test_splits_are_seeded_disjoint_and_independent_of_source_order():
+    rows = [(f"text {i}", "a" if i % 3 else "b") for i in range(100)]
+    first = split_rows(rows, seed=0, validation=10, test=15, train=50)
+    assert first == split_rows(list(reversed(rows)), seed=0, validation=10, test=15, train=50)
+    assert first != split_rows(rows, seed=1, validation=10, test=15, train=50)
+    assert [len(first[s]) for s in ("train", "validation", "test")] == [50, 10, 15]
+    texts = [{t for t, _ in first[s]} for s in ("train", "validation", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    small = split_rows(rows[:10], seed=0, validation=10, test=15, train=50)
+    assert [len(small[s]) for s in ("train", "validation", "test")] == [6, 2, 2]
+
+
+def write_catalog(root: Path, tasks: dict[str, list[str]]) -> Path:
+    """A built catalog like configs/demo/catalog.yaml, its data and adapters under ``root/built``."""
+    entries = {}
+    for task, labels in tasks.items():
+        files = {split: f"built/data/{task}/{split}.json" for split in ("train", "validation", "test")}
+        entries[task] = {
+            "adapter": f"built/adapters/{task}",
+            "dataset": {"path": "json", "data_files": files},
+            "label_names": labels,
+            "max_length": 32,
+        }
+    entries["spam"]["metric"] = "macro_f1"
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"built_by": "lmerge demo", "tasks": entries}))
+    return catalog
+
+
+LABELS = {
+    "sentiment": ["neg", "pos"],
+    "question": ["HUM", "LOC", "NUM"],
+    "spam": ["ham", "spam"],
+    "langid": list(LANGS),
+}
+
+
+def test_prepare_data_writes_the_catalogs_files_once(tmp_path):
+    sources = write_sources(tmp_path / "src", copies=10)
+    catalog = write_catalog(tmp_path, LABELS)
+    sizes = SplitSizes(train=100, validation=2, test=3)
+    manifests, rebuilt = prepare_data(catalog, sources, sizes, seed=0, min_label_examples=1)
+    assert sorted(rebuilt) == sorted(LABELS)
+    rows = json.loads((tmp_path / "built/data/question/test.json").read_text())
+    assert len(rows) == 3 and set(rows[0]) == {"text", "label"}
+    assert manifests["question"]["counts"] == {"train": 25, "validation": 2, "test": 3}
+    assert manifests["langid"]["labels"] == sorted(LANGS)
+    assert prepare_data(catalog, sources, sizes, seed=0, min_label_examples=1)[1] == []  # cached
+    assert sorted(prepare_data(catalog, sources, sizes, seed=1, min_label_examples=1)[1]) == sorted(LABELS)
+    changed = json.loads((tmp_path / "built/data/question/test.json").read_text())
+    assert changed != rows
+
+
+def test_missing_demo_files_say_run_lmerge_demo_first(tmp_path, capsys):
+    catalog = write_catalog(tmp_path, LABELS)
+    code = main(["merge", "--catalog", str(catalog), "--adapters", "[sentiment,spam]", "--method", "uniform"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("lmerge: error: catalog ")
+    assert err[-1].endswith("does not exist; run `lmerge demo` first")
+    code = main(["fit", "--config", str(ROOT / "configs/adamerging.yaml"), "--data.catalog", str(catalog)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].endswith("does not exist; run `lmerge demo` first")
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Data, four fine-tunes, three static merges, a sweep and four learners on a tiny random BERT;
+    a second run reuses data and adapters."""
+    from conftest import build_bert, save_bert_tokenizer
+
+    from lmerge.demo.pipeline import run_demo
+
+    sources = write_sources(tmp_path / "src", copies=12)
+    words = " ".join(Path(f).read_text() for f in (sources.sentiment, sources.questions, sources.sms)).split()
+    words += [w for language in LANGS for w in (sources.conversations / language / "talk.yml").read_text().split()]
+    save_bert_tokenizer(build_bert(sources.base_model), words)
+    catalog = write_catalog(tmp_path, LABELS)
+    settings = {
+        "catalog": catalog,
+        "configs": ROOT / "configs",
+        "output_dir": tmp_path / "out",
+        "logs_dir": tmp_path / "logs",
+        "sources": sources,
+        "sizes": SplitSizes(train=16, validation=4, test=4),
+        "fit_args": ["--trainer.max_steps", "2", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"],
+        "eval_batch_size": 8,
+        "min_label_examples": 1,
+    }
+    outcome = run_demo(**settings)
+    names = [r.name for r in outcome.results]
+    assert names[:4] == ["single-task adapters", "uniform", "ties", "dare"]
+    assert names[4].startswith("task_vector sweep (lambda=")
+    assert names[5:] == ["AdaMerging", "gradient CE", "SuperMerge", "regret smooth-max"]
+    for row in outcome.results:
+        assert set(row.scores) == set(LABELS) and all(0.0 <= v <= 1.0 for v in row.scores.values())
+    assert all((tmp_path / f"built/adapters/{task}/adapter_config.json").is_file() for task in LABELS)
+    report = outcome.report.read_text()
+    assert "| AdaMerging |" in report and "langid (accuracy)" in report and "spam (macro_f1)" in report
+    assert outcome.chart.read_bytes().startswith(b"\x89PNG")
+    assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "fine-tuning" in out
+    again = run_demo(**settings)
+    assert "cached adapter" in capsys.readouterr().out
+    assert [r.name for r in again.results] == names
