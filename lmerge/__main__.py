@@ -12,14 +12,19 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from lmerge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy, read_yaml
+from lmerge.demo import demo
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.methods import METHODS
 from lmerge.runner import run_merge
+from lmerge.sweep.search import SearchConfig
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 
 def merge(
@@ -38,6 +43,7 @@ def merge(
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
+    search: dict[str, Any] | None = None,
 ) -> None:
     """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
 
@@ -59,6 +65,7 @@ def merge(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
         eval_batch_size: Batch size of evaluation.
+        search: For optimizer bayes: the search space and budget, as in a sweep config's search.
     """
     config = MergeConfig(
         adapters=adapters,
@@ -76,6 +83,7 @@ def merge(
         split=split,
         eval_subset=eval_subset,
         eval_batch_size=eval_batch_size,
+        search=search,
     )
     result = run_merge(config)
     meta = result.metadata
@@ -91,6 +99,82 @@ def merge(
     if result.evaluation:
         print(result.evaluation.table())
     print(f"run bundle: {result.run_dir}")
+
+
+def sweep(
+    adapters: list[str],
+    method: str,
+    merge_mode: Literal["common", "strict"] = "common",
+    method_params: dict[str, Any] | None = None,
+    transforms: list[Any] | None = None,
+    lambda_policy: str | dict[str, Any] = "scalar",
+    save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
+    output_dir: str = "artifacts",
+    catalog: str | None = None,
+    optimizer: str | dict[str, Any] | None = None,
+    eval_tasks: list[str] | None = None,
+    split: str = "test",
+    eval_subset: dict[str, Any] | None = None,
+    eval_batch_size: int = 32,
+    search: SearchConfig = SearchConfig(),  # noqa: B008 - jsonargparse reads the default's fields
+    constraint_nonnegative: bool = False,
+    save_merged: bool = False,
+    storage: str | None = None,
+) -> None:
+    """Search a merge's parameters (grid or Bayesian), ranking points by their worst interference delta.
+
+    Re-running the same command resumes the sweep; several processes given the same config (and
+    --storage for several machines) share its points.
+
+    Args:
+        adapters: Adapter directories or task names from the catalog.
+        method: Merge method whose parameters are searched.
+        merge_mode: common merges the modules all adapters share; strict fails on any difference.
+        method_params: Parameters held fixed; the searched ones come from search.
+        transforms: Pre-merge transforms.
+        lambda_policy: scalar, or {type: per_layer, default: 0.5, overrides: {0: 0.2}}.
+        save: How points are saved when save_merged is set.
+        output_dir: Root of all outputs.
+        catalog: Task catalog YAML that maps task names to adapters and data.
+        optimizer: none (a sweep searches the parameters itself).
+        eval_tasks: Catalog tasks each point is evaluated on; default: the adapters.
+        split: Split to evaluate on.
+        eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
+        eval_batch_size: Batch size of evaluation.
+        search: What to try, e.g. --search.type grid --search.grid.lambda [0.1,0.3].
+        constraint_nonnegative: Keep the method's lambda-like parameter >= 0.
+        save_merged: Save every point's merge; default: evaluate in memory only.
+        storage: Optuna storage shared by several machines (sqlite:///..., postgresql://...);
+            default: a journal file in the sweep directory.
+    """
+    from lmerge.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        adapters=adapters,
+        method=method,
+        merge_mode=merge_mode,
+        method_params=method_params or {},
+        transforms=transforms or [],
+        lambda_policy=lambda_policy,
+        save=save,
+        output_dir=output_dir,
+        catalog=catalog,
+        optimizer=optimizer,
+        eval_tasks=eval_tasks,
+        split=split,
+        eval_subset=eval_subset,
+        eval_batch_size=eval_batch_size,
+        search=search,
+        constraint_nonnegative=constraint_nonnegative,
+        save_merged=save_merged,
+        storage=storage,
+    )
+    result = run_sweep(config)
+    print(result.table())
+    if result.best:
+        print(f"\nbest: {result.best['tag']}  score {result.best['score']:+.4f}  (config: {result.best_config})")
+        print(result.best_config.read_text(), end="")
+    print(f"sweep: {result.path}")
 
 
 def evaluate(
@@ -159,7 +243,7 @@ def _method_help() -> dict[str, str]:
 
 merge.__doc__ = merge.__doc__.format(**_method_help())
 
-VERBS = {"merge": merge, "evaluate": evaluate}
+VERBS = {"merge": merge, "sweep": sweep, "evaluate": evaluate, "demo": demo}
 
 
 def _note(message: str) -> None:
@@ -218,9 +302,10 @@ def _argument_message(exc: Exception) -> str:
 LIGHTNING_VERBS = ("fit", "validate", "test")
 
 
-def lightning(argv: list[str]) -> None:
+def lightning(argv: list[str]) -> LightningCLI:
     """``lmerge fit|validate|test``: LightningCLI over any learner (``model.class_path``) and the
-    catalog DataModule, with the coefficient logger and the merge export always on."""
+    catalog DataModule, with the coefficient logger and the merge export always on. Returns the
+    CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
 
@@ -234,7 +319,7 @@ def lightning(argv: list[str]) -> None:
             parser.link_arguments("data.catalog", "model.init_args.catalog")
             parser.link_arguments("data.tasks", "model.init_args.tasks")
 
-    LMergeCLI(
+    return LMergeCLI(
         LightningModule,
         CatalogDataModule,
         subclass_mode_model=True,
@@ -250,7 +335,9 @@ def overview() -> str:
     """``lmerge --help``: every verb with its one-line purpose."""
     verbs = {
         "merge": merge.__doc__.strip().splitlines()[0],
+        "sweep": sweep.__doc__.strip().splitlines()[0],
         "evaluate": evaluate.__doc__.strip().splitlines()[0],
+        "demo": demo.__doc__.strip().splitlines()[0],
         "fit": "Learn merge coefficients (AdaMerging, gradient, SuperMerge, regret smooth-max) or fine-tune a LoRA.",
         "validate": "Run a learner's validation loop (LightningCLI).",
         "test": "Run a learner's test loop (LightningCLI).",
