@@ -291,12 +291,26 @@ def expand_args(argv: list[str]) -> list[str]:
 
 
 def _argument_message(exc: Exception) -> str:
-    """jsonargparse's message on one line; its long union-type report cut to key and value."""
-    text = " ".join(str(exc).split())
-    union = re.match(
-        r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union.*Given value: (?P<v>.*)$', text
+    """jsonargparse's message on one line; its long union-type report cut to the key and the
+    complaint about the first type that is not None (for ``X | None``: the one about X)."""
+    text = str(exc)
+    union = re.match(r'Parser key "(?P<key>[^"]+)":\s+Does not validate against any of the Union', text)
+    if not union:
+        return " ".join(text.split())
+    listed = text.partition("Errors:")[2].partition("\n  Given value type:")[0]
+    complaints = [" ".join(c.split()) for c in re.split(r"\n    - ", listed)[1:]]
+    complaint = next((c for c in complaints if c != "Expected a <class 'NoneType'>"), None)
+    value = " ".join(text.rpartition("Given value:")[2].split())
+    if complaint is None:
+        return f"{union['key']}: invalid value {value}"
+    # A nested union is cut the same way; a nested parser's 'Parser key "x": ...' reads as 'x: ...'.
+    complaint = re.sub(
+        r'Parser key "([^"]+)": Does not validate .*Given value: (.*)$', r"\1: invalid value \2", complaint
     )
-    return f"{union['key']}: invalid value {union['v']}" if union else text
+    complaint = re.sub(r'Parser key "([^"]+)":', r"\1:", complaint)
+    if "value" not in complaint and not value.startswith(("NestedArg(", "Namespace(")):
+        complaint += f", got {value}"
+    return f"{union['key']}: {complaint}"
 
 
 LIGHTNING_VERBS = ("fit", "validate", "test")
@@ -319,6 +333,13 @@ def lightning(argv: list[str]) -> LightningCLI:
             parser.link_arguments("data.catalog", "model.init_args.catalog")
             parser.link_arguments("data.tasks", "model.init_args.tasks")
 
+        def before_fit(self) -> None:
+            _check_checkpoint_args(self.config_init[self.subcommand])
+
+        before_validate = before_test = before_fit
+
+    # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LMergeCLI(
         LightningModule,
         CatalogDataModule,
@@ -329,6 +350,17 @@ def lightning(argv: list[str]) -> LightningCLI:
         trainer_defaults={"use_distributed_sampler": False},
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _check_checkpoint_args(settings: dict[str, Any]) -> None:
+    """A ``ckpt_path`` that names a file must exist; checkpoints load with ``weights_only`` (no
+    pickled code runs) unless the user asks otherwise."""
+    path = settings.get("ckpt_path")
+    keywords = ("last", "best", "hpc", "registry")
+    if path and not str(path).startswith(keywords) and "://" not in str(path) and not Path(path).is_file():
+        raise ConfigError(f"ckpt_path {path}: checkpoint file does not exist")
+    if settings.get("weights_only") is None:
+        settings["weights_only"] = True
 
 
 def overview() -> str:
