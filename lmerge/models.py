@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import pickle
 
 import torch
 from torch import nn
@@ -13,18 +15,32 @@ from lmerge.errors import ConfigError
 # The transformers class that carries each task kind's predictions.
 MODEL_CLASSES = {"classification": "AutoModelForSequenceClassification", "label_tokens": "AutoModelForCausalLM"}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The one switch for code shipped with a model: set by the user in the environment, never by a
+# file lmerge reads (catalogs, configs and adapters may come from anywhere).
+TRUST_REMOTE_CODE_ENV = "LMERGE_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code() -> bool:
+    """Whether models may run the Python code they ship (``auto_map``): only when the user sets
+    ``LMERGE_TRUST_REMOTE_CODE=1``."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def load_model(path: str, kind: str, dtype: torch.dtype | None = torch.float32, **options: object) -> nn.Module:
-    """The base model at ``path`` in the class that task kind ``kind`` needs (never remote code);
-    ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
+    """The base model at ``path`` in the class that task kind ``kind`` needs (its own code only
+    with ``LMERGE_TRUST_REMOTE_CODE=1``); ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # its bars would bury the one-line errors
+    remote = trust_remote_code()
     try:
-        encoder_decoder = transformers.AutoConfig.from_pretrained(path).is_encoder_decoder
+        encoder_decoder = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote).is_encoder_decoder
         name = "AutoModelForSeq2SeqLM" if kind == "label_tokens" and encoder_decoder else MODEL_CLASSES[kind]
-        return getattr(transformers, name).from_pretrained(path, dtype=dtype or "auto", **options)
-    except (OSError, ValueError) as exc:
+        return getattr(transformers, name).from_pretrained(
+            path, dtype=dtype or "auto", trust_remote_code=remote, **options
+        )
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        # UnpicklingError: a pickled checkpoint that torch's weights-only loader refused to run.
         raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
 
 

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from lmerge.errors import OutputError
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -42,9 +44,18 @@ def task_combo(names: list[str]) -> str:
     return "_".join(safe_component(n, "adapter name") for n in names)
 
 
+def inside_root(root: str | Path, path: str | Path) -> Path:
+    """``path`` if it stays inside ``root`` once symlinks are resolved, else an error: a symlink
+    planted inside the output root cannot redirect writes outside it."""
+    real_root, real = Path(root).resolve(), Path(path).resolve()
+    if real != real_root and real_root not in real.parents:
+        raise OutputError(f"{path}: resolves to {real}, outside the output root {real_root}; refusing to write there")
+    return Path(path)
+
+
 def merged_dir(root: str | Path, method: str, names: list[str]) -> Path:
     """``<root>/merged/<method>/<task_combo>``."""
-    return Path(root) / "merged" / safe_component(method, "method") / task_combo(names)
+    return inside_root(root, Path(root) / "merged" / safe_component(method, "method") / task_combo(names))
 
 
 def check_output_root(root: str | Path) -> Path:
@@ -115,8 +126,10 @@ def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]
         raise OutputError(f"{parent}: could not find a free directory name")
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{parent}: cannot be written ({exc.strerror or exc})") from None
+        # safetensors reports a failed write (disk full, file too large) as its own error type.
+        if isinstance(exc, OSError | SafetensorError):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OutputError(f"{parent}: cannot be written ({reason})") from None
         raise
 
 
@@ -170,17 +183,26 @@ def append_index(path: Path, entry: dict[str, Any]) -> int:
 def task_metrics_link(root: str | Path, task: str, split: str, others: list[str], label: str) -> Path:
     """``<root>/<task>/metrics/eval/<split>/merged/<other_tasks>/<label>/metrics.json``."""
     other = "_".join(safe_component(o, "task") for o in others) or "alone"
-    return (
-        Path(root)
-        / safe_component(task, "task")
-        / "metrics"
-        / "eval"
-        / safe_component(split, "split")
-        / "merged"
-        / other
-        / safe_component(label, "tag")
-        / "metrics.json"
-    )
+    folder = task_eval_dir(root, task, split) / "merged" / other / safe_component(label, "tag")
+    return inside_root(root, folder) / "metrics.json"
+
+
+def task_eval_dir(root: str | Path, task: str, split: str) -> Path:
+    """``<root>/<task>/metrics/eval/<split>``: everything recorded about one task on one split."""
+    folder = Path(root) / safe_component(task, "task") / "metrics" / "eval" / safe_component(split, "split")
+    return inside_root(root, folder)
+
+
+def single_metrics_path(root: str | Path, task: str, split: str, namespace: str) -> Path:
+    """``<root>/<task>/metrics/eval/<split>/single/<namespace>/metrics.json``: the cached
+    score of the task's own adapter alone."""
+    folder = task_eval_dir(root, task, split) / "single" / safe_component(namespace, "subset namespace")
+    return inside_root(root, folder) / "metrics.json"
+
+
+def subsets_dir(root: str | Path) -> Path:
+    """``<root>/subsets``: cached eval-subset indices."""
+    return inside_root(root, Path(root) / "subsets")
 
 
 def link_atomic(link: Path, target: Path) -> None:

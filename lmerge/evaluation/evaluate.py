@@ -15,12 +15,13 @@ from torch import nn
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec, subset_namespace
-from lmerge.errors import ConfigError
+from lmerge.data.task import SPLITS
+from lmerge.errors import ConfigError, unknown_name
 from lmerge.evaluation.fold import WeightFolder
 from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
 from lmerge.evaluation.scoring import SCORERS
 from lmerge.models import apply_head, load_model
-from lmerge.outputs import safe_component, write_json_atomic
+from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
 
 
 @dataclass
@@ -93,9 +94,14 @@ class Evaluator:
         kinds = {t.kind for t in tasks}
         if len(kinds) > 1:
             raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+        # Checked before anything loads, so a typo costs no model or dataset load.
+        if split not in SPLITS:
+            raise ConfigError(f"split: {unknown_name('split', split, list(SPLITS))}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"eval_batch_size: must be a positive integer, got {batch_size!r}")
         self.kind = kinds.pop()
         self.tasks = tasks
-        self.split = safe_component(split, "split")
+        self.split = split
         self.root = Path(output_root)
         self.eval_subset = eval_subset
         self.namespace = subset_namespace(eval_subset)
@@ -126,7 +132,7 @@ class Evaluator:
                 self.base_model,
                 eval_batch_size=self.batch_size,
                 eval_subset=self.eval_subset,
-                subset_cache_dir=self.root / "subsets",
+                subset_cache_dir=subsets_dir(self.root),
                 subset_splits=(self.split,),
             )
             if not module.has_split(self.split):
@@ -160,12 +166,11 @@ class Evaluator:
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
         """The task's own adapter alone on this split (cached per adapter, split and subset)."""
         adapter = self._adapter(task)
-        cache = self.root / safe_component(task.name, "task") / "metrics" / "eval" / self.split / "single"
-        cache = cache / self.namespace / "metrics.json"
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("adapter_sha256") == adapter.sha256 and cached.get("metric") == task.metric:
-                return cached
+        cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
+        cached = _read_record(cache)
+        if cached and cached.get("adapter_sha256") == adapter.sha256 and cached.get("metric") == task.metric:
+            return cached
+        self.data(task)  # a missing split or column is reported before the model loads
         folder = self.folder(adapter.fan_in_fan_out)
         try:
             for key in adapter.module_keys:
@@ -227,6 +232,15 @@ class Evaluator:
                 if base:
                     return base
         raise ConfigError("eval_tasks: no task adapter names its base model (base_model_name_or_path)")
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A cached JSON record, or None when it is missing or damaged (it is then recomputed)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "value" in record else None
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

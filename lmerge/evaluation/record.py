@@ -39,6 +39,7 @@ def record_evaluation(
 ) -> dict[str, Any]:
     """Write the results file, per-task metrics and their symlinks, and append to the index.
     Returns the index entry."""
+    tag = safe_component(tag, "tag")
     results = evaluation.to_dict()
     directory = eval_dir(root, method, adapter_names, evaluation.split, evaluation.namespace)
     results_file = directory / results_name(evaluation.split, evaluation.namespace, tag)

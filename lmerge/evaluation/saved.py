@@ -40,9 +40,9 @@ def evaluate_saved_adapter(
     path = Path(path)
     adapter = LoraAdapter(path)
     metadata_file = path / "merge_metadata.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {"method": "adapter"}
+    metadata = _read_metadata(metadata_file) if metadata_file.is_file() else {"method": "adapter"}
     names = [a["name"] for a in metadata.get("adapters", [])] or [safe_component(path.resolve().name, "adapter")]
-    tag = safe_component(tag, "tag") if tag else metadata.get("tag", names[0])
+    tag = safe_component(tag or metadata.get("tag", names[0]), "tag")
     evaluator.prepare_baselines()
     folder = evaluator.folder(adapter.fan_in_fan_out)
     try:
@@ -58,6 +58,20 @@ def evaluate_saved_adapter(
         output_root, metadata["method"], names, tag, evaluation, metadata, path if metadata_file.is_file() else None
     )
     return SavedEvaluation(evaluation, tag, recorded)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """A run bundle's ``merge_metadata.json``, checked to name its method and adapters."""
+    try:
+        metadata = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("method"), str):
+        raise ConfigError(f"{path}: not an lmerge merge_metadata.json (no 'method')")
+    adapters = metadata.get("adapters", [])
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a for a in adapters):
+        raise ConfigError(f"{path}: 'adapters' must be a list of {{name: ...}} records")
+    return metadata
 
 
 def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:
