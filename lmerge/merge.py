@@ -1,7 +1,7 @@
 """The streaming merge engine: one module at a time, through the method's kind.
 
 Only dense methods ever build dense task vectors, for the module at hand and a block of rows at
-a time (:class:`~lmerge.methods._ops.TaskVectors`), so peak memory stays below one module's
+a time (:class:`~lmerge.methods._task_vectors.TaskVectors`), so peak memory stays below one module's
 deltas for all adapters plus the output.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.layers import layer_index
-from lmerge.methods._ops import TaskVectors
+from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods.registry import Kind, MergeMethod, ModuleContext
 from lmerge.policies import LambdaFn
 

@@ -17,7 +17,8 @@ import torch
 
 import lmerge.methods
 from lmerge.errors import MethodError
-from lmerge.methods import METHODS, Kind, MergeMethod, ModuleContext, _ops, get_method
+from lmerge.methods import METHODS, Kind, MergeMethod, ModuleContext, _dare, get_method
+from lmerge.methods._task_vectors import TaskVectors
 
 KEY = "model.layers.3.self_attn.q_proj"
 
@@ -56,7 +57,7 @@ def _factors(n: int, rank: int = 4, seed: int = 0) -> tuple[list[torch.Tensor], 
 
 def _dense(method: MergeMethod, deltas: torch.Tensor, params: dict[str, Any], ctx: ModuleContext) -> torch.Tensor:
     """A dense method's merge of the stacked task vectors ``deltas`` [n, out, in]."""
-    return method.fn(_ops.TaskVectors.from_dense(deltas), params, ctx)
+    return method.fn(TaskVectors.from_dense(deltas), params, ctx)
 
 
 def _merged_delta(method: MergeMethod, params: dict[str, Any], deltas: torch.Tensor, **factor_inputs):
@@ -240,7 +241,7 @@ def test_dare_is_the_mean_of_the_dropped_and_rescaled_deltas(drop_rate):
     method = get_method("dare")
     params = method.normalize_params({"drop_rate": drop_rate, "seed": 5, "lambda": 0.8}, 3)
     merged = _dense(method, deltas, params, _ctx(method, params))
-    dropped = _ops.dare(deltas, drop_rate, 5, KEY)
+    dropped = _dare.dare(deltas, drop_rate, 5, KEY)
     torch.testing.assert_close(merged, dropped.mean(dim=0) * 0.8)
     if drop_rate:
         other = ModuleContext(key=KEY.replace("q_proj", "k_proj"), layer=3, lam=0.8)
@@ -252,7 +253,7 @@ def test_dare_ties_is_peft_sign_election_and_disjoint_merge_of_the_dropped_delta
     method = get_method("dare_ties")
     params = method.normalize_params({"drop_rate": 0.5, "seed": 5, "lambda": 0.8}, 3)
     merged = _dense(method, deltas, params, _ctx(method, params))
-    dropped = _ops.dare(deltas, 0.5, 5, KEY)
+    dropped = _dare.dare(deltas, 0.5, 5, KEY)
     sign_mask = PEFT.calculate_majority_sign_mask(dropped, method="total")
     torch.testing.assert_close(merged, PEFT.disjoint_merge(dropped, sign_mask) * 0.8)
 
@@ -268,12 +269,12 @@ def test_dense_methods_merge_factors_block_by_block_as_the_dense_stack(name):
     expected = _dense(method, deltas, params, _ctx(method, params))
     # Any block size gives the same numbers: blocks are bitwise rows of the whole.
     for block_elements in (700, 5000):
-        blocked = method.fn(_ops.TaskVectors.from_dense(deltas, block_elements), params, _ctx(method, params))
+        blocked = method.fn(TaskVectors.from_dense(deltas, block_elements), params, _ctx(method, params))
         assert torch.equal(blocked, expected)
     for ranks in ((4, 4, 4), (2, 4, 3)):
         factors = [A[:r] for A, r in zip(As, ranks)], [B[:, :r] for B, r in zip(Bs, ranks)]
         products = torch.stack([B @ A for A, B in zip(*factors)])
-        merged = method.fn(_ops.TaskVectors.from_factors(*factors, block_elements=2000), params, _ctx(method, params))
+        merged = method.fn(TaskVectors.from_factors(*factors, block_elements=2000), params, _ctx(method, params))
         torch.testing.assert_close(merged, _dense(method, products, params, _ctx(method, params)))
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from lmerge.methods import _ops
+from lmerge.methods import _dare, _signs, _topk
+from lmerge.methods._task_vectors import TaskVectors
 
 
 def _reference_topk(x: torch.Tensor, keep_fraction: float) -> torch.Tensor:
@@ -30,7 +31,7 @@ def _factors(n: int, out: int, inp: int, ranks: list[int] | None = None, seed: i
     return As, Bs
 
 
-def _blocks(deltas: _ops.TaskVectors) -> list[tuple[int, torch.Tensor]]:
+def _blocks(deltas: TaskVectors) -> list[tuple[int, torch.Tensor]]:
     """``(start, block)`` of every block that ``merge`` hands out."""
     seen = []
 
@@ -47,7 +48,7 @@ def _blocks(deltas: _ops.TaskVectors) -> list[tuple[int, torch.Tensor]]:
 def test_task_vector_blocks_cover_the_rows_in_order(shape, block_elements):
     out, inp = shape
     deltas = torch.randn(3, out, inp, generator=torch.Generator().manual_seed(0))
-    blocks = _blocks(_ops.TaskVectors.from_dense(deltas, block_elements))
+    blocks = _blocks(TaskVectors.from_dense(deltas, block_elements))
     rows = [block.shape[1] for _, block in blocks]
     assert [start for start, _ in blocks] == [sum(rows[:j]) * inp for j in range(len(rows))]
     assert torch.equal(torch.cat([block for _, block in blocks], dim=1), deltas)
@@ -59,13 +60,16 @@ def test_task_vector_blocks_cover_the_rows_in_order(shape, block_elements):
 @pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 8, 4]])
 def test_task_vectors_from_factors_are_the_products(ranks):
     As, Bs = _factors(3, 70, 50, ranks)
-    deltas = _ops.TaskVectors.from_factors(As, Bs, block_elements=2000)
+    deltas = TaskVectors.from_factors(As, Bs, block_elements=2000)
     assert deltas.n == 3 and deltas.shape == (70, 50) and deltas.numel == 3500
     blocks = torch.cat([block for _, block in _blocks(deltas)], dim=1)
     torch.testing.assert_close(blocks, torch.stack([B @ A for A, B in zip(As, Bs)]))
-    positions = torch.tensor([0, 49, 50, 1234, 3499])
-    for i, (A, B) in enumerate(zip(As, Bs)):
-        torch.testing.assert_close(deltas.values_at(i, positions), (B @ A).reshape(-1)[positions])
+    dense = torch.stack([B @ A for A, B in zip(As, Bs)])
+    rows, cols = torch.meshgrid(torch.arange(70), torch.arange(50), indexing="ij")
+    on_lattice = (rows % 8 == cols % 8).reshape(-1)
+    sample = deltas.lattice(8)
+    assert sample.shape == (3, int(on_lattice.sum()))
+    torch.testing.assert_close(sample.sort(dim=1).values, dense.reshape(3, -1)[:, on_lattice].sort(dim=1).values)
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64, 33), (300, 257)])
@@ -73,7 +77,7 @@ def test_task_vectors_from_factors_are_the_products(ranks):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_topk_mask_matches_sort_reference(shape, keep, dtype):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    mask = _ops.topk_mask(x, keep)
+    mask = _topk.topk_mask(x, keep)
     assert mask.dtype == torch.bool and mask.shape == x.shape
     assert int(mask.sum()) == int(keep * x.numel())
     assert torch.equal(mask, _reference_topk(x, keep))
@@ -91,13 +95,13 @@ def test_topk_mask_matches_sort_reference(shape, keep, dtype):
 )
 @pytest.mark.parametrize("keep", [0.25, 0.5, 0.75])
 def test_topk_mask_edge_cases_keep_exactly_k(x, keep):
-    assert torch.equal(_ops.topk_mask(x, keep), _reference_topk(x, keep))
+    assert torch.equal(_topk.topk_mask(x, keep), _reference_topk(x, keep))
 
 
 def test_topk_mask_matches_torch_topk_on_a_big_tensor():
     x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))
     k = int(0.2 * x.numel())
-    mask = _ops.topk_mask(x, 0.2)
+    mask = _topk.topk_mask(x, 0.2)
     top = torch.topk(x.abs().reshape(-1), k).indices
     expected = torch.zeros(x.numel(), dtype=torch.bool)
     expected[top] = True
@@ -107,7 +111,7 @@ def test_topk_mask_matches_torch_topk_on_a_big_tensor():
 @pytest.mark.parametrize("keep", [-0.1, 1.5])
 def test_topk_mask_rejects_fractions_outside_unit_interval(keep):
     with pytest.raises(ValueError, match="keep_fraction"):
-        _ops.topk_mask(torch.ones(3), keep)
+        _topk.topk_mask(torch.ones(3), keep)
 
 
 def test_top_k_pruning_is_per_task_vector():
@@ -115,7 +119,7 @@ def test_top_k_pruning_is_per_task_vector():
     deltas = torch.randn(2, 20, 30, generator=torch.Generator().manual_seed(2))
     deltas[1] *= 1000
     for i, delta in enumerate(deltas):
-        kept = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas), 0.1, lambda block, i=i: block[i])
+        kept = _topk.merge_top_k(TaskVectors.from_dense(deltas), 0.1, lambda block, i=i: block[i])
         assert int((kept != 0).sum()) == int(0.1 * delta.numel())
         assert torch.equal(kept, delta * _reference_topk(delta, 0.1))
 
@@ -130,7 +134,7 @@ def test_merge_top_k_is_exactly_the_pruned_merge(keep, dtype):
     g = torch.Generator().manual_seed(5)
     deltas = (torch.randn(3, 150, 97, generator=g) * torch.rand(3, 150, 1, generator=g)).to(dtype)
     for block_elements in (512, 1 << 20):
-        merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, block_elements), keep, lambda b: b.sum(dim=0))
+        merged = _topk.merge_top_k(TaskVectors.from_dense(deltas, block_elements), keep, lambda b: b.sum(dim=0))
         assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
 
 
@@ -139,7 +143,7 @@ def test_merge_top_k_keeps_ties_in_flat_order_across_blocks(keep):
     # Few distinct magnitudes: the k-th largest is tied with thousands of entries in many blocks.
     g = torch.Generator().manual_seed(6)
     deltas = torch.randint(-4, 5, (2, 120, 80), generator=g).float()
-    merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, 640), keep, lambda b: b.sum(dim=0))
+    merged = _topk.merge_top_k(TaskVectors.from_dense(deltas, 640), keep, lambda b: b.sum(dim=0))
     assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
 
 
@@ -147,23 +151,23 @@ def test_merge_top_k_with_fewer_nonzero_entries_than_k_keeps_them_all():
     deltas = torch.zeros(2, 40, 50)
     deltas[0, 3, :7] = torch.arange(1.0, 8.0)
     deltas[1, 10:20, 5] = -2.0
-    merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas), 0.5, lambda b: b.sum(dim=0))
+    merged = _topk.merge_top_k(TaskVectors.from_dense(deltas), 0.5, lambda b: b.sum(dim=0))
     assert torch.equal(merged, deltas.sum(dim=0))
 
 
 def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
     # A tiny sample and no margin: the brackets miss often, and the module is merged again.
-    monkeypatch.setattr(_ops, "_SAMPLE", (16, 16))
-    monkeypatch.setattr(_ops, "_Z", 0.0)
+    monkeypatch.setattr(_topk, "_SAMPLE_ALL", 0)
+    monkeypatch.setattr(_topk, "_Z", 0.0)
     passes = []
-    bracketed_merge = _ops._bracketed_merge
-    monkeypatch.setattr(_ops, "_bracketed_merge", lambda *args: passes.append(1) or bracketed_merge(*args))
+    bracketed_merge = _topk._bracketed_merge
+    monkeypatch.setattr(_topk, "_bracketed_merge", lambda *args: passes.append(1) or bracketed_merge(*args))
     g = torch.Generator().manual_seed(7)
     merges = 0
     for seed in range(5):
         deltas = torch.randn(4, 64, 50, generator=g) * (seed + 1)
         for keep in (0.1, 0.5, 0.9):
-            merged = _ops.merge_top_k(_ops.TaskVectors.from_dense(deltas, 800), keep, lambda b: b.sum(dim=0))
+            merged = _topk.merge_top_k(TaskVectors.from_dense(deltas, 800), keep, lambda b: b.sum(dim=0))
             assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
             merges += 1
     assert len(passes) > merges  # some merges did take the second pass
@@ -171,25 +175,25 @@ def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
 
 def test_dare_is_deterministic_per_key_and_seed():
     deltas = torch.randn(3, 50, 40, generator=torch.Generator().manual_seed(3))
-    first = _ops.dare(deltas, 0.5, 42, "layers.0.q_proj")
-    assert torch.equal(first, _ops.dare(deltas, 0.5, 42, "layers.0.q_proj"))
-    assert not torch.equal(first, _ops.dare(deltas, 0.5, 42, "layers.0.k_proj"))
-    assert not torch.equal(first, _ops.dare(deltas, 0.5, 43, "layers.0.q_proj"))
+    first = _dare.dare(deltas, 0.5, 42, "layers.0.q_proj")
+    assert torch.equal(first, _dare.dare(deltas, 0.5, 42, "layers.0.q_proj"))
+    assert not torch.equal(first, _dare.dare(deltas, 0.5, 42, "layers.0.k_proj"))
+    assert not torch.equal(first, _dare.dare(deltas, 0.5, 43, "layers.0.q_proj"))
 
 
 def test_dare_masks_are_the_same_in_another_process():
     # Python's str hash is salted per process; the masks must not depend on it.
-    code = "from lmerge.methods._ops import dare_mask; print(dare_mask((4, 16), 0.5, 7, 'a.b.3.q').int().tolist())"
+    code = "from lmerge.methods._dare import dare_mask; print(dare_mask((4, 16), 0.5, 7, 'a.b.3.q').int().tolist())"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    here = _ops.dare_mask((4, 16), 0.5, 7, "a.b.3.q").int().tolist()
+    here = _dare.dare_mask((4, 16), 0.5, 7, "a.b.3.q").int().tolist()
     assert out.stdout.strip() == str(here)
 
 
 def test_dare_drops_at_the_rate_and_rescales_the_rest():
     p = 0.9
     deltas = torch.randn(2, 400, 500, generator=torch.Generator().manual_seed(4)) + 10.0  # no zeros
-    dropped = _ops.dare(deltas, p, 0, "model.layers.1.mlp.up_proj")
+    dropped = _dare.dare(deltas, p, 0, "model.layers.1.mlp.up_proj")
     kept = dropped != 0
     # 200k draws per task vector: the kept fraction is within 3 sigma (~0.002) of 1 - p.
     for row in kept:
@@ -200,23 +204,23 @@ def test_dare_drops_at_the_rate_and_rescales_the_rest():
 
 def test_dare_with_zero_drop_rate_is_identity():
     deltas = torch.randn(2, 5, 6)
-    assert torch.equal(_ops.dare(deltas, 0.0, 1, "k"), deltas)
+    assert torch.equal(_dare.dare(deltas, 0.0, 1, "k"), deltas)
 
 
 def test_dare_keeps_dtype_and_device():
     deltas = torch.randn(2, 5, 6, dtype=torch.float64)
-    out = _ops.dare(deltas, 0.3, 1, "k")
+    out = _dare.dare(deltas, 0.3, 1, "k")
     assert out.dtype == torch.float64 and out.device == deltas.device
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype):
     deltas = (torch.randn(3, 50, 37, generator=torch.Generator().manual_seed(8)) + 5).to(dtype)
-    keep = _ops.dare_mask(deltas.shape, 0.7, 3, "layers.2.v_proj")
-    mask = _ops.DareMask(0.7, 3, "layers.2.v_proj")
+    keep = _dare.dare_mask(deltas.shape, 0.7, 3, "layers.2.v_proj")
+    mask = _dare.DareMask(0.7, 3, "layers.2.v_proj")
     for i in range(3):
         for block_elements in (100, 1 << 20):
-            dropped = _ops.TaskVectors.from_dense(deltas, block_elements).merge(
+            dropped = TaskVectors.from_dense(deltas, block_elements).merge(
                 lambda block, start, i=i: mask.apply_(block, start)[i]
             )
             assert torch.equal(dropped, deltas[i] * keep[i])
@@ -224,7 +228,7 @@ def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype):
 
 @pytest.mark.parametrize("drop_rate", [0.1, 0.5, 0.9, 0.999])
 def test_dare_masks_are_independent_draws(drop_rate):
-    keep = _ops.dare_mask((4, 512, 512), drop_rate, 11, "model.layers.7.mlp.down_proj").float()
+    keep = _dare.dare_mask((4, 512, 512), drop_rate, 11, "model.layers.7.mlp.down_proj").float()
     n = keep[0].numel()
     for row in keep:
         assert abs(row.mean().item() - (1 - drop_rate)) < 5 * ((1 - drop_rate) * drop_rate / n) ** 0.5
@@ -247,8 +251,8 @@ def test_elect_sign_and_disjoint_mean_by_hand():
             [0.0, 4.0, 0.0, 1.0, -1.0],
         ]
     )
-    sign = _ops.elect_sign(deltas)
+    sign = _signs.elect_sign(deltas)
     # Column sums 0, 1, 0, -1, 5: a zero sum elects +1.
     assert sign.tolist() == [1.0, 1.0, 1.0, -1.0, 1.0]
     # Only nonzero entries with the elected sign count; none at all gives 0.
-    assert _ops.disjoint_mean_(deltas.clone()).tolist() == [1.0, 4.0, 0.0, -5.0, 3.0]
+    assert _signs.disjoint_mean_(deltas.clone()).tolist() == [1.0, 4.0, 0.0, -5.0, 3.0]

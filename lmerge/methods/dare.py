@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import DareMask, TaskVectors, check_int, check_number, check_range, module_lambda
+from lmerge.methods._dare import DareMask
+from lmerge.methods._params import check_int, check_number, check_range, module_lambda
+from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

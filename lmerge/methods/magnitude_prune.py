@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import TaskVectors, check_number, check_range, merge_top_k, module_lambda
+from lmerge.methods._params import check_number, check_range, module_lambda
+from lmerge.methods._task_vectors import TaskVectors
+from lmerge.methods._topk import merge_top_k
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

@@ -7,7 +7,7 @@ Three kinds of method, each with its own function signature:
 - ``linear``: ``fn(n, params, ctx) -> list[float]`` is only a coefficient rule; the shared
   combiner applies ``sum_i c_i * delta_i`` exactly as a LoRA of rank ``sum_i r_i``.
 - ``dense``: ``fn(deltas, params, ctx) -> delta`` works elementwise on the task vectors of
-  one module. ``deltas`` is a ``_ops.TaskVectors``: its ``merge`` hands blocks of rows
+  one module. ``deltas`` is a ``_task_vectors.TaskVectors``: its ``merge`` hands blocks of rows
   ``[n, rows, in]``, built from the LoRA factors, to the method's per-block step and assembles
   the ``[out, in]`` result, so that the dense ``[n, out, in]`` stack never exists.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmerge.methods._ops import check_number, module_lambda
+from lmerge.methods._params import check_number, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

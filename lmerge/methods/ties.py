@@ -10,7 +10,10 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import TaskVectors, check_number, check_range, disjoint_mean_, merge_top_k, module_lambda
+from lmerge.methods._params import check_number, check_range, module_lambda
+from lmerge.methods._signs import disjoint_mean_
+from lmerge.methods._task_vectors import TaskVectors
+from lmerge.methods._topk import merge_top_k
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

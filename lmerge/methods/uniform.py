@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._ops import check_equal_ranks
+from lmerge.methods._params import check_equal_ranks
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lmerge.errors import MethodError
-from lmerge.methods._ops import check_equal_ranks, check_number, module_lambda, number_list
+from lmerge.methods._params import check_equal_ranks, check_number, module_lambda, number_list
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmerge.errors import MethodError
-from lmerge.methods._ops import check_bool, number_list, parse_yaml
+from lmerge.methods._params import check_bool, number_list, parse_yaml
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

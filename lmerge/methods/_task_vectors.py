@@ -1,0 +1,120 @@
+"""One module's task vectors, handed to dense methods a block of rows at a time.
+
+Each block is built from the LoRA factors into a reused buffer of a few MiB, so that the dense
+``[n, out, in]`` stack never exists and every elementwise step on a block runs while it is in
+cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+_BLOCK = 1 << 20
+"""Entries per block (all task vectors together): 4 MiB of float32, so that a block and the
+temporaries of the steps on it stay in cache, while each step is one call over many entries
+(a torch call costs microseconds, more when it wakes another thread)."""
+_MIN_ROWS = 12
+"""Fewest rows a block of products has: MKL multiplies fewer rows with other kernels that round
+differently, and with 12 or more every block is bitwise the same rows of the full ``B @ A``."""
+ALIGN = 64
+"""Blocks start at multiples of this many entries, so that a reduction over the task vectors
+(``sum(dim=0)``) takes each entry through the same vectorized code as one over the whole stack:
+a block is bitwise the rows of the full result."""
+
+
+class TaskVectors:
+    """The task vectors ``delta_i`` [out, in] of one module's n adapters, a block of rows at a time.
+
+    From LoRA factors a block is ``B_i[rows] @ A_i`` computed into a reused buffer (one batched
+    GEMM when the ranks are equal); from a dense stack ``[n, out, in]`` it is a copy of the rows.
+    A block is scratch: the method may overwrite it.
+    """
+
+    def __init__(
+        self,
+        factors: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        dense: torch.Tensor | None = None,
+        block_elements: int = _BLOCK,
+    ) -> None:
+        if (factors is None) == (dense is None):
+            raise ValueError("TaskVectors takes either factors or a dense stack")
+        self._factors, self._dense, self._block_elements = factors, dense, block_elements
+        self._stacked = None
+        if dense is not None:
+            self.n, rows, cols = dense.shape
+            self.dtype = dense.dtype
+        else:
+            As, Bs = factors
+            self.n, rows, cols = len(As), Bs[0].shape[0], As[0].shape[1]
+            self.dtype = torch.result_type(Bs[0], As[0])
+            if len({(A.shape[0], A.dtype, B.dtype) for A, B in zip(As, Bs, strict=True)}) == 1:
+                self._stacked = torch.stack(As), torch.stack(Bs)
+        self.shape = (rows, cols)
+        self.numel = rows * cols
+
+    @classmethod
+    def from_factors(cls, As: list[torch.Tensor], Bs: list[torch.Tensor], block_elements: int = _BLOCK) -> TaskVectors:
+        """``delta_i = Bs[i] @ As[i]`` (``A_i`` [r_i, in], ``B_i`` [out, r_i])."""
+        return cls(factors=(As, Bs), block_elements=block_elements)
+
+    @classmethod
+    def from_dense(cls, deltas: torch.Tensor, block_elements: int = _BLOCK) -> TaskVectors:
+        """The stacked task vectors ``deltas`` [n, out, in]."""
+        return cls(dense=deltas, block_elements=block_elements)
+
+    def merge(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """``[out, in]`` made of ``fn(block, start)`` for each block of rows: ``block`` [n, rows, in]
+        holds those rows of every task vector and ``start`` is its first entry's flat index."""
+        merged = torch.empty(self.shape, dtype=self.dtype)
+        cols = self.shape[1]
+        blocks = self._row_blocks(self._block_elements // (self.n * cols))
+        buffer = torch.empty(self.n * max(rows.stop - rows.start for rows in blocks) * cols, dtype=self.dtype)
+        for rows in blocks:
+            block = buffer[: self.n * (rows.stop - rows.start) * cols].view(self.n, -1, cols)
+            self._rows_into(rows, block)
+            merged[rows] = fn(block, rows.start * cols)
+        return merged
+
+    def lattice(self, every: int) -> torch.Tensor:
+        """``[n, m]``: the entries ``(row, col)`` with ``row % every == col % every`` of every task
+        vector, about ``numel / every`` each. Every row and every column is sampled, in equal
+        shares, so the sample is nearly as good as one drawn at random; and it is ``every`` small
+        GEMMs, not a gather of single entries."""
+        rows, cols = self.shape
+        parts = [
+            (slice(o, None, every), slice(o, None, every), len(range(o, rows, every)) * len(range(o, cols, every)))
+            for o in range(min(every, rows, cols))
+        ]
+        out = torch.empty(self.n, sum(size for _, _, size in parts), dtype=self.dtype)
+        start = 0
+        for row_slice, col_slice, size in parts:
+            piece = out[:, start : start + size].view(self.n, -1, len(range(cols)[col_slice]))
+            if self._dense is not None:
+                piece.copy_(self._dense[:, row_slice, col_slice])
+            elif self._stacked is not None:
+                torch.bmm(self._stacked[1][:, row_slice], self._stacked[0][:, :, col_slice], out=piece)
+            else:
+                for i, (A, B) in enumerate(zip(*self._factors, strict=True)):
+                    torch.mm(B[row_slice], A[:, col_slice], out=piece[i])
+            start += size
+        return out
+
+    def _rows_into(self, rows: slice, out: torch.Tensor) -> None:
+        if self._dense is not None:
+            out.copy_(self._dense[:, rows])
+        elif self._stacked is not None:
+            torch.bmm(self._stacked[1][:, rows], self._stacked[0], out=out)
+        else:
+            for i, (A, B) in enumerate(zip(*self._factors, strict=True)):
+                torch.mm(B[rows], A, out=out[i])
+
+    def _row_blocks(self, rows_per_block: int) -> list[slice]:
+        rows, align = self.shape[0], ALIGN // math.gcd(self.shape[1], ALIGN)
+        rows_per_block = max(rows_per_block // align, -(-_MIN_ROWS // align), 1) * align
+        starts = list(range(0, rows, rows_per_block))
+        if len(starts) > 1 and rows - starts[-1] < _MIN_ROWS:
+            starts.pop()  # a short last block joins the one before it
+        return [slice(r0, r1) for r0, r1 in zip(starts, starts[1:] + [rows], strict=True)]
