@@ -163,13 +163,16 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """Data, four fine-tunes, three static merges, a sweep and four learners on a tiny random BERT;
     a second run reuses data and adapters."""
     from conftest import build_bert, save_bert_tokenizer
+    from transformers import BertConfig, BertModel
 
     from lmerge.demo.pipeline import run_demo
 
     sources = write_sources(tmp_path / "src", copies=12)
     words = " ".join(Path(f).read_text() for f in (sources.sentiment, sources.questions, sources.sms)).split()
     words += [w for language in LANGS for w in (sources.conversations / language / "talk.yml").read_text().split()]
-    save_bert_tokenizer(build_bert(sources.base_model), words)
+    # A bare encoder with no classification head, like all-MiniLM-L6-v2; vocabulary 100.
+    BertModel(BertConfig.from_pretrained(build_bert(tmp_path / "with_head"))).save_pretrained(sources.base_model)
+    save_bert_tokenizer(sources.base_model, sorted(set(words))[:80])
     catalog = write_catalog(tmp_path, LABELS)
     settings = {
         "catalog": catalog,

@@ -102,7 +102,7 @@ def run_demo(
         command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
         command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
         command += ["--export.save", "none", "--export.eval_tasks", "null", *fit_args]
-        results.append(run_learner(name, command, learned_overrides))
+        results.append(run_learner(name, Path(config).stem, command, learned_overrides))
 
     step("report")
     table = text_table(results, metrics)

@@ -89,9 +89,10 @@ def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_over
     return row
 
 
-def run_learner(name: str, command: list[str], merge_overrides: dict[str, Any]) -> MethodResult:
+def run_learner(name: str, tag: str, command: list[str], merge_overrides: dict[str, Any]) -> MethodResult:
     """``lmerge fit`` with ``command``'s arguments (its export writes the learned merge spec), then
-    that merge scored on the test split, as ``lmerge merge --config <merge_spec.yaml>`` would."""
+    that merge (named ``tag`` in outputs) scored on the test split, as ``lmerge merge --config
+    <merge_spec.yaml>`` would."""
     from lmerge.__main__ import lightning
     from lmerge.callbacks import MergeExport
 
@@ -102,7 +103,7 @@ def run_learner(name: str, command: list[str], merge_overrides: dict[str, Any]) 
         cli = lightning(command)
     export = next(c for c in cli.trainer.callbacks if isinstance(c, MergeExport))
     spec = export.bundle / "merge_spec.yaml"
-    result = run_merge(load_merge_config(spec, **merge_overrides, tag=name))
+    result = run_merge(load_merge_config(spec, **merge_overrides, tag=tag))
     row = MethodResult.from_evaluation(name, "learned", result.evaluation, time.perf_counter() - started, str(spec))
     row.extra["coefficients"] = export.bundle / "coefficients.png"
     row.extra["log_dir"] = cli.trainer.log_dir
