@@ -28,7 +28,8 @@ entropy of the predictions (AdaMerging's objective), backward, Adam on the train
   backward pass runs through every layer down to the activations but computes no weight gradient;
 - ``fused``: lmerge's real step: ``AdaMerging`` (layer-wise, clamp, init 0.3) built from the catalog
   with all n adapters, ``configure_model()``; then ``training_step({"task0": batch})``, backward,
-  the Adam of ``configure_optimizers()``, and ``on_train_batch_end`` (``coefficients.project_()``);
+  the Adam of ``configure_optimizers()`` with the projection of ``optimizer_step`` (``coefficients.project_()``),
+  and ``on_train_batch_end``;
 - ``dense``: the same with ``merge_impl="dense"`` (lmerge's reference, n dense deltas per module);
 - ``fusionbench``: ``LayerWiseMergedModel`` over the base model and n PEFT ``merge_and_unload``
   models, as FusionBench's layer-wise AdaMerging builds it: a task vector for every parameter the
@@ -277,8 +278,9 @@ def prepare_lmerge(shape: Shape, data: Path, n: int, impl: str) -> Callable[[], 
         loss = learner.training_step(batch, index[0])
         loss.backward()
         optimizer.step()
+        learner.coefficients.project_()  # what the learner's optimizer_step adds to the optimizer's
         optimizer.zero_grad(set_to_none=True)
-        learner.on_train_batch_end(loss, batch, index[0])  # coefficients.project_()
+        learner.on_train_batch_end(loss, batch, index[0])
         index[0] += 1
 
     return step

@@ -19,7 +19,7 @@ from conftest import save_bert_tokenizer, save_llama_tokenizer  # noqa: E402
 from lmerge.catalog import load_catalog  # noqa: E402
 from lmerge.data import subsets  # noqa: E402
 from lmerge.data.multitask import MultiTaskDataModule  # noqa: E402
-from lmerge.data.sampling import EpochSampler, make_sampler, sampling_strategy, sampling_weights  # noqa: E402
+from lmerge.data.sampling import EpochSampler, ResumableLoader, make_sampler, sampling_strategy, sampling_weights  # noqa: E402
 from lmerge.data.subsets import select_subset, subset_indices, subset_namespace  # noqa: E402
 from lmerge.data.task import TaskSpec, load_task_catalog  # noqa: E402
 from lmerge.data.task_module import TaskDataModule  # noqa: E402
@@ -292,6 +292,26 @@ def test_sampler_is_seeded_and_balances_classes():
     assert all(abs(count / 30_000 - 1 / 3) < 0.02 for count in drawn.values())
     with pytest.raises(ConfigError, match="unknown sampling strategy 'square'; valid: balanced, inverse"):
         sampling_weights(LABELS, "square")
+
+
+def test_training_loader_resumes_mid_epoch_from_its_state():
+    def loader():
+        return ResumableLoader(list(range(10)), make_sampler(["a", "b"] * 5, "sqrt_inverse", seed=5), batch_size=3)
+
+    whole = [batch.tolist() for batch in loader()]
+    interrupted = loader()
+    running = iter(interrupted)
+    next(running), next(running)
+    state = interrupted.state_dict()
+    assert state == {"epoch": 0, "batches": 2}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [batch.tolist() for batch in resumed] == whole[2:]
+    assert [batch.tolist() for batch in resumed] == whole  # the pass after it is whole again
+    other_epoch = loader()
+    other_epoch.load_state_dict(state)
+    other_epoch.sampler.set_epoch(1)  # a state of epoch 0 does not cut a pass of epoch 1
+    assert len(list(other_epoch)) == 4
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,34 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tasks, tmp_path):
     assert first.ne(straight).any()
 
 
+def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path):
+    """A checkpoint after 3 of an epoch's 5 batches, resumed to 8 steps: the same coefficients,
+    bit for bit, as 8 steps in a row (the loaders skip the 3 batches, then go on into epoch 2)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps, ckpt=None, callbacks=()):
+        learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.05, init=0.5)
+        trainer = Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+        )
+        trainer.fit(learner, datamodule=data_for(tasks, "test"), ckpt_path=ckpt)
+        assert trainer.num_training_batches == 5
+        return torch.tensor(learner.coefficients.values())
+
+    straight = run(8)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True)
+    first = run(3, callbacks=[checkpoints])
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+    resumed = run(8, ckpt=tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(resumed, straight) and not torch.equal(first, straight)
+
+
 FIT_CONFIG = """
 model:
   class_path: lmerge.learners.AdaMerging
@@ -184,6 +212,62 @@ data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: {
 trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
 export: {{output_dir: {out}}}
 """
+
+
+KILL_CONFIG = """
+seed_everything: 0
+model:
+  class_path: lmerge.learners.AdaMerging
+  init_args: {{adapters: [alpha, beta], lr: 0.05, init: 0.5}}
+data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: 1}}
+trainer:
+  max_steps: 30
+  logger: false
+  enable_progress_bar: false
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {checkpoints}, every_n_train_steps: 3, save_last: true, save_top_k: -1}}
+export: {{output_dir: {out}}}
+"""
+
+
+@pytest.mark.slow
+def test_fit_killed_mid_epoch_resumes_to_the_same_coefficients(tasks, tmp_path):
+    """``lmerge fit`` SIGKILLed once a checkpoint exists (epochs of 20 steps, a checkpoint every 3,
+    so the last one is mid-epoch), then the same command with ``--ckpt_path last``: the exported
+    coefficients equal those of an uninterrupted run, bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(name):
+        config = tmp_path / f"{name}.yaml"
+        checkpoints, out = tmp_path / name / "checkpoints", tmp_path / name / "out"
+        config.write_text(KILL_CONFIG.format(catalog=tasks, checkpoints=checkpoints, out=out))
+        return [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+
+    def exported(name):
+        return json.loads(next((tmp_path / name / "out").rglob("coefficients.json")).read_text())["values"]
+
+    def finish(arguments):
+        done = subprocess.run(arguments, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    finish(command("straight"))
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    child = subprocess.Popen(command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not last.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not list((tmp_path / "killed" / "out").rglob("coefficients.json"))
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 30 and step % 20 != 0  # killed mid-epoch
+    finish([*command("killed"), "--ckpt_path", "last"])
+    assert exported("killed") == exported("straight")
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lmerge.errors import ConfigError, unknown_name
 
@@ -64,9 +64,14 @@ class EpochSampler(Sampler[int]):
         self.weights = weights
         self.num_samples = num_samples or size
         self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def start_next_at(self, position: int) -> None:
+        """Let the next pass begin at ``position`` of this process's order (then passes are whole again)."""
+        self.start = position
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -77,12 +82,46 @@ class EpochSampler(Sampler[int]):
         rank, world = _process_group()
         if world > 1:
             order = (order * world)[: len(self) * world][rank::world]
-        return iter(order)
+        start, self.start = self.start, 0
+        return iter(order[start:])
 
     def __len__(self) -> int:
         total = self.size if self.weights is None else self.num_samples
         world = _process_group()[1]
         return -(-total // world)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over an :class:`EpochSampler` that Lightning checkpoints mid-epoch
+    (it saves and restores iterables with ``state_dict``/``load_state_dict``): the state is the
+    sampler's epoch and the batches the current pass has handed out. After ``load_state_dict``,
+    a pass of the same epoch resumes after those batches (their examples are never loaded), so
+    a run killed mid-epoch and resumed sees the batches an uninterrupted run sees."""
+
+    def __init__(self, dataset: Sequence[Any], sampler: EpochSampler, **options: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **options)
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the resume point is read when the first batch is asked for, after Lightning
+        # has set the epoch and loaded the state (it creates the iterator before either).
+        resume, self._resume = self._resume, None
+        self._served = 0
+        if resume is not None and resume["epoch"] == self.sampler.epoch:
+            self._served = resume["batches"]
+            self.sampler.start_next_at(self._served * self.batch_size)
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many batches of it this loader's current pass has given."""
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the next pass after ``state_dict["batches"]`` batches if it is of the same epoch."""
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
 
 def _process_group() -> tuple[int, int]:

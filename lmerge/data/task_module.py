@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lmerge.data.collate import IGNORE_INDEX, Collator
-from lmerge.data.sampling import STRATEGIES, make_sampler
+from lmerge.data.sampling import STRATEGIES, ResumableLoader, make_sampler
 from lmerge.data.subsets import subset_indices
 from lmerge.data.task import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
 from lmerge.errors import ConfigError, unknown_name
@@ -212,20 +212,22 @@ class TaskDataModule(LightningDataModule):
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         """Batches of our ``split``; ``shuffle`` draws through the sampling strategy when one is
-        set, else in a seeded random order. Batches are ``batch_size`` when given, else the
-        training batch size for train and ``eval_batch_size`` for the others."""
+        set, else in a seeded random order, from a loader that resumes mid-epoch from a checkpoint.
+        Batches are ``batch_size`` when given, else the training batch size for train and
+        ``eval_batch_size`` for the others."""
         examples = self._examples(split)
-        sampler = make_sampler([e["label"] for e in examples], self.sampling, self.seed) if shuffle else None
         if batch_size is None:
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
-        return DataLoader(
-            examples,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
+        options = {
+            "batch_size": batch_size,
+            "collate_fn": self.collator(),
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+        }
+        if not shuffle:
+            return DataLoader(examples, **options)
+        sampler = make_sampler([e["label"] for e in examples], self.sampling, self.seed)
+        return ResumableLoader(examples, sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", shuffle=True)

@@ -105,7 +105,9 @@ class MergeLearner(LightningModule):
         self.heads = nn.ModuleDict()
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
         self.strict_loading = False
+        # Training state that checkpoints carry, so a resumed run stops and restores as an uninterrupted one.
         self._best: tuple[float, list[list[float]]] | None = None
+        self._patience_best: float | None = None
         self._stale = 0
         self._last_terms: dict[str, float] = {}
 
@@ -161,8 +163,12 @@ class MergeLearner(LightningModule):
             self.log(f"train/{self.objective_name}/{task}", term)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Inside the step, so callbacks (checkpoints, trajectories) only ever see projected coefficients.
         self.coefficients.project_()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
         if self.hparams.restore_best_checkpoint and (self._best is None or loss < self._best[0]):
             self._best = (loss, self.coefficients.values())
@@ -177,7 +183,7 @@ class MergeLearner(LightningModule):
         step = self.global_step
         if patience <= 0 or step < self.hparams.early_stopping_warmup_steps:
             return
-        best = getattr(self, "_patience_best", None)
+        best = self._patience_best
         if best is None or loss < best - self.hparams.early_stopping_threshold:
             self._patience_best, self._stale = loss, 0
             return
@@ -213,6 +219,14 @@ class MergeLearner(LightningModule):
     # ---- checkpoints and export ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
+        checkpoint["lmerge_learner"] = {"best": self._best, "patience_best": self._patience_best, "stale": self._stale}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lmerge_learner")
+        if state is not None:
+            best = state["best"]
+            self._best = (best[0], best[1]) if best is not None else None
+            self._patience_best, self._stale = state["patience_best"], state["stale"]
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:
