@@ -11,6 +11,7 @@ from peft.utils import merge_utils
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lmerge.adapters import LoraAdapter
+from lmerge.adapters.save import truncated_svd
 from lmerge.config import MergeConfig, SaveConfig
 from lmerge.runner import run_merge
 
@@ -136,6 +137,20 @@ def test_dense_default_rank_records_svd_error(zoo, tmp_path):
     errors = json.loads((result.run_dir / "merge_metadata.json").read_text())["save"]["svd_relative_error"]
     assert set(errors) == set(saved.module_keys)
     assert all(0 < e < 1 for e in errors.values())
+
+
+def test_truncated_svd_error_is_the_true_error_and_near_the_best():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 64, generator=g))
+    delta = (U * 0.8 ** torch.arange(64.0)) @ V.T + 1e-3 * torch.randn(300, 200, generator=g)
+    A, B, error = truncated_svd(delta, 8)
+    assert A.shape == (8, 200) and B.shape == (300, 8)
+    true_error = float((delta - B @ A).norm() / delta.norm())
+    assert error == pytest.approx(true_error, rel=1e-3)
+    singular = torch.linalg.svdvals(delta)
+    best = float(singular[8:].norm() / singular.norm())
+    assert best <= true_error < best * 1.01
 
 
 def test_full_save_matches_lora_save(zoo, tmp_path):

@@ -24,15 +24,20 @@ _AUTO_CLASSES = {
 }
 
 
-def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, float]:
+_OVERSAMPLE = 16
+"""Extra columns of the randomized range finder. Each pass over the merged matrix costs about
+the same for any small number of columns (it is memory bound), so a generous oversampling with
+one power iteration matches two iterations with few columns at two thirds of the passes."""
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [k, in], B [out, k], relative Frobenius error)`` with ``B @ A`` the best rank-``k``
     approximation found by a randomized SVD (a few GEMMs, not a full decomposition)."""
     rank = min(rank, *delta.shape)
     total = float(delta.square().sum())
     if total == 0.0:
         return delta.new_zeros(rank, delta.shape[1]), delta.new_zeros(delta.shape[0], rank), 0.0
-    oversampled = min(rank + 8, *delta.shape)
-    U, S, V = torch.svd_lowrank(delta, q=oversampled, niter=niter)
+    U, S, V = torch.svd_lowrank(delta, q=min(rank + _OVERSAMPLE, *delta.shape), niter=niter)
     U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2).
     error = max(total - float(S.square().sum()), 0.0) ** 0.5 / total**0.5
@@ -44,7 +49,7 @@ class LoraWriter:
 
     format = "lora"
 
-    def __init__(self, adapters: list[LoraAdapter], rank: int | None, svd_niter: int = 2) -> None:
+    def __init__(self, adapters: list[LoraAdapter], rank: int | None, svd_niter: int = 1) -> None:
         self.adapters = adapters
         self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
         self.svd_niter = svd_niter
