@@ -1,7 +1,7 @@
 """Benchmark lmerge's merges against PEFT's ``add_weighted_adapter`` and the dense-delta floor.
 
     .venv/bin/python scripts/bench_merge.py --n 2 4 8 [--cases ...] [--repeat 1] [--skip-slow-peers]
-        [--slow-n 8] [--out results.json]
+        [--slow-n 8] [--scaling-layers 4 8 16] [--out results.json]
 
 A Llama-shaped random model (hidden 1024, intermediate 2816, 8 layers) and n random LoRA
 adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per run in a
@@ -14,6 +14,10 @@ excluded), the RSS right before it and the peak RSS during it (VmHWM, reset firs
   plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
 - ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
   the least work any dense merge must do.
+
+With ``--scaling-layers``, the same adapters are also written for models of those depths and
+``lmerge:ties`` and ``lmerge:task_vector`` merge ``--scaling-n`` of them at each depth: the peak
+RSS should stay flat as the model grows, since modules are merged one at a time.
 
 PEFT's ``*_svd`` types take one to two minutes each (a full SVD per module), so they run only
 at the n values of ``--slow-n`` (default: the largest ``--n``), or not at all with
@@ -151,6 +155,29 @@ def generate(root: Path, n_adapters: int) -> None:
 def adapter_dirs(root: Path, n: int) -> list[Path]:
     """The first ``n`` generated adapters."""
     return [root / "adapters" / f"task{i}" for i in range(n)]
+
+
+def deepen(source: Path, root: Path, n_adapters: int, layers: int) -> None:
+    """Write ``n_adapters`` random adapters for a model of ``layers`` layers to
+    ``root/adapters/task<i>``, with the configuration of the generated adapters in ``source``
+    (no base model: saving a merge as a LoRA does not load it)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    template = load_file(str(source / "adapters" / "task0" / "adapter_model.safetensors"))
+    layer_zero = {name: t.shape for name, t in template.items() if ".layers.0." in name}
+    for i in range(n_adapters):
+        generator = torch.Generator().manual_seed(i)
+        tensors = {
+            name.replace(".layers.0.", f".layers.{layer}."): torch.randn(shape, generator=generator)
+            / math.sqrt(shape[1])
+            for layer in range(layers)
+            for name, shape in layer_zero.items()
+        }
+        target = root / "adapters" / f"task{i}"
+        target.mkdir(parents=True)
+        shutil.copy(source / "adapters" / "task0" / "adapter_config.json", target)
+        save_file(tensors, str(target / "adapter_model.safetensors"))
 
 
 # ---- one case, in the child process ----------------------------------------------------------
@@ -304,12 +331,38 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def delta_sizes_mb(n: int) -> tuple[float, float]:
+def delta_sizes_mb(n: int, layers: int = LAYERS) -> tuple[float, float]:
     """float32 MB of the n dense deltas of the largest module, and of every module."""
     shapes = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 3
     largest = max(rows * cols for rows, cols in shapes)
-    every = LAYERS * sum(rows * cols for rows, cols in shapes)
+    every = layers * sum(rows * cols for rows, cols in shapes)
     return n * largest * 4 / 2**20, n * every * 4 / 2**20
+
+
+SCALING_CASES = ("lmerge:task_vector", "lmerge:ties")
+
+
+def scaling(data: Path, depths: list[int], n: int, repeat: int) -> str:
+    """Merge n adapters of models of each depth in ``depths``; the table of time and peak RSS."""
+    lines = [
+        f"| case (n={n}) | layers | seconds | peak RSS MB | Δ RSS MB | all modules' deltas MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for layers in depths:
+        root = data / f"layers{layers}"
+        deepen(data, root, n, layers)
+        every = delta_sizes_mb(n, layers)[1]
+        for name in SCALING_CASES:
+            r = measure(name, n, root, repeat)
+            if "error" in r:
+                lines.append(f"| {name} | {layers} | error: {r['error'][:100]} | | | |")
+                continue
+            cells = [name, str(layers), f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}"]
+            cells += [f"{r['peak_mb'] - r['baseline_mb']:+.0f}", f"{every:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(f"  layers={layers} {name}: {r['seconds']:.3f} s, peak {r['peak_mb']:.0f} MB", flush=True)
+        shutil.rmtree(root)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -320,6 +373,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest counts")
     parser.add_argument("--skip-slow-peers", action="store_true", help="skip PEFT's *_svd types")
     parser.add_argument("--slow-n", type=int, nargs="+", help="n for PEFT's *_svd types (default: max --n)")
+    parser.add_argument("--scaling-layers", type=int, nargs="*", default=[], help="model depths for the scaling check")
+    parser.add_argument("--scaling-n", type=int, default=4, help="adapters merged in the scaling check")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -338,7 +393,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         data = Path(tmp)
         started = time.perf_counter()
-        generate(data, max(args.n))
+        generate(data, max(args.n + ([args.scaling_n] if args.scaling_layers else [])))
         elapsed = time.perf_counter() - started
         print(f"generated the model and {max(args.n)} adapters in {elapsed:.1f} s", flush=True)
         for n in args.n:
@@ -349,11 +404,14 @@ def main() -> None:
                 results.append(result)
                 shown = result.get("error") or f"{result['seconds']:.3f} s, peak {result['peak_mb']:.0f} MB"
                 print(f"  n={n} {name}: {shown}", flush=True)
+        depths = scaling(data, args.scaling_layers, args.scaling_n, args.repeat) if args.scaling_layers else ""
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s\n")
     print(table(results))
     for n in args.n:
         module, every = delta_sizes_mb(n)
         print(f"n={n}: dense deltas of the largest module {module:.0f} MB, of all modules {every:.0f} MB")
+    if depths:
+        print(f"\nScaling with the model's depth:\n\n{depths}")
     if args.out:
         args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
