@@ -15,7 +15,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmerge.callbacks import CoefficientLogger, export_learned_merge
 from lmerge.data import CatalogDataModule
+from lmerge.errors import ConfigError
 from lmerge.learners import AdaMerging, GradientCE, RegretSmoothMax, SuperMerge
+from lmerge.learners.base import resolve_model_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -136,6 +138,30 @@ def test_adamerging_logs_a_summary_instead_of_a_vocabulary_of_classes(tasks, mon
     beta = {k.rpartition("/")[2]: v for k, v in logged.items() if k.startswith("predicted_distribution/beta/")}
     assert set(beta) == {"entropy", "top1_mass", "top5_mass"}
     assert beta["top1_mass"] > 0.9 and beta["top5_mass"] >= beta["top1_mass"] and beta["entropy"] < 0.5
+
+
+def test_cpu_mixed_precision_computes_in_float32_and_half_true_is_refused(tasks, tmp_path):
+    values = {}
+    for precision in ("32-true", "bf16-mixed"):
+        learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.05)
+        fit(learner, data_for(tasks, "test"), 2, tmp_path, precision=precision, accelerator="cpu")
+        values[precision] = learner.coefficients.values()
+    assert values["bf16-mixed"] == values["32-true"]  # bit for bit: no bf16 autocast on CPU
+    learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"])
+    with pytest.raises(ConfigError, match="trainer.precision bf16-true: .* use bf16-mixed"):
+        fit(learner, data_for(tasks, "test"), 1, tmp_path, precision="bf16-true", accelerator="cpu")
+
+
+def test_model_dtype_auto_is_float32_on_cpu_and_half_models_keep_a_float32_merged_path(tasks, tmp_path):
+    assert resolve_model_dtype("auto", "cpu") == torch.float32 and resolve_model_dtype("auto", "cuda") is None
+    assert resolve_model_dtype("bf16", "cpu") == torch.bfloat16
+    learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.05, model_dtype="bf16")
+    before = learner.coefficients.values()
+    fit(learner, data_for(tasks, "test"), 2, tmp_path)
+    module = next(iter(learner.fused.modules.values()))
+    assert module.base.weight.dtype == learner.heads["alpha"].weight.dtype == torch.bfloat16
+    assert module.A_cat.dtype == torch.float32 and learner.coefficients.raw.dtype == torch.float32
+    assert learner.coefficients.values() != before
 
 
 def test_only_coefficients_train_and_checkpoints_hold_only_them(tasks, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
@@ -33,6 +34,18 @@ Batch = dict[str, Any]
 # and Lightning 2.6's CombinedLoader trips a torch deprecation of its own: neither is the user's concern.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
+# Trainer precisions that cast the whole LightningModule, the coefficients included, to half.
+HALF_PRECISIONS = ("bf16-true", "16-true")
+
+
+def resolve_model_dtype(name: str, device_type: str) -> torch.dtype | None:
+    """The dtype to load the base model in for ``model_dtype`` ``name``: ``auto`` is float32 on
+    CPU and the checkpoint's own dtype (None) on an accelerator; the others are what they say."""
+    if name == "auto" and device_type == "cpu":
+        return torch.float32
+    return DTYPES[name]
 
 
 class MergeLearner(LightningModule):
@@ -69,7 +82,8 @@ class MergeLearner(LightningModule):
             lr: Adam learning rate of the coefficients.
             merge_mode: ``common`` merges the modules all adapters share; ``strict`` fails on any difference.
             merge_impl: ``fused_lora_linear`` (two GEMMs per module) or ``dense`` (the reference).
-            model_dtype: Dtype the base model and LoRA factors are loaded in (``auto``: the checkpoint's).
+            model_dtype: Dtype the base model is loaded in (``auto``: float32 on CPU, the checkpoint's on an
+                accelerator); the merged low-rank path and the coefficients stay in at least float32.
             base_model: Base model directory; default: the adapters' ``base_model_name_or_path``.
             early_stopping_patience: Stop after this many steps without improvement of the loss (0: never).
             early_stopping_threshold: Smallest loss decrease that counts as an improvement.
@@ -116,9 +130,14 @@ class MergeLearner(LightningModule):
         """Load the base model, fuse the adapters into it and build the task heads (once)."""
         if self.model is not None:
             return
-        dtype = DTYPES[self.hparams.model_dtype]
+        dtype = resolve_model_dtype(self.hparams.model_dtype, self._device_type())
         model = load_model(self.base_model_path, self.kind, dtype).requires_grad_(False).eval()
-        self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, self.hparams.merge_impl)
+        weight_dtype = next(model.parameters()).dtype
+        # The merged path in at least float32 (the base weights may be half): c_rep and the low-rank
+        # products keep the coefficients' precision; under autocast its GEMMs run in half anyway.
+        path_dtype = torch.promote_types(weight_dtype, torch.float32)
+        impl = self.hparams.merge_impl
+        self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
         if self.kind == "classification":
             for name, spec in self.task_specs.items():
@@ -127,7 +146,22 @@ class MergeLearner(LightningModule):
                 head_state = LoraAdapter(spec.adapter, name=name).head_state()
                 if not head_state:
                     raise ConfigError(f"task {name}: its adapter saved no head (modules_to_save)")
-                self._head_path, self.heads[name] = build_head(model, head_state)
+                self._head_path, head = build_head(model, head_state)
+                self.heads[name] = head.to(weight_dtype)  # heads are saved in the adapter's dtype
+
+    def _device_type(self) -> str:
+        """The trainer's device type (``cpu`` without a trainer)."""
+        return self._trainer.strategy.root_device.type if self._trainer is not None else "cpu"
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision in HALF_PRECISIONS:
+            raise ConfigError(
+                f"trainer.precision {precision}: it would cast the coefficients to half precision; use "
+                f"{precision.replace('-true', '-mixed')}, with model.model_dtype bf16 or fp16 to hold the model in half"
+            )
+        if precision.endswith("-mixed") and self._device_type() == "cpu":
+            rank_zero_warn(f"trainer.precision {precision}: on CPU the learner computes in float32")
 
     def train(self, mode: bool = True) -> MergeLearner:
         # Dropout stays off: the coefficients are learned on the deterministic merged function.
@@ -141,7 +175,10 @@ class MergeLearner(LightningModule):
         """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
         if self.kind == "classification":
             self.model.set_submodule(self._head_path, self.heads[task])
-        return forward_logits(self.model, batch)
+        device_type = batch["input_ids"].device.type
+        # Mixed precision is for accelerators; on CPU, bf16 autocast is slower and coarser, so it is off.
+        with torch.autocast(device_type, enabled=False) if device_type == "cpu" else contextlib.nullcontext():
+            return forward_logits(self.model, batch)
 
     # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
