@@ -83,8 +83,9 @@ class FusedLoRALinear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         y = self.base(rows)
         low = F.linear(rows.to(self.A_cat.dtype), self.A_cat) * c_rep.to(self.A_cat.dtype)
-        if low.dtype == y.dtype:
-            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add.
+        if low.dtype == y.dtype or torch.is_autocast_enabled(rows.device.type):
+            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add
+            # (under autocast, addmm casts all three to the autocast dtype).
             y = torch.addmm(y, low, self.B_cat.t())
         else:
             y = y + F.linear(low, self.B_cat).to(y.dtype)

@@ -311,3 +311,19 @@ def test_addmm_forward_equals_the_separate_add_bit_for_bit(zoo, family, monkeypa
     for result in (with_table, per_module):
         assert torch.equal(result[0], unflattened[0])
         torch.testing.assert_close(result[1], unflattened[1], rtol=1e-5, atol=1e-9)
+
+
+def test_autocast_runs_the_low_rank_path_in_half_with_float32_coefficients(zoo):
+    """What ``bf16-mixed`` does on a GPU, emulated with CPU autocast: bf16 GEMMs, c_rep applied in
+    float32, float32 coefficient gradients close to the float32 ones."""
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, "llama", "layer_wise", "sigmoid", torch.float32)
+    module = attach(model, adapters, keys, coefficients, group_of).modules["model.layers.1.mlp.down_proj"]
+    x = torch.randn(3, 4, module.base.in_features, generator=torch.Generator().manual_seed(1))
+    module(x).square().mean().backward()
+    reference, coefficients.raw.grad = coefficients.raw.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert coefficients.raw.grad.dtype == torch.float32
+    assert relative_error(coefficients.raw.grad, reference) < 3e-2
