@@ -182,19 +182,18 @@ def _bracketed_merge(
 
     def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
         sure, spare = buffers.get("sure", block.shape), buffers.get("spare", block.shape)
-        largest, smallest = buffers.get("largest", block.shape[1:]), buffers.get("smallest", block.shape[1:])
         for x, y, (low, high) in zip(block, sure, brackets, strict=True):
             torch.hardshrink(x, low, out=x)  # |x| > low: all that the exact cut may keep
             torch.hardshrink(x, high, out=y)  # |x| > high: kept for sure
-        inside = torch.sub(block, sure, out=spare)  # low < |x| <= high: undecided
-        # 0 where no task vector is undecided (|max| + |min|: the entries may have any sign).
-        spread = torch.amax(inside, dim=0, out=largest).abs_().add_(torch.amin(inside, dim=0, out=smallest).abs_())
-        where = spread.view(-1).bool().nonzero().view(-1)
+        # Comparisons written as 0.0/1.0 in the block's dtype: one pass each, where a bool
+        # tensor and its sum cost several. Counts in floats are exact (fewer than 2**24 entries).
+        undecided = torch.ne(block, sure, out=spare)  # low < |x| <= high
+        any_undecided = torch.amax(undecided, dim=0, out=buffers.get("any", block.shape[1:]))
+        where = any_undecided.view(-1).nonzero().view(-1)
         if where.numel():
             positions.append(where + start)
             columns.append(block.view(n, -1).index_select(1, where))
-        # Count in floats (exact: a block has fewer than 2**24 entries); a bool sum would copy twice.
-        above.add_(torch.sign(sure, out=spare).abs_().view(n, -1).sum(dim=1, dtype=count_dtype))
+        above.add_(torch.ne(sure, 0, out=spare).view(n, -1).sum(dim=1, dtype=count_dtype))
         return fn(sure)
 
     merged = deltas.merge(merge_block)
