@@ -76,7 +76,7 @@ class AdaMerging(MergeLearner):
     def _log_distribution(self, task: str, mean: torch.Tensor) -> None:
         """The batch-mean prediction, so that a collapse to one class shows in TensorBoard."""
         if len(mean) <= self.hparams.distribution_max_classes:
-            for index, share in enumerate(mean.tolist()):
+            for index, share in enumerate(mean):  # tensors: no wait for an accelerator at every step
                 self.log(f"predicted_distribution/{task}/{index}", share)
             return
         # One scalar per class of a vocabulary would be tens of thousands of series per step.

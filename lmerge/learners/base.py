@@ -123,7 +123,6 @@ class MergeLearner(LightningModule):
         self._best: tuple[float, list[list[float]]] | None = None
         self._patience_best: float | None = None
         self._stale = 0
-        self._last_terms: dict[str, float] = {}
 
     # ---- the model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -194,7 +193,6 @@ class MergeLearner(LightningModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         terms = {task: self.task_objective(task, self.task_logits(task, b), b) for task, b in batch.items()}
         loss = self.combine(terms)
-        self._last_terms = {task: float(term.detach()) for task, term in terms.items()}
         self.log("train/loss", loss, prog_bar=True)
         for task, term in terms.items():
             self.log(f"train/{self.objective_name}/{task}", term)
@@ -206,6 +204,8 @@ class MergeLearner(LightningModule):
         self.coefficients.project_()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.hparams.restore_best_checkpoint and self.hparams.early_stopping_patience <= 0:
+            return  # reading the loss would wait for an accelerator to finish the step
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
         if self.hparams.restore_best_checkpoint and (self._best is None or loss < self._best[0]):
             self._best = (loss, self.coefficients.values())
