@@ -327,3 +327,13 @@ def test_two_processes_share_one_study_with_disjoint_points(tasks, tmp_path):
     assert len(workers) == 2
     summaries = [json.loads(Path(stdout.rsplit("\nsweep: ", 1)[1].strip()).read_text()) for stdout, _ in outputs]
     assert summaries[0]["points"] == summaries[1]["points"]
+
+
+def test_bayes_reuses_a_point_the_sampler_proposes_again(tasks, tmp_path, count_evaluations):
+    # Two choices and a budget of four: the sampler must come back to a point it has seen.
+    space = {"lambda": {"type": "categorical", "choices": [0.25, 0.75]}}
+    search = {"type": "bayes", "budget": 4, "init_points": 1, "space": space}
+    result = run_sweep(sweep_config(tasks, tmp_path, search=search))
+    assert sorted(p["params"]["lambda"] for p in result.points) == [0.25, 0.75]
+    assert len(count_evaluations) == result.evaluated == 2
+    assert json.loads(result.path.read_text())["search"]["budget"] == 4

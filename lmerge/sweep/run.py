@@ -155,6 +155,11 @@ def _work(config: SweepConfig, space: Space, study: SweepStudy, evaluator: Evalu
                     break
                 time.sleep(_POLL_SECONDS)
                 continue
+            earlier = study.finished(trial.params)
+            if earlier is not None:
+                study.repeat(trial, earlier)
+                bar.update(1)
+                continue
             try:
                 record = _evaluate(config, trial.params, evaluator)
             except BaseException:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler, GPSampler, GridSampler
 
@@ -105,10 +106,11 @@ def bayes_space(search: SearchConfig, method: MergeMethod, nonnegative: bool) ->
     probes = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
 
     def make_sampler(trials: int) -> BaseSampler:
-        # Seeded by the study's size: the same seed replays the same sweep, while a resumed sweep
-        # or a second worker does not draw the first random points again.
+        # Seeded by the seed and the study's size: the same seed replays the same sweep, a resumed
+        # sweep or a second worker does not draw the first random points again, and seeds s and
+        # s + 1 draw unrelated points (a plain seed + trials would shift one sequence by a step).
         return GPSampler(
-            seed=search.seed + trials,
+            seed=int(np.random.SeedSequence([search.seed, trials]).generate_state(1)[0]),
             n_startup_trials=search.init_points,
             deterministic_objective=True,
         )

@@ -31,9 +31,11 @@ from lmerge.sweep.space import Space
 WORKER_ATTR = "lmerge_worker"
 POINT_ATTR = "lmerge_point"
 WARM_ATTR = "lmerge_warm_start"
+REPEAT_ATTR = "lmerge_repeat_of"
 _ACTIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna's own notes (a missing optional package, each finished trial) would drown the sweep's output.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 class Worker:
@@ -150,6 +152,19 @@ class SweepStudy:
         trial.set_user_attr(POINT_ATTR, record)
         self.study.tell(trial, value)
 
+    def finished(self, params: dict[str, Any]) -> FrozenTrial | None:
+        """An earlier finished trial of exactly these parameters (a sampler may propose a point
+        twice, e.g. a bound of the space): its result is reused rather than evaluated again."""
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial.params == params and POINT_ATTR in trial.user_attrs:
+                return trial
+        return None
+
+    def repeat(self, trial: Trial, earlier: FrozenTrial) -> None:
+        """Finish ``trial`` with the result of ``earlier``, a trial of the same parameters."""
+        trial.set_user_attr(REPEAT_ATTR, earlier.number)
+        self.study.tell(trial, earlier.value)
+
     def give_back(self, trial: Trial) -> None:
         """Fail a point this worker could not finish and queue it again, so it is not lost."""
         with self.lock:
@@ -174,7 +189,7 @@ class SweepStudy:
         return sum(1 for t in trials if t.state in _ACTIVE and WARM_ATTR not in t.user_attrs)
 
     def points(self) -> list[dict[str, Any]]:
-        """Every finished point's record, in trial order."""
+        """Every finished point's record, in trial order (a repeated point once)."""
         return [
             {"trial": t.number, **t.user_attrs[POINT_ATTR]}
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
