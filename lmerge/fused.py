@@ -68,8 +68,7 @@ class FusedLoRALinear(nn.Module):
         # Adapter index of each of the R rank rows: a gather, no host sync as repeat_interleave with a list has.
         rank_index = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
         self.register_buffer("rank_index", rank_index.to(device), persistent=False)
-
-        # Set by attach: the model-wide table that computes every module's c_rep once per model forward.
+        # Set by ScaleTable: the model-wide table that computes every module's c_rep once per model forward.
         self.table: ScaleTable | None = None
         self.slot = 0
 
@@ -117,7 +116,7 @@ class ScaleTable:
             module.table, module.slot = self, slot
 
     def fill(self, coefficients: Coefficients) -> None:
-        """Compute every module's ``c_rep`` from ``coefficients`` (one autograd node for all modules)."""
+        """Compute every module's ``c_rep`` from ``coefficients`` (one gather, product and split for all)."""
         values = coefficients()
         if self.group.device != values.device:
             self.group, self.adapter, self.scaling = (
