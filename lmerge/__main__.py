@@ -8,6 +8,8 @@ each docstring its help. Every bad input ends in one line on stderr and exit cod
 from __future__ import annotations
 
 import inspect
+import logging
+import pickle
 import re
 import sys
 import warnings
@@ -333,26 +335,34 @@ def lightning(argv: list[str]) -> LightningCLI:
             parser.link_arguments("data.catalog", "model.init_args.catalog")
             parser.link_arguments("data.tasks", "model.init_args.tasks")
 
-        def before_fit(self) -> None:
-            _check_checkpoint_args(self.config_init[self.subcommand])
-
-        before_validate = before_test = before_fit
+        def before_instantiate_classes(self) -> None:
+            # Before the model, data and trainer are built, so a bad path costs no loading.
+            _check_checkpoint_args(self.config[self.subcommand])
 
     # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return LMergeCLI(
-        LightningModule,
-        CatalogDataModule,
-        subclass_mode_model=True,
-        args=argv,
-        parser_kwargs={"exit_on_error": False},
-        # The DataModules' samplers shard themselves across processes (lmerge.data.sampling.EpochSampler).
-        trainer_defaults={"use_distributed_sampler": False},
-        save_config_kwargs={"overwrite": True},
-    )
+    # The seed is 0 unless --seed_everything says otherwise; its "Seed set" line would precede any error.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    try:
+        return LMergeCLI(
+            LightningModule,
+            CatalogDataModule,
+            subclass_mode_model=True,
+            args=argv,
+            parser_kwargs={"exit_on_error": False},
+            # The DataModules' samplers shard themselves across processes (lmerge.data.sampling.EpochSampler).
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    except pickle.UnpicklingError as exc:
+        # torch's weights-only loader met a pickled object that could run code: refused, never run.
+        paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
+        reason = paragraphs[1] if len(paragraphs) > 1 else paragraphs[0]
+        raise ConfigError(f"ckpt_path: checkpoint refused, it holds pickled code ({reason})") from None
 
 
-def _check_checkpoint_args(settings: dict[str, Any]) -> None:
+def _check_checkpoint_args(settings: Any) -> None:
     """A ``ckpt_path`` that names a file must exist; checkpoints load with ``weights_only`` (no
     pickled code runs) unless the user asks otherwise."""
     path = settings.get("ckpt_path")

@@ -108,9 +108,16 @@ class Staged:
 def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]:
     """Yield a hidden staging directory in ``parent``; on success rename it to
     ``final_name()`` (asked again if another process took that name meanwhile), on any
-    failure remove it."""
-    parent.mkdir(parents=True, exist_ok=True)
-    staged = Staged(work=Path(tempfile.mkdtemp(prefix=".run.", suffix=".staging", dir=parent)))
+    failure remove it and the folders made for it."""
+    for attempt in range(3):
+        created = _make_dirs(parent)
+        try:
+            staged = Staged(work=Path(tempfile.mkdtemp(prefix=".run.", suffix=".staging", dir=parent)))
+            break
+        except FileNotFoundError:
+            # Another process's failed run removed the empty folders just made; make them again.
+            if attempt == 2:
+                raise OutputError(f"{parent}: keeps disappearing; cannot stage a run there") from None
     staging = staged.work
     try:
         yield staged
@@ -126,11 +133,40 @@ def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]
         raise OutputError(f"{parent}: could not find a free directory name")
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
         # safetensors reports a failed write (disk full, file too large) as its own error type.
         if isinstance(exc, OSError | SafetensorError):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise OutputError(f"{parent}: cannot be written ({reason})") from None
         raise
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones this call made, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            made.append(path)
+        except FileExistsError:
+            pass  # another process made it meanwhile: not ours to remove
+        except OSError as exc:
+            _remove_empty(made[::-1])
+            raise OutputError(f"{path}: cannot be created ({exc.strerror})") from None
+    return made[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty, so a failed run leaves no trace."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (another run uses it) or gone
 
 
 def new_run_dir(parent: Path, now: datetime | None = None) -> Path:

@@ -1,15 +1,23 @@
-"""Every bad input ends in one line naming the culprit, exit code 2, no traceback and no output."""
+"""Every bad input to every verb (merge, evaluate, sweep, fit) ends in one line naming the
+culprit, exit code 2, no traceback, no new output and earlier outputs untouched."""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import pickle
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from lmerge.__main__ import main
@@ -109,7 +117,7 @@ def config_file(tmp: Path, text: str) -> Path:
 
 
 # (id, builder(zoo, tmp) -> argv after "merge", text the one error line must contain)
-CASES = [
+MERGE_CASES = [
     (
         "unknown method",
         lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "nope"],
@@ -387,72 +395,400 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(zoo, tmp_path, capsys, case):
-    _, build, expected = case
-    out_dir = tmp_path / "out"
-    argv = ["merge", *[str(a) for a in build(zoo, tmp_path)], "--output_dir", str(out_dir)]
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if "DeprecationWarning" not in line]
-    assert code == 2
+# ---- the verbs' other bad inputs ------------------------------------------------------------------
+def catalog_with(tasks: Path, tmp: Path, name: str, **alpha_changes) -> Path:
+    """A copy of the test catalog whose task ``alpha`` has ``alpha_changes``."""
+    entries = yaml.safe_load(tasks.read_text())["tasks"]
+    entries["alpha"] = {**entries["alpha"], **alpha_changes}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"tasks": entries}))
+    return path
+
+
+def alpha_test_file(tasks: Path, tmp: Path, edit) -> dict:
+    """Task alpha's test rows passed through ``edit``, as a catalog ``dataset`` entry."""
+    data = yaml.safe_load(tasks.read_text())["tasks"]["alpha"]["dataset"]
+    rows = json.loads((tasks.parent / data["data_files"]["test"]).read_text())
+    path = tmp / "rows.json"
+    path.write_text(json.dumps([edit(i, row) for i, row in enumerate(rows)]))
+    return {"path": "json", "data_files": {"test": str(path)}}
+
+
+def bundle_with_bad_metadata(zoo, tmp: Path) -> Path:
+    path = copy_adapter(zoo, "bert_a", tmp / "bundle")
+    (path / "merge_metadata.json").write_text("{truncated")
+    return path
+
+
+# (id, builder(zoo, catalog, tmp) -> argv after "evaluate", text the one error line must contain)
+EVALUATE_CASES = [
+    ("eval task not in catalog", lambda z, c, t: ["--catalog", c, "--eval_tasks", "[gamma]"], "'gamma' is not a task"),
+    (
+        "eval catalog missing",
+        lambda z, c, t: ["--catalog", t / "no.yaml", "--eval_tasks", "[alpha]"],
+        "no.yaml: catalog",
+    ),
+    (
+        "eval malformed catalog",
+        lambda z, c, t: ["--catalog", config_file(t, "tasks: {alpha: [\n"), "--eval_tasks", "[alpha]"],
+        "config.yaml: line",
+    ),
+    (
+        "eval catalog unknown key",
+        lambda z, c, t: ["--catalog", catalog_with(c, t, "cat", colour="red"), "--eval_tasks", "[alpha]"],
+        "tasks.alpha: unknown key 'colour'",
+    ),
+    (
+        "eval dataset missing column",
+        lambda z, c, t: [
+            "--catalog",
+            catalog_with(c, t, "cat", dataset=alpha_test_file(c, t, lambda i, r: {"text": r["text"]})),
+            "--eval_tasks",
+            "[alpha]",
+        ],
+        "rows.json (split test) has no column 'label'",
+    ),
+    (
+        "eval dataset unknown label",
+        lambda z, c, t: [
+            "--catalog",
+            catalog_with(
+                c,
+                t,
+                "cat",
+                dataset=alpha_test_file(c, t, lambda i, r: {**r, "label": "weather" if i == 3 else r["label"]}),
+            ),
+            "--eval_tasks",
+            "[alpha]",
+        ],
+        "split test, row 3: unknown label 'weather'",
+    ),
+    (
+        "eval unknown split",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--split", "holdout"],
+        "split: unknown split 'holdout'",
+    ),
+    (
+        "eval batch size zero",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--eval_batch_size", "0"],
+        "eval_batch_size: must be a positive integer",
+    ),
+    (
+        "eval subset out of range",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--eval_subset", "{max_samples: -3}"],
+        "eval_subset.max_samples",
+    ),
+    (
+        "eval tasks of two kinds",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha,maybe]"],
+        "tasks of different kinds",
+    ),
+    (
+        "eval adapter and merge config",
+        lambda z, c, t: [
+            "--catalog",
+            c,
+            "--eval_tasks",
+            "[alpha]",
+            "--adapter",
+            z["bert_a"],
+            "--merge_config",
+            "m.yaml",
+        ],
+        "give --adapter or --merge_config, not both",
+    ),
+    (
+        "eval adapter missing",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--adapter", t / "gone"],
+        "gone: adapter directory does not exist",
+    ),
+    (
+        "eval bundle metadata corrupt",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--adapter", bundle_with_bad_metadata(z, t)],
+        "merge_metadata.json: invalid JSON",
+    ),
+    (
+        "eval merge config unknown key",
+        lambda z, c, t: [
+            "--catalog",
+            c,
+            "--eval_tasks",
+            "[alpha]",
+            "--merge_config",
+            config_file(t, "adapters: [alpha]\nmethodd: ties\n"),
+        ],
+        "config.yaml: methodd: unknown key",
+    ),
+]
+
+# (id, builder(zoo, catalog, tmp) -> argv after "sweep", text the one error line must contain)
+SWEEP = ["--adapters", "[alpha,beta]", "--method", "weighted_delta"]
+SWEEP_CASES = [
+    ("sweep unknown search type", lambda z, c, t: [*SWEEP, "--catalog", c, "--search.type", "cosmic"], "search.type"),
+    ("sweep empty grid", lambda z, c, t: [*SWEEP, "--catalog", c, "--search.type", "grid"], "search.grid: empty"),
+    (
+        "sweep grid of a foreign param",
+        lambda z, c, t: [*SWEEP, "--catalog", c, "--search.grid.density", "[0.1]"],
+        "search.grid.density: not a parameter of method 'weighted_delta'",
+    ),
+    (
+        "sweep grid not a list",
+        lambda z, c, t: [*SWEEP, "--catalog", c, "--search.grid.lambda", "lots"],
+        "search.grid.lambda: expected a non-empty list",
+    ),
+    (
+        "sweep without evaluation",
+        lambda z, c, t: [*SWEEP, "--search.grid.lambda", "[0.5]"],
+        "eval_tasks: a sweep ranks points by their evaluation",
+    ),
+    (
+        "sweep bayes budget zero",
+        lambda z, c, t: [*SWEEP, "--catalog", c, "--search.type", "bayes", "--search.budget", "0"],
+        "search.budget",
+    ),
+    (
+        "sweep config unknown key",
+        lambda z, c, t: ["--config", config_file(t, "adapters: [alpha]\nmethod: ties\nserach: {}\n")],
+        "config.yaml: serach: unknown key for lmerge sweep",
+    ),
+]
+
+
+def fit_config(catalog: Path, tmp: Path, extra: str = "") -> Path:
+    """A small AdaMerging fit config over the test catalog (plus ``extra`` YAML lines)."""
+    path = tmp / "fit.yaml"
+    path.write_text(
+        "model:\n  class_path: lmerge.learners.AdaMerging\n  init_args: {adapters: [alpha, beta]}\n"
+        f"data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
+        f"trainer: {{max_steps: 1, logger: false, default_root_dir: {tmp / 'out'}}}\n{extra}"
+    )
+    return path
+
+
+# (id, builder(zoo, catalog, tmp) -> argv after "fit", text the one error line must contain)
+FIT_CASES = [
+    (
+        "fit unknown learner",
+        lambda z, c, t: ["--config", fit_config(c, t), "--model.class_path", "lmerge.learners.Nope"],
+        "model: Problem with given class_path 'lmerge.learners.Nope'",
+    ),
+    (
+        "fit learner not a LightningModule",
+        lambda z, c, t: ["--config", fit_config(c, t), "--model.class_path", "collections.OrderedDict"],
+        "collections.OrderedDict does not correspond to a subclass of LightningModule",
+    ),
+    (
+        "fit catalog missing",
+        lambda z, c, t: ["--config", fit_config(c, t), "--data.catalog", t / "no.yaml"],
+        "no.yaml: catalog does not exist",
+    ),
+    (
+        "fit task not in catalog",
+        lambda z, c, t: ["--config", fit_config(c, t), "--data.tasks", "[alpha,gamma]"],
+        "'gamma' is not a task in catalog",
+    ),
+    (
+        "fit unknown trainer key",
+        lambda z, c, t: ["--config", fit_config(c, t), "--trainer.bogus", "1"],
+        "--trainer.bogus",
+    ),
+    (
+        "fit wrong type",
+        lambda z, c, t: ["--config", fit_config(c, t), "--trainer.max_steps", "lots"],
+        "trainer.max_steps\": Expected a <class 'int'>. Got value: lots",
+    ),
+    (
+        "fit bad learner option",
+        lambda z, c, t: ["--config", fit_config(c, t), "--model.init_args.granularity", "sideways"],
+        "granularity: Expected a typing.Literal['task_wise', 'layer_wise']. Got value: sideways",
+    ),
+    ("fit unknown config key", lambda z, c, t: ["--config", fit_config(c, t, "extra_key: 1\n")], "extra_key"),
+    (
+        "fit missing checkpoint",
+        lambda z, c, t: ["--config", fit_config(c, t), "--ckpt_path", t / "gone.ckpt"],
+        "gone.ckpt: checkpoint file does not exist",
+    ),
+]
+
+VERB_CASES = (
+    [("evaluate", *case) for case in EVALUATE_CASES]
+    + [("sweep", *case) for case in SWEEP_CASES]
+    + [("fit", *case) for case in FIT_CASES]
+)
+
+
+# ---- the checks ------------------------------------------------------------------------------------
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (hidden ones too): a file's SHA-256, a link's target, or 'dir'."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            digest[name] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            digest[name] = "dir"
+        else:
+            digest[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def earlier_outputs(root: Path) -> dict[str, str]:
+    """An output root holding an earlier run, its index and a per-task link; returns its digest."""
+    run = root / "merged" / "ties" / "alpha_beta" / "runs" / "run_20240101_000000"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"method": "ties"}\n')
+    (run.parents[1] / "eval").mkdir()
+    (run.parents[1] / "eval" / "index.json").write_text('[{"merge_tag": "ties"}]\n')
+    link = root / "alpha" / "metrics" / "eval" / "test" / "merged" / "beta" / "ties" / "metrics.json"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(run / "summary.json", link.parent))
+    return tree_digest(root)
+
+
+def assert_refused(code: int, err: str, expected: str, root: Path, before: dict[str, str]) -> None:
+    """Exit code 2, exactly one ``lmerge: error:`` line holding ``expected``, no traceback,
+    and the output root exactly as it was."""
+    lines = [line for line in err.strip().splitlines() if "DeprecationWarning" not in line]
+    assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("lmerge: error: "), err
     assert expected in lines[0], lines[0]
     assert "Traceback" not in err
-    assert not list(out_dir.rglob("*.safetensors")) and not list(out_dir.rglob("*.json"))
+    assert tree_digest(root) == before
 
 
-def test_malicious_pickle_is_never_executed(zoo, tmp_path, capsys):
-    path = pickle_only(zoo, tmp_path)
-    assert main(["merge", "--adapters", f"[{path}]", "--method", "ties", "--output_dir", str(tmp_path / "o")]) == 2
-    assert not (tmp_path / "pwned").exists()
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_bad_merge_input_is_one_clear_line(zoo, tmp_path, capsys, case):
+    _, build, expected = case
+    out_dir = tmp_path / "out"
+    before = earlier_outputs(out_dir)
+    code = main(["merge", *[str(a) for a in build(zoo, tmp_path)], "--output_dir", str(out_dir)])
+    assert_refused(code, capsys.readouterr().err, expected, out_dir, before)
+
+
+@pytest.mark.parametrize("case", VERB_CASES, ids=[f"{c[0]}: {c[1]}" for c in VERB_CASES])
+def test_bad_input_to_other_verbs_is_one_clear_line(zoo, tasks, tmp_path, capsys, monkeypatch, case):
+    verb, _, build, expected = case
+    out_dir = tmp_path / "out"
+    before = earlier_outputs(out_dir)
+    monkeypatch.chdir(out_dir)  # anything written to the working directory shows in the digest
+    output = [] if verb == "fit" else ["--output_dir", str(out_dir)]
+    code = main([verb, *[str(a) for a in build(zoo, tasks, tmp_path)], *output])
+    assert_refused(code, capsys.readouterr().err, expected, out_dir, before)
 
 
 def test_output_dir_is_a_file(zoo, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
+    before = tree_digest(tmp_path)
     code = main(["merge", "--adapters", f"[{zoo['bert_a']}]", "--method", "ties", "--output_dir", str(blocker)])
-    assert code == 2
-    assert "exists and is not a directory" in capsys.readouterr().err
-    assert blocker.read_text() == "keep me"
+    assert_refused(code, capsys.readouterr().err, "exists and is not a directory", tmp_path, before)
 
 
-def test_output_dir_not_writable(zoo, tmp_path, capsys):
+# ---- through the real command -------------------------------------------------------------------
+def lmerge_command() -> list[str]:
+    """The installed console script, or ``python -m lmerge`` where there is none."""
+    script = Path(sys.executable).with_name("lmerge")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lmerge"]
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        # Past the limit a write fails with EFBIG (as on a full disk) instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _without_root_override() -> None:
+    # Drop the capabilities that let root write anywhere (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
+    # CAP_FOWNER) from the bounding set, so the command root runs obeys file modes.
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def read_only(root: Path) -> list[Path]:
+    """Make every folder under ``root`` (and it) read-only; returns them."""
+    folders = [p for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()]
+    for folder in folders:
+        folder.chmod(0o555)
+    return folders
+
+
+def test_bad_input_through_the_real_command(zoo, tasks, tmp_path):
+    """Five cases through the installed command, run at once: merge onto a disk that fills up
+    (RLIMIT_FSIZE: the adapter write fails with EFBIG), merge into a read-only output root (as
+    root, without the capabilities that override file modes), evaluate with an unknown label,
+    sweep with an unknown search type, fit with an unknown learner."""
+    pair = f"[{zoo['bert_a']},{zoo['bert_b']}]"
+    full = tmp_path / "full"
+    assert main(["merge", "--adapters", pair, "--method", "ties", "--output_dir", str(full)]) == 0
     locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    bad_labels = catalog_with(
+        tasks, tmp_path, "labels", dataset=alpha_test_file(tasks, tmp_path, lambda i, r: {**r, "label": "weather"})
+    )
+    fit_yaml = fit_config(tasks, tmp_path)
+    no_override = _without_root_override if os.geteuid() == 0 else None
+    # name: (argv, output root, text of the one error line, preexec_fn)
+    runs = {
+        "merge, disk full": (
+            ["merge", "--adapters", pair, "--method", "ties"],
+            full,
+            "cannot be written (Error while serializing: I/O error: File too large",
+            _file_size_limit(2048),
+        ),
+        "merge, read-only output": (
+            ["merge", "--adapters", pair, "--method", "ties"],
+            locked,
+            "not writable",
+            no_override,
+        ),
+        "evaluate": (
+            ["evaluate", "--catalog", str(bad_labels), "--eval_tasks", "[alpha]"],
+            tmp_path / "evaluate",
+            "split test, row 0: unknown label 'weather'",
+            None,
+        ),
+        "sweep": (
+            ["sweep", *SWEEP, "--catalog", str(tasks), "--search.type", "cosmic"],
+            tmp_path / "sweep",
+            "search.type",
+            None,
+        ),
+        "fit": (
+            ["fit", "--config", str(fit_yaml), "--model.class_path", "lmerge.learners.Nope"],
+            tmp_path / "out",  # the fit config's trainer.default_root_dir
+            "class_path 'lmerge.learners.Nope'",
+            None,
+        ),
+    }
+    befores = {
+        name: tree_digest(root) if root.exists() else earlier_outputs(root) for name, (_, root, _, _) in runs.items()
+    }
+    folders = read_only(locked)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        code = main(["merge", "--adapters", f"[{zoo['bert_a']}]", "--method", "ties", "--output_dir", str(locked)])
-        assert code == 2 and "not writable" in capsys.readouterr().err
+        children = {
+            name: subprocess.Popen(
+                lmerge_command() + argv + ([] if argv[0] == "fit" else ["--output_dir", str(root)]),
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=child_env(),
+                preexec_fn=preexec,
+            )
+            for name, (argv, root, _, preexec) in runs.items()
+        }
+        for name, child in children.items():
+            _, err = child.communicate(timeout=300)
+            _, root, expected, _ = runs[name]
+            assert_refused(child.returncode, err, expected, root, befores[name])
     finally:
-        locked.chmod(0o700)
-
-
-def test_disk_full_on_save_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
-    """ENOSPC while the adapter is written: a clear error, no run bundle, earlier runs untouched."""
-    import errno
-
-    import lmerge.adapters.save as save_module
-
-    out = tmp_path / "out"
-    assert (
-        main(
-            ["merge", "--adapters", f"[{zoo['bert_a']},{zoo['bert_b']}]", "--method", "ties", "--output_dir", str(out)]
-        )
-        == 0
-    )
-    before = sorted(p for p in out.rglob("*"))
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(save_module, "save_file", full_disk)
-    capsys.readouterr()
-    code = main(
-        ["merge", "--adapters", f"[{zoo['bert_a']},{zoo['bert_b']}]", "--method", "ties", "--output_dir", str(out)]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
-    assert sorted(p for p in out.rglob("*")) == before
+        for folder in folders:
+            folder.chmod(0o755)

@@ -21,13 +21,13 @@ for i in range(25):
 """
 
 
-def test_index_survives_four_concurrent_writers(tmp_path):
+def test_index_survives_eight_concurrent_writers(tmp_path):
     index = tmp_path / "eval" / "index.json"
-    workers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(index), str(w)]) for w in range(4)]
-    assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
+    workers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(index), str(w)]) for w in range(8)]
+    assert [w.wait(timeout=300) for w in workers] == [0] * 8
     entries = json.loads(index.read_text())
-    assert len(entries) == 100
-    assert sorted((e["worker"], e["i"]) for e in entries) == [(w, i) for w in range(4) for i in range(25)]
+    assert len(entries) == 200  # none lost
+    assert sorted((e["worker"], e["i"]) for e in entries) == [(w, i) for w in range(8) for i in range(25)]
 
 
 def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -57,8 +57,7 @@ def test_failed_run_leaves_no_bundle(tmp_path):
     with pytest.raises(RuntimeError), run_bundle(tmp_path, "ties", ["a", "b"]) as bundle:
         (bundle.work / "adapter_model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed")
-    runs = tmp_path / "merged" / "ties" / "a_b" / "runs"
-    assert list(runs.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the folders made for it
 
 
 def test_runs_in_the_same_second_get_distinct_bundles(tmp_path):

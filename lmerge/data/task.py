@@ -141,6 +141,7 @@ def _load(task: str, dataset: Mapping[str, Any]) -> DatasetDict:
     import datasets
     from datasets.exceptions import DatasetsError
 
+    datasets.disable_progress_bars()  # its bars would bury the one-line errors
     try:
         data = datasets.load_dataset(**dataset)
     except (OSError, ValueError, DatasetsError) as exc:
