@@ -78,10 +78,17 @@ def test_grid_covers_exactly_the_product_loading_the_model_once(tasks, tmp_path,
 
 
 def test_rerun_resumes_without_evaluating_again(tasks, tmp_path, count_evaluations):
-    first = run_sweep(sweep_config(tasks, tmp_path))
-    second = run_sweep(sweep_config(tasks, tmp_path))
+    settings = {"eval_subset": {"enabled": True, "max_samples": 8}, "save_merged": True}
+    first = run_sweep(sweep_config(tasks, tmp_path, **settings))
+    second = run_sweep(sweep_config(tasks, tmp_path, **settings))
     assert (first.evaluated, second.evaluated, len(count_evaluations)) == (3, 0, 3)
     assert second.points == first.points and second.path != first.path
+    assert all((Path(p["run_dir"]) / "adapter_model.safetensors").is_file() for p in first.points)
+    index = json.loads((tmp_path / "merged" / "weighted_delta" / "alpha_beta" / "eval" / "index.json").read_text())
+    assert len(index) == 3 and {entry["subset"] for entry in index} == {
+        json.loads(first.path.read_text())["identity"]["subset"]
+    }
+    assert all(task["examples"] == 8 for entry in index for task in entry["tasks"].values())
 
 
 def test_bayes_respects_budget_bounds_and_seed(tasks, tmp_path):

@@ -28,7 +28,7 @@ class SearchConfig:
     """Bayes: random points before the Gaussian process takes over."""
     seed: int = 0
     """Bayes: seed of the random points and of the acquisition optimizer."""
-    warm_start_sweeps: list[str] | None = None
+    warm_start_sweeps: list[str] | str | None = None
     """Earlier sweep results fed to the search without re-evaluation: ``sweep_*.json`` files,
     directories holding them, or globs."""
     warm_start_max_points: int | None = None
