@@ -67,6 +67,14 @@ def nan_weights(zoo, tmp):
     return edit_tensors(copy_adapter(zoo, "bert_b", tmp / "nan"), poison)
 
 
+def inf_weights(zoo, tmp):
+    def poison(tensors):
+        key = next(k for k in tensors if "lora_A" in k)
+        tensors[key][0, 0] = float("-inf")
+
+    return edit_tensors(copy_adapter(zoo, "bert_b", tmp / "inf"), poison)
+
+
 def wrong_shape(zoo, tmp):
     def widen(tensors):
         for key in [k for k in tensors if "layer.0.attention.self.query.lora_B" in k]:
@@ -386,6 +394,45 @@ MERGE_CASES = [
             "full",
         ],
         "give save.base_model",
+    ),
+    (
+        "unknown optimizer",
+        lambda z, t: [
+            "--adapters",
+            f"[{z['bert_a']},{z['bert_b']}]",
+            "--method",
+            "weighted_delta_n",
+            "--optimizer",
+            "nope",
+        ],
+        "optimizer.name: unknown optimizer 'nope'; valid: adamerging",
+    ),
+    (
+        "optimizer for a method it cannot learn",
+        lambda z, t: ["--adapters", f"[{z['bert_a']},{z['bert_b']}]", "--method", "ties", "--optimizer", "adamerging"],
+        "optimizer adamerging: it learns weighted_delta_n coefficients",
+    ),
+    (
+        "optimizer without task data",
+        lambda z, t: [
+            "--adapters",
+            f"[{z['bert_a']},{z['bert_b']}]",
+            "--method",
+            "weighted_delta_n",
+            "--optimizer",
+            "{name: adamerging, params: {max_steps: 2}}",
+        ],
+        "optimizer adamerging: learning needs a task catalog",
+    ),
+    (
+        "lambda not finite",
+        lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--method_params.lambda", "inf"],
+        "method_params.lambda: expected a finite number, got inf",
+    ),
+    (
+        "inf weights",
+        lambda z, t: ["--adapters", f"[{z['bert_a']},{inf_weights(z, t)}]", "--method", "ties"],
+        "holds NaN or Inf",
     ),
     (
         "unknown flag",
