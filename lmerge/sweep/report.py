@@ -4,6 +4,7 @@ a ready-to-run ``lmerge merge`` config."""
 from __future__ import annotations
 
 import dataclasses
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,6 @@ def plot(path: Path, points: list[dict[str, Any]], names: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from io import BytesIO
-
     import matplotlib.pyplot as plt
 
     tasks = list(points[0]["tasks"]) if points else []

@@ -194,7 +194,16 @@ def _evaluate(config: SweepConfig, swept: dict[str, Any], evaluator: Evaluator) 
     }
 
 
-def _write(config, directory, name, identity, space, points, evaluated) -> SweepResult:  # noqa: ANN001
+def _write(
+    config: SweepConfig,
+    directory: Path,
+    name: str,
+    identity: dict[str, Any],
+    space: Space,
+    points: list[dict[str, Any]],
+    evaluated: int,
+) -> SweepResult:
+    """Write the summary, the plot and the best config of the study's ``points``."""
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     path = directory / f"sweep_{stamp}.json"
     suffix = 1

@@ -51,13 +51,16 @@ class Worker:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def alive(self, worker_id: str) -> bool:
-        """Whether the worker ``worker_id`` still runs. A worker of another machine whose lock
-        file is not visible here counts as alive: only its own machine can tell."""
+        """Whether the worker ``worker_id`` still runs. Without its lock file here (a shared
+        ``--storage`` used from another output directory or machine), a worker of this machine is
+        alive while its process id is, and one of another machine counts as alive: only its own
+        machine can tell."""
         path = self.directory / f"{worker_id}.lock"
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            return worker_id.split("@")[0] != socket.gethostname()
+            host, pid, _ = worker_id.split("@")
+            return host != socket.gethostname() or _process_exists(int(pid))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,6 +76,16 @@ class Worker:
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         os.close(self._fd)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
 
 
 def open_storage(storage: str | None, default_journal: Path) -> str | JournalStorage:
