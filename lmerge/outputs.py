@@ -208,7 +208,11 @@ def append_index(path: Path, entry: dict[str, Any]) -> int:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        entries = json.loads(path.read_text()) if path.exists() else []
+        try:
+            entries = json.loads(path.read_text()) if path.exists() else []
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # Never overwrite a history we cannot read: the user decides what to keep of it.
+            raise OutputError(f"{path}: not a readable eval index ({exc}); move it aside to start a new one") from None
         if not isinstance(entries, list):
             raise OutputError(f"{path}: expected a JSON list of evaluations")
         entries.append(entry)

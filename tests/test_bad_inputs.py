@@ -461,6 +461,13 @@ def alpha_test_file(tasks: Path, tmp: Path, edit) -> dict:
     return {"path": "json", "data_files": {"test": str(path)}}
 
 
+def bundle_with_bad_head(zoo, tmp: Path) -> Path:
+    path = copy_adapter(zoo, "bert_a", tmp / "bundle")
+    (path / "heads").mkdir()
+    (path / "heads" / "alpha.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{not a header")
+    return path
+
+
 def bundle_with_bad_metadata(zoo, tmp: Path) -> Path:
     path = copy_adapter(zoo, "bert_a", tmp / "bundle")
     (path / "merge_metadata.json").write_text("{truncated")
@@ -553,6 +560,11 @@ EVALUATE_CASES = [
         "eval bundle metadata corrupt",
         lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--adapter", bundle_with_bad_metadata(z, t)],
         "merge_metadata.json: invalid JSON",
+    ),
+    (
+        "eval bundle head corrupt",
+        lambda z, c, t: ["--catalog", c, "--eval_tasks", "[alpha]", "--adapter", bundle_with_bad_head(z, t)],
+        "heads/alpha.safetensors: not a readable safetensors file",
     ),
     (
         "eval merge config unknown key",

@@ -17,6 +17,8 @@ import pytest
 
 from lmerge.__main__ import main
 from lmerge.adapters.lora import LoraAdapter
+from lmerge.errors import OutputError
+from lmerge.outputs import append_index
 
 # Runs ``lmerge`` with one write replaced by "write part of it, then SIGKILL ourselves": the
 # process dies at that exact point, with no handler, ``finally`` or atexit running.
@@ -154,3 +156,12 @@ def test_sigkill_at_random_moments_never_breaks_the_outputs(tasks, tmp_path):
     assert killed >= 1
     assert main(merge_args(tasks, out)) == 0
     assert len(assert_consistent(out)) >= finished + 1
+
+
+def test_a_damaged_index_is_never_overwritten(tmp_path):
+    """An index that no longer parses (edited by hand, a disk error) is refused, not replaced."""
+    index = tmp_path / "index.json"
+    index.write_bytes(b'[{"merge_tag": "ties"}, {"merge_')
+    with pytest.raises(OutputError, match="index.json: not a readable eval index"):
+        append_index(index, {"merge_tag": "dare"})
+    assert index.read_bytes() == b'[{"merge_tag": "ties"}, {"merge_'

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmerge.adapters.lora import LoraAdapter
@@ -43,13 +44,14 @@ def evaluate_saved_adapter(
     metadata = _read_metadata(metadata_file) if metadata_file.is_file() else {"method": "adapter"}
     names = [a["name"] for a in metadata.get("adapters", [])] or [safe_component(path.resolve().name, "adapter")]
     tag = safe_component(tag or metadata.get("tag", names[0]), "tag")
+    heads = _heads(path, evaluator.tasks)  # read (and checked) before anything is computed or written
     evaluator.prepare_baselines()
     folder = evaluator.folder(adapter.fan_in_fan_out)
     try:
         for key in adapter.module_keys:
             A, B = adapter.factors(key)
             folder.add_delta(key, adapter.scaling(key) * B @ A)
-        evaluation = evaluator.evaluate(_heads(path, evaluator.tasks))
+        evaluation = evaluator.evaluate(heads)
     finally:
         folder.restore()
     if metadata_file.is_file():
@@ -79,7 +81,10 @@ def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:
     for task in tasks:
         file = path / HEADS_DIR / f"{task.name}.safetensors"
         if file.is_file():
-            heads[task.name] = load_file(file)
+            try:
+                heads[task.name] = load_file(file)
+            except (SafetensorError, OSError) as exc:
+                raise ConfigError(f"{file}: not a readable safetensors file ({exc})") from None
     return heads
 
 
