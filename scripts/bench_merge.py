@@ -277,6 +277,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
     fn()
     seconds = time.perf_counter() - started
     peak = memory_mb("VmHWM")
+    saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
     return {
         "case": name,
@@ -284,6 +285,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "seconds": seconds,
         "baseline_mb": baseline,
         "peak_mb": peak,
+        "saved_mb": saved,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -343,10 +345,13 @@ SCALING_CASES = ("lmerge:task_vector", "lmerge:ties")
 
 
 def scaling(data: Path, depths: list[int], n: int, repeat: int) -> str:
-    """Merge n adapters of models of each depth in ``depths``; the table of time and peak RSS."""
+    """Merge n adapters of models of each depth in ``depths``; the table of time and peak RSS.
+
+    The merge is held in memory until it is written, so the peak may grow by the saved size
+    (task_vector saves rank n*r); the rest, one module's working set, should not grow."""
     lines = [
-        f"| case (n={n}) | layers | seconds | peak RSS MB | Δ RSS MB | all modules' deltas MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| case (n={n}) | layers | seconds | peak RSS MB | Δ RSS MB | saved LoRA MB | all modules' deltas MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for layers in depths:
         root = data / f"layers{layers}"
@@ -355,10 +360,10 @@ def scaling(data: Path, depths: list[int], n: int, repeat: int) -> str:
         for name in SCALING_CASES:
             r = measure(name, n, root, repeat)
             if "error" in r:
-                lines.append(f"| {name} | {layers} | error: {r['error'][:100]} | | | |")
+                lines.append(f"| {name} | {layers} | error: {r['error'][:100]} | | | | |")
                 continue
             cells = [name, str(layers), f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}"]
-            cells += [f"{r['peak_mb'] - r['baseline_mb']:+.0f}", f"{every:.0f}"]
+            cells += [f"{r['peak_mb'] - r['baseline_mb']:+.0f}", f"{r['saved_mb']:.0f}", f"{every:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
             print(f"  layers={layers} {name}: {r['seconds']:.3f} s, peak {r['peak_mb']:.0f} MB", flush=True)
         shutil.rmtree(root)
