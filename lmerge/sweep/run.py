@@ -107,11 +107,12 @@ def search_method_params(config: MergeConfig, overrides: dict[str, Any]) -> tupl
     search = {**config.search, **overrides, "type": "bayes"}
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MergeConfig)}
     values.update(search=search, optimizer=None, tag=None)
-    result = run_sweep(SweepConfig(**values))
+    sweep_config = SweepConfig(**values)
+    result = run_sweep(sweep_config)
     record = {
         "name": "bayes",
         "sweep": str(result.path),
-        "search": dataclasses.asdict(SweepConfig(**values).search),
+        "search": dataclasses.asdict(sweep_config.search),
         "best": result.best,
         "points": result.points,
     }
