@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from safetensors import SafetensorError
 from lmerge.errors import OutputError
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+# A staging folder names its owner (host and process), so a later run can tell one left by a
+# killed process (removed) from one still being written (left alone).
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_STAGING = re.compile(r"^\.run\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.staging$")
 
 
 def safe_component(name: str, what: str = "name") -> str:
@@ -108,11 +113,14 @@ class Staged:
 def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]:
     """Yield a hidden staging directory in ``parent``; on success rename it to
     ``final_name()`` (asked again if another process took that name meanwhile), on any
-    failure remove it and the folders made for it."""
+    failure remove it and the folders made for it. Staging folders that killed processes of
+    this host left in ``parent`` are removed first."""
     for attempt in range(3):
         created = _make_dirs(parent)
+        _remove_abandoned_staging(parent)
         try:
-            staged = Staged(work=Path(tempfile.mkdtemp(prefix=".run.", suffix=".staging", dir=parent)))
+            prefix = f".run.{_HOST}.{os.getpid()}."
+            staged = Staged(work=Path(tempfile.mkdtemp(prefix=prefix, suffix=".staging", dir=parent)))
             break
         except FileNotFoundError:
             # Another process's failed run removed the empty folders just made; make them again.
@@ -139,6 +147,24 @@ def staged_dir(parent: Path, final_name: Callable[[], Path]) -> Iterator[Staged]
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise OutputError(f"{parent}: cannot be written ({reason})") from None
         raise
+
+
+def _remove_abandoned_staging(parent: Path) -> None:
+    """Remove the staging folders in ``parent`` whose process (on this host) no longer runs."""
+    for entry in parent.iterdir():
+        owner = _STAGING.match(entry.name)
+        if owner and owner["host"] == _HOST and not _process_alive(int(owner["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def _make_dirs(folder: Path) -> list[Path]:

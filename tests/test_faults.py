@@ -18,7 +18,7 @@ import pytest
 from lmerge.__main__ import main
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import OutputError
-from lmerge.outputs import append_index
+from lmerge.outputs import _HOST, append_index, run_bundle
 
 # Runs ``lmerge`` with one write replaced by "write part of it, then SIGKILL ourselves": the
 # process dies at that exact point, with no handler, ``finally`` or atexit running.
@@ -127,10 +127,12 @@ def test_sigkill_while_writing_leaves_earlier_outputs_and_the_index_intact(tasks
     earlier = assert_consistent(out)
     assert len(earlier) == 1  # the earlier entry, whole
 
-    # The lock died with the process: the same command runs and the index grows by one.
+    # The lock died with the process: the same command runs and the index grows by one, and the
+    # staging folder the killed process left behind is gone.
     assert main(merge_args(tasks, out)) == 0
     entries = assert_consistent(out)
     assert len(entries) == 2 and entries[0] == earlier[0]
+    assert not [p for p in runs.iterdir() if p.name.startswith(".run.")]
 
 
 @pytest.mark.slow
@@ -165,3 +167,21 @@ def test_a_damaged_index_is_never_overwritten(tmp_path):
     with pytest.raises(OutputError, match="index.json: not a readable eval index"):
         append_index(index, {"merge_tag": "dare"})
     assert index.read_bytes() == b'[{"merge_tag": "ties"}, {"merge_'
+
+
+def test_only_staging_folders_of_dead_processes_are_removed(tmp_path):
+    runs = tmp_path / "merged" / "ties" / "a" / "runs"
+    runs.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _HOST
+    left = {
+        "dead": runs / f".run.{host}.{dead.pid}.abc.staging",
+        "alive": runs / f".run.{host}.{os.getpid()}.abc.staging",
+        "other host": runs / f".run.elsewhere-{host}.{dead.pid}.abc.staging",
+    }
+    for folder in left.values():
+        folder.mkdir()
+    with run_bundle(tmp_path, "ties", ["a"]) as bundle:
+        (bundle.work / "summary.json").write_text("{}")
+    assert [name for name, folder in left.items() if folder.exists()] == ["alive", "other host"]
