@@ -55,11 +55,11 @@ def bar_chart_png(results: Sequence[MethodResult], metrics: dict[str, str]) -> b
         xs = [m + (i - (len(tasks) - 1) / 2) * width for m in range(len(results))]
         axes.bar(xs, [r.scores[task] for r in results], width, label=f"{task} ({metrics[task]})")
     axes.set_xticks(range(len(results)), [r.name for r in results], rotation=30, ha="right", fontsize=8)
-    axes.set_ylim(0.0, 1.0)
+    axes.set_ylim(0.0, 1.12)  # room for the legend above the bars
     axes.set_ylabel("test score")
     axes.set_title("lmerge demo: per-task score of every method")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower left")
+    axes.legend(fontsize=8, loc="upper center", ncol=len(tasks), frameon=False)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
