@@ -3,15 +3,17 @@ score, against the grid's count, on a 1-D and a 2-D space.
 
     .venv/bin/python scripts/bench_sweep.py [--examples 400] [--seeds 5] [--out results.json]
 
-A tiny random BERT (hidden 32, 2 layers, 3 labels), a WordPiece tokenizer over random words and
-two random PEFT LoRA adapters (r=4 on query and value, each with its own classifier head) are
-generated in a temporary directory. Each task's ``--examples`` random test texts are labelled by
-its own adapter, so each adapter alone scores 100% on its task and every merge loses accuracy to
-interference: the sweeps look for the merge that loses least on its worse task.
+A tiny random BERT (hidden 32, 2 layers, 3 labels) and a WordPiece tokenizer over random words
+are generated in a temporary directory, with two tasks: in each, a text's class is told by one of
+the task's own keywords among random filler words. Each task's PEFT LoRA adapter (r=4 on query
+and value, over a fixed random classifier head, so that the task lives in the task vector) is
+trained for a few hundred steps on CPU; the sweeps then look for the merge that loses least on its
+worse task on ``--examples`` test texts per task.
 
 - 1-D: ``weighted_delta`` over ``lambda``: a grid of 21 values in [0, 1], bayes over [0, 1].
 - 2-D: ``ties`` over ``k`` and ``lambda``: a 7 x 7 grid (k 10..100, lambda 0.5..2.0), bayes over
-  the same box.
+  the same box; once with k on a log scale (grid values and bayes range alike: the best points of
+  these tasks lie at small k), once linear.
 
 The score is lmerge's sweep score, the minimum interference delta over the two tasks (accuracy,
 so 0.5 points is 0.005). For each of ``--seeds`` seeds a bayes sweep runs ``budget`` evaluations
@@ -39,6 +41,8 @@ from lmerge.sweep import SweepConfig, run_sweep
 LABELS = ["red", "green", "blue"]
 TARGETS = ["query", "value"]
 WITHIN = 0.005  # 0.5 points of accuracy
+KEYWORDS = 4  # keywords per class and task
+TRAIN_STEPS = 400  # AdamW steps of batch 32 per adapter
 SPACES: dict[str, dict[str, Any]] = {
     "1-D weighted_delta lambda": {
         "method": "weighted_delta",
@@ -46,7 +50,16 @@ SPACES: dict[str, dict[str, Any]] = {
         "space": {"lambda": {"type": "float", "min": 0.0, "max": 1.0}},
         "init_points": 3,
     },
-    "2-D ties k x lambda": {
+    "2-D ties log k x lambda": {
+        "method": "ties",
+        "grid": {"k": [10, 15, 22, 32, 46, 68, 100], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]},
+        "space": {
+            "k": {"type": "float", "min": 10, "max": 100, "log": True},
+            "lambda": {"type": "float", "min": 0.5, "max": 2.0},
+        },
+        "init_points": 5,
+    },
+    "2-D ties linear k x lambda": {
         "method": "ties",
         "grid": {"k": [10, 25, 40, 55, 70, 85, 100], "lambda": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]},
         "space": {"k": {"type": "float", "min": 10, "max": 100}, "lambda": {"type": "float", "min": 0.5, "max": 2.0}},
@@ -56,9 +69,9 @@ SPACES: dict[str, dict[str, Any]] = {
 
 
 def generate(root: Path, examples: int) -> Path:
-    """Base model, tokenizer, two adapters and their self-labelled test data; returns the catalog."""
+    """Base model, tokenizer, two trained adapters and their test data; returns the catalog."""
     import yaml
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizer
     from transformers.utils import logging
 
@@ -79,27 +92,45 @@ def generate(root: Path, examples: int) -> Path:
         num_labels=len(LABELS),
     )
     AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "base")
+    shuffled = rng.sample(words, len(words))
+    filler = shuffled[2 * len(LABELS) * KEYWORDS :]
     tasks = {}
     for i, name in enumerate(("first", "second")):
+        # Each task's class is told by one of its own keywords, hidden among filler words.
+        first = i * len(LABELS) * KEYWORDS
+        keywords = [shuffled[first + c * KEYWORDS : first + (c + 1) * KEYWORDS] for c in range(len(LABELS))]
+
+        def rows(count: int, keywords: list[list[str]] = keywords) -> list[dict[str, str]]:
+            out = []
+            for _ in range(count):
+                label = rng.randrange(len(LABELS))
+                text = rng.choices(filler, k=rng.randint(3, 10))
+                text.insert(rng.randrange(len(text) + 1), rng.choice(keywords[label]))
+                out.append({"text": " ".join(text), "label": LABELS[label]})
+            return out
+
+        train, test = rows(1000), rows(examples)
         model = AutoModelForSequenceClassification.from_pretrained(root / "base")
         wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=TARGETS))
         generator = torch.Generator().manual_seed(i + 1)
         with torch.no_grad():
             for key, param in wrapped.named_parameters():
-                if "lora_" in key:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.6)
-                elif "modules_to_save" in key:
+                if "modules_to_save" in key:
+                    # A fixed random head: only the LoRA factors learn, so the task lives in the task vector.
                     param.copy_(torch.randn(param.shape, generator=generator) * (0.0 if key.endswith("bias") else 3.0))
+                    param.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+        wrapped.train()
+        for _ in range(TRAIN_STEPS):
+            batch = rng.sample(train, 32)
+            inputs = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
+            labels = torch.tensor([LABELS.index(r["label"]) for r in batch])
+            loss = torch.nn.functional.cross_entropy(wrapped(**inputs).logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         wrapped.save_pretrained(root / name)
-        texts = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(examples)]
-        single = PeftModel.from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained(root / "base"), root / name
-        )
-        with torch.no_grad():
-            batch = tokenizer(texts, return_tensors="pt", padding=True)
-            predicted = single.eval()(**batch).logits.argmax(-1).tolist()
-        rows = [{"text": t, "label": LABELS[p]} for t, p in zip(texts, predicted, strict=True)]
-        (root / f"{name}.json").write_text(json.dumps(rows))
+        (root / f"{name}.json").write_text(json.dumps(test))
         tasks[name] = {
             "adapter": str(root / name),
             "dataset": {"path": "json", "data_files": {"test": str(root / f"{name}.json")}},
