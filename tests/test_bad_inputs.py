@@ -772,6 +772,13 @@ def _without_root_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
+def _can_run(preexec) -> bool:  # noqa: ANN001
+    try:
+        return subprocess.run([sys.executable, "-c", "pass"], preexec_fn=preexec).returncode == 0
+    except subprocess.SubprocessError:
+        return False
+
+
 def read_only(root: Path) -> list[Path]:
     """Make every folder under ``root`` (and it) read-only; returns them."""
     folders = [p for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()]
@@ -827,6 +834,8 @@ def test_bad_input_through_the_real_command(zoo, tasks, tmp_path):
             None,
         ),
     }
+    if no_override and not _can_run(no_override):
+        del runs["merge, read-only output"]  # root here cannot drop CAP_DAC_OVERRIDE: it writes anywhere
     befores = {
         name: tree_digest(root) if root.exists() else earlier_outputs(root) for name, (_, root, _, _) in runs.items()
     }
