@@ -196,6 +196,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     report = outcome.report.read_text()
     assert "| AdaMerging |" in report and "langid (accuracy)" in report and "spam (macro_f1)" in report
     assert outcome.chart.read_bytes().startswith(b"\x89PNG")
+    assert "best learned: " in outcome.table and "best learned: " in report
     assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "fine-tuning" in out

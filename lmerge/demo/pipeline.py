@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, missing_adapters, prepare_data
-from lmerge.demo.report import bar_chart_png, text_table, write_report
+from lmerge.demo.report import bar_chart_png, text_table, verdict, write_report
 from lmerge.demo.runs import MethodResult, run_grid_sweep, run_learner, run_static, single_row
 from lmerge.demo.sources import DemoSources
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
@@ -109,18 +109,19 @@ def run_demo(
     chart = demo_dir / "results.png"
     write_bytes_atomic(chart, bar_chart_png(results, metrics))
     seconds = time.perf_counter() - started
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak_rss_mb = usage.ru_maxrss / 1024
     facts = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(todo) or "none (cached)",
-        "wall time": f"{seconds:.0f} s",
+        "wall time": f"{seconds:.0f} s (CPU time, user + system: {usage.ru_utime + usage.ru_stime:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
     }
     report = demo_dir / "REPORT.md"
     write_report(report, results, metrics, data, chart, facts)
     write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results])
-    return DemoOutcome(results, table, report, chart, seconds, peak_rss_mb)
+    return DemoOutcome(results, f"{table}\n\n{verdict(results)}", report, chart, seconds, peak_rss_mb)
 
 
 class _Steps:

@@ -41,6 +41,20 @@ def markdown_table(results: Sequence[MethodResult], metrics: dict[str, str]) -> 
     return "\n".join(lines)
 
 
+def verdict(results: Sequence[MethodResult], goal: float = 0.97) -> str:
+    """One line: the best learned and the best static method by normalized average, against the goal."""
+    learned = max((r for r in results if r.kind == "learned"), key=lambda r: r.normalized, default=None)
+    static = max((r for r in results if r.kind in ("static", "sweep")), key=lambda r: r.normalized, default=None)
+    if learned is None or static is None:
+        return ""
+    beats = "beats" if learned.normalized > static.normalized else "does not beat"
+    reached = "reaches" if learned.normalized >= goal else "is below"
+    return (
+        f"best learned: {learned.name} {learned.normalized:.1%} of the single-task scores ({reached} the "
+        f"{goal:.0%} goal), {beats} the best static method, {static.name} {static.normalized:.1%}"
+    )
+
+
 def bar_chart_png(results: Sequence[MethodResult], metrics: dict[str, str]) -> bytes:
     """Per-task score of every method as grouped bars (one group per method, one bar per task)."""
     import matplotlib
@@ -84,7 +98,7 @@ def write_report(
             f"| {task} | {manifest['examples']} | {len(manifest['labels'])} | "
             f"{counts['train']} | {counts['validation']} | {counts['test']} |"
         )
-    lines += ["", "## Results on the test split", "", markdown_table(results, metrics), ""]
+    lines += ["", "## Results on the test split", "", markdown_table(results, metrics), "", verdict(results), ""]
     lines += [
         "`normalized`: mean over tasks of score / the task's own adapter's score; `min delta`: the worst "
         "task's score minus its own adapter's. The sweep picks its point on the validation split; "
