@@ -211,7 +211,7 @@ def run_bundle(root: str | Path, method: str, names: list[str]) -> contextlib.Ab
     """Stage a run bundle ``<root>/merged/<method>/<combo>/runs/run_<time>/``: it appears,
     complete, when the block ends without error (its path is then ``.final``), and not at
     all otherwise."""
-    runs = merged_dir(check_output_root(root), method, names) / "runs"
+    runs = inside_root(root, merged_dir(check_output_root(root), method, names) / "runs")
     return staged_dir(runs, lambda: new_run_dir(runs))
 
 
@@ -219,12 +219,13 @@ def eval_dir(root: str | Path, method: str, names: list[str], split: str, namesp
     """``<root>/merged/<method>/<combo>/eval/<split>/`` for full splits, with a
     ``<namespace>/`` level below for eval subsets so they never overwrite full-split files."""
     base = merged_dir(root, method, names) / "eval" / safe_component(split, "split")
-    return base if namespace == "full" else base / safe_component(namespace, "subset namespace")
+    folder = base if namespace == "full" else base / safe_component(namespace, "subset namespace")
+    return inside_root(root, folder)
 
 
 def index_path(root: str | Path, method: str, names: list[str]) -> Path:
     """The append-only evaluation history ``<root>/merged/<method>/<combo>/eval/index.json``."""
-    return merged_dir(root, method, names) / "eval" / "index.json"
+    return inside_root(root, merged_dir(root, method, names) / "eval") / "index.json"
 
 
 def append_index(path: Path, entry: dict[str, Any]) -> int:

@@ -170,7 +170,7 @@ def test_run_metadata_cannot_steer_the_results_outside(zoo, tasks, tmp_path, cap
     assert not list(tmp_path.rglob("*escaped*"))
 
 
-@pytest.mark.parametrize("planted", ["merged", "merged/ties"])
+@pytest.mark.parametrize("planted", ["merged", "merged/ties", "merged/ties/bert_a/runs"])
 def test_a_planted_symlink_is_not_followed_for_writes(zoo, tmp_path, capsys, planted):
     outside = tmp_path / "outside"
     outside.mkdir()
