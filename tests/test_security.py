@@ -94,7 +94,7 @@ def test_pickled_base_model_is_refused_unrun(zoo, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     shutil.copy(zoo["bert"] / "config.json", base)
-    (base / "pytorch_model.bin").write_bytes(pickle.dumps(Exploit(tmp_path / "pwned")))
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(Exploit(tmp_path / "pwned"), protocol=2))
     with pytest.raises(ConfigError, match="base model .*cannot be loaded"):
         load_model(str(base), "classification")
     assert not (tmp_path / "pwned").exists()
