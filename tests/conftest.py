@@ -149,7 +149,8 @@ def _rows(seed: int, count: int, labels: list[str]) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
-        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(2, 7, ())),), generator=generator)]
+        length = int(torch.randint(2, 7, (), generator=generator))  # not the global RNG: same data in any test order
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (length,), generator=generator)]
         rows.append(
             {"text": " ".join(words), "label": labels[int(torch.randint(len(labels), (), generator=generator))]}
         )
