@@ -62,7 +62,9 @@ def run_demo(
     learner (e.g. ``--trainer.max_steps 5``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Every load of the headless base model reports the task head as missing weights: expected here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
     started = time.perf_counter()
     load_at_start = os.getloadavg()
     steps = 3 + len(STATIC) + 1 + len(LEARNERS)
