@@ -324,6 +324,7 @@ def lightning(argv: list[str]) -> LightningCLI:
     CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lmerge.callbacks import CoefficientLogger, MergeExport
     from lmerge.data import CatalogDataModule
@@ -355,6 +356,9 @@ def lightning(argv: list[str]) -> LightningCLI:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )
+    except (MisconfigurationException, ModuleNotFoundError) as exc:
+        # Lightning's refusals of a trainer setting (an accelerator this machine lacks, ...).
+        raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from None
     except pickle.UnpicklingError as exc:
         # torch's weights-only loader met a pickled object that could run code: refused, never run.
         paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]

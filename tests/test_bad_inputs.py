@@ -663,6 +663,16 @@ FIT_CASES = [
     ),
     ("fit unknown config key", lambda z, c, t: ["--config", fit_config(c, t, "extra_key: 1\n")], "extra_key"),
     (
+        "fit negative learning rate",
+        lambda z, c, t: ["--config", fit_config(c, t), "--model.init_args.lr", "-1"],
+        "model.lr: must be a positive number, got -1",
+    ),
+    (
+        "fit accelerator this machine lacks",
+        lambda z, c, t: ["--config", fit_config(c, t), "--trainer.accelerator", "tpu"],
+        "trainer: ",
+    ),
+    (
         "fit missing checkpoint",
         lambda z, c, t: ["--config", fit_config(c, t), "--ckpt_path", t / "gone.ckpt"],
         "gone.ckpt: checkpoint file does not exist",

@@ -162,9 +162,11 @@ def write_heads(adapters: list[LoraAdapter], out: Path) -> list[str]:
 def _load_base(path: str, task_type: str | None) -> tuple[torch.nn.Module, str]:
     import transformers
 
+    from lmerge.models import trust_remote_code
+
     auto = getattr(transformers, _AUTO_CLASSES.get(task_type or "", "AutoModel"))
     try:
-        model = auto.from_pretrained(path, dtype=torch.float32)
+        model = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code())
     except (OSError, ValueError) as exc:
         raise AdapterError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
     # Heads are per task: the backbone alone is saved and adapter keys lose the head model's prefix.

@@ -170,8 +170,12 @@ class TaskDataModule(LightningDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
+            from lmerge.models import trust_remote_code
+
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    self.tokenizer_path, trust_remote_code=trust_remote_code()
+                )
             except (OSError, ValueError) as exc:
                 reason = " ".join(str(exc).split())
                 where = f"task {self.name}: tokenizer {self.tokenizer_path}"
@@ -336,8 +340,11 @@ class TaskDataModule(LightningDataModule):
         if self._encoder_decoder is None:
             from transformers import AutoConfig
 
+            from lmerge.models import trust_remote_code
+
             try:
-                self._encoder_decoder = bool(AutoConfig.from_pretrained(self.tokenizer_path).is_encoder_decoder)
+                config = AutoConfig.from_pretrained(self.tokenizer_path, trust_remote_code=trust_remote_code())
+                self._encoder_decoder = bool(config.is_encoder_decoder)
             except (OSError, ValueError):
                 self._encoder_decoder = False  # a tokenizer directory without a model config
         return self._encoder_decoder

@@ -92,6 +92,8 @@ class MergeLearner(LightningModule):
             restore_best_checkpoint: End with the coefficients of the lowest minibatch loss.
         """
         super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"model.lr: must be a positive number, got {lr}")
         self.save_hyperparameters()
         self.adapters = resolve_adapters(adapters, catalog)
         check_compatible(self.adapters)

@@ -53,6 +53,8 @@ class LoraFinetune(LightningModule):
             weight_decay: AdamW weight decay.
         """
         super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"model.lr: must be a positive number, got {lr}")
         self.save_hyperparameters()
         if len(tasks) != 1:
             raise ConfigError(f"model.tasks: LoraFinetune trains one task at a time, got {len(tasks)}")
