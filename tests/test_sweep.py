@@ -294,7 +294,10 @@ def index_entries(out: Path) -> list[dict]:
 
 def study_trials(out: Path) -> list[optuna.trial.FrozenTrial]:
     sweeps = out / "merged" / "uniform_scalar_delta" / "alpha_beta" / "sweeps"
-    (journal,) = sweeps.glob("study_*.journal")
+    journals = list(sweeps.glob("study_*.journal"))
+    if not journals:
+        return []
+    (journal,) = journals
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     return optuna.load_study(study_name=journal.stem, storage=storage).get_trials(deepcopy=False)
 
@@ -305,11 +308,17 @@ def test_killed_sweep_resumes_to_the_same_set(tasks, tmp_path):
     config = write_grid_config(tasks, tmp_path / "grid.yaml", out, points=8)
     process = start_sweep(config)
     deadline = time.monotonic() + 120
-    while len(index_entries(out)) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    while process.poll() is None and time.monotonic() < deadline:
+        # Stopped, the worker cannot move on while we look: kill it only in the middle of a point.
+        process.send_signal(signal.SIGSTOP)
+        states = [t.state for t in study_trials(out)]
+        if states.count(optuna.trial.TrialState.COMPLETE) >= 2 and optuna.trial.TrialState.RUNNING in states:
+            process.send_signal(signal.SIGKILL)
+            break
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
     process.wait()
-    done = len(index_entries(out))
+    done = len([t for t in study_trials(out) if t.state == optuna.trial.TrialState.COMPLETE])
     assert 2 <= done < 8, "the sweep must be killed mid-way"
     assert any(t.state == optuna.trial.TrialState.RUNNING for t in study_trials(out)), "killed mid-evaluation"
     result = run_sweep(load_sweep_config(config))
