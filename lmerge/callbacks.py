@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
+from lmerge.outputs import check_output_root, run_bundle, write_bytes_atomic, write_json_atomic
 
 CELL = 24  # pixels per heatmap cell
 
@@ -123,7 +123,8 @@ class MergeExport(Callback):
         eval_tasks: list[str] | None = None,
         split: str = "test",
     ) -> None:
-        self.output_dir = output_dir
+        # A bad output root is found before anything is built, not after training.
+        self.output_dir = str(check_output_root(output_dir, create=False))
         self.save = save
         self.eval_tasks = eval_tasks
         self.split = split

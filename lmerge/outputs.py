@@ -63,11 +63,17 @@ def merged_dir(root: str | Path, method: str, names: list[str]) -> Path:
     return inside_root(root, Path(root) / "merged" / safe_component(method, "method") / task_combo(names))
 
 
-def check_output_root(root: str | Path) -> Path:
-    """The output root, created if missing; a clear error if it is a file or not writable."""
+def check_output_root(root: str | Path, create: bool = True) -> Path:
+    """The output root, created if missing (unless ``create`` is false: then only checked that it
+    can be); a clear error if it is a file or not writable."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise OutputError(f"output_dir {root}: exists and is not a directory")
+    if not create:
+        nearest = next(p for p in (root.absolute(), *root.absolute().parents) if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise OutputError(f"output_dir {root}: not writable")
+        return root
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -673,6 +673,11 @@ FIT_CASES = [
         "trainer: ",
     ),
     (
+        "fit export root is a file",
+        lambda z, c, t: ["--config", fit_config(c, t), "--export.output_dir", config_file(t, "a file\n")],
+        "config.yaml: exists and is not a directory",
+    ),
+    (
         "fit missing checkpoint",
         lambda z, c, t: ["--config", fit_config(c, t), "--ckpt_path", t / "gone.ckpt"],
         "gone.ckpt: checkpoint file does not exist",
