@@ -606,6 +606,16 @@ SWEEP_CASES = [
         "search.budget",
     ),
     (
+        "sweep eval task not in catalog",
+        lambda z, c, t: [*SWEEP, "--catalog", c, "--search.grid.lambda", "[0.5]", "--eval_tasks", "[alpha,gamma]"],
+        "gamma",
+    ),
+    (
+        "sweep storage without its driver",
+        lambda z, c, t: [*SWEEP, "--catalog", c, "--search.grid.lambda", "[0.5]", "--storage", "mysql://u@h/db"],
+        "storage mysql://u@h/db: cannot be opened",
+    ),
+    (
         "sweep config unknown key",
         lambda z, c, t: ["--config", config_file(t, "adapters: [alpha]\nmethod: ties\nserach: {}\n")],
         "config.yaml: serach: unknown key for lmerge sweep",

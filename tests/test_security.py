@@ -193,6 +193,18 @@ def test_a_planted_symlink_under_a_task_folder_is_not_followed(tasks, tmp_path, 
     assert list(outside.iterdir()) == []
 
 
+def test_a_planted_symlink_at_the_sweeps_folder_is_not_followed(tasks, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "artifacts"
+    (out / "merged" / "weighted_delta" / "alpha_beta").mkdir(parents=True)
+    (out / "merged" / "weighted_delta" / "alpha_beta" / "sweeps").symlink_to(outside)
+    argv = ["sweep", "--adapters", "[alpha,beta]", "--method", "weighted_delta", "--catalog", str(tasks)]
+    code = main([*argv, "--search.grid.lambda", "[0.5]", "--output_dir", str(out)])
+    assert code == 2 and "outside the output root" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
+
+
 def test_symlinks_that_stay_inside_the_root_are_fine(zoo, tmp_path, capsys):
     out = tmp_path / "artifacts"
     (out / "elsewhere").mkdir(parents=True)

@@ -353,3 +353,8 @@ def test_bayes_reuses_a_point_the_sampler_proposes_again(tasks, tmp_path, count_
     assert sorted(p["params"]["lambda"] for p in result.points) == [0.25, 0.75]
     assert len(count_evaluations) == result.evaluated == 2
     assert json.loads(result.path.read_text())["search"]["budget"] == 4
+
+
+def test_one_value_grid_is_one_point(tasks, tmp_path, count_evaluations):
+    result = run_sweep(sweep_config(tasks, tmp_path, search={"type": "grid", "grid": {"lambda": [0.5]}}))
+    assert [p["params"]["lambda"] for p in result.points] == [0.5] and count_evaluations == [{"lambda": 0.5}]

@@ -19,14 +19,14 @@ from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.methods import get_method
-from lmerge.outputs import check_output_root, merged_dir
+from lmerge.outputs import check_output_root, inside_root, merged_dir
 from lmerge.runner import evaluator_for, run_merge
 from lmerge.sweep import report
 from lmerge.sweep.config import SweepConfig
 from lmerge.sweep.ranking import best_point, point_scores, rank_key
 from lmerge.sweep.search import SearchConfig
 from lmerge.sweep.space import Space, build_space
-from lmerge.sweep.study import SweepStudy
+from lmerge.sweep.study import SweepStudy, connect_database, journal_storage
 from lmerge.sweep.warm_start import warm_points
 
 _POLL_SECONDS = 0.5
@@ -56,7 +56,7 @@ class SweepResult:
 
 def sweep_dir(root: str | Path, method: str, names: list[str]) -> Path:
     """``<root>/merged/<method>/<task_combo>/sweeps``."""
-    return merged_dir(root, method, names) / "sweeps"
+    return inside_root(root, merged_dir(root, method, names) / "sweeps")
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
@@ -84,8 +84,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
     warm = warm_points(config.search, identity, space, fixed)
     directory = sweep_dir(check_output_root(config.output_dir), method.name, names)
     name = study_name(config, identity, fixed)
+    database = connect_database(config.storage)
     evaluator = evaluator_for(config, adapters)
-    study = SweepStudy(directory, name, config.storage, space)
+    storage = database or journal_storage(config.storage, directory / f"{name}.journal")
+    study = SweepStudy(directory, name, storage, space)
     try:
         warmed = study.seed(warm)
         if warm:

@@ -55,6 +55,14 @@ class Space:
         return True
 
 
+class _QueuedGridSampler(GridSampler):
+    """A grid whose points are all queued trials: the queue, not the sampler, says when the
+    grid is done (GridSampler's own stop rule reads a grid id that queued trials do not carry)."""
+
+    def after_trial(self, *args: Any) -> None:
+        return None
+
+
 def grid_space(search: SearchConfig, method: MergeMethod, nonnegative: bool) -> Space:
     """Every combination of ``search.grid`` (negative lambda-like values dropped when ``nonnegative``)."""
     if not search.grid:
@@ -83,7 +91,7 @@ def grid_space(search: SearchConfig, method: MergeMethod, nonnegative: bool) -> 
         points=points,
         budget=0,
         # Every point is queued up front, so the sampler only names the study's search space.
-        make_sampler=lambda _trials: GridSampler(choices, seed=search.seed),
+        make_sampler=lambda _trials: _QueuedGridSampler(choices, seed=search.seed),
         probes=points,
     )
 

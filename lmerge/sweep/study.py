@@ -22,10 +22,12 @@ from typing import Any
 
 import optuna
 from filelock import FileLock
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
+from lmerge.errors import ConfigError
 from lmerge.sweep.space import Space
 
 WORKER_ATTR = "lmerge_worker"
@@ -88,10 +90,20 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def open_storage(storage: str | None, default_journal: Path) -> str | JournalStorage:
-    """A database URL as it is; anything else is a journal file (Optuna's multi-process file storage)."""
-    if storage and "://" in storage:
-        return storage
+def connect_database(storage: str | None) -> RDBStorage | None:
+    """The database ``storage`` names if it is a URL (connected now, so a bad one fails before any
+    work), else None."""
+    if not storage or "://" not in storage:
+        return None
+    try:
+        return RDBStorage(storage)
+    except (ImportError, ValueError, SQLAlchemyError) as exc:
+        # A driver that is not installed, a malformed URL, or a database that cannot be reached.
+        raise ConfigError(f"storage {storage}: cannot be opened ({' '.join(str(exc).split())[:200]})") from None
+
+
+def journal_storage(storage: str | None, default_journal: Path) -> JournalStorage:
+    """The journal file ``storage`` names, or the sweep's own (Optuna's multi-process file storage)."""
     path = Path(storage) if storage else default_journal
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -100,10 +112,10 @@ def open_storage(storage: str | None, default_journal: Path) -> str | JournalSto
 class SweepStudy:
     """One sweep's study, shared by every worker that opens it with the same name and storage."""
 
-    def __init__(self, directory: Path, name: str, storage: str | None, space: Space) -> None:
+    def __init__(self, directory: Path, name: str, storage: RDBStorage | JournalStorage, space: Space) -> None:
         self.space = space
         self.lock = FileLock(str(directory / f"{name}.lock"))
-        self.storage = open_storage(storage, directory / f"{name}.journal")
+        self.storage = storage
         with self.lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study = optuna.create_study(
