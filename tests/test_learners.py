@@ -349,6 +349,19 @@ def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
     assert not list(tmp_path.glob(".adapter*"))  # staged and swapped, nothing left behind
 
 
+def test_lora_finetune_gives_a_base_with_another_classifier_a_fresh_head(zoo, tasks, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lmerge.learners import LoraFinetune
+
+    five_labels = tmp_path / "base"
+    kwargs = {"num_labels": 5, "ignore_mismatched_sizes": True}
+    AutoModelForSequenceClassification.from_pretrained(zoo["bert"], **kwargs).save_pretrained(five_labels)
+    learner = LoraFinetune(str(tasks), ["alpha"], str(five_labels), output_dir=str(tmp_path / "adapter"))
+    learner.configure_model()
+    assert learner.model.base_model.model.classifier.modules_to_save["default"].out_features == 3
+
+
 def test_hierarchical_supermerge_merges_groups_first(zoo, tasks, tmp_path):
     """Within-group stage: each task sees only its group's adapters; group stage: group weights
     learn with the within-group coefficients frozen; the export is their product."""

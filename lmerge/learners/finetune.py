@@ -79,6 +79,8 @@ class LoraFinetune(LightningModule):
         options: dict[str, Any] = {}
         if self.spec.kind == "classification":
             options["num_labels"] = len(self.spec.label_names)
+            # A fresh head for this task, whatever classifier the base checkpoint carries.
+            options["ignore_mismatched_sizes"] = True
         base = load_model(self.hparams.base_model, self.spec.kind, torch.float32, **options)
         task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else _TASK_TYPES[self.spec.kind]
         config = LoraConfig(
