@@ -44,6 +44,10 @@ class DemoOutcome:
     peak_rss_mb: float
 
 
+# The demo prints its own steps; Lightning's model summary would repeat for every fit.
+QUIET = ["--trainer.enable_model_summary", "false"]
+
+
 def run_demo(
     *,
     catalog: Path,
@@ -85,7 +89,7 @@ def run_demo(
             print(f"  {task}: cached adapter (--retrain to train it again)")
             continue
         print(f"  {task}: fine-tuning")
-        _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *fit_args])
+        _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *QUIET, *fit_args])
 
     metrics = {name: spec.metric for name, spec in load_task_catalog(catalog).items() if name in data}
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
@@ -105,7 +109,7 @@ def run_demo(
         step(f"{name} (configs/{config})")
         command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
         command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
-        command += ["--export.save", "none", "--export.eval_tasks", "null", *fit_args]
+        command += ["--export.save", "none", "--export.eval_tasks", "null", *QUIET, *fit_args]
         results.append(run_learner(name, Path(config).stem, command, learned_overrides))
 
     step("report")
