@@ -45,6 +45,7 @@ def merge(
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
+    eval_precision: str = "32-true",
     search: dict[str, Any] | None = None,
 ) -> None:
     """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
@@ -67,6 +68,7 @@ def merge(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
         eval_batch_size: Batch size of evaluation.
+        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
         search: For optimizer bayes: the search space and budget, as in a sweep config's search.
     """
     config = MergeConfig(
@@ -85,6 +87,7 @@ def merge(
         split=split,
         eval_subset=eval_subset,
         eval_batch_size=eval_batch_size,
+        eval_precision=eval_precision,
         search=search,
     )
     result = run_merge(config)
@@ -118,6 +121,7 @@ def sweep(
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
+    eval_precision: str = "32-true",
     search: SearchConfig = SearchConfig(),  # noqa: B008 - jsonargparse reads the default's fields
     constraint_nonnegative: bool = False,
     save_merged: bool = False,
@@ -143,6 +147,7 @@ def sweep(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
         eval_batch_size: Batch size of evaluation.
+        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
         search: What to try, e.g. --search.type grid --search.grid.lambda [0.1,0.3].
         constraint_nonnegative: Keep the method's lambda-like parameter >= 0.
         save_merged: Save every point's merge; default: evaluate in memory only.
@@ -166,6 +171,7 @@ def sweep(
         split=split,
         eval_subset=eval_subset,
         eval_batch_size=eval_batch_size,
+        eval_precision=eval_precision,
         search=search,
         constraint_nonnegative=constraint_nonnegative,
         save_merged=save_merged,
@@ -187,6 +193,7 @@ def evaluate(
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
+    eval_precision: str = "32-true",
     output_dir: str = "artifacts",
     tag: str | None = None,
 ) -> None:
@@ -200,6 +207,7 @@ def evaluate(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
         eval_batch_size: Batch size of evaluation.
+        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
         output_dir: Root of all outputs.
         tag: Name of the evaluated merge in outputs; default: the run bundle's tag or the directory name.
     """
@@ -210,7 +218,8 @@ def evaluate(
         raise ConfigError("evaluate: give --adapter or --merge_config, not both")
     if merge_config:
         settings = {"eval_tasks": eval_tasks, "catalog": catalog, "split": split, "output_dir": output_dir}
-        settings.update(eval_subset=eval_subset, eval_batch_size=eval_batch_size, save=SaveConfig(format="none"))
+        settings.update(eval_subset=eval_subset, eval_batch_size=eval_batch_size, eval_precision=eval_precision)
+        settings["save"] = SaveConfig(format="none")
         result = run_merge(load_merge_config(merge_config, **settings, **({"tag": tag} if tag else {})))
         print(result.evaluation.table())
         print(f"run bundle: {result.run_dir}")
@@ -221,6 +230,7 @@ def evaluate(
         output_root=output_dir,
         eval_subset=eval_subset,
         batch_size=eval_batch_size,
+        precision=eval_precision,
     )
     if adapter:
         saved = evaluate_saved_adapter(adapter, evaluator, output_dir, tag)

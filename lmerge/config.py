@@ -67,6 +67,9 @@ class MergeConfig:
     """Evaluate on a deterministic subset: ``{enabled, seed, shuffle, stratified, max_samples, per_task}``."""
     eval_batch_size: int = 32
     """Batch size of evaluation."""
+    eval_precision: str = "32-true"
+    """Precision of evaluation: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` (autocast, on a GPU;
+    on CPU evaluation stays in float32)."""
     search: dict[str, Any] | None = None
     """For ``optimizer: bayes``: the search over method parameters, as in a sweep config
     (``{budget: 20, init_points: 6, seed: 42, space: {lambda: {type: float, min: 0, max: 1}}}``)."""

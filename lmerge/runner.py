@@ -119,6 +119,7 @@ def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator
         eval_subset=config.eval_subset,
         batch_size=config.eval_batch_size,
         base_model=config.save.base_model or adapters[0].base_model,
+        precision=config.eval_precision,
     )
     evaluator.prepare_baselines()
     return evaluator

@@ -221,3 +221,16 @@ def test_seq2seq_label_tokens_match_peft(t5_tasks, tmp_path):
         scores = result.evaluation.tasks[task]
         assert abs(scores["single"] - accuracy(single, spec, data)) < 1e-6
         assert abs(scores["merged"] - accuracy(merged, spec, data)) < 1e-6
+
+
+def test_mixed_precision_evaluation_on_cpu_stays_in_float32(tasks, tmp_path, capsys):
+    from lmerge.__main__ import main
+
+    argv = ["evaluate", "--eval_tasks", "[alpha]", "--catalog", str(tasks), "--output_dir", str(tmp_path)]
+    assert main(argv) == 0
+    full = capsys.readouterr().out
+    assert main([*argv, "--eval_precision", "bf16-mixed"]) == 0
+    mixed = capsys.readouterr()
+    assert mixed.out == full and "eval_precision bf16-mixed: on CPU evaluation computes in float32" in mixed.err
+    assert main([*argv, "--eval_precision", "64-true"]) == 2
+    assert "eval_precision: unknown precision '64-true'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
 from lmerge.evaluation.scoring import SCORERS
 from lmerge.models import apply_head, load_model
 from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
+
+# Evaluation precisions, named as Lightning's --trainer.precision: the autocast dtype of each.
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Evaluator:
         batch_size: int = 32,
         base_model: str | None = None,
         device: str | None = None,
+        precision: str = "32-true",
     ) -> None:
         if not tasks:
             raise ConfigError("eval_tasks: the list is empty")
@@ -108,6 +113,13 @@ class Evaluator:
         self.batch_size = batch_size
         self.base_model = base_model or self._base_from_adapters()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision not in PRECISIONS:
+            raise ConfigError(f"eval_precision: {unknown_name('precision', precision, list(PRECISIONS))}")
+        if PRECISIONS[precision] is not None and self.device.type == "cpu":
+            # Half-precision autocast on CPU is slower and coarser: mixed precision is for accelerators.
+            warnings.warn(f"eval_precision {precision}: on CPU evaluation computes in float32", stacklevel=2)
+            precision = "32-true"
+        self.precision = precision
         self._model: nn.Module | None = None
         self._data: dict[str, Any] = {}
         self._baselines: dict[str, dict[str, Any]] = {}
@@ -151,7 +163,8 @@ class Evaluator:
         metric = get_metric(task.metric)
         started = time.perf_counter()
         candidates = module.candidates
-        with torch.inference_mode():
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             value, count = SCORERS[self.kind](
                 self.model,
                 _progress(module.dataloader(self.split), f"{task.name} [{self.split}]"),
@@ -168,7 +181,11 @@ class Evaluator:
         adapter = self._adapter(task)
         cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
         cached = _read_record(cache)
-        if cached and cached.get("adapter_sha256") == adapter.sha256 and cached.get("metric") == task.metric:
+        if cached and (cached.get("adapter_sha256"), cached.get("metric"), cached.get("precision", "32-true")) == (
+            adapter.sha256,
+            task.metric,
+            self.precision,
+        ):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         folder = self.folder(adapter.fan_in_fan_out)
@@ -186,6 +203,7 @@ class Evaluator:
             "split": self.split,
             "subset": self.namespace,
             "metric": task.metric,
+            "precision": self.precision,
             "value": score.value,
             "examples": score.examples,
         }
