@@ -8,25 +8,21 @@ each docstring its help. Every bad input ends in one line on stderr and exit cod
 from __future__ import annotations
 
 import inspect
-import logging
-import pickle
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 
 from lmerge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy, read_yaml
 from lmerge.demo import demo
 from lmerge.errors import ConfigError, LMergeError
+from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
 from lmerge.methods import METHODS
 from lmerge.runner import run_merge
 from lmerge.sweep.search import SearchConfig
-
-if TYPE_CHECKING:
-    from lightning.pytorch.cli import LightningCLI
 
 
 def merge(
@@ -323,68 +319,6 @@ def _argument_message(exc: Exception) -> str:
     if "value" not in complaint and not value.startswith(("NestedArg(", "Namespace(")):
         complaint += f", got {value}"
     return f"{union['key']}: {complaint}"
-
-
-LIGHTNING_VERBS = ("fit", "validate", "test")
-
-
-def lightning(argv: list[str]) -> LightningCLI:
-    """``lmerge fit|validate|test``: LightningCLI over any learner (``model.class_path``) and the
-    catalog DataModule, with the coefficient logger and the merge export always on. Returns the
-    CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    from lmerge.callbacks import CoefficientLogger, MergeExport
-    from lmerge.data import CatalogDataModule
-
-    class LMergeCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
-            parser.add_lightning_class_args(CoefficientLogger, "coefficient_logger")
-            parser.add_lightning_class_args(MergeExport, "export")
-            parser.link_arguments("data.catalog", "model.init_args.catalog")
-            parser.link_arguments("data.tasks", "model.init_args.tasks")
-
-        def before_instantiate_classes(self) -> None:
-            # Before the model, data and trainer are built, so a bad path costs no loading.
-            _check_checkpoint_args(self.config[self.subcommand])
-
-    # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # The seed is 0 unless --seed_everything says otherwise; its "Seed set" line would precede any error.
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    try:
-        return LMergeCLI(
-            LightningModule,
-            CatalogDataModule,
-            subclass_mode_model=True,
-            args=argv,
-            parser_kwargs={"exit_on_error": False},
-            # The DataModules' samplers shard themselves across processes (lmerge.data.sampling.EpochSampler).
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )
-    except (MisconfigurationException, ModuleNotFoundError) as exc:
-        # Lightning's refusals of a trainer setting (an accelerator this machine lacks, ...).
-        raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from None
-    except pickle.UnpicklingError as exc:
-        # torch's weights-only loader met a pickled object that could run code: refused, never run.
-        paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
-        reason = paragraphs[1] if len(paragraphs) > 1 else paragraphs[0]
-        raise ConfigError(f"ckpt_path: checkpoint refused, it holds pickled code ({reason})") from None
-
-
-def _check_checkpoint_args(settings: Any) -> None:
-    """A ``ckpt_path`` that names a file must exist; checkpoints load with ``weights_only`` (no
-    pickled code runs) unless the user asks otherwise."""
-    path = settings.get("ckpt_path")
-    keywords = ("last", "best", "hpc", "registry")
-    if path and not str(path).startswith(keywords) and "://" not in str(path) and not Path(path).is_file():
-        raise ConfigError(f"ckpt_path {path}: checkpoint file does not exist")
-    if settings.get("weights_only") is None:
-        settings["weights_only"] = True
 
 
 def overview() -> str:

@@ -83,9 +83,9 @@ def run_demo(
     base_model = demo_dir / "base_model"
     link_atomic(base_model, sources.base_model)
     step("fine-tune each task's LoRA adapter (configs/finetune.yaml)")
-    todo = list(data) if retrain else sorted(set(rebuilt) | set(missing_adapters(catalog)), key=list(data).index)
+    to_train = list(data) if retrain else sorted(set(rebuilt) | set(missing_adapters(catalog)), key=list(data).index)
     for task in data:
-        if task not in todo:
+        if task not in to_train:
             print(f"  {task}: cached adapter (--retrain to train it again)")
             continue
         print(f"  {task}: fine-tuning")
@@ -122,7 +122,7 @@ def run_demo(
     facts = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
-        "fine-tuned this run": ", ".join(todo) or "none (cached)",
+        "fine-tuned this run": ", ".join(to_train) or "none (cached)",
         "wall time": f"{seconds:.0f} s (CPU time, user + system: {usage.ru_utime + usage.ru_stime:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
     }
@@ -147,7 +147,7 @@ class _Steps:
 
 
 def _fit(command: list[str]) -> None:
-    from lmerge.__main__ import lightning
+    from lmerge.lightning_cli import lightning
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")

@@ -93,8 +93,8 @@ def run_learner(name: str, tag: str, command: list[str], merge_overrides: dict[s
     """``lmerge fit`` with ``command``'s arguments (its export writes the learned merge spec), then
     that merge (named ``tag`` in outputs) scored on the test split, as ``lmerge merge --config
     <merge_spec.yaml>`` would."""
-    from lmerge.__main__ import lightning
     from lmerge.callbacks import MergeExport
+    from lmerge.lightning_cli import lightning
 
     started = time.perf_counter()
     with warnings.catch_warnings():

@@ -181,11 +181,7 @@ class Evaluator:
         adapter = self._adapter(task)
         cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
         cached = _read_record(cache)
-        if cached and (cached.get("adapter_sha256"), cached.get("metric"), cached.get("precision", "32-true")) == (
-            adapter.sha256,
-            task.metric,
-            self.precision,
-        ):
+        if cached and _cache_key(cached) == (adapter.sha256, task.metric, self.precision):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         folder = self.folder(adapter.fan_in_fan_out)
@@ -250,6 +246,12 @@ class Evaluator:
                 if base:
                     return base
         raise ConfigError("eval_tasks: no task adapter names its base model (base_model_name_or_path)")
+
+
+def _cache_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What a cached baseline must match to be reused (records from before precisions were
+    recorded were computed in float32)."""
+    return record.get("adapter_sha256"), record.get("metric"), record.get("precision", "32-true")
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -35,10 +35,8 @@ class SearchConfig:
     """At most this many warm-start points (the best ones); default: all."""
 
     def __post_init__(self) -> None:
-        from lmerge.sweep.space import SEARCH_TYPES
-
-        if self.type not in SEARCH_TYPES:
-            raise ConfigError(f"search.type: {self.type!r} is not one of {', '.join(SEARCH_TYPES)}")
+        # search.type is checked where it is dispatched (lmerge.sweep.space.build_space), which
+        # keeps Optuna out of every command's start-up.
         self.grid = _parse_values(self.grid, "search.grid")
         self.space = _parse_values(self.space, "search.space")
         if self.budget < 1:

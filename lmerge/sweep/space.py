@@ -134,6 +134,8 @@ SEARCH_TYPES: dict[str, Callable[[SearchConfig, MergeMethod, bool], Space]] = {
 
 def build_space(search: SearchConfig, method: MergeMethod, nonnegative: bool) -> Space:
     """The space of ``search`` for ``method``."""
+    if search.type not in SEARCH_TYPES:
+        raise ConfigError(f"search.type: {search.type!r} is not one of {', '.join(SEARCH_TYPES)}")
     return SEARCH_TYPES[search.type](search, method, nonnegative)
 
 
