@@ -3,12 +3,19 @@
 Only dense methods ever build dense task vectors, for the module at hand and a block of rows at
 a time (:class:`~lmerge.methods._task_vectors.TaskVectors`), so peak memory stays below one module's
 deltas for all adapters plus the output.
+
+Modules are merged by a pool of threads, one module each, with torch's own intra-op threads set
+to one meanwhile: a dense merge is hundreds of elementwise calls on cache-sized blocks, and
+spreading each call over cores costs a thread wake-up per call (with ``OMP_WAIT_POLICY=PASSIVE``
+more than the call's work), where whole modules side by side keep every core busy.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +31,14 @@ from lmerge.policies import LambdaFn
 @dataclass
 class MergedModule:
     """The merge of one module: LoRA factors with scaling 1 (``A`` [R, in], ``B`` [out, R])
-    or a dense delta [out, in]."""
+    or a dense delta [out, in], or both once a writer has prepared it (``svd_error``: the
+    factors' relative Frobenius error when they approximate the delta)."""
 
     key: str
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    svd_error: float | None = None
 
     def dense(self) -> torch.Tensor:
         """The module's weight update ``B @ A`` (or the dense delta itself)."""
@@ -83,18 +92,59 @@ def merge_modules(
     params: dict[str, Any],
     lambda_fn: LambdaFn,
     scales: Mapping[tuple[int, str], float] | None = None,
+    prepare: Callable[[MergedModule], MergedModule] | None = None,
+    workers: int | None = None,
 ) -> Iterator[MergedModule]:
-    """Merge ``keys`` one module at a time.
+    """Merge ``keys`` one module at a time, yielded in order.
 
-    Each adapter's weights file is opened once per module rather than once per tensor, and
-    closed before the merge: a file held open across modules keeps its mapped pages resident.
+    ``prepare`` runs on each merged module in the same worker (a writer's per-module work, such
+    as the truncated SVD of a dense merge). ``workers``: threads merging modules side by side
+    (default: torch's thread count). Each adapter's weights file is opened once per module
+    rather than once per tensor, and closed before the merge: a file held open across modules
+    keeps its mapped pages resident.
     """
     combine = COMBINERS[method.kind]
-    for key in keys:
+
+    def job(key: str, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> MergedModule:
         layer = layer_index(key)
-        with ExitStack() as files:
-            for adapter in adapters:
-                files.enter_context(adapter.reading())
-            As, Bs = scaled_factors(adapters, key, scales)
-        with torch.no_grad():
-            yield combine(method, As, Bs, params, ModuleContext(key=key, layer=layer, lam=lambda_fn(layer)))
+        with torch.no_grad():  # grad mode is per thread
+            module = combine(method, As, Bs, params, ModuleContext(key=key, layer=layer, lam=lambda_fn(layer)))
+            return prepare(module) if prepare else module
+
+    def loaded() -> Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
+        for key in keys:
+            with ExitStack() as files:
+                for adapter in adapters:
+                    files.enter_context(adapter.reading())
+                As, Bs = scaled_factors(adapters, key, scales)
+            yield key, As, Bs
+
+    workers = workers or torch.get_num_threads()
+    if workers == 1 or len(keys) == 1:
+        for args in loaded():
+            yield job(*args)
+        return
+    with _single_threaded_ops():
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="lmerge-merge")
+        try:
+            # At most ``workers`` modules in flight: memory stays bounded.
+            pending: deque[Future[MergedModule]] = deque()
+            for args in loaded():
+                pending.append(pool.submit(job, *args))
+                if len(pending) == workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+@contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """torch's intra-op threads set to one, and back. Threads started meanwhile keep one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -71,7 +71,7 @@ def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeR
     with run_bundle(config.output_dir, method.name, names) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
-        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales):
+        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, writer.prepare):
             for each in writers:
                 each.add(module)
         saved = writer.write(bundle.work)

@@ -179,3 +179,47 @@ def test_full_save_of_classifiers_keeps_backbone_and_heads(zoo, tmp_path):
     base = AutoModel.from_pretrained(zoo["bert"])
     expected = base.get_submodule(key).weight + deltas(zoo, BERT, f"bert.{key}").sum(0)
     torch.testing.assert_close(backbone.get_submodule(key).weight, expected)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "task_vector"])
+def test_worker_threads_give_the_serial_merge_in_order(zoo, method):
+    from lmerge.adapters.align import align_keys
+    from lmerge.merge import merge_modules
+    from lmerge.methods import get_method
+    from lmerge.policies import build_policy
+
+    adapters = [LoraAdapter(zoo[name]) for name in LLAMA]
+    keys, _ = align_keys(adapters, "common")
+    spec = get_method(method)
+    params = spec.normalize_params({}, len(adapters))
+    policy = build_policy("scalar", spec, params)
+    threads = torch.get_num_threads()
+    serial = list(merge_modules(adapters, keys, spec, params, policy, workers=1))
+    pooled = list(merge_modules(adapters, keys, spec, params, policy, workers=3))
+    assert torch.get_num_threads() == threads
+    assert [m.key for m in pooled] == keys
+    for one, other in zip(serial, pooled, strict=True):
+        assert torch.equal(one.dense(), other.dense())
+
+
+def test_a_worker_error_reaches_the_caller_and_restores_threads(zoo):
+    from lmerge.adapters.align import align_keys
+    from lmerge.merge import merge_modules
+    from lmerge.methods import get_method
+    from lmerge.policies import build_policy
+
+    adapters = [LoraAdapter(zoo[name]) for name in LLAMA]
+    keys, _ = align_keys(adapters, "common")
+    spec = get_method("ties")
+    params = spec.normalize_params({}, len(adapters))
+    threads = torch.get_num_threads()
+
+    def failing(module):
+        raise RuntimeError(f"cannot prepare {module.key}")
+
+    merged = merge_modules(
+        adapters, keys, spec, params, build_policy("scalar", spec, params), prepare=failing, workers=2
+    )
+    with pytest.raises(RuntimeError, match="cannot prepare"):
+        list(merged)
+    assert torch.get_num_threads() == threads

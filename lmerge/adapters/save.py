@@ -3,6 +3,7 @@ for dense ones), as full merged weights, or not at all. Task heads travel alongs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,18 @@ class LoraWriter:
         self.ranks: dict[str, int] = {}
         self.svd_errors: dict[str, float] = {}
 
+    def prepare(self, module: MergedModule) -> MergedModule:
+        """A dense merge with its truncated SVD added (run in the merge's worker threads)."""
+        if module.A is not None:
+            return module
+        A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
+        return dataclasses.replace(module, A=A, B=B, svd_error=error)
+
     def add(self, module: MergedModule) -> None:
-        if module.delta is not None:
-            A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
-            self.svd_errors[module.key] = error
-        else:
-            A, B = module.A, module.B
+        module = self.prepare(module)
+        A, B = module.A, module.B
+        if module.svd_error is not None:
+            self.svd_errors[module.key] = module.svd_error
         dtype = self.adapters[0].dtype
         self.tensors[f"{PEFT_PREFIX}{module.key}.lora_A.weight"] = A.to(dtype).contiguous()
         self.tensors[f"{PEFT_PREFIX}{module.key}.lora_B.weight"] = B.to(dtype).contiguous()
@@ -114,6 +121,10 @@ class FullWriter:
             )
         self.model, self.prefix = _load_base(self.base_model, adapters[0].task_type)
 
+    def prepare(self, module: MergedModule) -> MergedModule:
+        """The merge with its dense update built (run in the merge's worker threads)."""
+        return module if module.delta is not None else dataclasses.replace(module, delta=module.dense())
+
     def add(self, module: MergedModule) -> None:
         name = module.key.removeprefix(self.prefix)
         try:
@@ -136,6 +147,9 @@ class NullWriter:
     """Saves nothing: the run bundle holds the metadata only."""
 
     format = "none"
+
+    def prepare(self, module: MergedModule) -> MergedModule:
+        return module
 
     def add(self, module: MergedModule) -> None:
         pass
