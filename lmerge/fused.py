@@ -80,15 +80,36 @@ class FusedLoRALinear(nn.Module):
         chunks = self.table.chunks if self.table is not None else None
         c_rep = chunks[self.slot] if chunks is not None else self.scaled_coefficients()
         rows = x.reshape(-1, x.shape[-1])
+        y = self.folded_forward(rows, c_rep) if self.folds(rows) else self.factor_forward(rows, c_rep)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def folds(self, rows: Tensor) -> bool:
+        """Whether :meth:`folded_forward` is the cheaper path for ``rows`` [T, in]: folding costs
+        ``out * R * in``, the factor path ``T * R * (in + out)`` forward and again backward. Both
+        compute the same function (up to rounding); autocast and a merged path whose dtype is not
+        the base's take the factor path."""
+        weight = self.base.weight
+        out_features, in_features = weight.shape
+        return (
+            weight.dtype == self.A_cat.dtype
+            and not weight.requires_grad
+            and not torch.is_autocast_enabled(rows.device.type)
+            and out_features * in_features < rows.shape[0] * (in_features + out_features)
+        )
+
+    def folded_forward(self, rows: Tensor, c_rep: Tensor) -> Tensor:
+        """``rows (W + B_cat diag(c_rep) A_cat)^T + b`` through :class:`_FoldedLoRALinear`."""
+        return _FoldedLoRALinear.apply(rows, self.base.weight, self.base.bias, self.A_cat, self.B_cat, c_rep)
+
+    def factor_forward(self, rows: Tensor, c_rep: Tensor) -> Tensor:
+        """``base(rows) + ((rows A_cat^T) * c_rep) B_cat^T``: two thin GEMMs, no weight-sized tensor."""
         y = self.base(rows)
         low = F.linear(rows.to(self.A_cat.dtype), self.A_cat) * c_rep.to(self.A_cat.dtype)
         if low.dtype == y.dtype or torch.is_autocast_enabled(rows.device.type):
             # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add
             # (under autocast, addmm casts all three to the autocast dtype).
-            y = torch.addmm(y, low, self.B_cat.t())
-        else:
-            y = y + F.linear(low, self.B_cat).to(y.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+            return torch.addmm(y, low, self.B_cat.t())
+        return y + F.linear(low, self.B_cat).to(y.dtype)
 
     def merged_delta(self) -> Tensor:
         """``B_cat diag(c_rep) A_cat`` [out, in] with the current coefficients, in at least float32."""
@@ -97,6 +118,33 @@ class FusedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, group={self.group}"
+
+
+class _FoldedLoRALinear(torch.autograd.Function):
+    """``x (W + B_cat diag(c_rep) A_cat)^T + b`` with the update folded into the weight once per
+    call: the forward and the input gradient are one GEMM each, as for the plain linear, and only
+    ``c_rep``'s gradient, ``sum_rows (g B_cat) * (x A_cat^T)``, costs two thin GEMMs more (see
+    :meth:`FusedLoRALinear.folds`). The folded weight is saved for the backward: one weight-sized
+    tensor per module, whatever the number of adapters. ``W``, ``b`` and the factors are frozen;
+    ``c_rep`` may be of a wider dtype (the fold is formed in it and rounded once)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, A_cat: Tensor, B_cat: Tensor, c_rep: Tensor):  # noqa: ANN205
+        dtype = c_rep.dtype
+        folded = torch.addmm(weight.to(dtype), B_cat.to(dtype) * c_rep, A_cat.to(dtype)).to(weight.dtype)
+        projected = F.linear(rows, A_cat) if ctx.needs_input_grad[5] else None
+        ctx.save_for_backward(folded, B_cat, projected)
+        ctx.c_dtype = dtype
+        return F.linear(rows, folded, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        folded, B_cat, projected = ctx.saved_tensors
+        grad_rows = grad @ folded if ctx.needs_input_grad[0] else None
+        grad_c = None
+        if projected is not None:
+            grad_c = ((grad @ B_cat).to(ctx.c_dtype) * projected.to(ctx.c_dtype)).sum(dim=0)
+        return grad_rows, None, None, None, None, grad_c
 
 
 class ScaleTable:

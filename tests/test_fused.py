@@ -46,6 +46,14 @@ def logits(model, ids):
     return model(input_ids=ids).logits
 
 
+PATHS = {"folded": True, "factor": False}
+"""FusedLoRALinear's two forwards, pinned in turn (``folds`` otherwise picks one by the batch's rows)."""
+
+
+def pin_path(monkeypatch, path):
+    monkeypatch.setattr(FusedLoRALinear, "folds", lambda self, rows: PATHS[path])
+
+
 def relative_error(value, reference):
     value, reference = value.detach().float(), reference.detach().float()
     return float((value - reference).norm() / reference.norm())
@@ -63,9 +71,11 @@ def merge_by_hand(model, adapters, keys, values, group_of):
     return merged
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("granularity", ["task_wise", "layer_wise"])
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_fused_equals_dense_and_an_independent_merge(zoo, family, granularity):
+def test_fused_equals_dense_and_an_independent_merge(zoo, family, granularity, path, monkeypatch):
+    pin_path(monkeypatch, path)
     model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, granularity)
     by_hand = merge_by_hand(model, adapters, keys, coefficients.values(), group_of)
     dense = copy.deepcopy(model)
@@ -79,8 +89,10 @@ def test_fused_equals_dense_and_an_independent_merge(zoo, family, granularity):
         torch.testing.assert_close(fused, logits(by_hand, ids), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_coefficient_gradients_equal_the_dense_reference(zoo, family):
+def test_coefficient_gradients_equal_the_dense_reference(zoo, family, path, monkeypatch):
+    pin_path(monkeypatch, path)
     model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, "layer_wise", "sigmoid")
     dense_model, dense_coefficients = copy.deepcopy(model), copy.deepcopy(coefficients)
     attach(model, adapters, keys, coefficients, group_of)
@@ -294,6 +306,7 @@ def _loss_and_gradient(model, coefficients, ids):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_addmm_forward_equals_the_separate_add_bit_for_bit(zoo, family, monkeypatch):
+    pin_path(monkeypatch, "factor")
     model, adapters, keys, coefficients, group_of, _, ids = setup(zoo, family, "layer_wise", "sigmoid", torch.float32)
     fused_model = attach(model, adapters, keys, coefficients, group_of)
     table = fused_model._table
@@ -327,3 +340,36 @@ def test_autocast_runs_the_low_rank_path_in_half_with_float32_coefficients(zoo):
     y.float().square().mean().backward()
     assert coefficients.raw.grad.dtype == torch.float32
     assert relative_error(coefficients.raw.grad, reference) < 3e-2
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_folded_path_gives_the_factor_paths_output_and_gradients(zoo, family):
+    """Same output, input gradient and coefficient gradient (float64), for every fused module."""
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, family, "layer_wise", "sigmoid")
+    modules = attach(model, adapters, keys, coefficients, group_of).modules
+    generator = torch.Generator().manual_seed(3)
+    for module in modules.values():
+        x = torch.randn(5, module.base.in_features, dtype=torch.float64, generator=generator)
+        results = []
+        for forward in (module.folded_forward, module.factor_forward):
+            coefficients.raw.grad = None
+            rows = x.clone().requires_grad_()
+            y = forward(rows, module.scaled_coefficients())
+            y.sin().sum().backward()
+            results.append((y.detach(), rows.grad, coefficients.raw.grad.clone()))
+        (y, grad_x, grad_c), (y_ref, grad_x_ref, grad_c_ref) = results
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grad_x, grad_x_ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grad_c, grad_c_ref, atol=1e-12, rtol=1e-10)
+        assert grad_c.abs().sum() > 0
+
+
+def test_the_folded_path_is_taken_when_it_is_cheaper(zoo):
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, "llama", "layer_wise", "sigmoid", torch.float32)
+    module = attach(model, adapters, keys, coefficients, group_of).modules["model.layers.1.mlp.down_proj"]
+    out_features, in_features = module.base.weight.shape
+    enough = out_features * in_features // (in_features + out_features) + 1
+    assert module.folds(torch.zeros(enough, in_features))
+    assert not module.folds(torch.zeros(enough - 1, in_features))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not module.folds(torch.zeros(enough, in_features))
