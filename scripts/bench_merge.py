@@ -13,7 +13,10 @@ excluded), the RSS right before it and the peak RSS during it (VmHWM, reset firs
 - ``peft:<combination_type>``: ``add_weighted_adapter`` on a PeftModel holding all n adapters,
   plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
 - ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
-  the least work any dense merge must do.
+  the least work any dense merge must do (each delta's memory reused by the next: the GEMMs alone).
+- ``floor:stacked``: the same deltas written into one new ``[n, out, in]`` tensor per module, the
+  least a dense method that holds a module's task vectors at once must do (fresh memory, so
+  page faults included).
 
 With ``--scaling-layers``, the same adapters are also written for models of those depths and
 ``lmerge:ties`` and ``lmerge:task_vector`` merge ``--scaling-n`` of them at each depth: the peak
@@ -48,6 +51,7 @@ RANK, ALPHA = 16, 32
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSITY = 0.2
 FLOOR = "floor"
+STACKED_FLOOR = "floor:stacked"
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ CASES = {
     case.name: case
     for case in [
         Case(FLOOR),
+        Case(STACKED_FLOOR),
         _lmerge("uniform", "peft:linear"),
         _lmerge("task_vector", "peft:cat"),
         _lmerge("task_vector", None, save="full"),
@@ -198,8 +203,12 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def prepare_floor(adapters: list[Path]) -> Callable[[], None]:
-    """The floor: read every module's A and B from each adapter file and build its dense delta."""
+def prepare_floor(adapters: list[Path], stacked: bool = False) -> Callable[[], None]:
+    """The floor: read every module's A and B from each adapter file and build its dense delta,
+    each one alone (its memory reused by the next), or with ``stacked`` into one new
+    ``[n, out, in]`` tensor per module, as a dense method that holds a module's task vectors at
+    once (peft's ``ties``, FusionBench) must."""
+    import torch
     from safetensors import safe_open
 
     def run() -> None:
@@ -209,6 +218,13 @@ def prepare_floor(adapters: list[Path]) -> Callable[[], None]:
         a_names = [name for name in handles[0].keys() if name.endswith(".lora_A.weight")]
         for a_name in a_names:
             b_name = a_name.replace(".lora_A.", ".lora_B.")
+            if stacked:
+                B, A = handles[0].get_tensor(b_name), handles[0].get_tensor(a_name)
+                stack = torch.empty(len(handles), B.shape[0], A.shape[1])
+                for i, (handle, scaling) in enumerate(zip(handles, scalings, strict=True)):
+                    torch.mm(handle.get_tensor(b_name) * scaling, handle.get_tensor(a_name), out=stack[i])
+                del stack
+                continue
             for handle, scaling in zip(handles, scalings, strict=True):
                 (handle.get_tensor(b_name) * scaling) @ handle.get_tensor(a_name)  # built, then dropped
 
@@ -265,8 +281,8 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
     case = CASES[name]
     adapters = adapter_dirs(data, n)
     out = Path(tempfile.mkdtemp(prefix="out_", dir=data))
-    if name == FLOOR:
-        fn = prepare_floor(adapters)
+    if name in (FLOOR, STACKED_FLOOR):
+        fn = prepare_floor(adapters, stacked=name == STACKED_FLOOR)
     elif name.startswith("lmerge:"):
         fn = prepare_lmerge(case, adapters, out)
     else:
@@ -309,14 +325,14 @@ def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table; ratios are this case's seconds over the reference's."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     lines = [
-        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | × stacked floor | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | |")
             continue
-        floor = seconds.get((FLOOR, r["n"]))
+        floor, stacked = seconds.get((FLOOR, r["n"])), seconds.get((STACKED_FLOOR, r["n"]))
         peer = CASES[r["case"]].peer
         peer_seconds = seconds.get((peer, r["n"]))
         cells = [
@@ -326,6 +342,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['peak_mb']:.0f}",
             f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
             f"{r['seconds'] / floor:.2f}" if floor else "",
+            f"{r['seconds'] / stacked:.2f}" if stacked else "",
             peer.removeprefix("peft:") if peer else "",
             f"{r['seconds'] / peer_seconds:.3f}" if peer_seconds else "",
         ]
