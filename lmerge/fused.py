@@ -121,30 +121,43 @@ class FusedLoRALinear(nn.Module):
 
 
 class _FoldedLoRALinear(torch.autograd.Function):
-    """``x (W + B_cat diag(c_rep) A_cat)^T + b`` with the update folded into the weight once per
-    call: the forward and the input gradient are one GEMM each, as for the plain linear, and only
-    ``c_rep``'s gradient, ``sum_rows (g B_cat) * (x A_cat^T)``, costs two thin GEMMs more (see
-    :meth:`FusedLoRALinear.folds`). The folded weight is saved for the backward: one weight-sized
-    tensor per module, whatever the number of adapters. ``W``, ``b`` and the factors are frozen;
-    ``c_rep`` may be of a wider dtype (the fold is formed in it and rounded once)."""
+    """``x (W + B_cat diag(c_rep) A_cat)^T + b`` with the update folded into the weight: the
+    forward is one GEMM, as for the plain linear, and ``c_rep``'s gradient,
+    ``sum_rows (g B_cat) * (x A_cat^T)``, two thin GEMMs (see :meth:`FusedLoRALinear.folds`).
+
+    The folded weight lives only while it is used: the backward folds again for the input
+    gradient ``g (W + B_cat diag(c_rep) A_cat)`` when that is cheaper (fewer output features than
+    rows), else adds ``((g B_cat) * c_rep) A_cat`` to ``g W``. Saving it instead would keep a new
+    weight-sized tensor per module until the backward, and writing fresh memory that size every
+    step (page faults) costs more than the GEMM that refolds it. ``W``, ``b`` and the factors are
+    frozen; ``c_rep`` may be of a wider dtype (the fold is formed in it and rounded once)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, A_cat: Tensor, B_cat: Tensor, c_rep: Tensor):  # noqa: ANN205
-        dtype = c_rep.dtype
-        folded = torch.addmm(weight.to(dtype), B_cat.to(dtype) * c_rep, A_cat.to(dtype)).to(weight.dtype)
         projected = F.linear(rows, A_cat) if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(folded, B_cat, projected)
-        ctx.c_dtype = dtype
-        return F.linear(rows, folded, bias)
+        ctx.save_for_backward(weight, A_cat, B_cat, c_rep, projected)
+        ctx.rows = rows.shape[0]
+        return F.linear(rows, _fold(weight, A_cat, B_cat, c_rep), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN205
-        folded, B_cat, projected = ctx.saved_tensors
-        grad_rows = grad @ folded if ctx.needs_input_grad[0] else None
-        grad_c = None
+        weight, A_cat, B_cat, c_rep, projected = ctx.saved_tensors
+        grad_low = grad @ B_cat if projected is not None or weight.shape[0] >= ctx.rows else None
+        grad_rows = grad_c = None
+        if ctx.needs_input_grad[0]:
+            if weight.shape[0] < ctx.rows:
+                grad_rows = grad @ _fold(weight, A_cat, B_cat, c_rep)
+            else:
+                grad_rows = torch.addmm(grad @ weight, grad_low * c_rep.to(grad_low.dtype), A_cat)
         if projected is not None:
-            grad_c = ((grad @ B_cat).to(ctx.c_dtype) * projected.to(ctx.c_dtype)).sum(dim=0)
+            grad_c = (grad_low.to(c_rep.dtype) * projected.to(c_rep.dtype)).sum(dim=0)
         return grad_rows, None, None, None, None, grad_c
+
+
+def _fold(weight: Tensor, A_cat: Tensor, B_cat: Tensor, c_rep: Tensor) -> Tensor:
+    """``W + B_cat diag(c_rep) A_cat`` formed in ``c_rep``'s dtype, rounded to ``W``'s once."""
+    dtype = c_rep.dtype
+    return torch.addmm(weight.to(dtype), B_cat.to(dtype) * c_rep, A_cat.to(dtype)).to(weight.dtype)
 
 
 class ScaleTable:

@@ -4,6 +4,7 @@ fold/unfold/detach, and the exported merge spec reproduced by ``lmerge merge``."
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -344,12 +345,14 @@ def test_autocast_runs_the_low_rank_path_in_half_with_float32_coefficients(zoo):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_folded_path_gives_the_factor_paths_output_and_gradients(zoo, family):
-    """Same output, input gradient and coefficient gradient (float64), for every fused module."""
+    """Same output, input gradient and coefficient gradient (float64), for every fused module, with
+    fewer rows than output features (the backward adds the low-rank term) and more (it refolds)."""
     model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, family, "layer_wise", "sigmoid")
     modules = attach(model, adapters, keys, coefficients, group_of).modules
     generator = torch.Generator().manual_seed(3)
-    for module in modules.values():
-        x = torch.randn(5, module.base.in_features, dtype=torch.float64, generator=generator)
+    for module, rows in itertools.product(modules.values(), ("few", "many")):
+        count = 5 if rows == "few" else module.base.out_features + 3
+        x = torch.randn(count, module.base.in_features, dtype=torch.float64, generator=generator)
         results = []
         for forward in (module.folded_forward, module.factor_forward):
             coefficients.raw.grad = None
