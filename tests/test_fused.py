@@ -18,7 +18,8 @@ from lmerge.adapters.align import align_keys
 from lmerge.coefficients import Coefficients, export_merge_spec
 from lmerge.config import MergeConfig, SaveConfig
 from lmerge.errors import AdapterError, ConfigError
-from lmerge.fused import DenseMergedLinear, FusedLoRALinear, attach, layer_groups
+from lmerge.fused import attach, layer_groups
+from lmerge.merged_linear import DenseMergedLinear, FusedLoRALinear
 from lmerge.runner import run_merge
 
 # base model, auto class, vocabulary size, adapters (unequal ranks; bert_c has rslora, bert_d mixed ranks)
