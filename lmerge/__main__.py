@@ -16,13 +16,15 @@ from typing import Any, Literal
 
 import yaml
 
-from lmerge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy, read_yaml
 from lmerge.demo import demo
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
+from lmerge.merge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy
 from lmerge.methods import METHODS
-from lmerge.runner import run_merge
+from lmerge.outputs import DEFAULT_OUTPUT_DIR
+from lmerge.pipeline import run_merge
 from lmerge.sweep.search import SearchConfig
+from lmerge.yaml_files import read_yaml
 
 
 def merge(
@@ -33,7 +35,7 @@ def merge(
     transforms: list[Any] | None = None,
     lambda_policy: str | dict[str, Any] = "scalar",
     save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    output_dir: str = "artifacts",
+    output_dir: str = DEFAULT_OUTPUT_DIR,
     catalog: str | None = None,
     tag: str | None = None,
     optimizer: str | dict[str, Any] | None = None,
@@ -110,7 +112,7 @@ def sweep(
     transforms: list[Any] | None = None,
     lambda_policy: str | dict[str, Any] = "scalar",
     save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    output_dir: str = "artifacts",
+    output_dir: str = DEFAULT_OUTPUT_DIR,
     catalog: str | None = None,
     optimizer: str | dict[str, Any] | None = None,
     eval_tasks: list[str] | None = None,
@@ -190,7 +192,7 @@ def evaluate(
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
     eval_precision: str = "32-true",
-    output_dir: str = "artifacts",
+    output_dir: str = DEFAULT_OUTPUT_DIR,
     tag: str | None = None,
 ) -> None:
     """Evaluate a saved merged adapter, a merge config, or (with neither) each task's own adapter alone.
@@ -208,7 +210,8 @@ def evaluate(
         tag: Name of the evaluated merge in outputs; default: the run bundle's tag or the directory name.
     """
     from lmerge.evaluation.evaluate import Evaluator
-    from lmerge.evaluation.saved import catalog_tasks, evaluate_saved_adapter
+    from lmerge.evaluation.saved import evaluate_saved_adapter
+    from lmerge.tasks.spec import catalog_tasks
 
     if adapter and merge_config:
         raise ConfigError("evaluate: give --adapter or --merge_config, not both")

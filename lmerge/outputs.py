@@ -33,6 +33,10 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 _STAGING = re.compile(r"^\.run\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.staging$")
 
 
+# The root of all outputs unless a config or flag names another.
+DEFAULT_OUTPUT_DIR = "artifacts"
+
+
 def safe_component(name: str, what: str = "name") -> str:
     """``name`` if it is usable as one path component inside the output root, else an error.
 

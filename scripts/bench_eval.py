@@ -52,13 +52,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmerge.adapters.save import HEADS_DIR
 from lmerge.data import TaskSpec
 from lmerge.evaluation.evaluate import Evaluator
-from lmerge.evaluation.metrics import get_metric
-from lmerge.evaluation.saved import catalog_tasks
-from lmerge.evaluation.scoring import SCORERS
-from lmerge.models import apply_head, load_model
+from lmerge.merge.writers import HEADS_DIR
+from lmerge.metrics import get_metric
+from lmerge.tasks.models import apply_head, load_model
+from lmerge.tasks.scoring import SCORERS
+from lmerge.tasks.spec import catalog_tasks
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, LABELS = 384, 6, 12, 1536, 4
 ADAPTERS, RANK, ALPHA, TARGETS = 4, 8, 16, ("query", "value")
@@ -90,8 +90,8 @@ def generate(root: Path, examples: int) -> None:
     from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizer
     from transformers.utils import logging
 
-    from lmerge.config import MergeConfig, SaveConfig
-    from lmerge.runner import run_merge
+    from lmerge.merge.config import MergeConfig, SaveConfig
+    from lmerge.pipeline import run_merge
 
     logging.disable_progress_bar()
     rng = random.Random(0)
@@ -170,10 +170,10 @@ def fold_merge(evaluator: Evaluator, root: Path, method_name: str) -> None:
     """Merge the four adapters with ``method_name`` (default parameters) and fold the result
     into the evaluator's model, as ``run_merge`` does for ``eval_tasks``."""
     from lmerge.adapters.align import align_keys, check_compatible
-    from lmerge.adapters.resolve import resolve_adapters
-    from lmerge.merge import merge_modules
+    from lmerge.merge.engine import merge_modules
+    from lmerge.merge.policies import build_policy
     from lmerge.methods import get_method
-    from lmerge.policies import build_policy
+    from lmerge.tasks.resolve import resolve_adapters
 
     adapters = resolve_adapters([f"task{i}" for i in range(ADAPTERS)], root / "catalog.yaml")
     method = get_method(method_name)

@@ -242,8 +242,8 @@ def prepare_limit(shape: Shape, data: Path, n: int) -> Callable[[], None]:
     """The base model, frozen; a scalar on the input embeddings is the only trainable tensor."""
     import torch
 
-    from lmerge.losses import PREDICTIONS, entropy
-    from lmerge.models import load_model
+    from lmerge.tasks.losses import PREDICTIONS, entropy
+    from lmerge.tasks.models import load_model
 
     model = load_model(str(data / "base"), shape.kind).requires_grad_(False).eval()
     scale = torch.nn.Parameter(torch.ones(()))
@@ -263,7 +263,7 @@ def prepare_limit(shape: Shape, data: Path, n: int) -> Callable[[], None]:
 
 def prepare_lmerge(shape: Shape, data: Path, n: int, impl: str) -> Callable[[], None]:
     """lmerge's AdaMerging learner over n adapters from the catalog; one step as Lightning runs it."""
-    from lmerge.learners import AdaMerging
+    from lmerge.learn import AdaMerging
 
     adapters = [f"task{i}" for i in range(n)]
     catalog = str(data / "catalog.yaml")

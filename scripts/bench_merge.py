@@ -233,8 +233,8 @@ def prepare_floor(adapters: list[Path], stacked: bool = False) -> Callable[[], N
 
 def prepare_lmerge(case: Case, adapters: list[Path], out: Path) -> Callable[[], None]:
     """One ``run_merge`` call, saving under ``out``."""
-    from lmerge.config import MergeConfig, SaveConfig
-    from lmerge.runner import run_merge
+    from lmerge.merge.config import MergeConfig, SaveConfig
+    from lmerge.pipeline import run_merge
 
     if case.save == "full":
         import transformers  # noqa: F401 - lmerge imports it lazily; keep the import out of the timing

@@ -9,9 +9,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from lmerge.adapters import LoraAdapter, resolve_adapters
+from lmerge.adapters import LoraAdapter
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.errors import AdapterError, ConfigError
+from lmerge.tasks.resolve import resolve_adapters
 
 
 def test_factors_and_scaling_match_peft(zoo):

@@ -627,7 +627,7 @@ def fit_config(catalog: Path, tmp: Path, extra: str = "") -> Path:
     """A small AdaMerging fit config over the test catalog (plus ``extra`` YAML lines)."""
     path = tmp / "fit.yaml"
     path.write_text(
-        "model:\n  class_path: lmerge.learners.AdaMerging\n  init_args: {adapters: [alpha, beta]}\n"
+        "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {adapters: [alpha, beta]}\n"
         f"data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
         f"trainer: {{max_steps: 1, logger: false, default_root_dir: {tmp / 'out'}}}\n{extra}"
     )
@@ -638,8 +638,8 @@ def fit_config(catalog: Path, tmp: Path, extra: str = "") -> Path:
 FIT_CASES = [
     (
         "fit unknown learner",
-        lambda z, c, t: ["--config", fit_config(c, t), "--model.class_path", "lmerge.learners.Nope"],
-        "model: Problem with given class_path 'lmerge.learners.Nope'",
+        lambda z, c, t: ["--config", fit_config(c, t), "--model.class_path", "lmerge.learn.Nope"],
+        "model: Problem with given class_path 'lmerge.learn.Nope'",
     ),
     (
         "fit learner not a LightningModule",
@@ -853,9 +853,9 @@ def test_bad_input_through_the_real_command(zoo, tasks, tmp_path):
             None,
         ),
         "fit": (
-            ["fit", "--config", str(fit_yaml), "--model.class_path", "lmerge.learners.Nope"],
+            ["fit", "--config", str(fit_yaml), "--model.class_path", "lmerge.learn.Nope"],
             tmp_path / "out",  # the fit config's trainer.default_root_dir
-            "class_path 'lmerge.learners.Nope'",
+            "class_path 'lmerge.learn.Nope'",
             None,
         ),
     }

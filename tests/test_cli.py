@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lmerge.__main__ import main
-from lmerge.catalog import load_catalog
 from lmerge.methods import METHODS
+from lmerge.tasks.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "callbacks").rglob("*.yaml"))

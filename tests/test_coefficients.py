@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lmerge.coefficients import PARAMETRIZATIONS, Coefficients, export_merge_spec
 from lmerge.errors import ConfigError
+from lmerge.learn.coefficients import PARAMETRIZATIONS, Coefficients, export_merge_spec
 
 ROUND_TRIPS = {
     "clamp": [[0.0, 0.4, 1.0], [0.25, 0.5, 0.75]],

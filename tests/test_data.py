@@ -16,14 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import save_bert_tokenizer, save_llama_tokenizer  # noqa: E402
 
-from lmerge.catalog import load_catalog  # noqa: E402
 from lmerge.data import subsets  # noqa: E402
 from lmerge.data.multitask import MultiTaskDataModule  # noqa: E402
 from lmerge.data.sampling import EpochSampler, ResumableLoader, make_sampler, sampling_strategy, sampling_weights  # noqa: E402
 from lmerge.data.subsets import select_subset, subset_indices, subset_namespace  # noqa: E402
-from lmerge.data.task import TaskSpec, load_task_catalog  # noqa: E402
 from lmerge.data.task_module import TaskDataModule  # noqa: E402
 from lmerge.errors import ConfigError  # noqa: E402
+from lmerge.tasks.catalog import load_catalog  # noqa: E402
+from lmerge.tasks.spec import TaskSpec, load_task_catalog  # noqa: E402
 
 PROMPT = "Review: {text}\nSentiment:"
 NAMES = ["negative", "positive"]

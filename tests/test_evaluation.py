@@ -9,9 +9,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lmerge.config import MergeConfig
 from lmerge.data import load_task_catalog
-from lmerge.runner import run_merge
+from lmerge.merge.config import MergeConfig
+from lmerge.pipeline import run_merge
 
 
 def rows(catalog, task, split="test"):

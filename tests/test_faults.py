@@ -24,7 +24,7 @@ from lmerge.outputs import _HOST, append_index, run_bundle
 # process dies at that exact point, with no handler, ``finally`` or atexit running.
 KILLED_WRITER = """
 import os, signal, sys
-import lmerge.adapters.save as save
+import lmerge.merge.writers as save
 import lmerge.outputs as outputs
 point = sys.argv[1]
 real_save, real_replace = save.save_file, os.replace

@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lmerge.adapters import LoraAdapter
 from lmerge.adapters.align import align_keys
-from lmerge.coefficients import Coefficients, export_merge_spec
-from lmerge.config import MergeConfig, SaveConfig
 from lmerge.errors import AdapterError, ConfigError
-from lmerge.fused import attach, layer_groups
-from lmerge.merged_linear import DenseMergedLinear, FusedLoRALinear
-from lmerge.runner import run_merge
+from lmerge.learn.coefficients import Coefficients, export_merge_spec
+from lmerge.learn.fused import attach, layer_groups
+from lmerge.learn.merged_linear import DenseMergedLinear, FusedLoRALinear
+from lmerge.merge.config import MergeConfig, SaveConfig
+from lmerge.pipeline import run_merge
 
 # base model, auto class, vocabulary size, adapters (unequal ranks; bert_c has rslora, bert_d mixed ranks)
 FAMILIES = {

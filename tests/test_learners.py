@@ -13,11 +13,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lmerge.callbacks import CoefficientLogger, export_learned_merge
 from lmerge.data import CatalogDataModule
 from lmerge.errors import ConfigError
-from lmerge.learners import AdaMerging, GradientCE, RegretSmoothMax, SuperMerge
-from lmerge.learners.base import resolve_model_dtype
+from lmerge.learn import AdaMerging, GradientCE, RegretSmoothMax, SuperMerge
+from lmerge.learn.base import resolve_model_dtype
+from lmerge.learn.callbacks import CoefficientLogger
+from lmerge.pipeline import export_learned_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -232,7 +233,7 @@ def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path):
 
 FIT_CONFIG = """
 model:
-  class_path: lmerge.learners.AdaMerging
+  class_path: lmerge.learn.AdaMerging
   init_args: {{adapters: [alpha, beta], granularity: task_wise, lr: 0.05}}
 data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: {batch}}}
 trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
@@ -243,7 +244,7 @@ export: {{output_dir: {out}}}
 KILL_CONFIG = """
 seed_everything: 0
 model:
-  class_path: lmerge.learners.AdaMerging
+  class_path: lmerge.learn.AdaMerging
   init_args: {{adapters: [alpha, beta], lr: 0.05, init: 0.5}}
 data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: 1}}
 trainer:
@@ -326,7 +327,7 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
 
 def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
     from lmerge.adapters import LoraAdapter
-    from lmerge.learners import LoraFinetune
+    from lmerge.learn import LoraFinetune
 
     out = tmp_path / "adapter"
     learner = LoraFinetune(str(tasks), ["alpha"], str(zoo["bert"]), output_dir=str(out), r=4, lora_dropout=0.0, lr=0.02)
@@ -352,7 +353,7 @@ def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
 def test_lora_finetune_gives_a_base_with_another_classifier_a_fresh_head(zoo, tasks, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from lmerge.learners import LoraFinetune
+    from lmerge.learn import LoraFinetune
 
     five_labels = tmp_path / "base"
     kwargs = {"num_labels": 5, "ignore_mismatched_sizes": True}

@@ -11,9 +11,9 @@ from peft.utils import merge_utils
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lmerge.adapters import LoraAdapter
-from lmerge.adapters.save import truncated_svd
-from lmerge.config import MergeConfig, SaveConfig
-from lmerge.runner import run_merge
+from lmerge.merge.config import MergeConfig, SaveConfig
+from lmerge.merge.writers import truncated_svd
+from lmerge.pipeline import run_merge
 
 LLAMA = ("llama_a", "llama_b")  # ranks 4 and 8
 BERT = ("bert_a", "bert_c")  # rank 4 and rank 2 with rslora
@@ -184,9 +184,9 @@ def test_full_save_of_classifiers_keeps_backbone_and_heads(zoo, tmp_path):
 @pytest.mark.parametrize("method", ["ties", "dare", "task_vector"])
 def test_worker_threads_give_the_serial_merge_in_order(zoo, method):
     from lmerge.adapters.align import align_keys
-    from lmerge.merge import merge_modules
+    from lmerge.merge.engine import merge_modules
+    from lmerge.merge.policies import build_policy
     from lmerge.methods import get_method
-    from lmerge.policies import build_policy
 
     adapters = [LoraAdapter(zoo[name]) for name in LLAMA]
     keys, _ = align_keys(adapters, "common")
@@ -204,9 +204,9 @@ def test_worker_threads_give_the_serial_merge_in_order(zoo, method):
 
 def test_a_worker_error_reaches_the_caller_and_restores_threads(zoo):
     from lmerge.adapters.align import align_keys
-    from lmerge.merge import merge_modules
+    from lmerge.merge.engine import merge_modules
+    from lmerge.merge.policies import build_policy
     from lmerge.methods import get_method
-    from lmerge.policies import build_policy
 
     adapters = [LoraAdapter(zoo[name]) for name in LLAMA]
     keys, _ = align_keys(adapters, "common")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
-from lmerge.evaluation.scoring import score_classification, score_label_tokens
+from lmerge.metrics import get_metric, interference_delta, normalized
+from lmerge.tasks.scoring import score_classification, score_label_tokens
 
 
 class FixedLogits(nn.Module):

@@ -18,7 +18,7 @@ import yaml
 import lmerge
 from lmerge.__main__ import main
 from lmerge.errors import ConfigError
-from lmerge.models import TRUST_REMOTE_CODE_ENV, load_model, trust_remote_code
+from lmerge.tasks.models import TRUST_REMOTE_CODE_ENV, load_model, trust_remote_code
 
 SOURCES = [Path(lmerge.__file__).parent, Path(lmerge.__file__).parents[1] / "scripts"]
 
@@ -105,7 +105,7 @@ def test_pickled_checkpoint_is_refused_unrun(tasks, tmp_path, capsys, monkeypatc
     torch.save({"state_dict": {}, "payload": Exploit(tmp_path / "pwned")}, checkpoint)
     config = tmp_path / "fit.yaml"
     config.write_text(
-        "model:\n  class_path: lmerge.learners.AdaMerging\n  init_args: {adapters: [alpha, beta]}\n"
+        "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {adapters: [alpha, beta]}\n"
         f"data: {{catalog: {tasks}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
         f"trainer: {{max_steps: 1, logger: false, enable_checkpointing: false, default_root_dir: {tmp_path}}}\n"
     )

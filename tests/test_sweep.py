@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from lmerge.__main__ import main
-from lmerge.config import MergeConfig, load_merge_config
 from lmerge.errors import LMergeError
-from lmerge.runner import run_merge
+from lmerge.merge.config import MergeConfig, load_merge_config
+from lmerge.pipeline import run_merge
 from lmerge.sweep import SweepConfig, load_sweep_config, run_sweep
 from lmerge.sweep import run as sweep_run
 
@@ -41,13 +41,13 @@ def sweep_config(tasks, out, **overrides) -> SweepConfig:
 def count_evaluations(monkeypatch) -> list[dict]:
     """Every point the sweep merges and evaluates, by its method parameters."""
     calls = []
-    real = sweep_run.run_merge
+    real = sweep_run.merge_to_bundle
 
     def counted(config, evaluator=None):
         calls.append(dict(config.method_params))
         return real(config, evaluator=evaluator)
 
-    monkeypatch.setattr(sweep_run, "run_merge", counted)
+    monkeypatch.setattr(sweep_run, "merge_to_bundle", counted)
     return calls
 
 

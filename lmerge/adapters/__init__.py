@@ -1,6 +1,5 @@
-"""PEFT LoRA adapters: load, validate, resolve, align keys, save merged results."""
+"""PEFT LoRA adapters: load and validate them, and align their module keys (reading only)."""
 
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.adapters.resolve import resolve_adapters
 
-__all__ = ["LoraAdapter", "resolve_adapters"]
+__all__ = ["LoraAdapter"]

@@ -22,6 +22,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# Task heads of a merged adapter directory (one safetensors file per task), beside its LoRA.
+HEADS_DIR = "heads"
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _LORA_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 # Only these tensor kinds carry a LoRA we cannot merge: name them instead of a generic "unexpected".

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmerge.data.sampling import STRATEGIES, make_sampler, sampling_strategy, sampling_weights
 from lmerge.data.subsets import parse_eval_subset, select_subset, subset_indices, subset_namespace
-from lmerge.data.task import TaskSpec, load_task_catalog
+from lmerge.tasks.spec import TaskSpec, load_task_catalog
 
 if TYPE_CHECKING:
     from lmerge.data.catalog_module import CatalogDataModule

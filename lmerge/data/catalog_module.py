@@ -8,8 +8,8 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import CombinedLoader
 
 from lmerge.data.multitask import MultiTaskDataModule
-from lmerge.data.task import TaskSpec
 from lmerge.errors import ConfigError
+from lmerge.tasks.spec import TaskSpec
 
 
 class CatalogDataModule(MultiTaskDataModule):
@@ -47,7 +47,7 @@ class CatalogDataModule(MultiTaskDataModule):
             eval_subset: Eval-subset config for the validation and test splits.
             subset_cache_dir: Where eval-subset indices are cached.
         """
-        from lmerge.data.task import load_task_catalog
+        from lmerge.tasks.spec import load_task_catalog
 
         specs = load_task_catalog(catalog)
         missing = [name for name in tasks if name not in specs]

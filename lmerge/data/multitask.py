@@ -10,9 +10,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 
 from lmerge.data.sampling import sampling_strategy
-from lmerge.data.task import TaskSpec
 from lmerge.data.task_module import TaskDataModule
 from lmerge.errors import ConfigError
+from lmerge.tasks.spec import TaskSpec
 
 
 class MultiTaskDataModule(LightningDataModule):

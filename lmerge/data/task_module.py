@@ -1,5 +1,5 @@
 """``TaskDataModule``: one task's train/validation/test splits, tokenized with the base model's
-tokenizer, in the batch formats of ``lmerge.data.collate``."""
+tokenizer, in the batch formats of ``lmerge.tasks.collate``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lmerge.data.collate import IGNORE_INDEX, Collator
 from lmerge.data.sampling import STRATEGIES, ResumableLoader, make_sampler
 from lmerge.data.subsets import subset_indices
-from lmerge.data.task import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
 from lmerge.errors import ConfigError, unknown_name
+from lmerge.tasks.collate import IGNORE_INDEX, Collator
+from lmerge.tasks.spec import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -170,7 +170,7 @@ class TaskDataModule(LightningDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from lmerge.models import trust_remote_code
+            from lmerge.tasks.models import trust_remote_code
 
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(
@@ -340,7 +340,7 @@ class TaskDataModule(LightningDataModule):
         if self._encoder_decoder is None:
             from transformers import AutoConfig
 
-            from lmerge.models import trust_remote_code
+            from lmerge.tasks.models import trust_remote_code
 
             try:
                 config = AutoConfig.from_pretrained(self.tokenizer_path, trust_remote_code=trust_remote_code())

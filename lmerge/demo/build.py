@@ -7,11 +7,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmerge.catalog import load_catalog
 from lmerge.demo.prepare import split_rows, task_rows, write_split_files
 from lmerge.demo.sources import DemoSources
 from lmerge.errors import ConfigError
 from lmerge.outputs import write_json_atomic
+from lmerge.tasks.catalog import load_catalog
 
 MANIFEST = "manifest.json"
 

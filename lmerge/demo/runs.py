@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmerge.config import load_merge_config
 from lmerge.errors import LMergeError
 from lmerge.evaluation.evaluate import Evaluation
-from lmerge.runner import run_merge
+from lmerge.merge.config import load_merge_config
+from lmerge.pipeline import run_merge
 
 
 @dataclass

@@ -16,13 +16,13 @@ from torch import nn
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec, subset_namespace
-from lmerge.data.task import SPLITS
 from lmerge.errors import ConfigError, unknown_name
 from lmerge.evaluation.fold import WeightFolder
-from lmerge.evaluation.metrics import get_metric, interference_delta, normalized
-from lmerge.evaluation.scoring import SCORERS
-from lmerge.models import apply_head, load_model
+from lmerge.metrics import get_metric, interference_delta, normalized
 from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
+from lmerge.tasks.models import apply_head, load_model
+from lmerge.tasks.scoring import SCORERS
+from lmerge.tasks.spec import SPLITS
 
 # Evaluation precisions, named as Lightning's --trainer.precision: the autocast dtype of each.
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

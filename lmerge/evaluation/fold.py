@@ -4,13 +4,20 @@ speed, and restore the original weights afterwards."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lmerge.errors import AdapterError
-from lmerge.merge import MergedModule
+
+
+class ModuleUpdate(Protocol):
+    """One module's weight update, as the merge engine yields it."""
+
+    key: str
+
+    def dense(self) -> torch.Tensor: ...
 
 
 class WeightFolder:
@@ -22,7 +29,7 @@ class WeightFolder:
         self.fan_in_fan_out = fan_in_fan_out
         self.originals: dict[str, torch.Tensor] = {}
 
-    def add(self, module: MergedModule) -> None:
+    def add(self, module: ModuleUpdate) -> None:
         """Add one merged module's update (a writer for the merge engine)."""
         self.add_delta(module.key, module.dense())
 

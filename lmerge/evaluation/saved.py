@@ -11,8 +11,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lmerge.adapters.lora import LoraAdapter
-from lmerge.adapters.save import HEADS_DIR
+from lmerge.adapters.lora import HEADS_DIR, LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.errors import ConfigError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
@@ -86,16 +85,3 @@ def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:
             except (SafetensorError, OSError) as exc:
                 raise ConfigError(f"{file}: not a readable safetensors file ({exc})") from None
     return heads
-
-
-def catalog_tasks(catalog: str | None, names: list[str]) -> list[TaskSpec]:
-    """The catalog's specs of ``names``, in order; unknown names are one clear error."""
-    from lmerge.data import load_task_catalog
-
-    if not catalog:
-        raise ConfigError("eval_tasks: evaluation needs a task catalog (--catalog path/to/catalog.yaml)")
-    specs = load_task_catalog(catalog)
-    missing = [name for name in names if name not in specs]
-    if missing:
-        raise ConfigError(f"eval_tasks: {missing[0]!r} is not a task in catalog {catalog}")
-    return [specs[name] for name in names]

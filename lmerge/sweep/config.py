@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmerge.config import MergeConfig, _build, migrate_legacy, optimizer_spec, read_yaml
 from lmerge.errors import ConfigError
+from lmerge.merge.config import MergeConfig, _build, migrate_legacy, optimizer_spec
 from lmerge.sweep.search import SearchConfig
+from lmerge.yaml_files import read_yaml
 
 
 @dataclass

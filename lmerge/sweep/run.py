@@ -13,14 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lmerge.adapters.resolve import resolve_adapters
-from lmerge.config import MergeConfig
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, LMergeError
 from lmerge.evaluation.evaluate import Evaluator
+from lmerge.merge.config import MergeConfig
+from lmerge.merge.runner import evaluator_for, merge_to_bundle
 from lmerge.methods import get_method
 from lmerge.outputs import check_output_root, inside_root, merged_dir
-from lmerge.runner import evaluator_for, run_merge
 from lmerge.sweep import report
 from lmerge.sweep.config import SweepConfig
 from lmerge.sweep.ranking import best_point, point_scores, rank_key
@@ -28,6 +27,7 @@ from lmerge.sweep.search import SearchConfig
 from lmerge.sweep.space import Space, build_space
 from lmerge.sweep.study import SweepStudy, connect_database, journal_storage
 from lmerge.sweep.warm_start import warm_points
+from lmerge.tasks.resolve import resolve_adapters
 
 _POLL_SECONDS = 0.5
 
@@ -181,7 +181,7 @@ def _work(config: SweepConfig, space: Space, study: SweepStudy, evaluator: Evalu
 
 def _evaluate(config: SweepConfig, swept: dict[str, Any], evaluator: Evaluator) -> dict[str, Any]:
     """Merge and evaluate one point (in memory unless ``save_merged``); its record."""
-    result = run_merge(config.merge_config({**config.method_params, **swept}), evaluator=evaluator)
+    result = merge_to_bundle(config.merge_config({**config.method_params, **swept}), evaluator=evaluator)
     score, average = point_scores(result.evaluation)
     tasks = {
         task: {key: values[key] for key in ("metric", "merged", "single", "interference_delta")}

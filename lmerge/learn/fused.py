@@ -1,7 +1,7 @@
 """Fused LoRA linear: a model whose targeted linears compute ``W x + sum_i c_i s_i B_i A_i x`` with
 two GEMMs per module whatever the number of adapters, gradients reaching only the coefficients;
 ``fold`` writes the merge into the weights once so evaluation runs at the base model's speed.
-The layers themselves are in :mod:`lmerge.merged_linear`; this module attaches them to a model."""
+The layers themselves are in :mod:`lmerge.learn.merged_linear`; this module attaches them to a model."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.coefficients import Coefficients
 from lmerge.errors import AdapterError, ConfigError, unknown_name
 from lmerge.layers import layer_index
-from lmerge.merged_linear import DenseMergedLinear, FusedLoRALinear, ScaleTable, compute_dtype
+from lmerge.learn.coefficients import Coefficients
+from lmerge.learn.merged_linear import DenseMergedLinear, FusedLoRALinear, ScaleTable, compute_dtype
 
 IMPLEMENTATIONS = ("fused_lora_linear", "dense")
 GRANULARITIES = ("task_wise", "layer_wise")

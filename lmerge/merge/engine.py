@@ -23,9 +23,9 @@ import torch
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.layers import layer_index
+from lmerge.merge.policies import LambdaFn
 from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods.registry import Kind, MergeMethod, ModuleContext
-from lmerge.policies import LambdaFn
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The merged linear layers the learners train: :class:`FusedLoRALinear` (``W x`` plus every
 adapter's low-rank update, weighted by the coefficients, in two GEMMs whatever the number of
 adapters, or folded into the weight for large batches), its model-wide :class:`ScaleTable`, and
-the dense reference :class:`DenseMergedLinear`. :mod:`lmerge.fused` attaches them to a model."""
+the dense reference :class:`DenseMergedLinear`. :mod:`lmerge.learn.fused` attaches them to a model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmerge.coefficients import Coefficients
+from lmerge.learn.coefficients import Coefficients
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,9 +8,9 @@ from typing import Any, Literal
 import torch
 
 from lmerge.errors import ConfigError
-from lmerge.learners.base import Batch, MergeLearner
-from lmerge.learners.baselines import baseline_losses
-from lmerge.losses import TASK_LOSSES
+from lmerge.learn.base import Batch, MergeLearner
+from lmerge.learn.baselines import baseline_losses
+from lmerge.tasks.losses import TASK_LOSSES
 
 
 class GradientCE(MergeLearner):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.catalog import load_catalog
 from lmerge.errors import AdapterError, ConfigError
 from lmerge.outputs import safe_component
+from lmerge.tasks.catalog import load_catalog
 
 
 def resolve_adapters(specs: list[str], catalog: str | Path | None = None) -> list[LoraAdapter]:

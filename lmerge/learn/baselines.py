@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from lmerge.learners.base import MergeLearner
-from lmerge.losses import TASK_LOSSES
+from lmerge.learn.base import MergeLearner
+from lmerge.tasks.losses import TASK_LOSSES
 
 
 def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import torch
 
 from lmerge.errors import ConfigError
-from lmerge.learners.base import Batch, MergeLearner
-from lmerge.losses import PREDICTIONS, entropy
+from lmerge.learn.base import Batch, MergeLearner
+from lmerge.tasks.losses import PREDICTIONS, entropy
 
 
 class AdaMerging(MergeLearner):

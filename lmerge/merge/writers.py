@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmerge.adapters.lora import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
+from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
 from lmerge.errors import AdapterError, OutputError
-from lmerge.merge import MergedModule
+from lmerge.merge.engine import MergedModule
 
-HEADS_DIR = "heads"
 # Task types whose head belongs to each task (saved per adapter), so the full-weights save
 # keeps the shared backbone only.
 _HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
@@ -176,7 +175,7 @@ def write_heads(adapters: list[LoraAdapter], out: Path) -> list[str]:
 def _load_base(path: str, task_type: str | None) -> tuple[torch.nn.Module, str]:
     import transformers
 
-    from lmerge.models import trust_remote_code
+    from lmerge.tasks.models import trust_remote_code
 
     auto = getattr(transformers, _AUTO_CLASSES.get(task_type or "", "AutoModel"))
     try:

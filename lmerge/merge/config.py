@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from lmerge.errors import ConfigError
+from lmerge.outputs import DEFAULT_OUTPUT_DIR
+from lmerge.yaml_files import read_yaml
 
 
 @dataclass
@@ -49,7 +49,7 @@ class MergeConfig:
     """``scalar``, or ``{type: per_layer, default: 0.5, overrides: {0: 0.2}}``."""
     save: SaveConfig = field(default_factory=SaveConfig)
     """How the merge is saved."""
-    output_dir: str = "artifacts"
+    output_dir: str = DEFAULT_OUTPUT_DIR
     """Root of all outputs."""
     catalog: str | None = None
     """Task catalog YAML mapping task names to adapters."""
@@ -124,27 +124,6 @@ def migrate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
             search.setdefault("type", "grid")
             search["grid"] = value
             data["search"] = search
-    return data
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML mapping from ``path``; malformed or non-mapping files name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "parse error"
-        raise ConfigError(f"{path}:{where}: malformed YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
 
 

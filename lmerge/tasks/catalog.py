@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmerge.errors import ConfigError
+from lmerge.yaml_files import read_yaml
 
 
 def load_catalog(
@@ -37,8 +38,6 @@ def load_catalog(
     catalog's adapters need not exist yet. ``require_data=False`` lets its data files be missing
     too (for the command that builds them).
     """
-    from lmerge.config import read_yaml
-
     path = Path(path)
     data = read_yaml(path, what="catalog")
     tasks = data.get("tasks")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -14,19 +13,19 @@ from typing import Any
 
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.adapters.resolve import resolve_adapters
-from lmerge.adapters.save import writer_for
-from lmerge.config import MergeConfig, optimizer_spec
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import record_evaluation, results_name
-from lmerge.evaluation.saved import catalog_tasks
 from lmerge.layers import layer_index
-from lmerge.merge import factor_norm, merge_modules, scaled_factors
+from lmerge.merge.config import MergeConfig
+from lmerge.merge.engine import factor_norm, merge_modules, scaled_factors
+from lmerge.merge.policies import build_policy, overridden_layers, policy_spec
+from lmerge.merge.transforms import parse_transforms
+from lmerge.merge.writers import writer_for
 from lmerge.methods import MergeMethod, get_method
 from lmerge.outputs import run_bundle, safe_component, write_json_atomic
-from lmerge.policies import build_policy, overridden_layers, policy_spec
-from lmerge.transforms import parse_transforms
+from lmerge.tasks.resolve import resolve_adapters
+from lmerge.tasks.spec import catalog_tasks
 
 _PACKAGES = ("lmerge", "torch", "transformers", "peft", "safetensors")
 
@@ -44,13 +43,16 @@ class MergeResult:
     evaluation: Evaluation | None = field(default=None, repr=False)
 
 
-def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeResult:
+def merge_to_bundle(
+    config: MergeConfig, evaluator: Evaluator | None = None, learned: dict[str, Any] | None = None
+) -> MergeResult:
     """Resolve adapters, normalize parameters, transform, merge module by module, save, and
-    write the run bundle. ``evaluator``: one already prepared for ``config.eval_tasks`` (a sweep
-    reuses one, so the base model loads once); default: a new one when the config evaluates.
+    write the run bundle (``learned``: how an optimizer found ``method_params``, for the metadata;
+    :func:`lmerge.pipeline.run_merge` runs the optimizer). ``evaluator``: one already prepared
+    for ``config.eval_tasks`` (a sweep reuses one, so the base model loads once); default: a new
+    one when the config evaluates.
     Raises :class:`lmerge.errors.LMergeError` on any bad input."""
     started = time.perf_counter()
-    config, learned = _learn(config)
     method = get_method(config.method)
     if config.save.format != "none" and not method.saveable:
         raise MethodError(f"method {method.name!r} cannot be saved; use save.format none")
@@ -90,24 +92,6 @@ def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeR
     if evaluation:
         record_evaluation(config.output_dir, method.name, names, tag, evaluation, meta, bundle.final)
     return MergeResult(method.name, params, tag, bundle.final, meta, saved, evaluation)
-
-
-def _learn(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any] | None]:
-    """Run the config's learner, if it names one, and put what it learned into the config."""
-    name, params = optimizer_spec(config.optimizer)
-    if name == "none":
-        return config, None
-    if name == "bayes":
-        from lmerge.sweep.run import search_method_params
-
-        method_params, record = search_method_params(config, params)
-        return dataclasses.replace(config, method_params=method_params), record
-    if config.method != "weighted_delta_n":
-        raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
-    from lmerge.learners.from_config import learn_method_params
-
-    method_params, record = learn_method_params(name, params, config.catalog, config.adapters, config.merge_mode)
-    return dataclasses.replace(config, method_params=method_params), record
 
 
 def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:

@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
-from lmerge.losses import TASK_LOSSES, forward_logits
-from lmerge.models import load_model
 from lmerge.outputs import staged_dir
+from lmerge.tasks.losses import TASK_LOSSES, forward_logits
+from lmerge.tasks.models import load_model
 
 # PEFT task types per task kind (PEFT keeps a classification head trainable and saves it).
 _TASK_TYPES = {"classification": "SEQ_CLS", "label_tokens": "CAUSAL_LM"}

@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lmerge.catalog import load_catalog
 from lmerge.errors import ConfigError, unknown_name
-from lmerge.evaluation.metrics import METRICS
+from lmerge.metrics import METRICS
+from lmerge.tasks.catalog import load_catalog
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -246,3 +246,14 @@ def _describe(dataset: Mapping[str, Any], split: str, name: str) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def catalog_tasks(catalog: str | None, names: list[str]) -> list[TaskSpec]:
+    """The catalog's specs of ``names``, in order; unknown names are one clear error."""
+    if not catalog:
+        raise ConfigError("eval_tasks: evaluation needs a task catalog (--catalog path/to/catalog.yaml)")
+    specs = load_task_catalog(catalog)
+    missing = [name for name in names if name not in specs]
+    if missing:
+        raise ConfigError(f"eval_tasks: {missing[0]!r} is not a task in catalog {catalog}")
+    return [specs[name] for name in names]

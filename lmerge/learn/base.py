@@ -1,7 +1,7 @@
 """``MergeLearner``: the LightningModule every coefficient learner builds on.
 
 It holds the base model with every targeted linear fused over all adapters' LoRA factors
-(``lmerge.fused``), one frozen head per classification task, and the merge coefficients,
+(``lmerge.learn.fused``), one frozen head per classification task, and the merge coefficients,
 which are its only trainable parameters (and the only tensors its checkpoints keep).
 Subclasses define the per-task objective and how task terms combine.
 """
@@ -20,13 +20,13 @@ from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.adapters.resolve import resolve_adapters
-from lmerge.coefficients import Coefficients, export_merge_spec
 from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
-from lmerge.fused import attach, layer_groups
-from lmerge.losses import TASK_LOSSES, forward_logits
-from lmerge.models import DTYPES, build_head, load_model
+from lmerge.learn.coefficients import Coefficients, export_merge_spec
+from lmerge.learn.fused import attach, layer_groups
+from lmerge.tasks.losses import TASK_LOSSES, forward_logits
+from lmerge.tasks.models import DTYPES, build_head, load_model
+from lmerge.tasks.resolve import resolve_adapters
 
 Batch = dict[str, Any]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from lmerge.learners.base import Batch, MergeLearner
-from lmerge.learners.baselines import baseline_losses
-from lmerge.losses import TASK_LOSSES
+from lmerge.learn.base import Batch, MergeLearner
+from lmerge.learn.baselines import baseline_losses
+from lmerge.tasks.losses import TASK_LOSSES
 
 
 class RegretSmoothMax(MergeLearner):

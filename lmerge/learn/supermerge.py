@@ -8,10 +8,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmerge.coefficients import Coefficients
 from lmerge.errors import ConfigError
-from lmerge.learners.base import Batch, MergeLearner
-from lmerge.losses import TASK_LOSSES
+from lmerge.learn.base import Batch, MergeLearner
+from lmerge.learn.coefficients import Coefficients
+from lmerge.tasks.losses import TASK_LOSSES
 
 
 class SuperMerge(MergeLearner):

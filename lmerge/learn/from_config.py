@@ -15,7 +15,23 @@ import inspect
 import warnings
 from typing import Any
 
+from lightning.pytorch import Trainer
+
+from lmerge.data.catalog_module import CatalogDataModule
 from lmerge.errors import ConfigError, unknown_name
+from lmerge.learn.adamerging import AdaMerging
+from lmerge.learn.callbacks import CoefficientLogger
+from lmerge.learn.gradient import GradientCE
+from lmerge.learn.regret import RegretSmoothMax
+from lmerge.learn.supermerge import SuperMerge
+
+# The names a merge config's ``optimizer`` key uses for each learner.
+LEARNERS = {
+    "adamerging": AdaMerging,
+    "gradient": GradientCE,
+    "supermerge": SuperMerge,
+    "regret_smoothmax": RegretSmoothMax,
+}
 
 # Specification names (and their aliases) of settings that belong to the Trainer.
 _TRAINER = {
@@ -49,16 +65,10 @@ _OBSOLETE = {
 _DEFAULT_SPLITS = {"adamerging": "test"}
 
 
-def learn_method_params(
+def train_learner(
     name: str, params: dict[str, Any], catalog: str | None, adapters: list[str], merge_mode: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train learner ``name`` and return ``(weighted_delta_n method_params, record)``."""
-    from lightning.pytorch import Trainer
-
-    from lmerge.callbacks import CoefficientLogger
-    from lmerge.data import CatalogDataModule
-    from lmerge.learners import LEARNERS
-
     if name not in LEARNERS:
         raise ConfigError("optimizer.name: " + unknown_name("optimizer", name, ["none", *LEARNERS]))
     if not catalog:

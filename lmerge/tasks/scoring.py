@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmerge.evaluation.metrics import MetricSpec
-from lmerge.losses import aligned, answer_start_logits, forward_logits
+from lmerge.metrics import MetricSpec
+from lmerge.tasks.losses import aligned, answer_start_logits, forward_logits
 
 Batch = dict[str, Any]
 

@@ -1,0 +1,88 @@
+"""The one module that chains stages: learn or search a merge's parameters, then merge; and a
+learner's export (its coefficients as a merge spec, merged and evaluated).
+
+Every other package runs one stage and knows nothing of the others; this is where a merge
+config's ``optimizer`` (a learner, or ``bayes``) and the end of ``lmerge fit`` turn into a merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmerge.errors import ConfigError
+from lmerge.evaluation.evaluate import Evaluator
+from lmerge.learn.heatmap import heatmap_png
+from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
+from lmerge.merge.runner import MergeResult, merge_to_bundle
+from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
+
+
+def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeResult:
+    """Run the config's learner or search first when its ``optimizer`` names one, then merge,
+    save, evaluate and record (:func:`lmerge.merge.runner.merge_to_bundle`).
+    Raises :class:`lmerge.errors.LMergeError` on any bad input."""
+    config, learned = learn_method_params(config)
+    return merge_to_bundle(config, evaluator, learned)
+
+
+def learn_method_params(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any] | None]:
+    """The config with the method parameters its ``optimizer`` finds (a learner's coefficients
+    or a Bayesian search's best point), and the record of how; unchanged when it names none."""
+    name, params = optimizer_spec(config.optimizer)
+    if name == "none":
+        return config, None
+    if name == "bayes":
+        # Optuna loads only when a search runs.
+        from lmerge.sweep.run import search_method_params
+
+        method_params, record = search_method_params(config, params)
+        return dataclasses.replace(config, method_params=method_params), record
+    if config.method != "weighted_delta_n":
+        raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
+    from lmerge.learn.from_config import train_learner
+
+    method_params, record = train_learner(name, params, config.catalog, config.adapters, config.merge_mode)
+    return dataclasses.replace(config, method_params=method_params), record
+
+
+def export_learned_merge(
+    learner: Any,
+    output_dir: str,
+    save: str = "none",
+    eval_tasks: list[str] | None = None,
+    split: str = "test",
+) -> Path:
+    """Write the learner's merge spec, coefficients and heatmap into a run bundle; with ``save``
+    other than none, run the exported merge too. Returns the bundle's path."""
+    spec = learner.merge_spec()
+    values = learner.coefficients.values()
+    names = [a.name for a in learner.adapters]
+    learner_name = type(learner).__name__.lower()
+    record = {
+        "learner": type(learner).__name__,
+        "groups": learner.coefficients.group_names,
+        "adapters": names,
+        "values": values,
+        "steps": learner.global_step,
+        "hyperparameters": dict(learner.hparams),
+    }
+    with run_bundle(output_dir, learner_name, names) as bundle:
+        header = f"# lmerge merge --config <this file>\n# A merge learned by {type(learner).__name__}.\n"
+        text = header + yaml.safe_dump(spec, sort_keys=False)
+        write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode())
+        write_json_atomic(bundle.work / "coefficients.json", record)
+        write_bytes_atomic(bundle.work / "coefficients.png", heatmap_png(values))
+    print(f"learned merge: {bundle.final / 'merge_spec.yaml'}")
+    if save != "none" or eval_tasks:
+        overrides = {"output_dir": output_dir, "save": {"format": save}, "split": split}
+        if eval_tasks:
+            overrides["eval_tasks"] = eval_tasks
+        result = run_merge(load_merge_config(bundle.final / "merge_spec.yaml", **overrides))
+        print(f"merged with the learned coefficients: {result.run_dir}")
+        if result.evaluation:
+            print(result.evaluation.table())
+    return bundle.final
