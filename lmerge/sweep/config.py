@@ -18,8 +18,8 @@ class SweepConfig(MergeConfig):
     """A merge config whose method parameters are searched: every point is merged, evaluated on
     ``eval_tasks`` and ranked by its worst interference delta."""
 
-    search: SearchConfig | dict[str, Any] = field(default_factory=SearchConfig)
-    """What to try: ``{type: grid, grid: {...}}`` or ``{type: bayes, budget, init_points, seed, space: {...}}``."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """What to try: a grid, e.g. ``--search.grid.lambda [0.1,0.3]``, or ``type: bayes`` over a ``space``."""
     constraint_nonnegative: bool = False
     """Keep the method's lambda-like parameter (``lambda``, ``scale``) >= 0."""
     save_merged: bool = False
