@@ -207,9 +207,10 @@ def run_verb(argv: list[str]) -> None:
     parser, keys = build_parser()
     settings = parser.parse_args(expand_args(argv, keys))
     name = settings.subcommand
-    chosen = parser.instantiate(settings)[name]  # builds the nested dataclasses (save, search)
+    # Sections (save, search) stay mappings: the config dataclass builds and checks them.
+    chosen = settings[name].clone(with_meta=False).as_dict()
     chosen.pop("config", None)
-    VERBS[name](chosen.as_dict())
+    VERBS[name](chosen)
 
 
 def _note(message: str) -> None:

@@ -78,8 +78,7 @@ class MergeConfig:
     (``{budget: 20, init_points: 6, seed: 42, space: {lambda: {type: float, min: 0, max: 1}}}``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.save, dict):
-            self.save = _build(SaveConfig, self.save, "save.")
+        self.save = config_section(SaveConfig, self.save, "save")
         if self.merge_mode not in ("common", "strict"):
             raise ConfigError(f"merge_mode: {self.merge_mode!r} is not one of common, strict")
         if self.eval_tasks and not self.catalog:
@@ -135,6 +134,16 @@ def load_merge_config(path: str | Path, **overrides: Any) -> MergeConfig:
     data = migrate_legacy(read_yaml(path), str(path))
     data.update(overrides)
     return _build(MergeConfig, data, "", source=str(path))
+
+
+def config_section(cls: type, value: Any, key: str) -> Any:
+    """A config's nested section ``key``: ``value`` itself when it is a ``cls``, else built from its mapping."""
+    if isinstance(value, dict):
+        return _build(cls, value, f"{key}.")
+    if not isinstance(value, cls):
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{key}: expected a mapping of {valid}; got {value!r}")
+    return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None = None) -> Any:
