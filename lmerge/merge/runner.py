@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -79,8 +81,8 @@ def merge_to_bundle(
     with run_bundle(config.output_dir, method.name, names) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
-        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, writer.prepare):
-            _check_finite(module, limit)
+        prepare = _checked(writer.prepare, limit)
+        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, prepare):
             for each in writers:
                 each.add(module)
         saved = writer.write(bundle.work)
@@ -150,15 +152,26 @@ def _largest_saved(fmt: str, adapters: list[LoraAdapter]) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def _check_finite(module: MergedModule, limit: float) -> None:
-    """Refuse a merged module holding NaN/Inf or numbers its saved dtype cannot hold, before
-    anything is written (one reduction per tensor)."""
+def _checked(prepare: Callable[[MergedModule], MergedModule], limit: float) -> Callable[[MergedModule], MergedModule]:
+    """The writer's per-module step with the merge checked before it (a NaN would stop an SVD)
+    and after it against ``limit``, in the merge's worker threads."""
+
+    def run(module: MergedModule) -> MergedModule:
+        _check_finite(module, math.inf)
+        return _check_finite(prepare(module), limit)
+
+    return run
+
+
+def _check_finite(module: MergedModule, limit: float) -> MergedModule:
+    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one reduction per tensor)."""
     for tensor in (module.A, module.B, module.delta):
         if tensor is not None and not all_finite(tensor, limit):
+            bound = "NaN or Inf" if math.isinf(limit) else f"NaN, Inf or beyond {limit:.4g}, the range it is saved in"
             raise MethodError(
-                f"merged module {module.key}: the result overflows (NaN, Inf or beyond {limit:.4g}); "
-                "lower lambda or the weights"
+                f"merged module {module.key}: the result overflows ({bound}); lower lambda or the weights"
             )
+    return module
 
 
 def _transform_scales(adapters: list[LoraAdapter], keys: list[str], transforms) -> dict[tuple[int, str], float]:
