@@ -32,27 +32,34 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML mapping from ``path``; malformed, hostile or non-mapping files name the file and line."""
     path = Path(path)
-    text = _read_text(path, what)
-    loader = _StrictLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            _check_graph(node)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "parse error"
-        raise ConfigError(f"{path}:{where}: malformed YAML ({problem})") from None
-    except _Refused as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    finally:
-        loader.dispose()
+    data = parse_yaml(_read_text(path, what), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """The YAML value in ``text``, read strictly (duplicate keys, alias expansion and depth
+    checked); any problem is a :class:`ConfigError` naming ``source`` and the line. A loader for
+    YAML that arrives as text rather than as a file (``jsonargparse.set_loader`` takes it)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_graph(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "parse error"
+        raise ConfigError(f"{source}:{where}: malformed YAML ({problem})") from None
+    except _Refused as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 def read_json(path: str | Path, what: str = "JSON file", error: type[LMergeError] = ConfigError) -> Any:

@@ -141,7 +141,7 @@ def _cached_layout(
         config = transformers.AutoConfig.from_pretrained(
             base, revision=revision, local_files_only=True, trust_remote_code=False
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a missing, unreadable or unknown config: no layout, say why
         reason = " ".join(str(exc).split())[:160]
         return f"base model {base!r} is not available locally ({reason})"
     candidates = [_TASK_CLASSES.get(task_type or ""), auto_class, *(config.architectures or []), "AutoModel"]

@@ -76,10 +76,6 @@ class LoraAdapter:
         return self.config.get("revision")
 
     @property
-    def head_tensors(self) -> list[str]:
-        return list(self.head_shapes)
-
-    @property
     def task_type(self) -> str | None:
         return self.config.get("task_type")
 
@@ -120,7 +116,7 @@ class LoraAdapter:
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task-head tensors PEFT saved from ``modules_to_save``, under their file names."""
-        return {name: self._read(name, cast=False) for name in self.head_tensors}
+        return {name: self._read(name, cast=False) for name in self.head_shapes}
 
     @contextmanager
     def reading(self) -> Iterator[None]:
