@@ -25,6 +25,7 @@ from lmerge.errors import ConfigError
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
 from lmerge.learn.merged_linear import factor_dtype
+from lmerge.learn.sharding import average_replicated_gradients, shard_base_model
 from lmerge.tasks.losses import TASK_LOSSES, forward_logits
 from lmerge.tasks.models import DTYPES, build_head, load_model
 from lmerge.tasks.resolve import resolve_adapters
@@ -143,6 +144,8 @@ class MergeLearner(LightningModule):
         impl = self.hparams.merge_impl
         self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
+        if self._trainer is not None:
+            shard_base_model(self._trainer.strategy, model, self.coefficients)
         if self.kind == "classification":
             for name, spec in self.task_specs.items():
                 if not spec.adapter:
@@ -202,6 +205,9 @@ class MergeLearner(LightningModule):
         for task, term in terms.items():
             self.log(f"train/{self.objective_name}/{task}", term)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        average_replicated_gradients(self.trainer.strategy, self.coefficients)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
