@@ -341,7 +341,7 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     """Lightning's FSDP (``tests/fsdp_cpu.py``: the stock strategy given the CPU device) over two gloo
     processes, 4 examples each, on the Llama tasks: each decoder layer is its own FSDP unit (the base
     model sharded), the coefficients are replicated, and the learned coefficients equal one process's
-    with 8 examples."""
+    with 8 examples. GradientCE, whose baselines run the model before training, learns under FSDP too."""
     import os
     import subprocess
     import sys
@@ -369,6 +369,17 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     assert all(rank["coefficient_elements"] == 4 for rank in ranks)  # 2 layers x 2 adapters, whole on each
     assert runs["fsdp"] != [[0.3, 0.3]] * 2
     torch.testing.assert_close(torch.tensor(runs["fsdp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+    # A learner that runs the model before training (GradientCE's single-adapter baselines, outside any
+    # step): its forward is routed through FSDP's wrapper, else the root's weights would still be sharded.
+    config = tmp_path / "gradient.yaml"
+    text = FSDP_CONFIG.format(catalog=tasks, batch=4, out=tmp_path / "gradient")
+    text = text.replace("lmerge.learn.AdaMerging", "lmerge.learn.GradientCE").replace("test,", "validation,")
+    config.write_text(text.replace("lr: 0.05}", "lr: 0.05, ce_baseline_batches: 2}"))
+    command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+    done = subprocess.run([*command, *strategy], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    values = json.loads(next((tmp_path / "gradient").rglob("coefficients.json")).read_text())["values"]
+    assert values != [[0.3, 0.3]] * 2
 
 
 def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):

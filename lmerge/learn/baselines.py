@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmerge.learn.base import MergeLearner
+from lmerge.learn.sharding import call_through_wrapper
 from lmerge.tasks.losses import TASK_LOSSES
 
 
@@ -23,7 +24,8 @@ def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
                 if index >= batches:
                     break
                 batch = learner.transfer_batch_to_device(batch, learner.device, 0)
-                total += float(TASK_LOSSES[learner.kind](learner.task_logits(task, batch), batch))
+                logits = call_through_wrapper(learner.trainer.strategy, learner, "task_logits", task, batch)
+                total += float(TASK_LOSSES[learner.kind](logits, batch))
                 count += 1
         losses[task] = total / max(count, 1)
     if learner.logger is not None:

@@ -8,6 +8,8 @@ Under any other strategy these functions do nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch import nn
@@ -42,3 +44,12 @@ def average_replicated_gradients(strategy: Strategy, coefficients: nn.Module) ->
         if parameter.grad is not None:
             torch.distributed.all_reduce(parameter.grad)
             parameter.grad /= strategy.world_size
+
+
+def call_through_wrapper(strategy: Strategy, learner: nn.Module, method: str, *args: Any) -> Any:
+    """``learner.<method>(*args)``, routed under FSDP through the wrapped model's forward as Lightning
+    routes its steps, so that FSDP gathers the shards (a forward outside the steps, e.g. the baselines
+    before training, would otherwise meet the root's weights sharded); a direct call otherwise."""
+    if isinstance(strategy, FSDPStrategy) and strategy.model is not learner:
+        return strategy._forward_redirection(strategy.model, learner, method, *args)
+    return getattr(learner, method)(*args)
