@@ -8,7 +8,8 @@ Shapes (``auto``: ``7b`` where CUDA is available, else ``cpu``):
 
 - ``7b``: Llama-7B: hidden 4096, 32 layers, intermediate 11008, 32 heads, vocabulary 32000; batch
   4 x 512 tokens; LoRA r=16; bf16 weights, steps under ``bf16-mixed`` autocast, on the GPU;
-- ``cpu``: the same architecture scaled down so that every case runs in a minute or two on 2 cores:
+- ``cpu``: the same architecture scaled down, about 2 minutes of CPU time in all on 2 cores (5-6 minutes
+  of wall time on a machine that others load):
   hidden 1024, 4 layers, intermediate 2752 (the 7B ratio), 16 heads, vocabulary 4096; batch 4 x 128;
   LoRA r=4, so that the stacked rank over the hidden size (n r / hidden = 1/16 at n=16) and hence
   the low-rank path's share of the FLOPs are those of the 7B shape; float32 without autocast (CPU
