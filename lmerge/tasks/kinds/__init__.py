@@ -1,7 +1,6 @@
-"""Task kinds: one file per kind, each registering itself in ``registry.KINDS``.
-
-Every module in this package is imported here, so a new kind file is picked up without a
-hand-kept list; ``tests/test_data.py`` checks that each file registers its own kind.
+"""The task kinds. A kind lives in its own file here and registers itself with ``@register_kind``;
+importing this package imports each such file (any name not starting with ``_``), and a test
+checks that every file registers exactly its own kind.
 """
 
 from __future__ import annotations
