@@ -1,8 +1,8 @@
 """``MergeLearner``: the LightningModule every coefficient learner builds on.
 
 It holds the base model with every targeted linear fused over all adapters' LoRA factors
-(``lmerge.learn.fused``), one frozen head per task when the task kind has heads, and the merge coefficients,
-which are its only trainable parameters (and the only tensors its checkpoints keep).
+(``lmerge.learn.fused``), one frozen head per task where the task kind has heads, and the merge
+coefficients, which are its only trainable parameters (and the only tensors its checkpoints keep).
 Subclasses define the per-task objective and how task terms combine.
 """
 
