@@ -228,7 +228,8 @@ def prepare_limit(shape: Shape, data: Path, n: int):  # noqa: ANN201
     """The bare model; a scalar on the input embeddings is the only trainable tensor."""
     import torch
 
-    from lmerge.tasks.losses import PREDICTIONS, entropy
+    from lmerge.learn.adamerging import entropy
+    from lmerge.tasks.kinds import get_kind
 
     model = build_model(shape)
     scale = torch.nn.Parameter(torch.ones((), device=shape.device))
@@ -240,7 +241,7 @@ def prepare_limit(shape: Shape, data: Path, n: int):  # noqa: ANN201
     def step() -> None:
         with autocast(shape):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = entropy(PREDICTIONS["label_tokens"](logits, batch)).mean()
+            loss = entropy(get_kind("label_tokens").predict(logits, batch)).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

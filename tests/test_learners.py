@@ -476,3 +476,78 @@ def test_merge_config_with_a_learner_merges_what_it_learned(tasks, tmp_path, cap
     config.write_text(config.read_text().replace("early_stopping_min_delta", "early_stopping_mindelta"))
     assert main(["merge", "--config", str(config)]) == 2
     assert "optimizer.params.early_stopping_mindelta: not a setting of optimizer 'gradient'" in capsys.readouterr().err
+
+
+class LossSpy(CoefficientLogger):
+    """Records each training step's loss and the coefficients after that step."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses, self.values = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.values.append(pl_module.coefficients.values())
+
+
+def test_learner_early_stopping_waits_for_warmup_and_minimum_steps(tasks, tmp_path):
+    """Patience counts training steps from the warm-up on; the run stops once patience is spent
+    and the minimum number of steps is reached (a huge threshold: no step is an improvement)."""
+    learner = SuperMerge(
+        str(tasks),
+        ["alpha", "beta"],
+        ["alpha", "beta"],
+        early_stopping_patience=2,
+        early_stopping_threshold=1e9,
+        early_stopping_warmup_steps=1,
+        min_optimizer_steps_before_early_stop=4,
+    )
+    fit(learner, data_for(tasks, "validation"), 10, tmp_path)
+    # Step 1 sets the best; steps 2 and 3 spend the patience; step 4 is the first allowed stop.
+    assert learner.global_step == 4
+
+
+def test_learner_restores_the_coefficients_of_its_lowest_training_loss(tasks, tmp_path):
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.5, restore_best_checkpoint=True)
+    spy = LossSpy()
+    fit(learner, data_for(tasks, "validation"), 6, tmp_path, callbacks=[spy])
+    best = min(range(len(spy.losses)), key=spy.losses.__getitem__)
+    assert best != len(spy.losses) - 1, "the test needs a run whose last step is not its best"
+    assert learner.coefficients.values() == spy.values[best]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("supermerge", "coefficient_parameterization", "tanh_alpha"),
+        ("supermerge", "normalize_coefficients", False),
+        ("gradient", "ce_baseline_source", "single_task_eval"),
+    ],
+)
+def test_one_valued_learner_settings_of_old_merge_configs_are_ignored_with_a_warning(tasks, name, key, value):
+    from lmerge.learn.from_config import train_learner
+
+    # The unknown key after it stops the run before anything is built.
+    with pytest.warns(DeprecationWarning, match=f"optimizer.params.{key} is ignored"):
+        with pytest.raises(ConfigError, match="optimizer.params.bogus: not a setting"):
+            train_learner(name, {key: value, "bogus": 1}, str(tasks), ["alpha", "beta"], "common")
+
+
+def test_learner_stopping_callbacks_join_configured_ones_and_their_state_is_checkpointed(tasks, tmp_path):
+    """The learner's own early stopping and best restore come as callbacks beside (not instead
+    of) those a config composes, e.g. ``callbacks/early_stopping.yaml``."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lmerge.learn.callbacks import BestCoefficients, BestStepCoefficients, StepEarlyStopping
+
+    learner = SuperMerge(
+        str(tasks), ["alpha", "beta"], ["alpha", "beta"], early_stopping_patience=5, restore_best_checkpoint=True
+    )
+    configured = [EarlyStopping("val/loss", check_on_train_epoch_end=False), BestCoefficients()]
+    trainer = fit(learner, data_for(tasks, "validation"), 3, tmp_path, callbacks=configured)
+    assert all(any(c is own for own in trainer.callbacks) for c in configured)
+    own = {type(c): c for c in trainer.callbacks}
+    assert torch.isfinite(own[StepEarlyStopping].rule.best_score) and own[BestStepCoefficients].best is not None
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    assert any(key.startswith("StepEarlyStopping") for key in saved) and "BestStepCoefficients" in saved

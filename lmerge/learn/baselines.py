@@ -7,7 +7,6 @@ import torch
 
 from lmerge.learn.base import MergeLearner
 from lmerge.learn.sharding import call_through_wrapper
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
@@ -25,7 +24,7 @@ def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
                     break
                 batch = learner.transfer_batch_to_device(batch, learner.device, 0)
                 logits = call_through_wrapper(learner.trainer.strategy, learner, "task_logits", task, batch)
-                total += float(TASK_LOSSES[learner.kind](logits, batch))
+                total += float(learner.kind.loss(logits, batch))
                 count += 1
         losses[task] = total / max(count, 1)
     if learner.logger is not None:
