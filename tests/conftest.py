@@ -58,6 +58,7 @@ def make_adapter(
     task_type: str,
     use_rslora: bool = False,
     rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
 ) -> Path:
     """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``."""
     from peft import LoraConfig, get_peft_model
@@ -73,6 +74,7 @@ def make_adapter(
         target_modules=targets,
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
     )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
@@ -94,8 +96,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks);
-    llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules)."""
+    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks),
+    bert_e (r3, alpha_pattern); llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules),
+    llama_d (r6, rslora, rank_pattern and alpha_pattern)."""
     root = tmp_path_factory.mktemp("zoo")
     bert = build_bert(root / "bert")
     llama = build_llama(root / "llama")
@@ -107,11 +110,26 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     paths["bert_d"] = make_adapter(
         bert, root / "bert_d", seed=4, rank_pattern={"layer.1.attention.self.query": 2}, **seq
     )
+    paths["bert_e"] = make_adapter(
+        bert, root / "bert_e", seed=10, r=3, alpha=6, alpha_pattern={"layer.0.attention.self.value": 2}, **seq
+    )
     lm = {"task_type": "CAUSAL_LM"}
     paths["llama_a"] = make_adapter(llama, root / "llama_a", seed=5, targets=LLAMA_TARGETS, **lm)
     paths["llama_b"] = make_adapter(llama, root / "llama_b", seed=6, r=8, alpha=16, targets=LLAMA_TARGETS, **lm)
     paths["llama_c"] = make_adapter(
         llama, root / "llama_c", seed=7, use_rslora=True, targets=["q_proj", "v_proj"], **lm
+    )
+    paths["llama_d"] = make_adapter(
+        llama,
+        root / "llama_d",
+        seed=11,
+        r=6,
+        alpha=12,
+        use_rslora=True,
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        targets=LLAMA_TARGETS,
+        **lm,
     )
     return paths
 
