@@ -9,7 +9,12 @@ temporary directory. Every case then runs in its own process (this script with `
 which prints one JSON line: the wall time of the timed part only (imports and set-up
 excluded), the RSS right before it and the peak RSS during it (VmHWM, reset first).
 
-- ``lmerge:<method>[:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full model).
+- ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
+  model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
+  iso_cts, knots_ties, knots_dare) and ties/dare in core space save exact LoRAs; the table gives
+  each case's time over the exact linear save (``lmerge:task_vector``), over weight-space
+  ``lmerge:ties`` and over its PEFT peer at the same n. ``--n 8 16 32`` shows how each grows with
+  the number of adapters.
 - ``peft:<combination_type>``: ``add_weighted_adapter`` on a PeftModel holding all n adapters,
   plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
 - ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
@@ -68,9 +73,10 @@ class Case:
 
 
 def _lmerge(method: str, peer: str | None, save: str = "lora", default: bool = True, **params: Any) -> Case:
-    """An lmerge case with fixed method parameters."""
+    """An lmerge case with fixed method parameters (a dense method in core space is ``<method>:core``)."""
+    space = f":{params['space']}" if params.get("space", "weight") != "weight" else ""
     suffix = "" if save == "lora" else f":{save}"
-    return Case(f"lmerge:{method}{suffix}", method, lambda n: dict(params), save, peer, default=default)
+    return Case(f"lmerge:{method}{space}{suffix}", method, lambda n: dict(params), save, peer, default=default)
 
 
 def _peft(combination: str, default: bool = True) -> Case:
@@ -97,6 +103,13 @@ CASES = {
         _lmerge("dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         _lmerge("dare_ties", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         _lmerge("magnitude_prune", "peft:magnitude_prune_svd", k=100 * DENSITY),
+        _lmerge("ties", "peft:ties_svd", k=100 * DENSITY, space="core"),
+        _lmerge("dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY, space="core"),
+        _lmerge("tsv", "peft:ties_svd"),
+        _lmerge("iso_c", "peft:ties_svd"),
+        _lmerge("iso_cts", "peft:ties_svd"),
+        _lmerge("knots_ties", "peft:ties_svd", k=100 * DENSITY),
+        _lmerge("knots_dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         Case(
             "lmerge:weighted",
             "weighted",
@@ -321,30 +334,42 @@ def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
     return min(runs, key=lambda run: run["seconds"])
 
 
+LINEAR_SAVE = "lmerge:task_vector"
+"""The exact linear save: what an exact low-rank merge is measured against."""
+WEIGHT_TIES = "lmerge:ties"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """The results as a markdown table; ratios are this case's seconds over the reference's."""
+    """The results as a markdown table; ratios are this case's seconds over the reference's (the
+    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     lines = [
-        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | × stacked floor | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save | × ties "
+        "| PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+
+    def ratio(r: dict[str, Any], reference: str | None, digits: int = 2) -> str:
+        other = seconds.get((reference, r["n"]))
+        return f"{r['seconds'] / other:.{digits}f}" if other else ""
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | |")
             continue
-        floor, stacked = seconds.get((FLOOR, r["n"])), seconds.get((STACKED_FLOOR, r["n"]))
         peer = CASES[r["case"]].peer
-        peer_seconds = seconds.get((peer, r["n"]))
         cells = [
             r["case"],
             str(r["n"]),
             f"{r['seconds']:.3f}",
             f"{r['peak_mb']:.0f}",
             f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
-            f"{r['seconds'] / floor:.2f}" if floor else "",
-            f"{r['seconds'] / stacked:.2f}" if stacked else "",
+            ratio(r, FLOOR),
+            ratio(r, STACKED_FLOOR),
+            ratio(r, LINEAR_SAVE),
+            ratio(r, WEIGHT_TIES, 3),
             peer.removeprefix("peft:") if peer else "",
-            f"{r['seconds'] / peer_seconds:.3f}" if peer_seconds else "",
+            ratio(r, peer, 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

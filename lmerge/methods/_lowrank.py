@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmerge.methods._task_vectors import TaskVectors
+
 
 def working_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """float64 if any tensor is, else float32 (LAPACK has no half-precision QR or SVD)."""
@@ -145,24 +147,23 @@ class CoreSpace:
         return self.Qa.T, self.Qb @ core
 
 
-def concatenated_svd(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U [out, K], SV [n, K, in])`` of the SVD of the task vectors side by side,
-    ``[delta_1 ... delta_n] = U S [V_1^T ... V_n^T]``, with ``SV[i] = S V_i^T = U^T delta_i`` (KnOTS's
-    per-task right factors, scaled by the shared singular values) and ``K <= sum_i r_i``.
+def concatenated_svd(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, TaskVectors]:
+    """``(U [out, K], SV)`` of the SVD of the task vectors side by side,
+    ``[delta_1 ... delta_n] = U S [V_1^T ... V_n^T]``, with ``SV`` the per-task right factors scaled
+    by the shared singular values, ``S V_i^T = U^T delta_i`` [K, in] (KnOTS's), as task vectors built a
+    block of rows at a time from their own factors; ``K <= sum_i r_i``.
 
     With ``A_i^T = Qa_i Ra_i`` (thin QR of each adapter's ``A``) the concatenation is
     ``Z blockdiag(Qa_i^T)`` with ``Z = [B_1 Ra_1^T ... B_n Ra_n^T]`` [out, R] and orthonormal
-    blocks, so its ``U`` and ``S`` are those of ``Z = Qz Rz``: the SVD of the small ``Rz``."""
+    blocks, so its ``U`` and ``S`` are those of ``Z = Qz Rz``, from the SVD of the small ``Rz``,
+    and ``U^T delta_i = (P^T Rz_i) Qa_i^T``."""
     As, Bs = as_working(As, Bs)
     Qas, Ras = zip(*(thin_qr(A.T) for A in As), strict=True)
     Qz, Rz = thin_qr(torch.cat([B @ Ra.T for B, Ra in zip(Bs, Ras, strict=True)], dim=1))
     P = torch.linalg.svd(Rz, full_matrices=False)[0]
     ends = torch.tensor([Ra.shape[0] for Ra in Ras]).cumsum(0).tolist()
-    # U^T delta_i = P^T Qz^T B_i Ra_i^T Qa_i^T = P^T Rz_i Qa_i^T.
-    SV = torch.stack(
-        [(P.T @ Rz[:, end - Ra.shape[0] : end]) @ Qa.T for Qa, Ra, end in zip(Qas, Ras, ends, strict=True)]
-    )
-    return Qz @ P, SV
+    lefts = [P.T @ Rz[:, end - Ra.shape[0] : end] for Ra, end in zip(Ras, ends, strict=True)]
+    return Qz @ P, TaskVectors.from_factors([Qa.T for Qa in Qas], lefts)
 
 
 def zero_factors(out: int, inp: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

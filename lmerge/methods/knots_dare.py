@@ -23,7 +23,6 @@ from lmerge.methods._dare import DareMask
 from lmerge.methods._lowrank import concatenated_svd
 from lmerge.methods._params import check_int, check_number, check_range, module_lambda
 from lmerge.methods._signs import disjoint_mean_
-from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -46,6 +45,6 @@ def knots_dare(
     """KnOTS-DARE: DARE-TIES (drop at drop_rate, elect signs, disjoint mean) on the tasks' S V_i^T, times lambda."""
     U, SV = concatenated_svd(As, Bs)
     mask = DareMask(params["drop_rate"], params["seed"], ctx.key)
-    merged = TaskVectors.from_dense(SV).merge(lambda block, start: disjoint_mean_(mask.apply_(block, start)))
+    merged = SV.merge(lambda block, start: disjoint_mean_(mask.apply_(block, start)))
     # Sign election and the disjoint mean commute with the positive rescale 1 / (1 - drop_rate).
     return merged.mul_(module_lambda(params, ctx, "lambda") / (1.0 - params["drop_rate"])), U

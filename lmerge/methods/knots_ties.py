@@ -28,7 +28,6 @@ import torch
 from lmerge.methods._lowrank import concatenated_svd
 from lmerge.methods._params import check_number, check_range, module_lambda
 from lmerge.methods._signs import disjoint_mean_
-from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods._topk import merge_top_k
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -50,5 +49,5 @@ def knots_ties(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KnOTS-TIES: TIES (top k%, elect signs, disjoint mean) on the tasks' S V_i^T in their joint SVD, times lambda."""
     U, SV = concatenated_svd(As, Bs)
-    merged = merge_top_k(TaskVectors.from_dense(SV), params["k"] / 100.0, disjoint_mean_)
+    merged = merge_top_k(SV, params["k"] / 100.0, disjoint_mean_)
     return merged.mul_(module_lambda(params, ctx, "lambda")), U
