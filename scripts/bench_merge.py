@@ -7,7 +7,8 @@ A Llama-shaped random model (hidden 1024, intermediate 2816, 8 layers) and n ran
 adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per run in a
 temporary directory. Every case then runs in its own process (this script with ``--case``),
 which prints one JSON line: the wall time of the timed part only (imports and set-up
-excluded), the RSS right before it and the peak RSS during it (VmHWM, reset first).
+excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
+of the work), the RSS right before it and the peak RSS during it (VmHWM, reset first).
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
@@ -302,9 +303,11 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         fn = prepare_peft(case, adapters, out)
     baseline = memory_mb("VmRSS")
     reset_peak_rss()
+    cpu_started = time.process_time()
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     peak = memory_mb("VmHWM")
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
@@ -312,6 +315,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "case": name,
         "n": n,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "baseline_mb": baseline,
         "peak_mb": peak,
         "saved_mb": saved,
@@ -344,9 +348,9 @@ def table(results: list[dict[str, Any]]) -> str:
     floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     lines = [
-        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save | × ties "
-        "| PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save "
+        "| × ties | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
 
     def ratio(r: dict[str, Any], reference: str | None, digits: int = 2) -> str:
@@ -355,13 +359,14 @@ def table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | | |")
             continue
         peer = CASES[r["case"]].peer
         cells = [
             r["case"],
             str(r["n"]),
             f"{r['seconds']:.3f}",
+            f"{r['cpu_seconds']:.2f}",
             f"{r['peak_mb']:.0f}",
             f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
             ratio(r, FLOOR),

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def peft_merge_utils() -> ModuleType:
+    """``peft.utils.merge_utils`` loaded from its file: it needs only torch, while importing the
+    peft package pulls in transformers and costs seconds."""
+    package_dir = importlib.util.find_spec("peft").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_peft_merge_utils", Path(package_dir, "utils", "merge_utils.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_bert(path: Path) -> Path:

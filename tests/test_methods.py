@@ -6,14 +6,12 @@ elected sign, times lambda; peft's ``ties`` with every weight equal to lambda is
 
 from __future__ import annotations
 
-import importlib.util
 import pkgutil
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from conftest import peft_merge_utils
 
 import lmerge.methods
 from lmerge.errors import MethodError
@@ -21,19 +19,7 @@ from lmerge.methods import METHODS, Kind, MergeMethod, ModuleContext, _dare, get
 from lmerge.methods._task_vectors import TaskVectors
 
 KEY = "model.layers.3.self_attn.q_proj"
-
-
-def _peft_merge_utils() -> ModuleType:
-    """``peft.utils.merge_utils`` loaded from its file: it needs only torch, while importing the
-    peft package pulls in transformers and costs seconds."""
-    package_dir = importlib.util.find_spec("peft").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("_peft_merge_utils", Path(package_dir, "utils", "merge_utils.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PEFT = _peft_merge_utils()
+PEFT = peft_merge_utils()
 
 
 def _ctx(method: MergeMethod, params: dict[str, Any], layer: int | None = 3) -> ModuleContext:

@@ -118,13 +118,14 @@ class CoreSpace:
         """``(A_i Qa)^T`` [q, r_i]: adapter i's ``A`` in the row basis (transposed)."""
         return self.Ra[:, self.blocks[i]]
 
-    def core(self, i: int) -> torch.Tensor:
-        """``C_i = Qb^T delta_i Qa`` [p, q]."""
-        return self.left(i) @ self.right(i).T
-
     def summed(self) -> torch.Tensor:
         """The core of ``sum_i delta_i``: ``Rb @ Ra^T``."""
         return self.Rb @ self.Ra.T
+
+    def cores(self, Pb: torch.Tensor, Pa: torch.Tensor) -> torch.Tensor:
+        """``[n, p, q]``: every ``Pb^T C_i Pa``, the cores in the bases ``Qb Pb`` and ``Qa Pa``."""
+        left, right = Pb.T @ self.Rb, Pa.T @ self.Ra
+        return torch.stack([left[:, block] @ right[:, block].T for block in self.blocks])
 
     def singular_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Pb [p, p], Pa [q, q])``: the rotations that take the QR bases to the SVD bases of
