@@ -36,6 +36,16 @@ FAMILIES = {
 PEFT = peft_merge_utils()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: more intra-op threads would only add their synchronisation (much of it on a
+    loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- dense float64 references
 
 
