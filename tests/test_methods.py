@@ -123,9 +123,17 @@ NO_IDENTITY = {
     "iso_c": "flattens the spectrum",
     "iso_cts": "flattens the spectrum",
 }
+# Methods for which identical adapters are not a fixed point.
+NO_FIXED_POINT = {
+    "tsv": "the polar factor of n equal bases is not unique",
+    "iso_c": "flattens the spectrum",
+    "iso_cts": "flattens the spectrum",
+}
 
 # Identical adapters are a fixed point (three of them, two for weighted_delta).
 FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
+    "knots_ties": {"k": 100.0},
+    "knots_dare": {"drop_rate": 0.0},
     "uniform": {},
     "weighted": {"weights": [0.2, 0.3, 0.5]},
     "task_vector": {"lambda": 1 / 3},
@@ -137,13 +145,6 @@ FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
     "magnitude_prune": {"k": 100.0},
     "dare": {"drop_rate": 0.0},
     "dare_ties": {"drop_rate": 0.0},
-    "knots_ties": {"k": 100.0},
-    "knots_dare": {"drop_rate": 0.0},
-}
-NO_FIXED_POINT = {
-    "tsv": "the polar factor of n equal bases is not unique",
-    "iso_c": "flattens the spectrum",
-    "iso_cts": "flattens the spectrum",
 }
 
 

@@ -41,11 +41,7 @@ def split_sizes(rank: int, common: float, n: int) -> tuple[int, int]:
 
 
 @register(
-    "iso_cts",
-    kind=Kind.LOW_RANK,
-    defaults={"common": 0.8, "lambda": 1.0},
-    validate=_validate,
-    lambda_param="lambda",
+    "iso_cts", kind=Kind.LOW_RANK, defaults={"common": 0.8, "lambda": 1.0}, validate=_validate, lambda_param="lambda"
 )
 def iso_cts(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext

@@ -38,11 +38,7 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
 
 
 @register(
-    "knots_ties",
-    kind=Kind.LOW_RANK,
-    defaults={"k": 20.0, "lambda": 1.0},
-    validate=_validate,
-    lambda_param="lambda",
+    "knots_ties", kind=Kind.LOW_RANK, defaults={"k": 20.0, "lambda": 1.0}, validate=_validate, lambda_param="lambda"
 )
 def knots_ties(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext

@@ -40,13 +40,7 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     check_number(params, "lambda")
 
 
-@register(
-    "tsv",
-    kind=Kind.LOW_RANK,
-    defaults={"keep": None, "lambda": 1.0},
-    validate=_validate,
-    lambda_param="lambda",
-)
+@register("tsv", kind=Kind.LOW_RANK, defaults={"keep": None, "lambda": 1.0}, validate=_validate, lambda_param="lambda")
 def tsv(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
