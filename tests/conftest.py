@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +23,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def peft_merge_utils() -> ModuleType:
+    """``peft.utils.merge_utils`` loaded from its file: it needs only torch, while importing the
+    peft package pulls in transformers and costs seconds."""
+    package_dir = importlib.util.find_spec("peft").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_peft_merge_utils", Path(package_dir, "utils", "merge_utils.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_bert(path: Path) -> Path:
@@ -79,6 +91,7 @@ def make_adapter(
     task_type: str,
     use_rslora: bool = False,
     rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
     **options,
 ) -> Path:
     """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``
@@ -96,6 +109,7 @@ def make_adapter(
         target_modules=targets,
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
         **options,
     )
     peft_model = get_peft_model(model, config)
@@ -118,8 +132,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks);
-    llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules)."""
+    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks),
+    bert_e (r3, alpha_pattern); llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules),
+    llama_d (r6, rslora, rank_pattern and alpha_pattern)."""
     root = tmp_path_factory.mktemp("zoo")
     bert = build_bert(root / "bert")
     llama = build_llama(root / "llama")
@@ -131,11 +146,26 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     paths["bert_d"] = make_adapter(
         bert, root / "bert_d", seed=4, rank_pattern={"layer.1.attention.self.query": 2}, **seq
     )
+    paths["bert_e"] = make_adapter(
+        bert, root / "bert_e", seed=10, r=3, alpha=6, alpha_pattern={"layer.0.attention.self.value": 2}, **seq
+    )
     lm = {"task_type": "CAUSAL_LM"}
     paths["llama_a"] = make_adapter(llama, root / "llama_a", seed=5, targets=LLAMA_TARGETS, **lm)
     paths["llama_b"] = make_adapter(llama, root / "llama_b", seed=6, r=8, alpha=16, targets=LLAMA_TARGETS, **lm)
     paths["llama_c"] = make_adapter(
         llama, root / "llama_c", seed=7, use_rslora=True, targets=["q_proj", "v_proj"], **lm
+    )
+    paths["llama_d"] = make_adapter(
+        llama,
+        root / "llama_d",
+        seed=11,
+        r=6,
+        alpha=12,
+        use_rslora=True,
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        targets=LLAMA_TARGETS,
+        **lm,
     )
     return paths
 

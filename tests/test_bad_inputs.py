@@ -263,7 +263,7 @@ MERGE_CASES = [
     (
         "unknown param",
         lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--method_params.density", "0.2"],
-        "method_params.density: not a parameter of method 'ties' (valid: k, lambda)",
+        "method_params.density: not a parameter of method 'ties' (valid: k, lambda, space)",
     ),
     (
         "too few adapters",

@@ -124,7 +124,7 @@ def test_baselines_are_cached_and_outputs_follow_the_layout(tasks, tmp_path, mon
     assert link.is_symlink() and not link.readlink().is_absolute()
     assert json.loads(link.read_text())["merged"] == first.evaluation.tasks["alpha"]["merged"]
     index = json.loads((combo / "eval" / "index.json").read_text())
-    assert len(index) == 1 and index[0]["metadata"]["params"] == {"k": 20.0, "lambda": 1.0}
+    assert len(index) == 1 and index[0]["metadata"]["params"] == {"k": 20.0, "lambda": 1.0, "space": "weight"}
     assert set(index[0]["metadata"]) >= {"method_params", "lambda_policy", "transforms", "optimizer"}
     run_merge(MergeConfig(method="ties", method_params={"k": 50}, **config))
     assert len(json.loads((combo / "eval" / "index.json").read_text())) == 2  # appended, not replaced
