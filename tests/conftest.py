@@ -263,3 +263,24 @@ def word_llama(tmp_path_factory) -> dict[str, Path]:
         # Smaller factors than the zoo's: the adapted models still generate varied words.
         paths[name] = make_adapter(base, root / name, seed=seed, alpha=2, **lm)
     return paths
+
+
+@pytest.fixture(scope="session")
+def generation_catalog(word_llama, tmp_path_factory):
+    """Generation tasks ``first`` and ``second`` (the word Llama's adapters; one-word answers,
+    train/validation/test splits)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("generation")
+    entries = {}
+    for name, answers, seed in (("first", ANSWERS, 5), ("second", TOPICS, 6)):
+        entries[name] = {
+            "adapter": str(word_llama[name]),
+            "kind": "generation",
+            "dataset": write_task_data(root, name, answers, seed),
+            "prompt": "Question: {text} Answer:",
+            "generation": {"max_new_tokens": 3, "stop": ["."]},
+        }
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog

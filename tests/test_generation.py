@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from conftest import ANSWERS, TOPICS, write_task_data
 from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -19,7 +18,6 @@ from lmerge.tasks.kinds.generation import GenerationSettings, generate_answers, 
 from lmerge.tasks.spec import TaskSpec
 
 PROMPT = "Question: {text} Answer:"
-GENERATION = {"max_new_tokens": 3, "stop": ["."]}
 TEXTS = ["good film", "the plot was boring and the acting awful", "nice", "a great movie", "poor"]
 
 
@@ -230,27 +228,6 @@ def test_merge_evaluates_generation_tasks_like_an_independent_loop(word_llama, t
         assert scores["examples"] == 8
         assert abs(scores["single"] - single) < 1e-6 and abs(scores["merged"] - merged) < 1e-6, task
     assert results["tasks"]["second"]["higher_is_better"] is False
-
-
-@pytest.fixture(scope="module")
-def generation_catalog(word_llama, tmp_path_factory):
-    """Generation tasks ``first`` and ``second`` (the word Llama's adapters; one-word answers,
-    train/validation/test splits)."""
-    import yaml
-
-    root = tmp_path_factory.mktemp("generation")
-    entries = {}
-    for name, answers, seed in (("first", ANSWERS, 5), ("second", TOPICS, 6)):
-        entries[name] = {
-            "adapter": str(word_llama[name]),
-            "kind": "generation",
-            "dataset": write_task_data(root, name, answers, seed),
-            "prompt": PROMPT,
-            "generation": GENERATION,
-        }
-    catalog = root / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"tasks": entries}))
-    return catalog
 
 
 def learn_and_export(learner_class, split, options, catalog, tmp_path, capsys):
