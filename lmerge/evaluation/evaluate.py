@@ -180,7 +180,7 @@ class Evaluator:
         started = time.perf_counter()
         with self._inference():
             batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
-            value, count = self.kind.score(self.model, batches, module, self.device)
+            value, count = self.kind.score(self.model, batches, task, module, self.device)
         return TaskScore(value, count, time.perf_counter() - started)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:

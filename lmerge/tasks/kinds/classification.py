@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from lmerge.errors import ConfigError
 from lmerge.metrics import MetricSpec, get_metric
 from lmerge.tasks.kinds._batches import class_count, pad_inputs, to_device
 from lmerge.tasks.kinds.registry import Batch, TaskData, TaskKind, register_kind
+
+if TYPE_CHECKING:
+    from lmerge.tasks.spec import TaskSpec
 
 
 @register_kind
@@ -34,7 +37,7 @@ class Classification(TaskKind):
         # PEFT keeps the classification head trainable and saves it with the adapter.
         return "SEQ_CLS"
 
-    def finetune_options(self, spec: Any) -> dict[str, Any]:
+    def finetune_options(self, spec: TaskSpec) -> dict[str, Any]:
         if not spec.label_names:
             raise ConfigError(f"task {spec.name}: classification fine-tuning needs label_names in the catalog")
         # A fresh head for this task, whatever classifier the base checkpoint carries.
@@ -52,10 +55,9 @@ class Classification(TaskKind):
         return (logits.argmax(-1) == batch["labels"]).float().mean()
 
     def score(
-        self, model: nn.Module, batches: Iterable[Batch], data: TaskData, device: torch.device
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
     ) -> tuple[float, int]:
-        spec = data.spec
-        return score_classification(model, batches, get_metric(spec.metric), class_count(spec.label_names), device)
+        return score_classification(model, batches, get_metric(task.metric), class_count(task.label_names), device)
 
     def encode(self, data: TaskData, texts: list[str], labels: list[int | str]) -> list[dict[str, Any]]:
         encoded = data.tokenizer(texts, truncation=True, max_length=data.spec.max_length)["input_ids"]
