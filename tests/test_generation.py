@@ -41,7 +41,7 @@ def argmax_loop(model, prompt, max_new_tokens, ends, encoder_decoder=False, stop
     return tokens
 
 
-def data_module(tmp_path, base, **generation) -> TaskDataModule:
+def data_module(tmp_path, base) -> TaskDataModule:
     rows = [{"text": text, "label": "good"} for text in TEXTS]
     (tmp_path / "test.json").write_text(json.dumps(rows))
     return TaskDataModule(
@@ -50,7 +50,6 @@ def data_module(tmp_path, base, **generation) -> TaskDataModule:
         dataset={"path": "json", "data_files": {"test": str(tmp_path / "test.json")}},
         kind="generation",
         prompt=PROMPT,
-        generation=generation or None,
         eval_batch_size=len(TEXTS),
     )
 
@@ -82,8 +81,8 @@ def check_against_loop(module, model, settings, encoder_decoder):
 def test_batched_greedy_decoding_matches_an_argmax_loop_on_llama(word_llama, tmp_path):
     base = word_llama["base"]
     model = AutoModelForCausalLM.from_pretrained(base).eval()
-    module = data_module(tmp_path, base, max_new_tokens=7)
-    settings = GenerationSettings.read(module.spec.generation, "test")
+    module = data_module(tmp_path, base)
+    settings = GenerationSettings.read({"max_new_tokens": 7}, "test")
     batch, expected, answers = check_against_loop(module, model, settings, encoder_decoder=False)
     # Prompts of different lengths, left-padded: every answer starts in the same column.
     mask = batch["prompt_mask"]
@@ -105,9 +104,9 @@ def test_batched_greedy_decoding_matches_an_argmax_loop_on_llama(word_llama, tmp
 def test_batched_greedy_decoding_matches_an_argmax_loop_on_t5(t5_tasks, tmp_path):
     base = t5_tasks.parent / "t5"
     model = AutoModelForSeq2SeqLM.from_pretrained(base).eval()
-    module = data_module(tmp_path, base, max_new_tokens=5)
+    module = data_module(tmp_path, base)
     assert module.encoder_decoder
-    check_against_loop(module, model, GenerationSettings.read(module.spec.generation, "test"), encoder_decoder=True)
+    check_against_loop(module, model, GenerationSettings.read({"max_new_tokens": 5}, "test"), encoder_decoder=True)
 
 
 def test_answer_normalisation_by_hand():

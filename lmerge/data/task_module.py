@@ -37,10 +37,8 @@ class TaskDataModule(LightningDataModule):
         text_column: str = "text",
         label_column: str = "label",
         label_names: list[str] | None = None,
-        metric: str | None = None,
         prompt: str | None = None,
         max_length: int = 128,
-        generation: dict[str, Any] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -59,10 +57,8 @@ class TaskDataModule(LightningDataModule):
             text_column: Column with the input text.
             label_column: Column with the label (name, class id, or answer text).
             label_names: Class names in class-id order.
-            metric: The primary metric its kind scores (``lmerge.metrics``); default: the kind's.
             prompt: Template with ``{text}`` for kinds with text answers; None: the text alone.
             max_length: Most tokens per example; long prompts lose their start, keeping BOS.
-            generation: Decoding and answer extraction of kinds that generate (``generation``).
             batch_size: Training batch size.
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
             num_workers: DataLoader worker processes.
@@ -81,10 +77,8 @@ class TaskDataModule(LightningDataModule):
             text_column=text_column,
             label_column=label_column,
             label_names=label_names,
-            metric=metric,
             prompt=prompt,
             max_length=max_length,
-            generation=generation,
         )
         if sampling not in STRATEGIES:
             raise ConfigError(f"task {name}: {unknown_name('sampling strategy', sampling, list(STRATEGIES))}")
@@ -158,10 +152,8 @@ class TaskDataModule(LightningDataModule):
             text_column=spec.text_column,
             label_column=spec.label_column,
             label_names=spec.label_names,
-            metric=spec.metric,
             prompt=spec.prompt,
             max_length=spec.max_length,
-            generation=spec.generation,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,

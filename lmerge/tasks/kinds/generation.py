@@ -115,11 +115,10 @@ class Generation(LabelTokens):
         GenerationSettings.read(spec.generation, where)
 
     def score(
-        self, model: nn.Module, batches: Iterable[Batch], data: TaskData, device: torch.device
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
     ) -> tuple[float, int]:
-        spec = data.spec
-        settings = GenerationSettings.read(spec.generation, f"task {spec.name}")
-        measure = get_metric(spec.metric).build(0).to(device)
+        settings = GenerationSettings.read(task.generation, f"task {task.name}")
+        measure = get_metric(task.metric).build(0).to(device)
         count = 0
         for batch in batches:
             batch = to_device(batch, device)
