@@ -63,12 +63,12 @@ def build_gpt2(path: Path) -> Path:
     return path
 
 
-def build_llama(path: Path) -> Path:
+def build_llama(path: Path, vocab_size: int = 128) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -312,6 +312,44 @@ def t5_tasks(tmp_path_factory) -> Path:
             "dataset": write_task_data(root, name, ANSWERS, seed),
             "label_names": ANSWERS,
             "prompt": "Question: {text} Answer:",
+        }
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def word_llama(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama whose vocabulary is its word-level tokenizer's (so whatever it generates
+    decodes to words) and two LoRA adapters on it: ``base``, ``first``, ``second``."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("word_llama")
+    base = save_llama_tokenizer(root / "llama", [" ".join(WORDS + ANSWERS + TOPICS), "Question: Answer:"])
+    build_llama(base, vocab_size=len(AutoTokenizer.from_pretrained(base)))
+    lm = {"task_type": "CAUSAL_LM", "targets": LLAMA_TARGETS}
+    paths = {"base": base}
+    for name, seed in (("first", 11), ("second", 12)):
+        # Smaller factors than the zoo's: the adapted models still generate varied words.
+        paths[name] = make_adapter(base, root / name, seed=seed, alpha=2, **lm)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def generation_catalog(word_llama, tmp_path_factory):
+    """Generation tasks ``first`` and ``second`` (the word Llama's adapters; one-word answers,
+    train/validation/test splits)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("generation")
+    entries = {}
+    for name, answers, seed in (("first", ANSWERS, 5), ("second", TOPICS, 6)):
+        entries[name] = {
+            "adapter": str(word_llama[name]),
+            "kind": "generation",
+            "dataset": write_task_data(root, name, answers, seed),
+            "prompt": "Question: {text} Answer:",
+            "generation": {"max_new_tokens": 3, "stop": ["."]},
         }
     catalog = root / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"tasks": entries}))

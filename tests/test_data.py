@@ -140,7 +140,7 @@ def test_catalog_resolves_relative_paths_and_keeps_the_shorthand(tmp_path):
     [
         ("{adapter: a, colour: red}", "tasks.t: unknown key 'colour'"),
         ("{adapter: a, kind: regression}", "task t: unknown kind 'regression'"),
-        ("{adapter: a, prompt: 'Q: {text}'}", "task t: prompt is for kind 'label_tokens' only"),
+        ("{adapter: a, prompt: 'Q: {text}'}", "task t: prompt is for kind 'label_tokens' or 'generation' only"),
         ("{adapter: a, kind: label_tokens, prompt: 'no slot'}", "task t: prompt must contain '{text}'"),
         ("{adapter: a, metric: wer}", "task t: metric 'wer' needs kind 'label_tokens'"),
         ("{adapter: a, splits: {dev: validation}}", "task t: unknown split 'dev'"),

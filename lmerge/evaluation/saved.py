@@ -44,15 +44,9 @@ def evaluate_saved_adapter(
     names = [a["name"] for a in metadata.get("adapters", [])] or [safe_component(path.resolve().name, "adapter")]
     tag = safe_component(tag or metadata.get("tag", names[0]), "tag")
     heads = _heads(path, evaluator.tasks)  # read (and checked) before anything is computed or written
-    evaluator.prepare_baselines()
-    folder = evaluator.folder(adapter.fan_in_fan_out)
-    try:
-        for key in adapter.module_keys:
-            A, B = adapter.factors(key)
-            folder.add_delta(key, adapter.scaling(key) * B @ A)
+    evaluator.prepare_baselines(_merged_adapters(metadata) if evaluator.harness else None)
+    with evaluator.folded(adapter):
         evaluation = evaluator.evaluate(heads)
-    finally:
-        folder.restore()
     if metadata_file.is_file():
         write_json_atomic(path / results_name(evaluation.split, evaluation.namespace), evaluation.to_dict())
     recorded = record_evaluation(
@@ -73,6 +67,15 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a for a in adapters):
         raise ConfigError(f"{path}: 'adapters' must be a list of {{name: ...}} records")
     return metadata
+
+
+def _merged_adapters(metadata: dict[str, Any]) -> list[LoraAdapter] | None:
+    """The adapters a run bundle merged, for the harness baselines; None (the catalog tasks'
+    adapters) for another directory, or when one of them is no longer where the bundle says."""
+    adapters = metadata.get("adapters") or []
+    if not adapters or not all(Path(str(a.get("path"))).is_dir() for a in adapters):
+        return None
+    return [LoraAdapter(a["path"], name=a["name"]) for a in adapters]
 
 
 def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:

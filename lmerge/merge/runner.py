@@ -75,7 +75,7 @@ def merge_to_bundle(
     _check_layers("lambda_policy.overrides", overridden_layers(config.lambda_policy), keys)
     _check_layers("method_params.layer_weights", set(params.get("layer_weights") or ()), keys)
     scales = _transform_scales(adapters, keys, transforms)
-    if evaluator is None and config.eval_tasks:
+    if evaluator is None and (config.eval_tasks or config.eval_harness):
         evaluator = evaluator_for(config, adapters)
     names = [a.name for a in adapters]
 
@@ -109,17 +109,19 @@ def merge_to_bundle(
 
 
 def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:
-    """An evaluator for the config's ``eval_tasks``, baselines already computed (or cached)."""
+    """An evaluator for the config's ``eval_tasks`` and ``eval_harness``, baselines already computed
+    (or cached): each task's own adapter on its task, each of ``adapters`` on the harness tasks."""
     evaluator = Evaluator(
-        catalog_tasks(config.catalog, config.eval_tasks),
+        catalog_tasks(config.catalog, config.eval_tasks) if config.eval_tasks else [],
         config.split,
         output_root=config.output_dir,
         eval_subset=config.eval_subset,
         batch_size=config.eval_batch_size,
         base_model=config.save.base_model or adapters[0].base_model,
         precision=config.eval_precision,
+        harness=config.eval_harness,
     )
-    evaluator.prepare_baselines()
+    evaluator.prepare_baselines(adapters)
     return evaluator
 
 

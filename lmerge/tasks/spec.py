@@ -43,13 +43,19 @@ class TaskSpec:
     ``label_tokens`` without ``label_names``) the answer text itself."""
     label_names: list[str] | None = None
     """Class names in class-id order; names in the data map to their index."""
-    metric: str = "accuracy"
-    """Primary metric: ``accuracy``, ``macro_f1``, or ``wer`` (text answers, lower is better)."""
+    metric: str | None = None
+    """Primary metric: ``accuracy``, ``macro_f1``; for text answers also ``wer`` (lower is better),
+    ``exact_match`` and ``contains`` (normalized answers, ``lmerge.metrics``). Default: the kind's
+    (``accuracy``; ``exact_match`` for ``generation``)."""
     max_length: int = 128
     """Most tokens per example (prompt and answer together for ``label_tokens``)."""
     prompt: str | None = None
     """For kinds with text answers (``label_tokens``) only: template whose ``{text}`` is replaced
     by the input text, e.g. ``"Review: {text}\\nSentiment:"``. None: the text alone is the prompt."""
+    generation: dict[str, Any] | None = None
+    """For kinds that generate their answers (``generation``) only: decoding and answer extraction,
+    e.g. ``{max_new_tokens: 32, stop: ["\\n"], answer_pattern: "(-?[\\d.,]*\\d)"}`` (the kind's file
+    documents each key)."""
     task_kind: TaskKind = field(init=False, repr=False, compare=False)
     """The registered kind named by ``kind``: everything that depends on it."""
 
@@ -59,12 +65,15 @@ class TaskSpec:
             self.task_kind = get_kind(self.kind)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        self.metric = self.metric or self.task_kind.default_metric
         if self.metric not in METRICS:
             raise ConfigError(f"{where}: {unknown_name('metric', self.metric, list(METRICS))}")
         if METRICS[self.metric].on_text and not self.task_kind.text_answers:
             raise ConfigError(
                 f"{where}: metric {self.metric!r} needs kind {kinds_that(lambda k: k.text_answers)} (text answers)"
             )
+        if self.generation is not None and not self.task_kind.generates:
+            raise ConfigError(f"{where}: generation is for kind {kinds_that(lambda k: k.generates)} only")
         self.task_kind.check(self, where)
         if self.prompt is not None:
             if not self.task_kind.text_answers:

@@ -51,6 +51,15 @@ def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -
     return picked * mask, mask
 
 
+def keep_end(prompt: list[int], room: int, bos: int | None) -> list[int]:
+    """``prompt`` within ``room`` tokens: its end (the cue that the answer follows) and its BOS
+    when it starts with one; what goes is the start of the text."""
+    if len(prompt) <= room:
+        return prompt
+    head = prompt[:1] if bos is not None and prompt[0] == bos else []
+    return head + prompt[len(prompt) - room + len(head) :]
+
+
 def answer_ids(tokenizer: object, answer: str) -> list[int]:
     """Token ids of ``" " + answer``, then EOS when the tokenizer has one."""
     ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]

@@ -32,6 +32,7 @@ from lmerge.tasks.kinds._language_model import (
     answer_log_probs,
     answer_start_logits,
     forward_logits,
+    keep_end,
     token_ce,
 )
 from lmerge.tasks.kinds.registry import Batch, TaskData, TaskKind, register_kind
@@ -114,13 +115,9 @@ class LabelTokens(TaskKind):
         bos = tokenizer.bos_token_id
         examples = []
         for prompt, answer, label in zip(prompt_ids, answers, labels):
-            # Keep the whole answer (it is the target) and the end of the prompt (the cue that the
-            # answer follows); what goes is the start of the text, after any BOS.
+            # Keep the whole answer (it is the target) and the end of the prompt.
             answer = answer[: spec.max_length - 1]
-            room = spec.max_length - len(answer)
-            if len(prompt) > room:
-                head = prompt[:1] if bos is not None and prompt[0] == bos else []
-                prompt = head + prompt[len(prompt) - room + len(head) :]
+            prompt = keep_end(prompt, spec.max_length - len(answer), bos)
             examples.append({"input_ids": prompt + answer, "prompt_length": len(prompt), "label": label})
         return examples
 

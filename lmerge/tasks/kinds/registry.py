@@ -60,6 +60,11 @@ class TaskKind(ABC):
     text_answers: ClassVar[bool] = False
     """A language model answers after a prompt: ``prompt`` and text metrics (WER) apply, and a
     label without ``label_names`` is the answer text; otherwise labels are class ids."""
+    generates: ClassVar[bool] = False
+    """The model generates its answers: a task's ``generation`` settings (decoding, answer
+    extraction) apply."""
+    default_metric: ClassVar[str] = "accuracy"
+    """The primary metric of a task that names none."""
 
     # ---- the task spec ----------------------------------------------------------------------------
     def check(self, spec: TaskSpec, where: str) -> None:
