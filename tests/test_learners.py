@@ -516,6 +516,19 @@ def test_learner_restores_the_coefficients_of_its_lowest_training_loss(tasks, tm
     assert learner.coefficients.values() == spy.values[best]
 
 
+def test_the_export_writes_the_restored_best_coefficients(tasks, tmp_path):
+    """The merge export (at fit's end) runs after the best coefficients are restored (at train's end)."""
+    from lmerge.callbacks import MergeExport
+
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.5, restore_best_checkpoint=True)
+    spy, export = LossSpy(), MergeExport(output_dir=str(tmp_path / "out"))
+    fit(learner, data_for(tasks, "validation"), 6, tmp_path, callbacks=[spy, export])
+    best = min(range(len(spy.losses)), key=spy.losses.__getitem__)
+    assert best != len(spy.losses) - 1, "the test needs a run whose last step is not its best"
+    exported = json.loads((export.bundle / "coefficients.json").read_text())["values"]
+    assert exported == spy.values[best] == learner.coefficients.values()
+
+
 @pytest.mark.parametrize(
     ("name", "key", "value"),
     [

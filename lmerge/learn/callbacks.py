@@ -59,7 +59,8 @@ class CoefficientLogger(Callback):
 
 class _KeepBestCoefficients(Callback):
     """Keeps the coefficients of the best value of ``monitor`` seen so far and restores them when
-    fit ends; subclasses say when the value is read."""
+    training ends (before fit's end, where the merge export reads them); subclasses say when the
+    value is read."""
 
     def __init__(self, monitor: str, mode: Literal["min", "max"] = "min") -> None:
         self.monitor = monitor
@@ -75,7 +76,7 @@ class _KeepBestCoefficients(Callback):
         if better:
             self.best = (value, pl_module.coefficients.values())
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.best is not None:
             pl_module.coefficients.set_values(self.best[1])
 
