@@ -48,7 +48,7 @@ class TaskSpec:
     ``exact_match`` and ``contains`` (normalized answers, ``lmerge.metrics``). Default: the kind's
     (``accuracy``; ``exact_match`` for ``generation``)."""
     max_length: int = 128
-    """Most tokens per example (prompt and answer together for ``label_tokens``)."""
+    """Most tokens per example (prompt and answer together for kinds with text answers)."""
     prompt: str | None = None
     """For kinds with text answers (``label_tokens``) only: template whose ``{text}`` is replaced
     by the input text, e.g. ``"Review: {text}\\nSentiment:"``. None: the text alone is the prompt."""

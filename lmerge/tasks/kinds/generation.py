@@ -54,9 +54,13 @@ class GenerationSettings:
     """How a task's answers are generated and read (the module docstring describes each)."""
 
     max_new_tokens: int = 32
+    """Most tokens generated per answer."""
     stop: tuple[str, ...] = ()
+    """Strings that end an answer."""
     answer_pattern: re.Pattern[str] | None = None
+    """Picks the answer out of the generated text and the reference."""
     num_beams: int = 1
+    """1: greedy decoding; more: beam search."""
 
     @classmethod
     def read(cls, values: Any, where: str) -> GenerationSettings:
