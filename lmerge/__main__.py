@@ -1,93 +1,45 @@
 """The ``lmerge`` command: one verb per job.
 
-Verbs are plain typed functions handed to jsonargparse, so each signature is its CLI and
-each docstring its help. Every bad input ends in one line on stderr and exit code 2; pass
-``--debug`` anywhere for the traceback instead.
+``merge`` and ``sweep`` take their config dataclass (:class:`lmerge.merge.config.MergeConfig`,
+:class:`lmerge.sweep.config.SweepConfig`): its fields are the verb's flags and the keys of its
+``--config`` file, their docstrings its help, and the verb gets the built config. ``evaluate`` and
+``demo`` are plain typed functions whose signature is their CLI; ``fit``, ``validate`` and ``test``
+are LightningCLI. Every bad input ends in one line on stderr and exit code 2; pass ``--debug``
+anywhere for the traceback instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
-import re
 import sys
+import textwrap
 import warnings
+from argparse import ArgumentError
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
 from lmerge.demo import demo
 from lmerge.errors import ConfigError, LMergeError
+from lmerge.evaluation.evaluate import Evaluator
+from lmerge.evaluation.saved import evaluate_saved_adapter
 from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
 from lmerge.merge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy
 from lmerge.methods import METHODS
 from lmerge.outputs import DEFAULT_OUTPUT_DIR
 from lmerge.pipeline import run_merge
-from lmerge.sweep.search import SearchConfig
+from lmerge.sweep.config import SweepConfig
+from lmerge.tasks.spec import catalog_tasks
 from lmerge.yaml_files import read_yaml
 
 
-def merge(
-    adapters: list[str],
-    method: str,
-    merge_mode: Literal["common", "strict"] = "common",
-    method_params: dict[str, Any] | None = None,
-    transforms: list[Any] | None = None,
-    lambda_policy: str | dict[str, Any] = "scalar",
-    save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    catalog: str | None = None,
-    tag: str | None = None,
-    optimizer: str | dict[str, Any] | None = None,
-    eval_tasks: list[str] | None = None,
-    split: str = "test",
-    eval_subset: dict[str, Any] | None = None,
-    eval_batch_size: int = 32,
-    eval_precision: str = "32-true",
-    search: dict[str, Any] | None = None,
-) -> None:
-    """Merge LoRA adapters into one and write a run bundle (and the merged adapter).
-
-    Args:
-        adapters: Adapter directories or task names from the catalog, e.g. [sentiment, question].
-        method: Merge method: {methods}.
-        merge_mode: common merges the modules all adapters share; strict fails on any difference.
-        method_params: The method's parameters, e.g. --method_params.k 20; each method's, with
-            defaults: {params}.
-        transforms: Pre-merge transforms, e.g. [{{name: layer_l2_normalize, params: {{target_norm: 1.0}}}}].
-        lambda_policy: scalar, or {{type: per_layer, default: 0.5, overrides: {{0: 0.2}}}}.
-        save: How to save the merge (format lora, full or none; rank for dense methods).
-        output_dir: Root of all outputs.
-        catalog: Task catalog YAML that maps task names to adapters.
-        tag: Name of this merge in outputs; default: the method and its parameters.
-        optimizer: Learn the weighted_delta_n coefficients first: {{name: adamerging, params: {{max_steps: 100}}}}
-            (also gradient, supermerge, regret_smoothmax; params: learner, trainer and data settings).
-        eval_tasks: Catalog tasks to evaluate the merge on, next to each task's own adapter.
-        split: Split to evaluate on.
-        eval_subset: Evaluate on a deterministic subset, e.g. {{enabled: true, max_samples: 500}}.
-        eval_batch_size: Batch size of evaluation.
-        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
-        search: For optimizer bayes: the search space and budget, as in a sweep config's search.
-    """
-    config = MergeConfig(
-        adapters=adapters,
-        method=method,
-        merge_mode=merge_mode,
-        method_params=method_params or {},
-        transforms=transforms or [],
-        lambda_policy=lambda_policy,
-        save=save,
-        output_dir=output_dir,
-        catalog=catalog,
-        tag=tag,
-        optimizer=optimizer,
-        eval_tasks=eval_tasks,
-        split=split,
-        eval_subset=eval_subset,
-        eval_batch_size=eval_batch_size,
-        eval_precision=eval_precision,
-        search=search,
-    )
+def merge(config: MergeConfig) -> None:
+    """Merge LoRA adapters into one and write a run bundle (and the merged adapter)."""
     result = run_merge(config)
     meta = result.metadata
     for name, keys in meta["dropped_keys"].items():
@@ -104,77 +56,15 @@ def merge(
     print(f"run bundle: {result.run_dir}")
 
 
-def sweep(
-    adapters: list[str],
-    method: str,
-    merge_mode: Literal["common", "strict"] = "common",
-    method_params: dict[str, Any] | None = None,
-    transforms: list[Any] | None = None,
-    lambda_policy: str | dict[str, Any] = "scalar",
-    save: SaveConfig = SaveConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    catalog: str | None = None,
-    optimizer: str | dict[str, Any] | None = None,
-    eval_tasks: list[str] | None = None,
-    split: str = "test",
-    eval_subset: dict[str, Any] | None = None,
-    eval_batch_size: int = 32,
-    eval_precision: str = "32-true",
-    search: SearchConfig = SearchConfig(),  # noqa: B008 - jsonargparse reads the default's fields
-    constraint_nonnegative: bool = False,
-    save_merged: bool = False,
-    storage: str | None = None,
-) -> None:
+def sweep(config: SweepConfig) -> None:
     """Search a merge's parameters (grid or Bayesian), ranking points by their worst interference delta.
 
     Re-running the same command resumes the sweep; several processes given the same config (and
     --storage for several machines) share its points.
-
-    Args:
-        adapters: Adapter directories or task names from the catalog.
-        method: Merge method whose parameters are searched.
-        merge_mode: common merges the modules all adapters share; strict fails on any difference.
-        method_params: Parameters held fixed; the searched ones come from search.
-        transforms: Pre-merge transforms.
-        lambda_policy: scalar, or {type: per_layer, default: 0.5, overrides: {0: 0.2}}.
-        save: How points are saved when save_merged is set.
-        output_dir: Root of all outputs.
-        catalog: Task catalog YAML that maps task names to adapters and data.
-        optimizer: none (a sweep searches the parameters itself).
-        eval_tasks: Catalog tasks each point is evaluated on; default: the adapters.
-        split: Split to evaluate on.
-        eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
-        eval_batch_size: Batch size of evaluation.
-        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
-        search: What to try, e.g. --search.type grid --search.grid.lambda [0.1,0.3].
-        constraint_nonnegative: Keep the method's lambda-like parameter >= 0.
-        save_merged: Save every point's merge; default: evaluate in memory only.
-        storage: Optuna storage shared by several machines (sqlite:///..., postgresql://...);
-            default: a journal file in the sweep directory.
     """
-    from lmerge.sweep import SweepConfig, run_sweep
+    # Optuna loads only when a sweep runs.
+    from lmerge.sweep.run import run_sweep
 
-    config = SweepConfig(
-        adapters=adapters,
-        method=method,
-        merge_mode=merge_mode,
-        method_params=method_params or {},
-        transforms=transforms or [],
-        lambda_policy=lambda_policy,
-        save=save,
-        output_dir=output_dir,
-        catalog=catalog,
-        optimizer=optimizer,
-        eval_tasks=eval_tasks,
-        split=split,
-        eval_subset=eval_subset,
-        eval_batch_size=eval_batch_size,
-        eval_precision=eval_precision,
-        search=search,
-        constraint_nonnegative=constraint_nonnegative,
-        save_merged=save_merged,
-        storage=storage,
-    )
     result = run_sweep(config)
     print(result.table())
     if result.best:
@@ -209,10 +99,6 @@ def evaluate(
         output_dir: Root of all outputs.
         tag: Name of the evaluated merge in outputs; default: the run bundle's tag or the directory name.
     """
-    from lmerge.evaluation.evaluate import Evaluator
-    from lmerge.evaluation.saved import evaluate_saved_adapter
-    from lmerge.tasks.spec import catalog_tasks
-
     if adapter and merge_config:
         raise ConfigError("evaluate: give --adapter or --merge_config, not both")
     if merge_config:
@@ -242,19 +128,89 @@ def evaluate(
         print(f"{task.name}: {record['metric']} {record['value']:.4f} on {record['examples']} examples ({split})")
 
 
-def _method_help() -> dict[str, str]:
-    ordered = sorted(METHODS.values(), key=lambda m: (m.kind.value, m.name))
-    methods = "; ".join(f"{m.name} ({m.kind.value}): {m.description.rstrip('.')}" for m in ordered)
-    params = "; ".join(
-        f"{m.name}: " + (", ".join(f"{k}={m.defaults.get(k, 'required')}" for k in m.param_names) or "none")
-        for m in ordered
-    )
-    return {"methods": methods, "params": params}
+def method_table() -> str:
+    """Every registered method by kind, with its parameters and their defaults: the epilog of
+    ``lmerge merge --help`` and ``lmerge sweep --help``, read from the registry when the parser is built."""
+    lines = ["methods (--method) by kind, and their parameters (--method_params.NAME) with defaults:"]
+    for method in sorted(METHODS.values(), key=lambda m: (m.kind.value, m.name)):
+        params = ", ".join(f"{k}={method.defaults.get(k, 'required')}" for k in method.param_names)
+        lines.append(_wrap(f"{method.name} ({method.kind.value}): {method.description}", "  ", "      "))
+        lines.append(_wrap(f"parameters: {params or 'none'}", "      ", "        "))
+    return "\n".join(lines)
 
 
-merge.__doc__ = merge.__doc__.format(**_method_help())
+def _wrap(text: str, first: str, rest: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent=first, subsequent_indent=rest)
 
-VERBS = {"merge": merge, "sweep": sweep, "evaluate": evaluate, "demo": demo}
+
+@dataclass(frozen=True)
+class Verb:
+    """A verb of the command. With a ``schema`` (a config dataclass) its flags are the schema's
+    fields less ``skip`` and ``run`` gets the built config; without, its flags are ``run``'s own
+    keyword arguments."""
+
+    run: Callable[..., None]
+    schema: type | None = None
+    skip: frozenset[str] = frozenset()
+    epilog: Callable[[], str] | None = None
+
+    @property
+    def summary(self) -> str:
+        """The first line of ``run``'s docstring: the verb's one-line purpose."""
+        return inspect.getdoc(self.run).splitlines()[0]
+
+    def add_arguments(self, parser: ArgumentParser) -> list[str]:
+        """Add the verb's flags to ``parser``; returns its top-level keys."""
+        if self.schema is None:
+            return parser.add_function_arguments(self.run, as_group=False, sub_configs=True)
+        return parser.add_class_arguments(self.schema, as_group=False, skip=set(self.skip), sub_configs=True)
+
+    def __call__(self, settings: dict[str, Any]) -> None:
+        """Run the verb on its parsed settings."""
+        if self.schema is None:
+            self.run(**settings)
+        else:
+            self.run(self.schema(**settings))
+
+
+VERBS = {
+    "merge": Verb(merge, MergeConfig, epilog=method_table),
+    # A sweep names each point after its parameters (SweepConfig refuses a tag).
+    "sweep": Verb(sweep, SweepConfig, skip=frozenset({"tag"}), epilog=method_table),
+    "evaluate": Verb(evaluate),
+    "demo": Verb(demo),
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog (the method table) laid out as written."""
+
+
+def build_parser() -> tuple[ArgumentParser, dict[str, list[str]]]:
+    """The parser of every verb but fit/validate/test, and the top-level keys each verb takes."""
+    # The verbs' parsers take the formatter of this one.
+    parser = ArgumentParser(prog="lmerge", exit_on_error=False, formatter_class=_HelpFormatter)
+    subcommands = parser.add_subcommands(required=True)
+    keys = {}
+    for name, verb in VERBS.items():
+        epilog = verb.epilog() if verb.epilog else None
+        subparser = ArgumentParser(description=verb.summary, epilog=epilog)
+        subparser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
+        keys[name] = verb.add_arguments(subparser)
+        subcommands.add_subcommand(name, subparser, help=verb.summary)
+    return parser, keys
+
+
+def run_verb(argv: list[str]) -> None:
+    """Parse ``argv`` (a verb and its flags, ``--config`` files read by :func:`expand_args`) and
+    run the verb."""
+    parser, keys = build_parser()
+    settings = parser.parse_args(expand_args(argv, keys))
+    name = settings.subcommand
+    # Sections (save, search) stay mappings: the config dataclass builds and checks them.
+    chosen = settings[name].clone(with_meta=False).as_dict()
+    chosen.pop("config", None)
+    VERBS[name](chosen)
 
 
 def _note(message: str) -> None:
@@ -272,12 +228,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _default_show_warning(message, category, filename, lineno, file, line)
 
 
-def expand_args(argv: list[str]) -> list[str]:
-    """Read every ``--config FILE`` ourselves (legacy keys migrated, unknown keys named with
-    the file) and hand jsonargparse the result; map the legacy ``--lambda`` flag."""
-    if not argv or argv[0] not in VERBS:
+def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
+    """Read every ``--config FILE`` ourselves (legacy keys migrated, unknown keys named with the
+    file, ``keys`` being each verb's top-level keys) and hand jsonargparse the result; map the
+    legacy ``--lambda`` flag."""
+    if not argv or argv[0] not in keys:
         return argv
-    accepted = set(inspect.signature(VERBS[argv[0]]).parameters)
+    accepted = set(keys[argv[0]])
     out = [argv[0]]
     rest = iter(argv[1:])
     for arg in rest:
@@ -301,36 +258,63 @@ def expand_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _argument_message(exc: Exception) -> str:
-    """jsonargparse's message on one line; its long union-type report cut to the key and the
-    complaint about the first type that is not None (for ``X | None``: the one about X)."""
-    text = str(exc)
-    union = re.match(r'Parser key "(?P<key>[^"]+)":\s+Does not validate against any of the Union', text)
-    if not union:
-        return " ".join(text.split())
-    listed = text.partition("Errors:")[2].partition("\n  Given value type:")[0]
-    complaints = [" ".join(c.split()) for c in re.split(r"\n    - ", listed)[1:]]
-    complaint = next((c for c in complaints if c != "Expected a <class 'NoneType'>"), None)
-    value = " ".join(text.rpartition("Given value:")[2].split())
-    if complaint is None:
-        return f"{union['key']}: invalid value {value}"
-    # A nested union is cut the same way; a nested parser's 'Parser key "x": ...' reads as 'x: ...'.
-    complaint = re.sub(
-        r'Parser key "([^"]+)": Does not validate .*Given value: (.*)$', r"\1: invalid value \2", complaint
-    )
-    complaint = re.sub(r'Parser key "([^"]+)":', r"\1:", complaint)
-    if "value" not in complaint and not value.startswith(("NestedArg(", "Namespace(")):
-        complaint += f", got {value}"
-    return f"{union['key']}: {complaint}"
+# jsonargparse 4.53 names the key it refuses and the kind of a refusal in its messages only: an
+# ArgumentError(None, message), raised from a TypeError 'Parser key "<key>"...'. These two
+# wordings are all that is read from its text; the rest follows the exceptions it chains.
+_KEY_WORDING = 'Parser key "'
+_UNION_WORDING = "Does not validate against any of the Union subtypes"
+
+
+def _argument_message(error: ArgumentError) -> str:
+    """jsonargparse's refusal on one line. A single complaint reads as jsonargparse words it; a
+    value that fits none of a union's types (``X | None``) reads ``key: <what>`` with the
+    complaint about X: jsonargparse raises its report on every type from that one (None last)."""
+    refusal = _unrelayed(error)
+    report = refusal.__cause__
+    if report is not None and report.__cause__ is not None and _is_union_report(report):
+        return f"{_key(refusal)}: {_complaint(report.__cause__)}"
+    return _one_line(str(refusal))
+
+
+def _complaint(exc: BaseException) -> str:
+    """One link of jsonargparse's chain and those under it: a key's refusal as ``key: ...``, a
+    union's report as its first type's complaint, any other wrapper as its first line and its cause."""
+    exc = _unrelayed(exc)
+    cause = exc.__cause__
+    if cause is None:
+        return _one_line(str(exc))
+    if _is_union_report(exc):
+        return _complaint(cause)
+    if str(exc).startswith(_KEY_WORDING):
+        return f"{_key(exc)}: {_complaint(cause)}"
+    return f"{str(exc).splitlines()[0]} {_complaint(cause)}"
+
+
+def _unrelayed(exc: BaseException) -> BaseException:
+    """``exc``, or the exception it relays: each nested parser (a verb, a class_path's arguments)
+    raises its own ArgumentError from the one below, with the same message."""
+    while exc.__cause__ is not None and str(exc.__cause__) == str(exc):
+        exc = exc.__cause__
+    return exc
+
+
+def _is_union_report(exc: BaseException) -> bool:
+    return str(exc).startswith(_UNION_WORDING)
+
+
+def _key(refusal: BaseException) -> str:
+    """The key a refusal names: ``save.rank`` of 'Parser key "save.rank": ...'."""
+    return str(refusal).removeprefix(_KEY_WORDING).partition('"')[0]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def overview() -> str:
     """``lmerge --help``: every verb with its one-line purpose."""
-    verbs = {
-        "merge": merge.__doc__.strip().splitlines()[0],
-        "sweep": sweep.__doc__.strip().splitlines()[0],
-        "evaluate": evaluate.__doc__.strip().splitlines()[0],
-        "demo": demo.__doc__.strip().splitlines()[0],
+    verbs = {name: verb.summary for name, verb in VERBS.items()}
+    verbs |= {
         "fit": "Learn merge coefficients (AdaMerging, gradient, SuperMerge, regret smooth-max) or fine-tune a LoRA.",
         "validate": "Run a learner's validation loop (LightningCLI).",
         "test": "Run a learner's test loop (LightningCLI).",
@@ -342,8 +326,6 @@ def overview() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
-    from jsonargparse import CLI, set_parsing_settings
-
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -357,15 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in LIGHTNING_VERBS:
             lightning(argv)
             return 0
-        CLI(VERBS, args=expand_args(argv), as_positional=False, exit_on_error=False)
+        run_verb(argv)
     except LMergeError as exc:
         if debug:
             raise
         print(f"lmerge: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from argparse import ArgumentError
-
         # LightningCLI's parser wraps an error raised while building the model or data in its own.
         cause = _lmerge_cause(exc)
         if debug or not (cause or isinstance(exc, ArgumentError)):

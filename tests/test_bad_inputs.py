@@ -369,6 +369,11 @@ MERGE_CASES = [
     ),
     ("missing config file", lambda z, t: ["--config", str(t / "nope.yaml")], "nope.yaml: config file does not exist"),
     (
+        "config section not a mapping",
+        lambda z, t: ["--config", str(config_file(t, "adapters: [a]\nmethod: ties\nsave: 3\n"))],
+        "save: expected a mapping of format, rank, base_model; got 3",
+    ),
+    (
         "wrong type for save.rank",
         lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--save.rank", "big"],
         "save.rank",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -9,9 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmerge.__main__ import main
-from lmerge.methods import METHODS
+from lmerge.merge.config import MergeConfig
+from lmerge.methods import METHODS, register
+from lmerge.methods.registry import Kind
+from lmerge.sweep.config import SweepConfig
 from lmerge.tasks.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +41,31 @@ def test_help_lists_every_verb_method_and_save_option(capsys):
         assert f"{name} (" in text
     for flag in ("--save.format", "--save.rank", "--save.base_model", "--lambda_policy", "--transforms"):
         assert flag in text
+
+
+def test_merge_help_lists_a_method_registered_after_import(capsys):
+    @register("late_probe", kind=Kind.LINEAR, defaults={"scale": 2.0})
+    def late_probe(n, params, ctx):
+        """A method registered after the command was imported."""
+        return [params["scale"]] * n
+
+    try:
+        with pytest.raises(SystemExit):
+            main(["merge", "--help"])
+    finally:
+        del METHODS["late_probe"]
+    text = " ".join(capsys.readouterr().out.split())
+    assert "late_probe (linear): A method registered after the command was imported. parameters: scale=2.0" in text
+
+
+@pytest.mark.parametrize(
+    ("verb", "schema", "left_out"), [("merge", MergeConfig, set()), ("sweep", SweepConfig, {"tag"})]
+)
+def test_merge_and_sweep_keys_are_their_config_fields(verb, schema, left_out, capsys):
+    with pytest.raises(SystemExit):
+        main([verb, "--adapters", "[a]", "--method", "ties", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert set(printed) == {f.name for f in dataclasses.fields(schema)} - left_out
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))

@@ -36,31 +36,34 @@ class MergeConfig:
     """One merge: which adapters, which method with which parameters, and where it goes."""
 
     adapters: list[str]
-    """Adapter directories, or task names from the catalog."""
+    """Adapter directories, or task names from the catalog, e.g. ``[sentiment, question]``."""
     method: str
-    """Merge method (see ``lmerge merge --help`` for the list)."""
+    """Merge method: one of those listed at the end of ``lmerge merge --help``."""
     merge_mode: Literal["common", "strict"] = "common"
     """``common``: merge the modules all adapters share; ``strict``: any difference is an error."""
     method_params: dict[str, Any] = field(default_factory=dict)
-    """The method's parameters, e.g. ``{lambda: 0.5}`` or ``{k: 20}``."""
+    """The method's parameters, e.g. ``{k: 20}`` or ``--method_params.k 20`` (each method's, with
+    their defaults, are listed at the end of ``lmerge merge --help``); in a sweep, those held fixed."""
     transforms: list[Any] = field(default_factory=list)
     """Pre-merge transforms, e.g. ``[{name: layer_l2_normalize, params: {target_norm: 1.0}}]``."""
     lambda_policy: str | dict[str, Any] = "scalar"
     """``scalar``, or ``{type: per_layer, default: 0.5, overrides: {0: 0.2}}``."""
     save: SaveConfig = field(default_factory=SaveConfig)
-    """How the merge is saved."""
+    """How the merge is saved (in a sweep: each point's, when ``save_merged`` is set)."""
     output_dir: str = DEFAULT_OUTPUT_DIR
     """Root of all outputs."""
     catalog: str | None = None
-    """Task catalog YAML mapping task names to adapters."""
+    """Task catalog YAML mapping task names to adapters and data."""
     tag: str | None = None
     """Name of this merge in outputs; default: the method and its parameters."""
     optimizer: str | dict[str, Any] | None = None
     """A learner that sets the coefficients of ``weighted_delta_n`` before merging: ``none``, or
     ``{name: adamerging | gradient | supermerge | regret_smoothmax, params: {...}}``; or ``bayes``:
-    search the method parameters over ``search`` first (``params`` override its keys)."""
+    search the method parameters over ``search`` first (``params`` override its keys). A sweep
+    takes none: it searches the method parameters itself."""
     eval_tasks: list[str] | None = None
-    """Catalog tasks to evaluate the merge on (needs ``catalog``); none: no evaluation."""
+    """Catalog tasks to evaluate the merge on (needs ``catalog``), next to each task's own adapter;
+    none: no evaluation (a sweep: the adapters' tasks)."""
     split: str = "test"
     """Split to evaluate on: train, validation or test."""
     eval_subset: dict[str, Any] | None = None
@@ -75,8 +78,7 @@ class MergeConfig:
     (``{budget: 20, init_points: 6, seed: 42, space: {lambda: {type: float, min: 0, max: 1}}}``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.save, dict):
-            self.save = _build(SaveConfig, self.save, "save.")
+        self.save = config_section(SaveConfig, self.save, "save")
         if self.merge_mode not in ("common", "strict"):
             raise ConfigError(f"merge_mode: {self.merge_mode!r} is not one of common, strict")
         if self.eval_tasks and not self.catalog:
@@ -132,6 +134,16 @@ def load_merge_config(path: str | Path, **overrides: Any) -> MergeConfig:
     data = migrate_legacy(read_yaml(path), str(path))
     data.update(overrides)
     return _build(MergeConfig, data, "", source=str(path))
+
+
+def config_section(cls: type, value: Any, key: str) -> Any:
+    """A config's nested section ``key``: ``value`` itself when it is a ``cls``, else built from its mapping."""
+    if isinstance(value, dict):
+        return _build(cls, value, f"{key}.")
+    if not isinstance(value, cls):
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{key}: expected a mapping of {valid}; got {value!r}")
+    return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None = None) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmerge.errors import ConfigError
-from lmerge.merge.config import MergeConfig, _build, migrate_legacy, optimizer_spec
+from lmerge.merge.config import MergeConfig, _build, config_section, migrate_legacy, optimizer_spec
 from lmerge.sweep.search import SearchConfig
 from lmerge.yaml_files import read_yaml
 
@@ -18,8 +18,8 @@ class SweepConfig(MergeConfig):
     """A merge config whose method parameters are searched: every point is merged, evaluated on
     ``eval_tasks`` and ranked by its worst interference delta."""
 
-    search: SearchConfig | dict[str, Any] = field(default_factory=SearchConfig)
-    """What to try: ``{type: grid, grid: {...}}`` or ``{type: bayes, budget, init_points, seed, space: {...}}``."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """What to try: a grid, e.g. ``--search.grid.lambda [0.1,0.3]``, or ``type: bayes`` over a ``space``."""
     constraint_nonnegative: bool = False
     """Keep the method's lambda-like parameter (``lambda``, ``scale``) >= 0."""
     save_merged: bool = False
@@ -29,8 +29,7 @@ class SweepConfig(MergeConfig):
     or a journal file path); default: a journal file in the sweep directory."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.search, dict):
-            self.search = _build(SearchConfig, self.search, "search.")
+        self.search = config_section(SearchConfig, self.search, "search")
         if self.eval_tasks is None and self.catalog:
             # The specification's sweeps evaluate the merged tasks themselves unless told otherwise.
             self.eval_tasks = list(self.adapters)
