@@ -55,6 +55,7 @@ from torch import nn
 from lmerge.data import TaskSpec
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.writers import HEADS_DIR
+from lmerge.tasks.kinds import get_kind
 from lmerge.tasks.models import apply_head, load_model
 from lmerge.tasks.spec import catalog_tasks
 
@@ -189,8 +190,9 @@ def peft_model(root: Path, head: dict[str, torch.Tensor], merge: bool) -> nn.Mod
     would register it on the wrapper, where the forward pass never uses it)."""
     from peft import PeftModel
 
-    base = load_model(str(root / BASE), "classification")
-    apply_head(base, head)
+    kind = get_kind("classification")
+    base = load_model(str(root / BASE), kind)
+    apply_head(base, kind, head)
     model = PeftModel.from_pretrained(base, (root / "merged.txt").read_text())
     return (model.merge_and_unload() if merge else model).eval()
 

@@ -50,8 +50,15 @@ class TaskSpec:
     prompt: str | None = None
     """For kinds with text answers (``label_tokens``) only: template whose ``{text}`` is replaced
     by the input text, e.g. ``"Review: {text}\\nSentiment:"``. None: the text alone is the prompt."""
+    pooling: str = "model"
+    """For kinds with task heads (``classification``) only: how a sequence becomes the one vector
+    its head reads. ``mean`` (attention-masked mean of the last hidden state) and ``last`` (last
+    non-padding token, for decoder LMs) use a head saved beside a plain LoRA adapter; ``cls`` the
+    model's own sequence-classification class; ``model`` what the adapter's head was trained with,
+    and for a new head the base model's own (a sentence-transformers model's pooling, else ``cls``)."""
     task_kind: TaskKind = field(init=False, repr=False, compare=False)
-    """The registered kind named by ``kind``: everything that depends on it."""
+    """The registered kind named by ``kind``, as this task uses it (e.g. with its pooling): everything
+    that depends on it."""
 
     def __post_init__(self) -> None:
         where = f"task {self.name}"
@@ -65,7 +72,10 @@ class TaskSpec:
             raise ConfigError(
                 f"{where}: metric {self.metric!r} needs kind {kinds_that(lambda k: k.text_answers)} (text answers)"
             )
+        if self.pooling != "model" and not self.task_kind.has_head:
+            raise ConfigError(f"{where}: pooling is for kind {kinds_that(lambda k: k.has_head)} only")
         self.task_kind.check(self, where)
+        self.task_kind = self.task_kind.resolve(self)
         if self.prompt is not None:
             if not self.task_kind.text_answers:
                 raise ConfigError(f"{where}: prompt is for kind {kinds_that(lambda k: k.text_answers)} only")
