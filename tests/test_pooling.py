@@ -271,8 +271,23 @@ def test_a_plain_peft_feature_extraction_adapter_with_a_head_is_a_catalog_task(z
     out = capsys.readouterr().out
     assert "plain_a" in out and "plain_b" in out
     merge = ["merge", *common, "--adapters", "[plain_a,plain_b]", "--method", "weighted_delta_n"]
-    assert main([*merge, "--method_params.weights", "[0.5,0.5]"]) == 0, capsys.readouterr().err
-    assert "normalized" in capsys.readouterr().out
+    assert main([*merge, "--method_params.weights", "[0.5,0.5]", "--save.format", "full"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    bundle = Path(out.split("run bundle: ")[1].split()[0])
+    assert "normalized" in out and (bundle / "heads" / "plain_b.json").is_file()
+    assert (bundle / "config.json").is_file()  # the bare encoder with the merge in its weights
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "adapters": ["plain_a", "plain_b"],
+                "method": "task_vector",
+                "search": {"type": "grid", "grid": {"lambda": [0.5, 1.0]}},
+            }
+        )
+    )
+    assert main(["sweep", "--config", str(sweep), *common, "--split", "validation"]) == 0, capsys.readouterr().err
+    assert "lambda" in capsys.readouterr().out
     # A catalog pooling that disagrees with the head is one line, naming the file.
     entries["plain_a"]["pooling"] = "last"
     path.write_text(yaml.safe_dump({"tasks": entries}))

@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.loggers import TensorBoardLogger
-from transformers import AutoTokenizer
+from lightning.pytorch import Callback
+from test_learners import assert_saved_merge_is_the_learned_model, fit
 
 from lmerge.__main__ import main
 from lmerge.adapters import LoraAdapter
@@ -116,22 +115,6 @@ def test_rank_wise_gradient_matches_a_dense_float64_reference(zoo, rows):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
-def fit(learner, data, steps, tmp_path, **options):
-    seed_everything(0, workers=True)
-    trainer = Trainer(
-        max_steps=steps,
-        logger=TensorBoardLogger(tmp_path, name="logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        **options,
-    )
-    trainer.fit(learner, datamodule=data)
-    return trainer
-
-
 RANK_WISE = [
     (AdaMerging, "test", {"granularity": "rank_wise", "lr": 0.05}),
     (GradientCE, "validation", {"granularity": "rank_wise", "ce_baseline_batches": 1, "lr": 0.05}),
@@ -152,9 +135,6 @@ def test_every_learner_learns_rank_wise_coefficients(tasks, tmp_path, learner_cl
 
 
 def test_rank_wise_export_is_reproduced_exactly_by_lmerge_merge(zoo, tasks, tmp_path, capsys):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
     learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], variant="rank_wise", lr=0.2)
     fit(learner, CatalogDataModule(str(tasks), ["alpha", "beta"], fit_split="validation", batch_size=4), 3, tmp_path)
     bundle = export_learned_merge(learner, str(tmp_path / "out"))
@@ -168,14 +148,8 @@ def test_rank_wise_export_is_reproduced_exactly_by_lmerge_merge(zoo, tasks, tmp_
         capsys.readouterr().err
     )
     saved = next((tmp_path / "merged").rglob("adapter_config.json")).parent
-    tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
-    batch = tokenizer(["good film plot", "the movie was awful and boring"], return_tensors="pt", padding=True)
-    merged = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), saved).eval()
-    learner.model.eval()
+    batch, learned = assert_saved_merge_is_the_learned_model(zoo, learner, saved)
     with torch.no_grad():
-        learned = learner.task_logits("alpha", batch)
-        merged.base_model.model.set_submodule("classifier", learner.heads["alpha"])
-        torch.testing.assert_close(merged(**batch).logits, learned, atol=1e-5, rtol=1e-4)
         learner.fused.fold()  # and the fold is the same merge
         torch.testing.assert_close(learner.task_logits("alpha", batch), learned, atol=1e-5, rtol=1e-4)
 

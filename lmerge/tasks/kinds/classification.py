@@ -166,8 +166,7 @@ class PooledClassification(Classification):
         return "FEATURE_EXTRACTION"
 
     def finetune_options(self, spec: Any) -> dict[str, Any]:
-        if not spec.label_names:
-            raise ConfigError(f"task {spec.name}: classification fine-tuning needs label_names in the catalog")
+        super().finetune_options(spec)  # its checks; the bare model takes no head size
         return {}
 
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
