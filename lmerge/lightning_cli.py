@@ -39,6 +39,13 @@ def lightning(argv: list[str]) -> LightningCLI:
             # Before the model, data and trainer are built, so a bad path costs no loading.
             _check_checkpoint_args(self.config[self.subcommand])
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except ValueError as exc:
+                # Lightning's refusal of a combination of settings (``strategy fsdp`` on a CPU, ...).
+                raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from None
+
     # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # The seed is 0 unless --seed_everything says otherwise; its "Seed set" line would precede any error.

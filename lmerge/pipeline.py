@@ -8,12 +8,13 @@ config's ``optimizer`` (a learner, or ``bayes``) and the end of ``lmerge fit`` t
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmerge.errors import ConfigError
+from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.learn.heatmap import coefficient_heatmap, figure_png
 from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
@@ -66,9 +67,10 @@ def export_learned_merge(
 ) -> Path:
     """Write the learner's merge spec, coefficients and heatmap into a run bundle; with ``save``
     other than none, run the exported merge too. Returns the bundle's path."""
-    spec = learner.merge_spec()
     values = learner.coefficients.values()
     names = [a.name for a in learner.adapters]
+    _check_coefficients(values, learner.coefficients.group_names, names)
+    spec = learner.merge_spec()
     learner_name = type(learner).__name__.lower()
     record = {
         "learner": type(learner).__name__,
@@ -95,3 +97,15 @@ def export_learned_merge(
         if result.evaluation:
             print(result.evaluation.table())
     return bundle.final
+
+
+def _check_coefficients(values: list[list[float]], groups: list[str], adapters: list[str]) -> None:
+    """Refuse to export coefficients that are not finite numbers (a diverged training run),
+    naming the first group and adapter, before anything is written."""
+    for group, row in zip(groups, values, strict=True):
+        for adapter, value in zip(adapters, row, strict=True):
+            if not math.isfinite(value):
+                raise MethodError(
+                    f"learned coefficients: {value} for adapter {adapter!r} in group {group!r}; "
+                    "training diverged (lower the learning rate), nothing exported"
+                )

@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where there is no CUDA device, so they never fail on a CPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def build_bert(path: Path) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -27,6 +37,17 @@ def build_bert(path: Path) -> Path:
         num_labels=3,
     )
     BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def build_gpt2(path: Path) -> Path:
+    """A tiny random GPT-2: its attention and MLP layers are transformers' ``Conv1D``, which store
+    their weight ``[in, out]`` (PEFT's ``fan_in_fan_out``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
 
@@ -58,8 +79,10 @@ def make_adapter(
     task_type: str,
     use_rslora: bool = False,
     rank_pattern: dict | None = None,
+    **options,
 ) -> Path:
-    """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``."""
+    """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``
+    (``options``: more ``LoraConfig`` fields)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
@@ -73,6 +96,7 @@ def make_adapter(
         target_modules=targets,
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
+        **options,
     )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
@@ -114,6 +138,22 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         llama, root / "llama_c", seed=7, use_rslora=True, targets=["q_proj", "v_proj"], **lm
     )
     return paths
+
+
+GPT2_TARGETS = ["c_attn", "c_proj"]  # c_proj is square: a missing transpose would not even fail
+
+
+@pytest.fixture(scope="session")
+def gpt2_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-2 and two fan_in_fan_out adapters on its Conv1D layers (ranks 4 and 2)."""
+    root = tmp_path_factory.mktemp("gpt2")
+    base = build_gpt2(root / "gpt2")
+    lm = {"task_type": "CAUSAL_LM", "targets": GPT2_TARGETS, "fan_in_fan_out": True}
+    return {
+        "gpt2": base,
+        "gpt2_a": make_adapter(base, root / "gpt2_a", seed=11, **lm),
+        "gpt2_b": make_adapter(base, root / "gpt2_b", seed=12, r=2, alpha=6, **lm),
+    }
 
 
 def save_bert_tokenizer(path: Path, words: list[str]) -> Path:

@@ -688,6 +688,11 @@ FIT_CASES = [
         "trainer: ",
     ),
     (
+        "fit fsdp on a cpu",
+        lambda z, c, t: ["--config", fit_config(c, t), "--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"],
+        "trainer: The strategy `fsdp` requires a GPU accelerator",
+    ),
+    (
         "fit export root is a file",
         lambda z, c, t: ["--config", fit_config(c, t), "--export.output_dir", config_file(t, "a file\n")],
         "config.yaml: exists and is not a directory",

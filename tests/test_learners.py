@@ -4,6 +4,7 @@ logs to TensorBoard, and exports a merge spec that ``lmerge merge`` reproduces e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,6 +330,62 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
         exported = next((tmp_path / name).rglob("coefficients.json"))
         runs[name] = json.loads(exported.read_text())["values"]
     torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+
+
+FSDP_CONFIG = """
+model:
+  class_path: lmerge.learn.AdaMerging
+  init_args: {{adapters: ["yes", maybe], granularity: layer_wise, lr: 0.05}}
+data: {{catalog: {catalog}, tasks: ["yes", maybe], fit_split: test, batch_size: {batch}}}
+trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
+export: {{output_dir: {out}}}
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
+    """Lightning's FSDP (``tests/fsdp_cpu.py``: the stock strategy given the CPU device) over two gloo
+    processes, 4 examples each, on the Llama tasks: each decoder layer is its own FSDP unit (the base
+    model sharded), the coefficients are replicated, and the learned coefficients equal one process's
+    with 8 examples. GradientCE, whose baselines run the model before training, learns under FSDP too."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    report = tmp_path / "report"
+    report.mkdir()
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "FSDP_REPORT_DIR": str(report)}
+    runs = {}
+    strategy = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.devices", "2"]
+    for name, batch, extra in (("single", 8, []), ("fsdp", 4, strategy)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(FSDP_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name))
+        command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        exported = next((tmp_path / name).rglob("coefficients.json"))
+        runs[name] = json.loads(exported.read_text())["values"]
+    ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(zoo["llama"]).parameters())
+    assert all(rank["units"] == 3 for rank in ranks)  # the root and each of the two decoder layers
+    assert sum(rank["base_elements"] for rank in ranks) == base  # each holds its shard, no more
+    assert all(rank["coefficient_elements"] == 4 for rank in ranks)  # 2 layers x 2 adapters, whole on each
+    assert runs["fsdp"] != [[0.3, 0.3]] * 2
+    torch.testing.assert_close(torch.tensor(runs["fsdp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+    # A learner that runs the model before training (GradientCE's single-adapter baselines, outside any
+    # step): its forward is routed through FSDP's wrapper, else the root's weights would still be sharded.
+    config = tmp_path / "gradient.yaml"
+    text = FSDP_CONFIG.format(catalog=tasks, batch=4, out=tmp_path / "gradient")
+    text = text.replace("lmerge.learn.AdaMerging", "lmerge.learn.GradientCE").replace("test,", "validation,")
+    config.write_text(text.replace("lr: 0.05}", "lr: 0.05, ce_baseline_batches: 2}"))
+    command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+    done = subprocess.run([*command, *strategy], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    values = json.loads(next((tmp_path / "gradient").rglob("coefficients.json")).read_text())["values"]
+    assert values != [[0.3, 0.3]] * 2
 
 
 def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):

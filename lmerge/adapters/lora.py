@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -16,12 +15,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lmerge.adapters.base_layout import PEFT_PREFIX, BaseLayout, check_adapter, layout_for
+from lmerge.adapters.peft_fields import check_peft_config
 from lmerge.errors import AdapterError
+from lmerge.yaml_files import read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 # Task heads of a merged adapter directory (one safetensors file per task), beside its LoRA.
 HEADS_DIR = "heads"
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -31,6 +32,9 @@ _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA magnitude vectors (use_dora) cannot be merged as plain LoRA",
     "lora_embedding_": "LoRA on embedding layers is not supported",
 }
+# Tensors PEFT saves beside the factors that do not change the update B A (VeLoRA's training-time
+# projection buffers): skipped.
+_TRAINING_ONLY = re.compile(r"\.lora_velora_embed(\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class ModuleShape:
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter on disk. Reads only the safetensors header at load time;
+    """A PEFT LoRA adapter on disk. At load, its config is checked field by field
+    (:mod:`lmerge.adapters.peft_fields`) and its safetensors header against itself and, when the
+    base model's config is at hand, against the base's layers (:mod:`lmerge.adapters.base_layout`);
     tensors are read (and checked for NaN/Inf) when a module is asked for."""
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
@@ -51,14 +57,23 @@ class LoraAdapter:
         self.name = name or self.path.name
         self.config = _read_config(self.path)
         self.weights_file = _weights_file(self.path)
-        self._validate_config()
-        self.shapes, self.head_tensors, self._tensor_names = self._read_header()
+        check_peft_config(self.config, self.path / CONFIG_FILE)
+        self.shapes, self.head_shapes, self._tensor_names = self._read_header()
         self._handle = None  # the weights file, while a ``reading()`` block holds it open
+        layout = layout_for(self.base_model, self.task_type, self.config.get("auto_mapping"), self.revision)
+        # Why the adapter could not be checked against its base model (None: it was).
+        self.unchecked_reason = layout if isinstance(layout, str) else None
+        if not isinstance(layout, str):
+            self.check_against(layout)
 
     # ---- public facts ----------------------------------------------------------------------
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    @property
+    def revision(self) -> str | None:
+        return self.config.get("revision")
 
     @property
     def task_type(self) -> str | None:
@@ -101,7 +116,7 @@ class LoraAdapter:
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task-head tensors PEFT saved from ``modules_to_save``, under their file names."""
-        return {name: self._read(name, cast=False) for name in self.head_tensors}
+        return {name: self._read(name, cast=False) for name in self.head_shapes}
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -118,24 +133,17 @@ class LoraAdapter:
                 self._handle = None
 
     # ---- loading -------------------------------------------------------------------------------
-    def _validate_config(self) -> None:
-        where = self.path / CONFIG_FILE
-        peft_type = self.config.get("peft_type")
-        if peft_type != "LORA":
-            raise AdapterError(f"{where}: peft_type {peft_type!r} is not LORA; only LoRA adapters merge")
-        if self.config.get("use_dora"):
-            raise AdapterError(f"{where}: use_dora is true; DoRA adapters cannot be merged as plain LoRA")
-        if self.config.get("bias", "none") != "none":
-            raise AdapterError(
-                f"{where}: bias={self.config['bias']!r} trains biases outside LoRA; only bias='none' merges"
-            )
-        if "lora_alpha" not in self.config:
-            raise AdapterError(f"{where}: missing key 'lora_alpha'")
+    def check_against(self, layout: BaseLayout) -> None:
+        """Refuse the adapter, naming the module or head, unless every factor and head fits the
+        base model ``layout`` (module keys name its linear layers, features match)."""
+        check_adapter(
+            layout, self.shapes, self.head_shapes, self.fan_in_fan_out, self.weights_file, self.path / CONFIG_FILE
+        )
 
-    def _read_header(self) -> tuple[dict[str, ModuleShape], list[str], dict[str, tuple[str, str]]]:
+    def _read_header(self) -> tuple[dict[str, ModuleShape], dict[str, list[int]], dict[str, tuple[str, str]]]:
         found: dict[str, dict[str, list[int]]] = {}
         names: dict[str, dict[str, str]] = {}
-        heads: list[str] = []
+        heads: dict[str, list[int]] = {}
         head_modules = tuple(self.config.get("modules_to_save") or ())
         with self._open() as handle:
             for tensor in handle.keys():
@@ -143,12 +151,14 @@ class LoraAdapter:
                     if marker in tensor:
                         raise AdapterError(f"{self.weights_file}: {tensor}: {reason}")
                 match = _LORA_SUFFIX.match(tensor)
+                if _TRAINING_ONLY.search(tensor):
+                    continue
                 if match:
                     module = match["module"].removeprefix(PEFT_PREFIX)
                     found.setdefault(module, {})[match["which"]] = handle.get_slice(tensor).get_shape()
                     names.setdefault(module, {})[match["which"]] = tensor
                 elif _belongs_to(tensor.removeprefix(PEFT_PREFIX), head_modules):
-                    heads.append(tensor)
+                    heads[tensor] = handle.get_slice(tensor).get_shape()
                 else:
                     raise AdapterError(f"{self.weights_file}: tensor {tensor!r} is neither LoRA nor in modules_to_save")
         if not found:
@@ -191,7 +201,7 @@ class LoraAdapter:
                     value = handle.get_tensor(tensor)
         except SafetensorError as exc:
             raise AdapterError(f"{self.weights_file}: cannot read {tensor} ({exc})") from None
-        if value.is_floating_point() and not _all_finite(value):
+        if value.is_floating_point() and not all_finite(value):
             raise AdapterError(f"{self.weights_file}: tensor {tensor} holds NaN or Inf values")
         return value.float() if cast else value
 
@@ -202,10 +212,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: missing; not a PEFT adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_path}: invalid JSON ({exc})") from None
+    config = read_json(config_path, "adapter config", error=AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object")
     return config
@@ -235,10 +242,12 @@ def _belongs_to(tensor: str, modules: tuple[str, ...]) -> bool:
     return any(tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module)
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    """No NaN or Inf in ``value``: its minimum and maximum are finite (both propagate NaN). One
-    reduction, where ``isfinite(value).all()`` writes a bool tensor and reduces it: 4x faster."""
+def all_finite(value: torch.Tensor, limit: float = math.inf) -> bool:
+    """No NaN or Inf in ``value``, and no magnitude above ``limit`` (the largest number the dtype
+    it will be saved in holds): its minimum and maximum are finite and within it (both propagate
+    NaN). One reduction, where ``isfinite(value).all()`` writes a bool tensor and reduces it: 4x
+    faster."""
     if value.numel() == 0:
         return True
     low, high = torch.aminmax(value)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(torch.isfinite(low) & torch.isfinite(high) & (low >= -limit) & (high <= limit))

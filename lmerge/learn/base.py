@@ -24,7 +24,9 @@ from lmerge.errors import ConfigError
 from lmerge.learn.callbacks import BestStepCoefficients, StepEarlyStopping
 from lmerge.learn.coefficients import Coefficients
 from lmerge.learn.fused import attach, layer_groups
+from lmerge.learn.merged_linear import factor_dtype
 from lmerge.learn.rank_coefficients import RankCoefficients
+from lmerge.learn.sharding import average_replicated_gradients, shard_base_model
 from lmerge.tasks.models import DTYPES, load_model
 from lmerge.tasks.resolve import resolve_adapters
 from lmerge.tasks.spec import catalog_tasks, load_task_catalog
@@ -87,7 +89,8 @@ class MergeLearner(LightningModule):
             merge_mode: ``common`` merges the modules all adapters share; ``strict`` fails on any difference.
             merge_impl: ``fused_lora_linear`` (two GEMMs per module) or ``dense`` (the reference).
             model_dtype: Dtype the base model is loaded in (``auto``: float32 on CPU, the checkpoint's on an
-                accelerator); the merged low-rank path and the coefficients stay in at least float32.
+                accelerator); the coefficients stay in float32, the merged low-rank path too but under
+                ``bf16-mixed``/``16-mixed`` on an accelerator (its GEMMs run in half there anyway).
             base_model: Base model directory; default: the adapters' ``base_model_name_or_path``.
             early_stopping_patience: Stop after this many steps without improvement of the training loss
                 (0: never); adds a ``StepEarlyStopping`` callback (``lmerge.learn.callbacks``).
@@ -149,12 +152,15 @@ class MergeLearner(LightningModule):
         dtype = resolve_model_dtype(self.hparams.model_dtype, self._device_type())
         model = load_model(self.base_model_path, self.kind, dtype).requires_grad_(False).eval()
         weight_dtype = next(model.parameters()).dtype
-        # The merged path in at least float32 (the base weights may be half): c_rep and the low-rank
-        # products keep the coefficients' precision; under autocast its GEMMs run in half anyway.
-        path_dtype = torch.promote_types(weight_dtype, torch.float32)
+        # The merged path in at least float32 (the base weights may be half), or in the autocast dtype
+        # under mixed precision on an accelerator, where its GEMMs run in half anyway; c_rep stays float32.
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        path_dtype = factor_dtype(weight_dtype, precision, self._device_type())
         impl = self.hparams.merge_impl
         self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
+        if self._trainer is not None:
+            shard_base_model(self._trainer.strategy, model, self.coefficients)
         if self.kind.has_head:
             for name, spec in self.task_specs.items():
                 if not spec.adapter:
@@ -218,6 +224,9 @@ class MergeLearner(LightningModule):
         for task, term in terms.items():
             self.log(f"train/{self.objective_name}/{task}", term)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        average_replicated_gradients(self.trainer.strategy, self.coefficients)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from lmerge.adapters.align import align_keys, check_compatible
-from lmerge.adapters.lora import LoraAdapter
+import torch
+
+from lmerge.adapters.align import align_keys, check_base, check_compatible
+from lmerge.adapters.lora import LoraAdapter, all_finite
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import record_evaluation, results_name
 from lmerge.layers import layer_index
 from lmerge.merge.config import MergeConfig
-from lmerge.merge.engine import factor_norm, merge_modules, scaled_factors
+from lmerge.merge.engine import MergedModule, factor_norm, merge_modules, scaled_factors
 from lmerge.merge.policies import build_policy, overridden_layers, policy_spec
 from lmerge.merge.transforms import parse_transforms
 from lmerge.merge.writers import writer_for
@@ -63,17 +68,21 @@ def merge_to_bundle(
     tag = safe_component(config.tag, "tag") if config.tag else merge_tag(method, params)
     check_compatible(adapters)
     keys, dropped = align_keys(adapters, config.merge_mode)
-    _check_policy_layers(config.lambda_policy, keys)
+    unchecked = check_base(adapters, config.save.base_model)
+    _check_layers("lambda_policy.overrides", overridden_layers(config.lambda_policy), keys)
+    _check_layers("method_params.layer_weights", set(params.get("layer_weights") or ()), keys)
     scales = _transform_scales(adapters, keys, transforms)
     if evaluator is None and config.eval_tasks:
         evaluator = evaluator_for(config, adapters)
     names = [a.name for a in adapters]
 
     evaluation = None
+    limit = _largest_saved(config.save.format, adapters)
     with run_bundle(config.output_dir, method.name, names) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
-        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, writer.prepare):
+        prepare = _checked(writer.prepare, limit)
+        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, prepare):
             for each in writers:
                 each.add(module)
         saved = writer.write(bundle.work)
@@ -91,6 +100,8 @@ def merge_to_bundle(
         write_json_atomic(bundle.work / "summary.json", summary)
     if evaluation:
         record_evaluation(config.output_dir, method.name, names, tag, evaluation, meta, bundle.final)
+    if unchecked:
+        warnings.warn(unchecked, stacklevel=2)  # after the merge: an error stays the only line
     return MergeResult(method.name, params, tag, bundle.final, meta, saved, evaluation)
 
 
@@ -125,12 +136,42 @@ def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:
     return "_".join(parts)
 
 
-def _check_policy_layers(spec: Any, keys: list[str]) -> None:
+def _check_layers(where: str, named: set[int], keys: list[str]) -> None:
+    """Refuse per-layer settings for layers that no merged module has."""
     layers = {layer_index(k) for k in keys} - {None}
-    missing = sorted(overridden_layers(spec) - layers)
+    missing = sorted(named - layers)
     if missing:
         span = f"{min(layers)}-{max(layers)}" if layers else "none"
-        raise ConfigError(f"lambda_policy.overrides: layer {missing[0]} is not in the adapters (layers {span})")
+        raise ConfigError(f"{where}: layer {missing[0]} is not in the adapters (layers {span})")
+
+
+def _largest_saved(fmt: str, adapters: list[LoraAdapter]) -> float:
+    """The largest magnitude the merge can be saved with: a LoRA is saved in the adapters' dtype
+    (float16's is 65504), full weights in float32."""
+    dtype = adapters[0].dtype if fmt == "lora" else torch.float32
+    return float(torch.finfo(dtype).max)
+
+
+def _checked(prepare: Callable[[MergedModule], MergedModule], limit: float) -> Callable[[MergedModule], MergedModule]:
+    """The writer's per-module step with the merge checked before it (a NaN would stop an SVD)
+    and after it against ``limit``, in the merge's worker threads."""
+
+    def run(module: MergedModule) -> MergedModule:
+        _check_finite(module, math.inf)
+        return _check_finite(prepare(module), limit)
+
+    return run
+
+
+def _check_finite(module: MergedModule, limit: float) -> MergedModule:
+    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one reduction per tensor)."""
+    for tensor in (module.A, module.B, module.delta):
+        if tensor is not None and not all_finite(tensor, limit):
+            bound = "NaN or Inf" if math.isinf(limit) else f"NaN, Inf or beyond {limit:.4g}, the range it is saved in"
+            raise MethodError(
+                f"merged module {module.key}: the result overflows ({bound}); lower lambda or the weights"
+            )
+    return module
 
 
 def _transform_scales(adapters: list[LoraAdapter], keys: list[str], transforms) -> dict[tuple[int, str], float]:
