@@ -55,9 +55,7 @@ from torch import nn
 from lmerge.data import TaskSpec
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.writers import HEADS_DIR
-from lmerge.metrics import get_metric
 from lmerge.tasks.models import apply_head, load_model
-from lmerge.tasks.scoring import SCORERS
 from lmerge.tasks.spec import catalog_tasks
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, LABELS = 384, 6, 12, 1536, 4
@@ -209,9 +207,9 @@ def run_case(name: str, root: Path, batch_size: int, passes: int) -> dict[str, A
 
         def score(task: TaskSpec) -> tuple[float, int]:
             with torch.inference_mode():
-                loader = evaluator.data(task).dataloader(evaluator.split)
-                n_classes = len(task.label_names or ())
-                return SCORERS[evaluator.kind](model, loader, get_metric(task.metric), n_classes, evaluator.device)
+                module = evaluator.data(task)
+                batches = module.dataloader(evaluator.split)
+                return evaluator.kind.score(model, batches, task, module, evaluator.device)
 
     else:
         model = evaluator.model

@@ -156,6 +156,28 @@ def test_catalog_rejects_bad_entries(tmp_path, entry, message):
         load_task_catalog(catalog)
 
 
+def test_every_kind_file_registers_its_own_kind_only():
+    import pkgutil
+
+    import lmerge.tasks.kinds
+    from lmerge.tasks.kinds import KINDS, get_kind
+
+    files = [
+        m.name
+        for m in pkgutil.iter_modules(lmerge.tasks.kinds.__path__)
+        if not m.name.startswith("_") and m.name != "registry"
+    ]
+    assert files
+    by_module: dict[str, list[str]] = {}
+    for name, kind in KINDS.items():
+        by_module.setdefault(type(kind).__module__, []).append(name)
+    assert sorted(by_module) == sorted(f"lmerge.tasks.kinds.{file}" for file in files)
+    for file in files:
+        assert by_module[f"lmerge.tasks.kinds.{file}"] == [file]
+    with pytest.raises(ConfigError, match=f"unknown kind 'regression'; valid: {', '.join(sorted(KINDS))}$"):
+        get_kind("regression")
+
+
 def test_missing_column_names_task_file_and_existing_columns(tmp_path):
     path = write_rows(tmp_path / "reviews.json", TRAIN, text="sentence")
     spec = TaskSpec(name="sentiment", dataset={"path": "json", "data_files": {"train": str(path)}}, label_names=NAMES)

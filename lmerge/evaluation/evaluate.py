@@ -21,7 +21,6 @@ from lmerge.evaluation.fold import WeightFolder
 from lmerge.metrics import get_metric, interference_delta, normalized
 from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
 from lmerge.tasks.models import apply_head, load_model
-from lmerge.tasks.scoring import SCORERS
 from lmerge.tasks.spec import SPLITS
 
 # Evaluation precisions, named as Lightning's --trainer.precision: the autocast dtype of each.
@@ -104,7 +103,7 @@ class Evaluator:
             raise ConfigError(f"split: {unknown_name('split', split, list(SPLITS))}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"eval_batch_size: must be a positive integer, got {batch_size!r}")
-        self.kind = kinds.pop()
+        self.kind = tasks[0].task_kind
         self.tasks = tasks
         self.split = split
         self.root = Path(output_root)
@@ -154,26 +153,17 @@ class Evaluator:
 
     # ---- scoring ----------------------------------------------------------------------------------
     def score(self, task: TaskSpec, head: dict[str, torch.Tensor] | None) -> TaskScore:
-        """The task's metric on the model as it is now (with ``head`` for classification)."""
-        if self.kind == "classification":
+        """The task's metric on the model as it is now (with ``head`` for kinds with heads)."""
+        if self.kind.has_head:
             if not head:
                 raise ConfigError(f"task {task.name}: no task head (modules_to_save) in its adapter")
             apply_head(self.model, head)
         module = self.data(task)
-        metric = get_metric(task.metric)
         started = time.perf_counter()
-        candidates = module.candidates
         dtype = PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            value, count = SCORERS[self.kind](
-                self.model,
-                _progress(module.dataloader(self.split), f"{task.name} [{self.split}]"),
-                metric,
-                len(task.label_names or ()) or 2,
-                self.device,
-                candidates=_token_lists(candidates),
-                decode=lambda ids: module.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            )
+            batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
+            value, count = self.kind.score(self.model, batches, task, module, self.device)
         return TaskScore(value, count, time.perf_counter() - started)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
@@ -212,7 +202,7 @@ class Evaluator:
         evaluation = Evaluation(self.split, self.namespace)
         for task in self.tasks:
             head = (heads or {}).get(task.name)
-            if head is None and self.kind == "classification":
+            if head is None and self.kind.has_head:
                 head = self._adapter(task).head_state()
             merged = self.score(task, head)
             metric = get_metric(task.metric)
@@ -267,13 +257,6 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-def _token_lists(candidates: torch.Tensor | None) -> list[list[int]] | None:
-    """The DataModule's -100-padded [C, Lc] label-word tensor as one token list per class."""
-    if candidates is None:
-        return None
-    return [[token for token in row.tolist() if token != -100] for row in candidates]
 
 
 def _progress(loader, label: str) -> Iterator:  # noqa: ANN001

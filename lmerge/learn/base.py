@@ -1,8 +1,8 @@
 """``MergeLearner``: the LightningModule every coefficient learner builds on.
 
 It holds the base model with every targeted linear fused over all adapters' LoRA factors
-(``lmerge.learn.fused``), one frozen head per classification task, and the merge coefficients,
-which are its only trainable parameters (and the only tensors its checkpoints keep).
+(``lmerge.learn.fused``), one frozen head per task where the task kind has heads, and the merge
+coefficients, which are its only trainable parameters (and the only tensors its checkpoints keep).
 Subclasses define the per-task objective and how task terms combine.
 """
 
@@ -24,9 +24,9 @@ from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
-from lmerge.tasks.losses import TASK_LOSSES, forward_logits
 from lmerge.tasks.models import DTYPES, build_head, load_model
 from lmerge.tasks.resolve import resolve_adapters
+from lmerge.tasks.spec import catalog_tasks
 
 Batch = dict[str, Any]
 
@@ -98,18 +98,16 @@ class MergeLearner(LightningModule):
         self.adapters = resolve_adapters(adapters, catalog)
         check_compatible(self.adapters)
         self.keys, self.dropped_keys = align_keys(self.adapters, merge_mode)
-        specs = load_task_catalog(catalog)
-        names = tasks if tasks is not None else [a.name for a in self.adapters if a.name in specs]
-        missing = [t for t in names if t not in specs]
-        if missing:
-            raise ConfigError(f"model.tasks: {missing[0]!r} is not a task in catalog {catalog}")
-        if not names:
+        if tasks is None:
+            in_catalog = load_task_catalog(catalog)
+            tasks = [a.name for a in self.adapters if a.name in in_catalog]
+        self.task_specs = {spec.name: spec for spec in catalog_tasks(catalog, tasks, key="model.tasks")}
+        if not self.task_specs:
             raise ConfigError("model.tasks: no task to train on; name catalog tasks")
-        self.task_specs = {name: specs[name] for name in names}
         kinds = {spec.kind for spec in self.task_specs.values()}
         if len(kinds) > 1:
             raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
-        self.kind = kinds.pop()
+        self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
         self.coefficients = Coefficients(
             len(self.adapters), len(self.group_names), parametrization, init, group_names=self.group_names
@@ -140,7 +138,7 @@ class MergeLearner(LightningModule):
         impl = self.hparams.merge_impl
         self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
-        if self.kind == "classification":
+        if self.kind.has_head:
             for name, spec in self.task_specs.items():
                 if not spec.adapter:
                     raise ConfigError(f"task {name}: the catalog names no adapter, so it has no head")
@@ -174,12 +172,12 @@ class MergeLearner(LightningModule):
 
     def task_logits(self, task: str, batch: Batch) -> torch.Tensor:
         """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
-        if self.kind == "classification":
+        if self.kind.has_head:
             self.model.set_submodule(self._head_path, self.heads[task])
         device_type = batch["input_ids"].device.type
         # Mixed precision is for accelerators; on CPU, bf16 autocast is slower and coarser, so it is off.
         with torch.autocast(device_type, enabled=False) if device_type == "cpu" else contextlib.nullcontext():
-            return forward_logits(self.model, batch)
+            return self.kind.logits(self.model, batch)
 
     # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -250,9 +248,9 @@ class MergeLearner(LightningModule):
             return
         logits = self.task_logits(task, batch)
         options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"])}
-        self.log(f"{stage}/loss/{task}", TASK_LOSSES[self.kind](logits, batch), **options)
-        if self.kind == "classification":
-            accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        self.log(f"{stage}/loss/{task}", self.kind.loss(logits, batch), **options)
+        accuracy = self.kind.accuracy(logits, batch)
+        if accuracy is not None:
             self.log(f"{stage}/accuracy/{task}", accuracy, **options)
 
     # ---- checkpoints and export ---------------------------------------------------------------------

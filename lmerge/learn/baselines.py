@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from lmerge.learn.base import MergeLearner
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
@@ -21,7 +20,7 @@ def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
                 if index >= batches:
                     break
                 batch = learner.transfer_batch_to_device(batch, learner.device, 0)
-                total += float(TASK_LOSSES[learner.kind](learner.task_logits(task, batch), batch))
+                total += float(learner.kind.loss(learner.task_logits(task, batch), batch))
                 count += 1
         losses[task] = total / max(count, 1)
     if learner.logger is not None:

@@ -10,7 +10,6 @@ import torch
 from lmerge.errors import ConfigError
 from lmerge.learn.base import Batch, MergeLearner
 from lmerge.learn.baselines import baseline_losses
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 class GradientCE(MergeLearner):
@@ -81,4 +80,4 @@ class GradientCE(MergeLearner):
             self.task_weights = dict.fromkeys(self.task_specs, 1.0)
 
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return TASK_LOSSES[self.kind](logits, batch) * self.task_weights[task]
+        return self.kind.loss(logits, batch) * self.task_weights[task]

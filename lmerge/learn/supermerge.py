@@ -11,7 +11,6 @@ from torch import nn
 from lmerge.errors import ConfigError
 from lmerge.learn.base import Batch, MergeLearner
 from lmerge.learn.coefficients import Coefficients
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 class SuperMerge(MergeLearner):
@@ -85,7 +84,7 @@ class SuperMerge(MergeLearner):
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # Per-task heads differ in their number of classes, so the loss is computed here; for a
         # causal LM it is the same token-normalized CE the model's own ``loss`` returns.
-        return TASK_LOSSES[self.kind](logits, batch)
+        return self.kind.loss(logits, batch)
 
 
 def adapter_groups(config: dict[str, Any], names: list[str]) -> list[list[int]]:
