@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmerge.errors import ConfigError
+from lmerge.outputs import DEFAULT_OUTPUT_DIR
 
 # The shipped configs live beside the package in a checkout (`make demo` installs it editable).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def demo(
-    output_dir: str = "artifacts",
+    output_dir: str = DEFAULT_OUTPUT_DIR,
     catalog: str | None = None,
     configs: str | None = None,
     logs_dir: str = ".",

@@ -20,13 +20,12 @@ from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
 from lmerge.tasks.models import DTYPES, build_head, load_model
 from lmerge.tasks.resolve import resolve_adapters
-from lmerge.tasks.spec import catalog_tasks
+from lmerge.tasks.spec import catalog_tasks, load_task_catalog
 
 Batch = dict[str, Any]
 
