@@ -457,3 +457,20 @@ def test_learner_restores_the_coefficients_of_its_lowest_training_loss(tasks, tm
     best = min(range(len(spy.losses)), key=spy.losses.__getitem__)
     assert best != len(spy.losses) - 1, "the test needs a run whose last step is not its best"
     assert learner.coefficients.values() == spy.values[best]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("supermerge", "coefficient_parameterization", "tanh_alpha"),
+        ("supermerge", "normalize_coefficients", False),
+        ("gradient", "ce_baseline_source", "single_task_eval"),
+    ],
+)
+def test_one_valued_learner_settings_of_old_merge_configs_are_ignored_with_a_warning(tasks, name, key, value):
+    from lmerge.learn.from_config import train_learner
+
+    # The unknown key after it stops the run before anything is built.
+    with pytest.warns(DeprecationWarning, match=f"optimizer.params.{key} is ignored"):
+        with pytest.raises(ConfigError, match="optimizer.params.bogus: not a setting"):
+            train_learner(name, {key: value, "bogus": 1}, str(tasks), ["alpha", "beta"], "common")

@@ -24,7 +24,6 @@ class GradientCE(MergeLearner):
         tasks: list[str] | None = None,
         lr: float = 1e-2,
         ce_task_weighting: Literal["baseline_normalized", "equal", "manual"] = "baseline_normalized",
-        ce_baseline_source: Literal["single_task_eval"] = "single_task_eval",
         ce_baseline_floor: float = 1e-6,
         ce_baseline_batches: int = 32,
         ce_manual_task_weights: dict[str, float] | None = None,
@@ -41,7 +40,6 @@ class GradientCE(MergeLearner):
             lr: Adam learning rate.
             ce_task_weighting: ``baseline_normalized``: CE_t / max(CE of the task's own adapter, floor);
                 ``equal``: the plain sum; ``manual``: ``ce_manual_task_weights``.
-            ce_baseline_source: Where the baseline CE comes from: the single-task adapter on the same data.
             ce_baseline_floor: Smallest denominator of the baseline normalization.
             ce_baseline_batches: Batches per task that estimate the baseline CE.
             ce_manual_task_weights: Task -> weight, for ``manual``.
