@@ -9,11 +9,17 @@ from typing import Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmerge.learn.callbacks import BestCoefficients, CoefficientLogger, is_learner
+from lmerge.learn.callbacks import (
+    BestCoefficients,
+    BestStepCoefficients,
+    CoefficientLogger,
+    StepEarlyStopping,
+    is_learner,
+)
 from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_output_root
 from lmerge.pipeline import export_learned_merge
 
-__all__ = ["BestCoefficients", "CoefficientLogger", "MergeExport"]
+__all__ = ["BestCoefficients", "BestStepCoefficients", "CoefficientLogger", "MergeExport", "StepEarlyStopping"]
 
 
 class MergeExport(Callback):

@@ -474,3 +474,23 @@ def test_one_valued_learner_settings_of_old_merge_configs_are_ignored_with_a_war
     with pytest.warns(DeprecationWarning, match=f"optimizer.params.{key} is ignored"):
         with pytest.raises(ConfigError, match="optimizer.params.bogus: not a setting"):
             train_learner(name, {key: value, "bogus": 1}, str(tasks), ["alpha", "beta"], "common")
+
+
+def test_learner_stopping_callbacks_join_configured_ones_and_their_state_is_checkpointed(tasks, tmp_path):
+    """The learner's own early stopping and best restore come as callbacks beside (not instead
+    of) those a config composes, e.g. ``callbacks/early_stopping.yaml``."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lmerge.learn.callbacks import BestCoefficients, BestStepCoefficients, StepEarlyStopping
+
+    learner = SuperMerge(
+        str(tasks), ["alpha", "beta"], ["alpha", "beta"], early_stopping_patience=5, restore_best_checkpoint=True
+    )
+    configured = [EarlyStopping("val/loss", check_on_train_epoch_end=False), BestCoefficients()]
+    trainer = fit(learner, data_for(tasks, "validation"), 3, tmp_path, callbacks=configured)
+    assert all(any(c is own for own in trainer.callbacks) for c in configured)
+    own = {type(c): c for c in trainer.callbacks}
+    assert torch.isfinite(own[StepEarlyStopping].rule.best_score) and own[BestStepCoefficients].best is not None
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    assert any(key.startswith("StepEarlyStopping") for key in saved) and "BestStepCoefficients" in saved

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
+from lmerge.learn.callbacks import BestStepCoefficients, StepEarlyStopping
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
 from lmerge.tasks.models import DTYPES, build_head, load_model
@@ -84,11 +85,13 @@ class MergeLearner(LightningModule):
             model_dtype: Dtype the base model is loaded in (``auto``: float32 on CPU, the checkpoint's on an
                 accelerator); the merged low-rank path and the coefficients stay in at least float32.
             base_model: Base model directory; default: the adapters' ``base_model_name_or_path``.
-            early_stopping_patience: Stop after this many steps without improvement of the loss (0: never).
+            early_stopping_patience: Stop after this many steps without improvement of the training loss
+                (0: never); adds a ``StepEarlyStopping`` callback (``lmerge.learn.callbacks``).
             early_stopping_threshold: Smallest loss decrease that counts as an improvement.
             early_stopping_warmup_steps: Steps before patience is tracked.
             min_optimizer_steps_before_early_stop: Steps before early stopping may stop the run.
-            restore_best_checkpoint: End with the coefficients of the lowest minibatch loss.
+            restore_best_checkpoint: End with the coefficients of the lowest minibatch loss; adds a
+                ``BestStepCoefficients`` callback.
         """
         super().__init__()
         if not lr > 0:
@@ -118,10 +121,6 @@ class MergeLearner(LightningModule):
         self.heads = nn.ModuleDict()
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
         self.strict_loading = False
-        # Training state that checkpoints carry, so a resumed run stops and restores as an uninterrupted one.
-        self._best: tuple[float, list[list[float]]] | None = None
-        self._patience_best: float | None = None
-        self._stale = 0
 
     # ---- the model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -202,30 +201,22 @@ class MergeLearner(LightningModule):
         # Inside the step, so callbacks (checkpoints, trajectories) only ever see projected coefficients.
         self.coefficients.project_()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.hparams.restore_best_checkpoint and self.hparams.early_stopping_patience <= 0:
-            return  # reading the loss would wait for an accelerator to finish the step
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        if self.hparams.restore_best_checkpoint and (self._best is None or loss < self._best[0]):
-            self._best = (loss, self.coefficients.values())
-        self._track_early_stop(loss)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.restore_best_checkpoint and self._best is not None:
-            self.coefficients.set_values(self._best[1])
-
-    def _track_early_stop(self, loss: float) -> None:
-        patience = self.hparams.early_stopping_patience
-        step = self.global_step
-        if patience <= 0 or step < self.hparams.early_stopping_warmup_steps:
-            return
-        best = self._patience_best
-        if best is None or loss < best - self.hparams.early_stopping_threshold:
-            self._patience_best, self._stale = loss, 0
-            return
-        self._stale += 1
-        if self._stale >= patience and step >= self.hparams.min_optimizer_steps_before_early_stop:
-            self.trainer.should_stop = True
+    def configure_callbacks(self) -> list[Callback]:
+        """The early stopping and best-coefficient restore on the training loss that the init
+        arguments ask for (Lightning adds them after the trainer's own callbacks)."""
+        callbacks: list[Callback] = []
+        if self.hparams.early_stopping_patience > 0:
+            stopping = StepEarlyStopping(
+                "train/loss",
+                min_delta=self.hparams.early_stopping_threshold,
+                patience=self.hparams.early_stopping_patience,
+                warmup_steps=self.hparams.early_stopping_warmup_steps,
+                min_steps=self.hparams.min_optimizer_steps_before_early_stop,
+            )
+            callbacks.append(stopping)
+        if self.hparams.restore_best_checkpoint:
+            callbacks.append(BestStepCoefficients("train/loss"))
+        return callbacks
 
     # ---- validation and test ------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -254,15 +245,8 @@ class MergeLearner(LightningModule):
 
     # ---- checkpoints and export ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The callbacks' state (early stopping, best coefficients) travels in the checkpoint too.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
-        checkpoint["lmerge_learner"] = {"best": self._best, "patience_best": self._patience_best, "stale": self._stale}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lmerge_learner")
-        if state is not None:
-            best = state["best"]
-            self._best = (best[0], best[1]) if best is not None else None
-            self._patience_best, self._stale = state["patience_best"], state["stale"]
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:
