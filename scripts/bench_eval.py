@@ -210,7 +210,8 @@ def run_case(name: str, root: Path, batch_size: int, passes: int) -> dict[str, A
         def score(task: TaskSpec) -> tuple[float, int]:
             with torch.inference_mode():
                 module = evaluator.data(task)
-                return evaluator.kind.score(model, module.dataloader(evaluator.split), module, evaluator.device)
+                batches = module.dataloader(evaluator.split)
+                return evaluator.kind.score(model, batches, task, module, evaluator.device)
 
     else:
         model = evaluator.model

@@ -234,3 +234,35 @@ def test_mixed_precision_evaluation_on_cpu_stays_in_float32(tasks, tmp_path, cap
     assert mixed.out == full and "eval_precision bf16-mixed: on CPU evaluation computes in float32" in mixed.err
     assert main([*argv, "--eval_precision", "64-true"]) == 2
     assert "eval_precision: unknown precision '64-true'" in capsys.readouterr().err
+
+
+def test_a_macro_f1_task_is_scored_with_macro_f1(zoo, tasks, tmp_path):
+    """The catalog's metric decides the score (not the DataModule's data-only spec)."""
+    import yaml
+
+    from lmerge.evaluation.evaluate import Evaluator
+    from lmerge.tasks.spec import catalog_tasks
+
+    spec, data = rows(tasks, "alpha")
+    entry = {"adapter": spec.adapter, "dataset": spec.dataset, "label_names": spec.label_names, "metric": "macro_f1"}
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": {"alpha": entry}}))
+    evaluator = Evaluator(catalog_tasks(catalog, ["alpha"]), "test", output_root=tmp_path / "out")
+    value = evaluator.baseline(evaluator.tasks[0])["value"]
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), spec.adapter)
+    batch = tokenizer([r["text"] for r in data], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        predicted = model.eval()(**batch).logits.argmax(-1)
+    labels = torch.tensor([spec.label_names.index(r["label"]) for r in data])
+    f1 = []
+    for c in range(len(spec.label_names)):
+        hits, predicted_c, actual_c = (
+            int(((predicted == c) & (labels == c)).sum()),
+            int((predicted == c).sum()),
+            int((labels == c).sum()),
+        )
+        f1.append(2 * hits / (predicted_c + actual_c) if predicted_c + actual_c else 0.0)
+    accuracy = float((predicted == labels).float().mean())
+    assert abs(value - sum(f1) / len(f1)) < 1e-6 and abs(value - accuracy) > 1e-3

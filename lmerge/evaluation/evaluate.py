@@ -164,7 +164,7 @@ class Evaluator:
         dtype = PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
-            value, count = self.kind.score(self.model, batches, module, self.device)
+            value, count = self.kind.score(self.model, batches, task, module, self.device)
         return TaskScore(value, count, time.perf_counter() - started)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:

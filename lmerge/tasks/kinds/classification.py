@@ -75,7 +75,7 @@ class Classification(TaskKind):
         # PEFT keeps the classification head trainable and saves it with the adapter.
         return "SEQ_CLS"
 
-    def finetune_options(self, spec: Any) -> dict[str, Any]:
+    def finetune_options(self, spec: TaskSpec) -> dict[str, Any]:
         if not spec.label_names:
             raise ConfigError(f"task {spec.name}: classification fine-tuning needs label_names in the catalog")
         # A fresh head for this task, whatever classifier the base checkpoint carries.
@@ -93,10 +93,9 @@ class Classification(TaskKind):
         return (logits.argmax(-1) == batch["labels"]).float().mean()
 
     def score(
-        self, model: nn.Module, batches: Iterable[Batch], data: TaskData, device: torch.device
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
     ) -> tuple[float, int]:
-        spec = data.spec
-        metric, n_classes = get_metric(spec.metric), class_count(spec.label_names)
+        metric, n_classes = get_metric(task.metric), class_count(task.label_names)
         return score_classification(partial(self.logits, model), batches, metric, n_classes, device)
 
     def bundle_head(self, spec: TaskSpec, heads_dir: Path) -> dict[str, torch.Tensor] | None:
@@ -165,7 +164,7 @@ class PooledClassification(Classification):
         # A plain LoRA of the bare model: the head is ours, saved beside the adapter.
         return "FEATURE_EXTRACTION"
 
-    def finetune_options(self, spec: Any) -> dict[str, Any]:
+    def finetune_options(self, spec: TaskSpec) -> dict[str, Any]:
         super().finetune_options(spec)  # its checks; the bare model takes no head size
         return {}
 

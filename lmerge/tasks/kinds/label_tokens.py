@@ -75,14 +75,13 @@ class LabelTokens(TaskKind):
         return next_token.softmax(-1)
 
     def score(
-        self, model: nn.Module, batches: Iterable[Batch], data: TaskData, device: torch.device
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
     ) -> tuple[float, int]:
-        spec = data.spec
         return score_label_tokens(
             model,
             batches,
-            get_metric(spec.metric),
-            class_count(spec.label_names),
+            get_metric(task.metric),
+            class_count(task.label_names),
             device,
             candidates=_token_lists(data.candidates),
             decode=lambda ids: data.tokenizer.decode(ids, skip_special_tokens=True).strip(),

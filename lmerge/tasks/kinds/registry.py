@@ -33,6 +33,8 @@ class TaskData(Protocol):
     """What a kind reads of one task's data (``lmerge.data.TaskDataModule`` provides it)."""
 
     spec: TaskSpec
+    """The fields that shape the data (columns, labels, prompt, lengths); its metric and adapter
+    may be defaults, so scoring reads the catalog's spec instead."""
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase: ...
@@ -127,10 +129,11 @@ class TaskKind(ABC):
 
     @abstractmethod
     def score(
-        self, model: nn.Module, batches: Iterable[Batch], data: TaskData, device: torch.device
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
     ) -> tuple[float, int]:
         """``(metric value, examples)`` of the (already folded) model on ``batches`` of ``data``,
-        with the task's primary metric."""
+        with the primary metric of ``task`` (the catalog's spec: ``data.spec`` holds only the
+        fields that shape the data)."""
 
     # ---- data ---------------------------------------------------------------------------------------
     def label_words(self, data: TaskData) -> torch.Tensor | None:
