@@ -102,9 +102,10 @@ class Evaluator:
     ) -> None:
         if not tasks and not harness:
             raise ConfigError("eval_tasks: the list is empty")
-        kinds = {t.kind for t in tasks}
+        kinds = {t.task_kind for t in tasks}
         if len(kinds) > 1:
-            raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+            shown = ", ".join(sorted(map(str, kinds)))
+            raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({shown})")
         # The harness scores a language model: the class generation tasks load the base model as.
         self.kind = tasks[0].task_kind if tasks else get_kind("generation")
         if harness and not self.kind.text_answers:
@@ -175,7 +176,7 @@ class Evaluator:
         if self.kind.has_head:
             if not head:
                 raise ConfigError(f"task {task.name}: no task head (modules_to_save) in its adapter")
-            apply_head(self.model, head)
+            apply_head(self.model, self.kind, head)
         module = self.data(task)
         started = time.perf_counter()
         with self._inference():
@@ -188,11 +189,11 @@ class Evaluator:
         adapter = self._adapter(task)
         cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
         cached = _read_record(cache)
-        if cached and _cache_key(cached) == (adapter.sha256, task.metric, self.precision):
+        if cached and _cache_key(cached) == (adapter.sha256, task.metric, self.precision, str(self.kind)):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         with self.folded(adapter):
-            score = self.score(task, adapter.head_state())
+            score = self.score(task, self.kind.adapter_head(task, adapter))
         record = {
             "task": task.name,
             "adapter": str(adapter.path),
@@ -201,6 +202,7 @@ class Evaluator:
             "subset": self.namespace,
             "metric": task.metric,
             "precision": self.precision,
+            "task_kind": str(self.kind),
             "value": score.value,
             "examples": score.examples,
         }
@@ -214,7 +216,7 @@ class Evaluator:
         for task in self.tasks:
             head = (heads or {}).get(task.name)
             if head is None and self.kind.has_head:
-                head = self._adapter(task).head_state()
+                head = self.kind.adapter_head(task, self._adapter(task))
             merged = self.score(task, head)
             metric = get_metric(task.metric)
             single = self._baselines[task.name]["value"] if task.name in self._baselines else None
@@ -289,8 +291,13 @@ class Evaluator:
 
 def _cache_key(record: dict[str, Any]) -> tuple[Any, ...]:
     """What a cached baseline must match to be reused (records from before precisions were
-    recorded were computed in float32)."""
-    return record.get("adapter_sha256"), record.get("metric"), record.get("precision", "32-true")
+    recorded were computed in float32; those from before poolings are computed again)."""
+    return (
+        record.get("adapter_sha256"),
+        record.get("metric"),
+        record.get("precision", "32-true"),
+        record.get("task_kind"),
+    )
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
