@@ -159,7 +159,8 @@ def run_case(case: str, data: Path, batch_size: int, passes: int) -> dict[str, A
             with torch.inference_mode():
                 module = evaluator.data(task)
                 batches = module.dataloader(evaluator.split)
-                return evaluator.kind.score(model, batches, task, module, evaluator.device)
+                scored = evaluator.kind.score(model, batches, task, module, evaluator.device)
+            return scored.value, scored.examples
 
     else:
         model = evaluator.model

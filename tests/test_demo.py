@@ -204,6 +204,9 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert all((tmp_path / f"built/adapters/{task}/task_head.json").is_file() for task in LABELS)  # mean pooling
     report = outcome.report.read_text()
     assert "| AdaMerging |" in report and "langid (accuracy)" in report and "spam (macro_f1)" in report
+    assert "## The adapters alone (test split)" in report and "| head alone on the frozen base |" in report
+    assert "## Predicted classes on the test split" in report and "| true labels |" in report
+    assert "| head alone |" in report and "| AdaMerging | " in report.split("## Predicted classes")[1]
     assert "## Task vectors: why tasks interfere" in report and "| task | size vs base weights |" in report
     vectors = json.loads((outcome.report.parent / "task_vectors.json").read_text())
     order = vectors["adapters"]

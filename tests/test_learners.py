@@ -570,3 +570,55 @@ def test_learner_stopping_callbacks_join_configured_ones_and_their_state_is_chec
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
     assert any(key.startswith("StepEarlyStopping") for key in saved) and "BestStepCoefficients" in saved
+
+
+def test_lora_finetune_saves_the_best_validation_checkpoint_not_the_last(zoo, tasks, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from safetensors.torch import load_file
+
+    from lmerge.learn import LoraFinetune
+
+    out = tmp_path / "adapter"
+    learner = LoraFinetune(str(tasks), ["alpha"], str(zoo["bert"]), output_dir=str(out), r=4, lora_dropout=0.0, lr=0.05)
+    data = CatalogDataModule(str(tasks), ["alpha"], fit_split="train", batch_size=8, tokenizer=str(zoo["bert"]))
+    # "Best" = the highest validation loss, so that the best checkpoint is an early one, not the last.
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", mode="max", save_top_k=1)
+    seed_everything(0, workers=True)
+    trainer = Trainer(
+        max_steps=8,
+        logger=False,
+        callbacks=[best],
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(learner, datamodule=data)
+    assert best.best_model_path and trainer.global_step == 8
+    stored = torch.load(best.best_model_path, weights_only=False)["state_dict"]
+    saved = load_file(out / "adapter_model.safetensors")
+    lora_b = next(k for k in saved if "lora_B" in k)
+    in_checkpoint = next(v for k, v in stored.items() if k.endswith(lora_b.replace(".weight", ".default.weight")))
+    assert torch.equal(saved[lora_b], in_checkpoint)
+    assert int(best.best_model_path.split("step=")[1].split(".")[0]) < 8  # not the last step's weights
+
+
+def test_holdout_trains_on_one_part_of_the_fit_split_and_validates_on_the_other(tasks):
+    whole = data_for(tasks, "validation")
+    whole.setup("fit")
+    data = data_for(tasks, "validation", holdout=0.25, seed=3)
+    data.setup("fit")
+    assert data.split_tasks("validation") == ["alpha", "beta"]
+    for task in ("alpha", "beta"):
+        examples = whole.tasks[task].examples("validation")
+        kept, held = data._part(task, held_out=False), data._part(task, held_out=True)
+        assert len(held) == max(1, round(0.25 * len(examples))) and len(kept) + len(held) == len(examples)
+        ids = lambda part: sorted(tuple(e["input_ids"]) for e in part)  # noqa: E731
+        assert ids(kept + held) == ids(examples)
+        assert ids(held) == ids(data_for(tasks, "validation", holdout=0.25, seed=3)._part(task, held_out=True))
+        trained = [e for batch in data.train_dataloader().iterables[task] for e in batch["input_ids"].tolist()]
+        assert len(trained) == len(kept)
+    validated = data.val_dataloader()
+    assert sum(len(batch["input_ids"]) for batch in validated.iterables["alpha"]) == len(data._part("alpha", True))
+    with pytest.raises(ConfigError, match=r"data.holdout: must be in \[0, 1\), got 1.0"):
+        data_for(tasks, "validation", holdout=1.0)

@@ -43,11 +43,12 @@ def test_accuracy_and_macro_f1_by_hand():
     device = torch.device("cpu")
     model = FixedLogits([one_hot(predicted[:3], 3), one_hot(predicted[3:], 3)])
     logits = partial(get_kind("classification").logits, model)
-    value, count = score_classification(logits, [batch(gold[:3]), batch(gold[3:])], get_metric("accuracy"), 3, device)
-    assert abs(value - 4 / 6) < 1e-6 and count == 6
+    scored = score_classification(logits, [batch(gold[:3]), batch(gold[3:])], get_metric("accuracy"), 3, device)
+    assert abs(scored.value - 4 / 6) < 1e-6 and scored.examples == 6
+    assert scored.predicted == [1, 2, 3]  # examples predicted as class 0, 1, 2
     # Per class F1: class 0: p=1, r=1/2 -> 2/3; class 1: p=1/2, r=1 -> 2/3; class 2: p=2/3, r=2/3 -> 2/3.
     logits = partial(get_kind("classification").logits, FixedLogits([one_hot(predicted, 3)]))
-    value, _ = score_classification(logits, [batch(gold)], get_metric("macro_f1"), 3, device)
+    value, *_ = score_classification(logits, [batch(gold)], get_metric("macro_f1"), 3, device)
     assert abs(value - 2 / 3) < 1e-6
 
 
@@ -68,11 +69,11 @@ def test_exact_match_and_wer_by_hand():
     logits[0, 1, 3] = logits[0, 2, 4] = 5.0
     logits[1, 1, 3] = logits[1, 2, 4] = 5.0
     device = torch.device("cpu")
-    value, _ = score_label_tokens(FixedLogits([logits]), [data], get_metric("accuracy"), 2, device)
+    value, *_ = score_label_tokens(FixedLogits([logits]), [data], get_metric("accuracy"), 2, device)
     assert value == 0.5
     words = {3: "red", 4: "car", 5: "blue"}
     decode = lambda ids: " ".join(words[i] for i in ids)  # noqa: E731
-    value, _ = score_label_tokens(FixedLogits([logits]), [data], get_metric("wer"), 2, device, decode=decode)
+    value, *_ = score_label_tokens(FixedLogits([logits]), [data], get_metric("wer"), 2, device, decode=decode)
     assert value == 1 / 4  # one substitution over four reference words
 
 
@@ -82,7 +83,7 @@ def test_label_words_pick_the_likeliest_single_token():
     logits = torch.zeros(2, 3, 6)
     logits[0, 1, 3] = 2.0  # row 0 prefers "yes" (token 3)
     logits[1, 1, 4] = 2.0  # row 1 prefers "no" (token 4)
-    value, _ = score_label_tokens(
+    value, *_ = score_label_tokens(
         FixedLogits([logits]), [data], get_metric("accuracy"), 2, torch.device("cpu"), candidates=[[3], [4]]
     )
     assert value == 0.5

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.utilities import CombinedLoader
 
 from lmerge.data.multitask import MultiTaskDataModule
@@ -32,6 +34,7 @@ class CatalogDataModule(MultiTaskDataModule):
         seed: int = 0,
         eval_subset: dict[str, Any] | None = None,
         subset_cache_dir: str | None = None,
+        holdout: float = 0.0,
     ) -> None:
         """
         Args:
@@ -48,7 +51,13 @@ class CatalogDataModule(MultiTaskDataModule):
             eval_subset: Eval-subset config for the validation and test splits.
             subset_cache_dir: Where eval-subset indices are cached; default: ``subsets/`` under the
                 default output root.
+            holdout: Share of each task's ``fit_split`` examples (a seeded random pick, at least one)
+                kept out of training and validated on instead of the validation split: what early
+                stopping and best-coefficient callbacks watch when a learner trains on the
+                validation split itself. 0: train on all of it, validate on the validation split.
         """
+        if not 0 <= holdout < 1:
+            raise ConfigError(f"data.holdout: must be in [0, 1), got {holdout}")
         chosen = catalog_tasks(catalog, tasks, key="data.tasks")
         tokenizer = tokenizer or _base_model_of(chosen)
         built = MultiTaskDataModule.from_specs(
@@ -67,13 +76,43 @@ class CatalogDataModule(MultiTaskDataModule):
         self.catalog = catalog
         self.fit_split = fit_split
         self.fit_batch_size = batch_size
+        self.holdout = holdout
+        self.seed = seed
+
+    def split_tasks(self, split: str) -> list[str]:
+        if split == "validation" and self.holdout:
+            return super().split_tasks(self.fit_split)
+        return super().split_tasks(split)
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {
-            name: task.dataloader(self.fit_split, shuffle=True, batch_size=self.fit_batch_size)
+            name: task.loader(self._part(name, held_out=False), True, self.fit_batch_size)
             for name, task in self.tasks.items()
         }
         return CombinedLoader(loaders, "max_size_cycle")
+
+    def val_dataloader(self) -> CombinedLoader:
+        if not self.holdout:
+            return super().val_dataloader()
+        loaders = {
+            name: self.tasks[name].loader(self._part(name, held_out=True), False, self.tasks[name].eval_batch_size)
+            for name in self.split_tasks("validation")
+        }
+        return CombinedLoader(loaders, "sequential")
+
+    def _part(self, task: str, held_out: bool) -> list[dict[str, Any]]:
+        """The fit split's examples of ``task`` that are trained on, or the held-out ones."""
+        examples = self.tasks[task].examples(self.fit_split)
+        if not self.holdout:
+            return examples
+        if len(examples) < 2:
+            raise ConfigError(f"data.holdout: task {task} has {len(examples)} {self.fit_split} example(s), too few")
+        count = min(len(examples) - 1, max(1, round(self.holdout * len(examples))))
+        # Seeded by the task's name too, so that adding a task leaves the other tasks' parts as they were.
+        generator = torch.Generator().manual_seed(self.seed + zlib.crc32(task.encode()))
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        chosen = sorted(order[:count]) if held_out else sorted(order[count:])
+        return [examples[i] for i in chosen]
 
 
 def _base_model_of(specs: Sequence[TaskSpec]) -> str:

@@ -208,16 +208,19 @@ class TaskDataModule(LightningDataModule):
         """Tokenize the splits that ``stage`` uses (all of them for None)."""
         for split in _STAGE_SPLITS.get(stage or "", SPLITS):
             if self.has_split(split):
-                self._examples(split)
+                self.examples(split)
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         """Batches of our ``split``; ``shuffle`` draws through the sampling strategy when one is
         set, else in a seeded random order, from a loader that resumes mid-epoch from a checkpoint.
         Batches are ``batch_size`` when given, else the training batch size for train and
         ``eval_batch_size`` for the others."""
-        examples = self._examples(split)
         if batch_size is None:
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
+        return self.loader(self.examples(split), shuffle, batch_size)
+
+    def loader(self, examples: list[dict[str, Any]], shuffle: bool, batch_size: int) -> DataLoader:
+        """Batches of ``examples`` (some of :meth:`examples`), as :meth:`dataloader` makes them."""
         options = {
             "batch_size": batch_size,
             "collate_fn": self.collator(),
@@ -246,14 +249,14 @@ class TaskDataModule(LightningDataModule):
     def label_counts(self, split: str) -> dict[str | int, int]:
         """Examples per label in our ``split`` (after its subset): every label name in class
         order when ``label_names`` is set (zeros included), else each class id or answer text."""
-        counts = Counter(e["label"] for e in self._examples(split))
+        counts = Counter(e["label"] for e in self.examples(split))
         if self.spec.label_names:
             return {name: counts[i] for i, name in enumerate(self.spec.label_names)}
         return dict(sorted(counts.items()))
 
     def class_prior(self) -> torch.Tensor:
         """[C] float share of each class in the training split."""
-        counts = Counter(e["label"] for e in self._examples("train"))
+        counts = Counter(e["label"] for e in self.examples("train"))
         if self.spec.label_names:
             n_classes = len(self.spec.label_names)
         elif not self.spec.task_kind.text_answers:
@@ -268,7 +271,7 @@ class TaskDataModule(LightningDataModule):
             self._data = load_task_dataset(self.name, self.spec.dataset)
         return self._data
 
-    def _examples(self, split: str) -> list[dict[str, Any]]:
+    def examples(self, split: str) -> list[dict[str, Any]]:
         """Tokenized examples of our ``split``, encoded once by the task's kind: ``input_ids``,
         ``label`` (class id, or answer text for free-text answers) and what else the kind needs."""
         if split in self._encoded:

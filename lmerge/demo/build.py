@@ -3,6 +3,7 @@ fine-tuned by ``lmerge fit --config configs/finetune.yaml`` (both cached)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from lmerge.outputs import write_json_atomic
 from lmerge.tasks.catalog import load_catalog
 
 MANIFEST = "manifest.json"
+# Beside each demo adapter: the recipe it was fine-tuned with, so a changed recipe retrains it.
+RECIPE = "demo_recipe.json"
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,24 @@ def finetune_command(configs: Path, catalog: Path, task: str, base_model: Path, 
     ]
 
 
-def missing_adapters(catalog: Path) -> list[str]:
-    """Catalog tasks whose adapter directory is not there yet."""
-    entries = load_catalog(catalog, require_adapter=False)
-    return [name for name, entry in entries.items() if not (Path(entry["adapter"]) / "adapter_config.json").is_file()]
+def recipe_digest(configs: Path) -> str:
+    """The fine-tuning recipe's identity: the SHA-256 of ``configs/finetune.yaml``."""
+    return hashlib.sha256((configs / "finetune.yaml").read_bytes()).hexdigest()
+
+
+def stale_adapters(catalog: Path, recipe: str) -> list[str]:
+    """Catalog tasks whose adapter is not there yet, or was fine-tuned with another recipe."""
+    stale = []
+    for name, entry in load_catalog(catalog, require_adapter=False).items():
+        adapter = Path(entry["adapter"])
+        marker = adapter / RECIPE
+        made_with = json.loads(marker.read_text()).get("finetune_sha256") if marker.is_file() else None
+        if not (adapter / "adapter_config.json").is_file() or made_with != recipe:
+            stale.append(name)
+    return stale
+
+
+def mark_recipe(catalog: Path, task: str, recipe: str) -> None:
+    """Record beside ``task``'s freshly fine-tuned adapter the recipe it was trained with."""
+    adapter = Path(load_catalog(catalog, require_adapter=False)[task]["adapter"])
+    write_json_atomic(adapter / RECIPE, {"finetune_sha256": recipe})

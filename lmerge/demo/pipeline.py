@@ -16,10 +16,10 @@ from pathlib import Path
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
-from lmerge.demo.build import SplitSizes, finetune_command, missing_adapters, prepare_data
+from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
 from lmerge.demo.report import text_table, verdict, write_report
-from lmerge.demo.runs import MethodResult, run_grid_sweep, run_learner, run_static, single_row
+from lmerge.demo.runs import MethodResult, adapters_alone, run_grid_sweep, run_learner, run_static, single_row
 from lmerge.demo.sources import DemoSources
 from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
@@ -87,7 +87,7 @@ def run_demo(
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()
     load_at_start = os.getloadavg()
-    steps = 3 + len(STATIC) + len(SWEEPS) + len(LEARNERS)
+    steps = 4 + len(STATIC) + len(SWEEPS) + len(LEARNERS)
     step = _Steps(steps)
 
     step("data: parse, deduplicate and split the packaged datasets")
@@ -99,13 +99,21 @@ def run_demo(
     base_model = demo_dir / "base_model"
     link_atomic(base_model, sources.base_model)
     step("fine-tune each task's LoRA adapter (configs/finetune.yaml)")
-    to_train = list(data) if retrain else sorted(set(rebuilt) | set(missing_adapters(catalog)), key=list(data).index)
+    recipe = recipe_digest(configs)
+    stale = set(rebuilt) | set(stale_adapters(catalog, recipe))
+    to_train = list(data) if retrain else [task for task in data if task in stale]
     for task in data:
         if task not in to_train:
             print(f"  {task}: cached adapter (--retrain to train it again)")
             continue
         print(f"  {task}: fine-tuning")
         _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *QUIET, *fit_args])
+        mark_recipe(catalog, task, recipe)
+
+    step("each adapter alone, and its head alone on the frozen base model (test split)")
+    alone = adapters_alone(catalog, list(data), output_dir, eval_batch_size)
+    for task, a in alone.items():
+        print(f"  {task}: adapter {a.single:.4f}, head alone {a.head_alone:.4f} ({a.metric})")
 
     metrics = {name: spec.metric for name, spec in load_task_catalog(catalog).items() if name in data}
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
@@ -147,7 +155,7 @@ def run_demo(
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
     }
     report = demo_dir / "REPORT.md"
-    write_report(report, results, metrics, data, chart, facts, vectors)
+    write_report(report, results, metrics, data, chart, facts, vectors, alone)
     write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results])
     return DemoOutcome(results, f"{table}\n\n{verdict(results)}", report, chart, seconds, peak_rss_mb)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmerge.demo.runs import MethodResult
+from lmerge.demo.runs import MethodResult, TaskAlone
 from lmerge.evaluation.task_vectors import ALL, TaskVectorStats
 from lmerge.outputs import write_bytes_atomic
 
@@ -89,6 +89,43 @@ def task_vector_lines(vectors: TaskVectorStats) -> list[str]:
     return [*lines, ""]
 
 
+def adapter_lines(alone: dict[str, TaskAlone], vectors: TaskVectorStats | None) -> list[str]:
+    """REPORT.md's adapters section: per task, the adapter alone, its head alone on the frozen
+    base, what the adapter adds, and the task vector's size relative to the base weights."""
+    sizes = dict(zip(vectors.names, vectors.relative_sizes(ALL) or [])) if vectors is not None else {}
+    lines = ["## The adapters alone (test split)", ""]
+    lines += ["| task | metric | adapter alone | head alone on the frozen base | the adapter adds | task vector size |"]
+    lines.append("|---|---|---|---|---|---|")
+    for task, a in alone.items():
+        size = f"{sizes[task]:.3f}" if task in sizes else "n/a"
+        added = f"{a.single - a.head_alone:+.4f}"
+        lines.append(f"| {task} | {a.metric} | {a.single:.4f} | {a.head_alone:.4f} | {added} | {size} |")
+    lines += [
+        "",
+        "Task vector size: the adapter's update `scaling * B A`, Frobenius norm over the adapted modules, "
+        "divided by the base weights' there.",
+        "",
+    ]
+    return lines
+
+
+def prediction_lines(results: Sequence[MethodResult], alone: dict[str, TaskAlone]) -> list[str]:
+    """REPORT.md's predicted-class section: per task, the share of test examples each method
+    predicts as each class, beside the true shares (a merge that collapses a task onto one class
+    shows here)."""
+    lines = ["## Predicted classes on the test split", ""]
+    for task, a in alone.items():
+        total = sum(a.labels.values()) or 1
+        lines += [f"**{task}**", "", "| | " + " | ".join(a.labels) + " |", "|---|" + "---|" * len(a.labels)]
+        rows = {"true labels": a.labels, **a.predicted}
+        rows.update({r.name: r.extra["predicted"][task] for r in results if task in r.extra.get("predicted", {})})
+        for name, counts in rows.items():
+            shares = (f"{counts.get(label, 0) / total:.0%}" for label in a.labels)
+            lines.append(f"| {name} | " + " | ".join(shares) + " |")
+        lines.append("")
+    return lines
+
+
 def write_report(
     path: Path,
     results: Sequence[MethodResult],
@@ -97,9 +134,10 @@ def write_report(
     chart: Path,
     facts: dict[str, str],
     vectors: TaskVectorStats | None = None,
+    alone: dict[str, TaskAlone] | None = None,
 ) -> None:
-    """``REPORT.md``: the data, the results table, the chart, the task vectors (with ``vectors``),
-    and how and where it ran."""
+    """``REPORT.md``: the data, the adapters alone (with ``alone``), the results table, the chart,
+    the predicted classes, the task vectors (with ``vectors``), and how and where it ran."""
     lines = ["# lmerge demo report", "", "## Data (deduplicated, then split with a fixed seed)", ""]
     lines += ["| task | examples | labels | train | validation | test |", "|---|---|---|---|---|---|"]
     for task, manifest in data.items():
@@ -108,7 +146,9 @@ def write_report(
             f"| {task} | {manifest['examples']} | {len(manifest['labels'])} | "
             f"{counts['train']} | {counts['validation']} | {counts['test']} |"
         )
-    lines += ["", "## Results on the test split", "", markdown_table(results, metrics), "", verdict(results), ""]
+    lines.append("")
+    lines += adapter_lines(alone, vectors) if alone else []
+    lines += ["## Results on the test split", "", markdown_table(results, metrics), "", verdict(results), ""]
     lines += [
         "`normalized`: mean over tasks of score / the task's own adapter's score; `min delta`: the worst "
         "task's score minus its own adapter's. The sweeps pick their point on the validation split; "
@@ -117,6 +157,7 @@ def write_report(
         f"![per-task scores, task-vector similarities and sizes]({chart.name})",
         "",
     ]
+    lines += prediction_lines(results, alone) if alone else []
     lines += task_vector_lines(vectors) if vectors is not None else []
     lines += ["## Run", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from lmerge.errors import LMergeError
-from lmerge.evaluation.evaluate import Evaluation
+from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.merge.config import load_merge_config
 from lmerge.pipeline import run_merge
+from lmerge.tasks.spec import catalog_tasks
 
 
 @dataclass
@@ -51,7 +52,44 @@ class MethodResult:
             min_delta=aggregate["min_delta"],
             seconds=seconds,
             detail=detail,
+            extra={"predicted": {task: t["predicted"] for task, t in evaluation.tasks.items() if "predicted" in t}},
         )
+
+
+@dataclass
+class TaskAlone:
+    """One task's adapter alone, and its head alone on the frozen base model (test split)."""
+
+    metric: str
+    """The task's primary metric."""
+    single: float
+    """The adapter (and its head) alone: the score every merge is measured against."""
+    head_alone: float
+    """The adapter's head on the base model without the adapter."""
+    labels: dict[str, int]
+    """Test examples per true class."""
+    predicted: dict[str, dict[str, int]]
+    """``single`` / ``head alone`` -> test examples predicted as each class."""
+
+
+def adapters_alone(catalog: Path, tasks: list[str], output_root: Path, batch_size: int) -> dict[str, TaskAlone]:
+    """Each task's adapter alone and its head alone on the test split (the adapter's score is
+    cached where the merges' evaluations read it)."""
+    specs = catalog_tasks(str(catalog), tasks)
+    evaluator = Evaluator(specs, "test", output_root=output_root, batch_size=batch_size)
+    alone = {}
+    for spec in specs:
+        single = evaluator.baseline(spec)
+        head = evaluator.head_alone(spec)
+        predicted = {"single-task adapter": single.get("predicted"), "head alone": head.predicted}
+        alone[spec.name] = TaskAlone(
+            metric=spec.metric,
+            single=single["value"],
+            head_alone=head.value,
+            labels=evaluator.data(spec).label_counts("test"),
+            predicted={k: dict(zip(spec.label_names, v)) for k, v in predicted.items() if v is not None},
+        )
+    return alone
 
 
 def single_row(evaluation: Evaluation) -> MethodResult:

@@ -39,6 +39,8 @@ class TaskScore:
     value: float
     examples: int
     seconds: float = 0.0
+    predicted: list[int] | None = None
+    """Examples predicted as each class, for kinds that predict classes."""
 
 
 @dataclass
@@ -181,8 +183,14 @@ class Evaluator:
         started = time.perf_counter()
         with self._inference():
             batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
-            value, count = self.kind.score(self.model, batches, task, module, self.device)
-        return TaskScore(value, count, time.perf_counter() - started)
+            scored = self.kind.score(self.model, batches, task, module, self.device)
+        return TaskScore(scored.value, scored.examples, time.perf_counter() - started, scored.predicted)
+
+    def head_alone(self, task: TaskSpec) -> TaskScore:
+        """The task's own head (for kinds with heads) on the base model, no adapter folded in:
+        how much the adapter adds is its baseline's score minus this one."""
+        head = self.kind.adapter_head(task, self._adapter(task)) if self.kind.has_head else None
+        return self.score(task, head)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
         """The task's own adapter alone on this split (cached per adapter, split and subset)."""
@@ -205,6 +213,7 @@ class Evaluator:
             "task_kind": str(self.kind),
             "value": score.value,
             "examples": score.examples,
+            "predicted": score.predicted,
         }
         write_json_atomic(cache, record)
         return record
@@ -231,6 +240,8 @@ class Evaluator:
                 "seconds": round(merged.seconds, 3),
                 "source": CATALOG_SOURCE,
             }
+            if merged.predicted is not None and task.label_names:
+                evaluation.tasks[task.name]["predicted"] = dict(zip(task.label_names, merged.predicted))
         if self.harness:
             with self._inference():
                 merged_scores = self.harness.score(self.model)

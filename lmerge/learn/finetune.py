@@ -100,6 +100,8 @@ class LoraFinetune(LightningModule):
         loss, logits = self._loss(batch)
         options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"]), "prog_bar": True}
         self.log(f"val/loss/{self.task}", loss, **options)
+        # The same number under one name, so that a shared config can monitor it for any task.
+        self.log("val/loss", loss, **options)
         accuracy = self.kind.accuracy(logits, batch)
         if accuracy is not None:
             self.log(f"val/accuracy/{self.task}", accuracy, **options)
@@ -110,7 +112,21 @@ class LoraFinetune(LightningModule):
 
     @rank_zero_only
     def on_train_end(self) -> None:
+        self.restore_best()
         self.save_adapter(self.output_dir)
+
+    def restore_best(self) -> None:
+        """Load the best checkpoint of a checkpoint callback that monitors a score (e.g. the
+        validation loss), so that the adapter saved is the best one seen, not the last."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or callback.monitor is None or not callback.best_model_path:
+            return
+        # Our own checkpoint, written by this fit: it holds the trainable weights only.
+        state = torch.load(callback.best_model_path, map_location=self.device, weights_only=False)["state_dict"]
+        missing = {name for name, p in self.named_parameters() if p.requires_grad} - set(state)
+        if missing:
+            raise ConfigError(f"{callback.best_model_path}: the checkpoint lacks {sorted(missing)[0]}")
+        self.load_state_dict(state, strict=False)
 
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter (and head) in PEFT format, replacing ``path`` only once complete."""

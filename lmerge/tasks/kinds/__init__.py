@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lmerge.tasks.kinds.registry import KINDS, TaskData, TaskKind, get_kind, kinds_that, register_kind
+from lmerge.tasks.kinds.registry import KINDS, Scored, TaskData, TaskKind, get_kind, kinds_that, register_kind
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "registry":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["KINDS", "TaskData", "TaskKind", "get_kind", "kinds_that", "register_kind"]
+__all__ = ["KINDS", "Scored", "TaskData", "TaskKind", "get_kind", "kinds_that", "register_kind"]

@@ -38,7 +38,7 @@ from lmerge.tasks.heads import (
     write_head,
 )
 from lmerge.tasks.kinds._batches import class_count, pad_inputs, to_device
-from lmerge.tasks.kinds.registry import Batch, TaskData, TaskKind, get_kind, register_kind
+from lmerge.tasks.kinds.registry import Batch, Scored, TaskData, TaskKind, get_kind, register_kind
 
 if TYPE_CHECKING:
     from lmerge.adapters.lora import LoraAdapter
@@ -97,7 +97,7 @@ class Classification(TaskKind):
 
     def score(
         self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
-    ) -> tuple[float, int]:
+    ) -> Scored:
         metric, n_classes = get_metric(task.metric), class_count(task.label_names)
         return score_classification(partial(self.logits, model), batches, metric, n_classes, device)
 
@@ -134,15 +134,17 @@ def score_classification(
     metric: MetricSpec,
     n_classes: int,
     device: torch.device,
-) -> tuple[float, int]:
+) -> Scored:
     """Metric of the class predictions (argmax of ``logits(batch)``, the head's logits)."""
     measure = metric.build(n_classes).to(device)
-    count = 0
+    predicted = torch.zeros(n_classes, dtype=torch.long, device=device)
     for batch in batches:
         batch = to_device(batch, device)
-        measure.update(logits(batch).argmax(-1), batch["labels"])
-        count += len(batch["labels"])
-    return float(measure.compute()), count
+        classes = logits(batch).argmax(-1)
+        measure.update(classes, batch["labels"])
+        predicted += torch.bincount(classes, minlength=n_classes)[:n_classes]
+    counts = predicted.tolist()
+    return Scored(float(measure.compute()), sum(counts), counts)
 
 
 class PooledClassification(Classification):

@@ -41,7 +41,7 @@ from lmerge.metrics import METRICS, extract_answer, get_metric
 from lmerge.tasks.kinds._batches import to_device
 from lmerge.tasks.kinds._language_model import keep_end
 from lmerge.tasks.kinds.label_tokens import LabelTokens, collate_answers
-from lmerge.tasks.kinds.registry import Batch, TaskData, register_kind
+from lmerge.tasks.kinds.registry import Batch, Scored, TaskData, register_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,7 +120,7 @@ class Generation(LabelTokens):
 
     def score(
         self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
-    ) -> tuple[float, int]:
+    ) -> Scored:
         settings = GenerationSettings.read(task.generation, f"task {task.name}")
         measure = get_metric(task.metric).build(0).to(device)
         count = 0
@@ -130,7 +130,7 @@ class Generation(LabelTokens):
             predictions, references = read_answers(texts, batch["answers"], settings.answer_pattern)
             measure.update(predictions, references)
             count += len(texts)
-        return float(measure.compute()), count
+        return Scored(float(measure.compute()), count)
 
     def encode(self, data: TaskData, texts: list[str], labels: list[int | str]) -> list[dict[str, Any]]:
         """``label_tokens``' examples (prompt and answer for the teacher-forced loss), each with its

@@ -35,7 +35,7 @@ from lmerge.tasks.kinds._language_model import (
     keep_end,
     token_ce,
 )
-from lmerge.tasks.kinds.registry import Batch, TaskData, TaskKind, register_kind
+from lmerge.tasks.kinds.registry import Batch, Scored, TaskData, TaskKind, register_kind
 
 if TYPE_CHECKING:
     from lmerge.tasks.spec import TaskSpec
@@ -77,7 +77,7 @@ class LabelTokens(TaskKind):
 
     def score(
         self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
-    ) -> tuple[float, int]:
+    ) -> Scored:
         return score_label_tokens(
             model,
             batches,
@@ -160,13 +160,15 @@ def score_label_tokens(
     device: torch.device,
     candidates: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
-) -> tuple[float, int]:
+) -> Scored:
     """Exact match of the answer tokens. With label words (``candidates``, one token list per
     class), the prediction is the label word the model finds most likely after the prompt;
     without, every teacher-forced answer token must be the model's argmax. Text metrics
     (WER) compare the decoded argmax answer with the reference answer."""
     measure = metric.build(n_classes).to(device)
     count = 0
+    # Only label words make each prediction a class.
+    predicted = torch.zeros(n_classes, dtype=torch.long, device=device) if candidates else None
     for batch in batches:
         batch = to_device(batch, device)
         logits = forward_logits(model, batch)
@@ -180,14 +182,15 @@ def score_label_tokens(
             refs = [decode(target[i][mask[i]].tolist()) for i in range(len(labels))]
             measure.update(hyps, refs)
         elif candidates:
-            scores = _candidate_scores(model, batch, logits, candidates)
-            measure.update(scores.argmax(-1), batch["class_ids"])
+            classes = _candidate_scores(model, batch, logits, candidates).argmax(-1)
+            measure.update(classes, batch["class_ids"])
+            predicted += torch.bincount(classes, minlength=n_classes)[:n_classes]
         else:
             mask = target != IGNORE_INDEX
             correct = ((predicted_logits.argmax(-1) == target) | ~mask).all(-1)
             # Exact match as a two-class accuracy: class 1 = the whole answer is right.
             measure.update(correct.long(), torch.ones_like(correct, dtype=torch.long))
-    return float(measure.compute()), count
+    return Scored(float(measure.compute()), count, None if predicted is None else predicted.tolist())
 
 
 def _candidate_scores(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     from lmerge.tasks.spec import TaskSpec
 
 Batch = dict[str, Any]
+
+
+class Scored(NamedTuple):
+    """A model's score on one task's split, as a kind computes it."""
+
+    value: float
+    """The task's primary metric."""
+    examples: int
+    """Examples scored."""
+    predicted: list[int] | None = None
+    """Examples predicted as each class (class-id order), for kinds that predict classes: a
+    collapse onto one class shows here before it shows in the metric."""
 
 
 class TaskData(Protocol):
@@ -135,10 +147,10 @@ class TaskKind(ABC):
     @abstractmethod
     def score(
         self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
-    ) -> tuple[float, int]:
-        """``(metric value, examples)`` of the (already folded) model on ``batches`` of ``data``,
-        with the primary metric of ``task`` (the catalog's spec: ``data.spec`` holds only the
-        fields that shape the data)."""
+    ) -> Scored:
+        """The (already folded) model's primary metric of ``task`` on ``batches`` of ``data``, and
+        the predicted classes where there are classes (``task`` is the catalog's spec:
+        ``data.spec`` holds only the fields that shape the data)."""
 
     # ---- data ---------------------------------------------------------------------------------------
     def label_words(self, data: TaskData) -> torch.Tensor | None:
