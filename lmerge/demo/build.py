@@ -13,6 +13,7 @@ from lmerge.demo.sources import DemoSources
 from lmerge.errors import ConfigError
 from lmerge.outputs import write_json_atomic
 from lmerge.tasks.catalog import load_catalog
+from lmerge.yaml_files import read_yaml
 
 MANIFEST = "manifest.json"
 # Beside each demo adapter: the recipe it was fine-tuned with, so a changed recipe retrains it.
@@ -79,8 +80,10 @@ def finetune_command(configs: Path, catalog: Path, task: str, base_model: Path, 
 
 
 def recipe_digest(configs: Path) -> str:
-    """The fine-tuning recipe's identity: the SHA-256 of ``configs/finetune.yaml``."""
-    return hashlib.sha256((configs / "finetune.yaml").read_bytes()).hexdigest()
+    """The fine-tuning recipe's identity: the SHA-256 of ``configs/finetune.yaml``'s settings
+    (its comments may change without retraining)."""
+    settings = json.dumps(read_yaml(configs / "finetune.yaml"), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()
 
 
 def stale_adapters(catalog: Path, recipe: str) -> list[str]:
