@@ -18,24 +18,34 @@ import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    get_loader,
+    set_loader,
+    set_parsing_settings,
+)
 
+from lmerge import console
 from lmerge.demo import demo
-from lmerge.errors import ConfigError, LMergeError
+from lmerge.errors import ConfigError, LMergeError, did_you_mean
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.evaluation.saved import evaluate_saved_adapter
 from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
 from lmerge.merge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy
 from lmerge.methods import METHODS
-from lmerge.outputs import DEFAULT_OUTPUT_DIR
+from lmerge.outputs import DEFAULT_OUTPUT_DIR, os_error_line, removed_if_left_empty
 from lmerge.pipeline import run_merge
 from lmerge.sweep.config import SweepConfig
 from lmerge.tasks.spec import catalog_tasks
-from lmerge.yaml_files import read_yaml
+from lmerge.yaml_files import read_yaml, strict_loader
+
+# jsonargparse's own YAML loader, which lmerge's strict reader checks every value before.
+_JSONARGPARSE_YAML = get_loader("yaml")
 
 
 def merge(config: MergeConfig) -> None:
@@ -205,27 +215,30 @@ def run_verb(argv: list[str]) -> None:
     """Parse ``argv`` (a verb and its flags, ``--config`` files read by :func:`expand_args`) and
     run the verb."""
     parser, keys = build_parser()
-    settings = parser.parse_args(expand_args(argv, keys))
+    try:
+        settings = parser.parse_args(expand_args(argv, keys))
+    except ArgumentError as exc:
+        raise _with_flag_hint(exc, keys.get(argv[0], [])) from exc
     name = settings.subcommand
     # Sections (save, search) stay mappings: the config dataclass builds and checks them.
     chosen = settings[name].clone(with_meta=False).as_dict()
     chosen.pop("config", None)
-    VERBS[name](chosen)
+    with removed_if_left_empty(chosen.get("output_dir") or DEFAULT_OUTPUT_DIR):
+        VERBS[name](chosen)
+
+
+def _with_flag_hint(error: ArgumentError, keys: list[str]) -> Exception:
+    """jsonargparse's refusal of an unknown flag, with the verb's closest flag suggested."""
+    message = _one_line(str(_unrelayed(error)))
+    if not message.startswith(_UNRECOGNIZED):
+        return error
+    flag = next((word for word in message.split() if word.startswith("--")), "")
+    hint = did_you_mean(flag.partition("=")[0], [f"--{key}" for key in keys])
+    return ConfigError(message + hint)
 
 
 def _note(message: str) -> None:
     print(f"lmerge: note: {message}", file=sys.stderr)
-
-
-_default_show_warning = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    # Our own warnings in one line; other packages' in their usual form.
-    if "lmerge" in Path(filename).parts:
-        print(f"lmerge: {category.__name__}: {message}", file=sys.stderr)
-    else:
-        _default_show_warning(message, category, filename, lineno, file, line)
 
 
 def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
@@ -251,7 +264,8 @@ def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
             unknown = sorted(set(data) - accepted)
             if unknown:
                 valid = ", ".join(sorted(accepted))
-                raise ConfigError(f"{value}: {unknown[0]}: unknown key for lmerge {argv[0]} (valid: {valid})")
+                hint = did_you_mean(unknown[0], accepted)
+                raise ConfigError(f"{value}: {unknown[0]}: unknown key for lmerge {argv[0]}{hint} (valid: {valid})")
             out += ["--config", yaml.safe_dump(data, default_flow_style=True, width=1 << 30)]
         else:
             out.append(arg)
@@ -259,10 +273,11 @@ def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
 
 
 # jsonargparse 4.53 names the key it refuses and the kind of a refusal in its messages only: an
-# ArgumentError(None, message), raised from a TypeError 'Parser key "<key>"...'. These two
+# ArgumentError(None, message), raised from a TypeError 'Parser key "<key>"...'. These three
 # wordings are all that is read from its text; the rest follows the exceptions it chains.
 _KEY_WORDING = 'Parser key "'
 _UNION_WORDING = "Does not validate against any of the Union subtypes"
+_UNRECOGNIZED = "unrecognized arguments:"
 
 
 def _argument_message(error: ArgumentError) -> str:
@@ -319,7 +334,11 @@ def overview() -> str:
         "validate": "Run a learner's validation loop (LightningCLI).",
         "test": "Run a learner's test loop (LightningCLI).",
     }
-    lines = ["usage: lmerge VERB [options]   (lmerge VERB --help for its options; --debug shows tracebacks)", ""]
+    lines = [
+        "usage: lmerge VERB [options]   (lmerge VERB --help for its options; --verbose shows the libraries' "
+        "notes and warnings, --debug tracebacks)",
+        "",
+    ]
     lines += [f"  {verb:<9} {text}" for verb, text in verbs.items()]
     return "\n".join(lines)
 
@@ -327,10 +346,12 @@ def overview() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # Every YAML value jsonargparse reads (fit's configs, flag values) goes through the strict reader.
+    set_loader("yaml", strict_loader(_JSONARGPARSE_YAML), exceptions=(ConfigError,))
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    warnings.showwarning = _show_warning
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    console.configure(verbose)
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"lmerge(\.|$)")
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
@@ -346,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmerge: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        # LightningCLI's parser wraps an error raised while building the model or data in its own.
+        # LightningCLI's parser wraps an error raised while building the model or data in its own;
+        # a full disk or a read-only folder can surface from any library that writes.
         cause = _lmerge_cause(exc)
-        if debug or not (cause or isinstance(exc, ArgumentError)):
+        environment = os_error_line(exc)
+        if debug or not (cause or environment or isinstance(exc, ArgumentError)):
             raise
-        print(f"lmerge: error: {cause or _argument_message(exc)}", file=sys.stderr)
+        print(f"lmerge: error: {cause or environment or _argument_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,9 +9,11 @@ from typing import Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmerge.errors import ConfigError, unknown_name
 from lmerge.learn.callbacks import BestCoefficients, CoefficientLogger, is_learner
 from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_output_root
 from lmerge.pipeline import export_learned_merge
+from lmerge.tasks.spec import SPLITS, catalog_tasks
 
 __all__ = ["BestCoefficients", "CoefficientLogger", "MergeExport"]
 
@@ -29,9 +31,16 @@ class MergeExport(Callback):
         save: Literal["none", "lora", "full"] = "none",
         eval_tasks: list[str] | None = None,
         split: str = "test",
+        catalog: str | None = None,
     ) -> None:
-        # A bad output root is found before anything is built, not after training.
-        self.output_dir = str(check_output_root(output_dir, create=False))
+        """``catalog``: the learner's task catalog (``lmerge fit`` links it from ``data.catalog``),
+        where ``eval_tasks`` are looked up."""
+        # A bad output root, task or split is found before anything is built, not after training.
+        self.output_dir = str(check_output_root(output_dir))
+        if split not in SPLITS:
+            raise ConfigError(f"export.split: {unknown_name('split', split, SPLITS)}")
+        if eval_tasks and catalog:
+            catalog_tasks(catalog, eval_tasks)
         self.save = save
         self.eval_tasks = eval_tasks
         self.split = split

@@ -18,7 +18,7 @@ from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.learn.heatmap import heatmap_png
 from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
-from lmerge.merge.runner import MergeResult, merge_to_bundle
+from lmerge.merge.runner import MergeResult, merge_to_bundle, prepare_merge
 from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
 
 
@@ -72,17 +72,21 @@ def export_learned_merge(
         "steps": learner.global_step,
         "hyperparameters": dict(learner.hparams),
     }
+    overrides: dict[str, Any] = {"output_dir": output_dir, "save": {"format": save}, "split": split}
+    if eval_tasks:
+        overrides["eval_tasks"] = eval_tasks
+    merges = save != "none" or bool(eval_tasks)
+    if merges:
+        # The merge that follows the export, checked before the export writes anything.
+        prepare_merge(MergeConfig(**{**spec, **overrides}))
     with run_bundle(output_dir, learner_name, names) as bundle:
         header = f"# lmerge merge --config <this file>\n# A merge learned by {type(learner).__name__}.\n"
         text = header + yaml.safe_dump(spec, sort_keys=False)
-        write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode())
-        write_json_atomic(bundle.work / "coefficients.json", record)
-        write_bytes_atomic(bundle.work / "coefficients.png", heatmap_png(values))
+        write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode(), root=output_dir)
+        write_json_atomic(bundle.work / "coefficients.json", record, root=output_dir)
+        write_bytes_atomic(bundle.work / "coefficients.png", heatmap_png(values), root=output_dir)
     print(f"learned merge: {bundle.final / 'merge_spec.yaml'}")
-    if save != "none" or eval_tasks:
-        overrides = {"output_dir": output_dir, "save": {"format": save}, "split": split}
-        if eval_tasks:
-            overrides["eval_tasks"] = eval_tasks
+    if merges:
         result = run_merge(load_merge_config(bundle.final / "merge_spec.yaml", **overrides))
         print(f"merged with the learned coefficients: {result.run_dir}")
         if result.evaluation:

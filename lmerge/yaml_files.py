@@ -11,6 +11,7 @@ expanded); and nesting deeper than :data:`MAX_DEPTH` is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         raise ConfigError(f"{source}: {exc}") from None
     finally:
         loader.dispose()
+
+
+def strict_loader(load: Callable[[str], Any], source: str = "config value") -> Callable[[str], Any]:
+    """``load`` (a YAML loader taking text, such as jsonargparse's) with the text first read by
+    :func:`parse_yaml`: duplicate keys, alias bombs and deep nesting refused, naming ``source``."""
+
+    def strict(text: str) -> Any:
+        parse_yaml(text, source)
+        return load(text)
+
+    return strict
 
 
 def read_json(path: str | Path, what: str = "JSON file", error: type[LMergeError] = ConfigError) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from lmerge.outputs import append_index
 path, worker = Path(sys.argv[1]), int(sys.argv[2])
 for i in range(25):
-    append_index(path, {"worker": worker, "i": i})
+    append_index(path, {"worker": worker, "i": i}, root=path.parent)
 """
 
 
@@ -32,24 +32,24 @@ def test_index_survives_eight_concurrent_writers(tmp_path):
 
 def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
-    write_json_atomic(target, {"version": 1})
+    write_json_atomic(target, {"version": 1}, root=tmp_path)
 
     def crash(fd):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("os.fsync", crash)
     with pytest.raises(OutputError, match="results.json: cannot be written"):
-        write_json_atomic(target, {"version": 2})
+        write_json_atomic(target, {"version": 2}, root=tmp_path)
     assert json.loads(target.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
 
 
 def test_index_append_keeps_history_when_a_write_fails(tmp_path, monkeypatch):
     index = tmp_path / "index.json"
-    append_index(index, {"n": 1})
+    append_index(index, {"n": 1}, root=tmp_path)
     monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OutputError):
-        append_index(index, {"n": 2})
+        append_index(index, {"n": 2}, root=tmp_path)
     assert json.loads(index.read_text()) == [{"n": 1}]
 
 

@@ -52,7 +52,7 @@ def prepare_data(
         counts = write_split_files(splits, files)
         labels = sorted({label for _, label in rows})
         manifests[name] = {**wanted, "examples": len(rows), "counts": counts, "labels": labels}
-        write_json_atomic(manifest_path, manifests[name])
+        write_json_atomic(manifest_path, manifests[name], root=manifest_path.parent)
         rebuilt.append(name)
     return manifests, rebuilt
 

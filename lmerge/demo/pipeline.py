@@ -81,7 +81,7 @@ def run_demo(
 
     demo_dir = output_dir / "demo"
     base_model = demo_dir / "base_model"
-    link_atomic(base_model, sources.base_model)
+    link_atomic(base_model, sources.base_model, root=output_dir)
     step("fine-tune each task's LoRA adapter (configs/finetune.yaml)")
     to_train = list(data) if retrain else sorted(set(rebuilt) | set(missing_adapters(catalog)), key=list(data).index)
     for task in data:
@@ -115,7 +115,7 @@ def run_demo(
     step("report")
     table = text_table(results, metrics)
     chart = demo_dir / "results.png"
-    write_bytes_atomic(chart, bar_chart_png(results, metrics))
+    write_bytes_atomic(chart, bar_chart_png(results, metrics), root=output_dir)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_rss_mb = usage.ru_maxrss / 1024
@@ -128,7 +128,7 @@ def run_demo(
     }
     report = demo_dir / "REPORT.md"
     write_report(report, results, metrics, data, chart, facts)
-    write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results])
+    write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results], root=output_dir)
     return DemoOutcome(results, f"{table}\n\n{verdict(results)}", report, chart, seconds, peak_rss_mb)
 
 

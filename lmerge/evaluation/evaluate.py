@@ -17,6 +17,7 @@ from torch import nn
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec, subset_namespace
 from lmerge.errors import ConfigError, unknown_name
+from lmerge.evaluation.baseline_key import baseline_key, key_digest
 from lmerge.evaluation.fold import WeightFolder
 from lmerge.metrics import get_metric, interference_delta, normalized
 from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
@@ -110,6 +111,9 @@ class Evaluator:
         self.root = Path(output_root)
         self.eval_subset = eval_subset
         self.namespace = subset_namespace(eval_subset)
+        for task in tasks:
+            # Where each baseline goes, checked (names, the root) before anything loads.
+            single_metrics_path(self.root, task.name, split, self.namespace)
         self.batch_size = batch_size
         self.base_model = base_model or self._base_from_adapters()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -177,11 +181,22 @@ class Evaluator:
         return TaskScore(value, count, time.perf_counter() - started)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
-        """The task's own adapter alone on this split (cached per adapter, split and subset)."""
+        """The task's own adapter alone on this split, cached under a key of everything the
+        number depends on (:func:`lmerge.evaluation.baseline_key.baseline_key`): reused only
+        while all of it is unchanged."""
         adapter = self._adapter(task)
         cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
+        cache_key = baseline_key(
+            task,
+            adapter,
+            base_model=self.base_model,
+            split=self.split,
+            eval_subset=self.eval_subset,
+            precision=self.precision,
+            device=self.device.type,
+        )
         cached = _read_record(cache)
-        if cached and _cache_key(cached) == (adapter.sha256, task.metric, self.precision):
+        if cached and cached.get("key_sha256") == key_digest(cache_key):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         folder = self.folder(adapter.fan_in_fan_out)
@@ -202,8 +217,10 @@ class Evaluator:
             "precision": self.precision,
             "value": score.value,
             "examples": score.examples,
+            "key_sha256": key_digest(cache_key),
+            "key": cache_key,
         }
-        write_json_atomic(cache, record)
+        write_json_atomic(cache, record, root=self.root)
         return record
 
     def evaluate(self, heads: dict[str, dict[str, torch.Tensor]] | None = None) -> Evaluation:
@@ -230,7 +247,10 @@ class Evaluator:
         return evaluation
 
     def prepare_baselines(self) -> None:
-        """Compute (or read from the cache) every task's baseline, before any merge is folded."""
+        """Compute (or read from the cache) every task's baseline, before any merge is folded;
+        every task's data is checked (split, columns) before the first baseline is written."""
+        for task in self.tasks:
+            self.data(task)
         self._baselines = {task.name: self.baseline(task) for task in self.tasks if task.adapter}
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -246,12 +266,6 @@ class Evaluator:
                 if base:
                     return base
         raise ConfigError("eval_tasks: no task adapter names its base model (base_model_name_or_path)")
-
-
-def _cache_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What a cached baseline must match to be reused (records from before precisions were
-    recorded were computed in float32)."""
-    return record.get("adapter_sha256"), record.get("metric"), record.get("precision", "32-true")
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

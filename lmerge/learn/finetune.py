@@ -3,7 +3,6 @@ format, for users who have no adapters yet (and for the demo's benchmark)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
-from lmerge.outputs import staged_dir
+from lmerge.outputs import remove_tree, rename, staged_dir
 from lmerge.tasks.losses import TASK_LOSSES, forward_logits
 from lmerge.tasks.models import load_model
 
@@ -124,11 +123,12 @@ class LoraFinetune(LightningModule):
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter (and head) in PEFT format, replacing ``path`` only once complete."""
         path = Path(path)
+        root = path.parent  # the folder the user named the adapter in: nothing is written outside it
         previous = path.with_name(f".{path.name}.previous")
-        with staged_dir(path.parent, lambda: path) as staged:
+        with staged_dir(root, lambda taken: path, root=root) as staged:
             self.model.save_pretrained(staged.work)
             if path.exists():
                 # The old adapter stays until the new one is whole; then the two renames swap them.
-                path.rename(previous)
-        shutil.rmtree(previous, ignore_errors=True)
+                rename(path, previous, root=root)
+        remove_tree(previous, root=root)
         return path
