@@ -218,7 +218,10 @@ def run_verb(argv: list[str]) -> None:
     try:
         settings = parser.parse_args(expand_args(argv, keys))
     except ArgumentError as exc:
-        raise _with_flag_hint(exc, keys.get(argv[0], [])) from exc
+        hinted = _with_flag_hint(exc, keys.get(argv[0], []))
+        if hinted is None:
+            raise
+        raise hinted from None
     name = settings.subcommand
     # Sections (save, search) stay mappings: the config dataclass builds and checks them.
     chosen = settings[name].clone(with_meta=False).as_dict()
@@ -227,11 +230,12 @@ def run_verb(argv: list[str]) -> None:
         VERBS[name](chosen)
 
 
-def _with_flag_hint(error: ArgumentError, keys: list[str]) -> Exception:
-    """jsonargparse's refusal of an unknown flag, with the verb's closest flag suggested."""
+def _with_flag_hint(error: ArgumentError, keys: list[str]) -> ConfigError | None:
+    """jsonargparse's refusal of an unknown flag, with the verb's closest flag suggested; None
+    for other refusals."""
     message = _one_line(str(_unrelayed(error)))
     if not message.startswith(_UNRECOGNIZED):
-        return error
+        return None
     flag = next((word for word in message.split() if word.startswith("--")), "")
     hint = did_you_mean(flag.partition("=")[0], [f"--{key}" for key in keys])
     return ConfigError(message + hint)
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Every YAML value jsonargparse reads (fit's configs, flag values) goes through the strict reader.
-    set_loader("yaml", strict_loader(_JSONARGPARSE_YAML), exceptions=(ConfigError,))
+    set_loader("yaml", strict_loader(_JSONARGPARSE_YAML))
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if argv[0] in LIGHTNING_VERBS:
-            lightning(argv)
+            lightning(argv, verbose)
             return 0
         run_verb(argv)
     except LMergeError as exc:
@@ -380,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lmerge_cause(exc: BaseException) -> LMergeError | None:
     """The LMergeError that ``exc`` was raised from, if any."""
-    while exc is not None and not isinstance(exc, LMergeError):
+    seen = set()
+    while exc is not None and not isinstance(exc, LMergeError) and id(exc) not in seen:
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return exc
+    return exc if isinstance(exc, LMergeError) else None
 
 
 if __name__ == "__main__":

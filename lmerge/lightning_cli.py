@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 LIGHTNING_VERBS = ("fit", "validate", "test")
 
 
-def lightning(argv: list[str]) -> LightningCLI:
+def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
     """``lmerge fit|validate|test``: LightningCLI over any learner (``model.class_path``) and the
-    catalog DataModule, with the coefficient logger and the merge export always on. Returns the
-    CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
+    catalog DataModule, with the coefficient logger and the merge export always on; the model
+    summary only when ``verbose`` (or asked for with ``--trainer.enable_model_summary``). Returns
+    the CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -38,9 +39,12 @@ def lightning(argv: list[str]) -> LightningCLI:
             parser.link_arguments("data.tasks", "model.init_args.tasks")
             parser.link_arguments("data.catalog", "export.catalog")
 
-        def before_instantiate_classes(self) -> None:
-            # Before the model, data and trainer are built, so a bad path costs no loading.
-            _check_checkpoint_args(self.config[self.subcommand])
+        def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
+            super().parse_arguments(parser, args)
+            # Before Lightning reads the checkpoint's hyperparameters and the model, data and
+            # trainer are built, so a bad checkpoint costs no loading.
+            if self.config.get("subcommand"):
+                _check_checkpoint_args(self.config[self.config.subcommand])
 
     _check_config_files(argv)
     # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
@@ -55,7 +59,7 @@ def lightning(argv: list[str]) -> LightningCLI:
             args=argv,
             parser_kwargs={"exit_on_error": False},
             # The DataModules' samplers shard themselves across processes (lmerge.data.sampling.EpochSampler).
-            trainer_defaults={"use_distributed_sampler": False},
+            trainer_defaults={"use_distributed_sampler": False, "enable_model_summary": verbose},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )

@@ -1,0 +1,186 @@
+"""A console a user can read: lmerge's verbs print their own lines, progress bars and one-line
+errors, the libraries' notes only with ``--verbose``; an unknown name gets the closest valid one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmerge.__main__ import main
+
+# What Lightning, transformers and other libraries print on their own, and lmerge keeps quiet.
+LIBRARY_LINES = (
+    "💡 Tip",
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "modules in eval mode",
+    "Trainable params",
+    "LOAD REPORT",
+    "FutureWarning",
+    "UserWarning",
+    "Seed set",
+    "`Trainer.fit` stopped",
+)
+
+
+def run_lmerge(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # the test suite's own quieting, not lmerge's
+    return subprocess.run(
+        [sys.executable, "-m", "lmerge", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def fit_config(tasks: Path, tmp_path: Path) -> Path:
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {adapters: [alpha, beta], lr: 0.05}\n"
+        f"data: {{catalog: {tasks}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
+        "trainer: {max_steps: 2}\n"
+        f"export: {{output_dir: {tmp_path / 'out'}}}\n"
+    )
+    return config
+
+
+def test_fit_prints_lmerge_lines_and_not_the_libraries(tasks, tmp_path):
+    """The run's own line (where the learned merge went) and nothing of Lightning's
+    conversation; ``--verbose`` brings it back."""
+    quiet = run_lmerge(["fit", "--config", str(fit_config(tasks, tmp_path))], tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    console = quiet.stdout + quiet.stderr
+    assert [line for line in LIBRARY_LINES if line in console] == []
+    assert "learned merge: " in quiet.stdout
+
+    verbose = run_lmerge(["fit", "--config", str(fit_config(tasks, tmp_path)), "--verbose"], tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "GPU available" in verbose.stdout + verbose.stderr and "Trainable params" in verbose.stdout
+
+
+def test_an_error_is_the_only_line(tasks, tmp_path):
+    """A refusal after the libraries have loaded (Lightning imported, the model built) is still
+    the one line on the console."""
+    config = fit_config(tasks, tmp_path)
+    refused = run_lmerge(["fit", "--config", str(config), "--trainer.max_steps", "two"], tmp_path)
+    assert refused.returncode == 2
+    assert refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("lmerge: error: ")
+
+
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (
+            lambda t, c: ["merge", "--adapters", "[alpha]", "--method", "tie"],
+            "unknown method 'tie'; did you mean 'ties'?",
+        ),
+        (
+            lambda t, c: [
+                "merge",
+                "--adapters",
+                "[alpha]",
+                "--method",
+                "ties",
+                "--transforms",
+                "[identy]",
+                "--catalog",
+                t,
+            ],
+            "unknown transform 'identy'; did you mean 'identity'?",
+        ),
+        (
+            lambda t, c: [
+                "merge",
+                "--adapters",
+                "[alpha]",
+                "--method",
+                "ties",
+                "--lambda_policy",
+                "per_layr",
+                "--catalog",
+                t,
+            ],
+            "unknown lambda policy 'per_layr'; did you mean 'per_layer'?",
+        ),
+        (
+            lambda t, c: [
+                "merge",
+                "--adapters",
+                "[alpha,beta]",
+                "--method",
+                "ties",
+                "--catalog",
+                t,
+                "--eval_tasks",
+                "[alpah]",
+            ],
+            "'alpah' is not a task in catalog",
+        ),
+        (lambda t, c: ["merge", "--adapters", "[alpah]", "--method", "ties", "--catalog", t], "did you mean 'alpha'?"),
+        (
+            lambda t, c: [
+                "merge",
+                "--adapters",
+                "[alpha]",
+                "--method",
+                "ties",
+                "--method_params",
+                "{kk: 3}",
+                "--catalog",
+                t,
+            ],
+            "method_params.kk: not a parameter of method 'ties'; did you mean 'k'?",
+        ),
+        (lambda t, c: ["merge", "--adapters", "[alpha]", "--methd", "ties"], "did you mean '--method'?"),
+        (
+            lambda t, c: ["merge", "--config", c(methd="ties")],
+            "methd: unknown key for lmerge merge; did you mean 'method'?",
+        ),
+        (
+            lambda t, c: ["evaluate", "--catalog", c(kind="clasification"), "--eval_tasks", "[gamma]"],
+            "did you mean 'classification'?",
+        ),
+        (
+            lambda t, c: ["evaluate", "--catalog", c(metric="acuracy"), "--eval_tasks", "[gamma]"],
+            "did you mean 'accuracy'?",
+        ),
+        (
+            lambda t, c: ["evaluate", "--catalog", c(lable_names=["a"]), "--eval_tasks", "[gamma]"],
+            "did you mean 'label_names'?",
+        ),
+    ],
+    ids=[
+        "method",
+        "transform",
+        "policy",
+        "task",
+        "adapter task",
+        "method param",
+        "flag",
+        "config key",
+        "kind",
+        "metric",
+        "catalog key",
+    ],
+)
+def test_a_misspelt_name_gets_the_closest_valid_one(tasks, tmp_path, capsys, build, expected):
+    def config(**values) -> str:
+        """A merge config with ``values``, or (with a task field) a catalog of task gamma."""
+        path = tmp_path / "file.yaml"
+        if "methd" in values:
+            path.write_text(yaml.safe_dump({"adapters": ["alpha"], **values}))
+        else:
+            entry = {"adapter": str(tmp_path), "dataset": {"path": "json", "data_files": "x.json"}, **values}
+            path.write_text(yaml.safe_dump({"tasks": {"gamma": entry}}))
+        return str(path)
+
+    code = main([str(a) for a in build(tasks, config)] + ["--output_dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lmerge: error: "), lines
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()
