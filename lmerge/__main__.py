@@ -31,12 +31,14 @@ from jsonargparse import (
 )
 
 from lmerge import console
+from lmerge.adapters.lora import LoraAdapter
 from lmerge.demo import demo
 from lmerge.errors import ConfigError, LMergeError, did_you_mean
 from lmerge.evaluation.evaluate import Evaluator
+from lmerge.evaluation.harness import HarnessConfig
 from lmerge.evaluation.saved import evaluate_saved_adapter
 from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
-from lmerge.merge.config import MergeConfig, SaveConfig, load_merge_config, migrate_legacy
+from lmerge.merge.config import MergeConfig, SaveConfig, config_section, load_merge_config, migrate_legacy
 from lmerge.methods import METHODS
 from lmerge.outputs import DEFAULT_OUTPUT_DIR, os_error_line, removed_if_left_empty
 from lmerge.pipeline import run_merge
@@ -84,14 +86,15 @@ def sweep(config: SweepConfig) -> None:
 
 
 def evaluate(
-    eval_tasks: list[str],
-    catalog: str,
+    eval_tasks: list[str] | None = None,
+    catalog: str | None = None,
     adapter: str | None = None,
     merge_config: str | None = None,
     split: str = "test",
     eval_subset: dict[str, Any] | None = None,
     eval_batch_size: int = 32,
     eval_precision: str = "32-true",
+    eval_harness: HarnessConfig | None = None,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     tag: str | None = None,
 ) -> None:
@@ -106,26 +109,36 @@ def evaluate(
         eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
         eval_batch_size: Batch size of evaluation.
         eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
+        eval_harness: lm-evaluation-harness tasks to evaluate on too, e.g. --eval_harness.tasks [arc_easy]
+            (the fields of a merge config's eval_harness).
         output_dir: Root of all outputs.
         tag: Name of the evaluated merge in outputs; default: the run bundle's tag or the directory name.
     """
     if adapter and merge_config:
         raise ConfigError("evaluate: give --adapter or --merge_config, not both")
+    if eval_harness is not None:
+        eval_harness = config_section(HarnessConfig, eval_harness, "eval_harness")
+    if not eval_tasks and eval_harness is None:
+        raise ConfigError("evaluate: give --eval_tasks (with --catalog), --eval_harness.tasks, or both")
+    if not eval_tasks and not (adapter or merge_config):
+        raise ConfigError("evaluate: --eval_harness alone scores a merge: give --adapter or --merge_config")
     if merge_config:
         settings = {"eval_tasks": eval_tasks, "catalog": catalog, "split": split, "output_dir": output_dir}
         settings.update(eval_subset=eval_subset, eval_batch_size=eval_batch_size, eval_precision=eval_precision)
-        settings["save"] = SaveConfig(format="none")
+        settings.update(eval_harness=eval_harness, save=SaveConfig(format="none"))
         result = run_merge(load_merge_config(merge_config, **settings, **({"tag": tag} if tag else {})))
         print(result.evaluation.table())
         print(f"run bundle: {result.run_dir}")
         return
     evaluator = Evaluator(
-        catalog_tasks(catalog, eval_tasks),
+        catalog_tasks(catalog, eval_tasks) if eval_tasks else [],
         split,
         output_root=output_dir,
         eval_subset=eval_subset,
         batch_size=eval_batch_size,
+        base_model=LoraAdapter(adapter).base_model if adapter and not eval_tasks else None,
         precision=eval_precision,
+        harness=eval_harness,
     )
     if adapter:
         saved = evaluate_saved_adapter(adapter, evaluator, output_dir, tag)
@@ -136,6 +149,10 @@ def evaluate(
     for task in evaluator.tasks:
         record = evaluator.baseline(task)
         print(f"{task.name}: {record['metric']} {record['value']:.4f} on {record['examples']} examples ({split})")
+    for name, scores in evaluator.harness_baselines().items():
+        for task, score in scores.items():
+            metric, value, _ = score.primary(task, eval_harness.metrics.get(task))
+            print(f"{name} on {task}: {metric} {value:.4f} on {score.examples} examples (lm-evaluation-harness)")
 
 
 def method_table() -> str:

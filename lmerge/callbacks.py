@@ -10,12 +10,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.errors import ConfigError, unknown_name
-from lmerge.learn.callbacks import BestCoefficients, CoefficientLogger, is_learner
+from lmerge.learn.callbacks import (
+    BestCoefficients,
+    BestStepCoefficients,
+    CoefficientLogger,
+    StepEarlyStopping,
+    is_learner,
+)
 from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_output_root
 from lmerge.pipeline import export_learned_merge
 from lmerge.tasks.spec import SPLITS, catalog_tasks
 
-__all__ = ["BestCoefficients", "CoefficientLogger", "MergeExport"]
+__all__ = ["BestCoefficients", "BestStepCoefficients", "CoefficientLogger", "MergeExport", "StepEarlyStopping"]
 
 
 class MergeExport(Callback):

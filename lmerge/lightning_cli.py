@@ -46,6 +46,13 @@ def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
             if self.config.get("subcommand"):
                 _check_checkpoint_args(self.config[self.config.subcommand])
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except ValueError as exc:
+                # Lightning's refusal of a combination of settings (``strategy fsdp`` on a CPU, ...).
+                raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from None
+
     _check_config_files(argv)
     # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

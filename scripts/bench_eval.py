@@ -1,26 +1,31 @@
-"""Benchmark evaluation throughput of a folded lmerge merge against the bare base model and PEFT.
+"""Benchmark evaluation throughput of a folded lmerge merge against the bare base model and PEFT,
+for classification and for generation.
 
-    .venv/bin/python scripts/bench_eval.py [--examples 1024] [--batch-size 32] [--repeat 2] [--passes 1]
-        [--threads N] [--cases ...] [--out results.json]
+    .venv/bin/python scripts/bench_eval.py [--examples 1024] [--gen-examples 256] [--batch-size 32]
+        [--repeat 2] [--passes 1] [--threads N] [--cases ...] [--out results.json]
 
-A MiniLM-shaped random BERT (hidden 384, 6 layers, 12 heads, intermediate 1536, 4 labels), a
-WordPiece tokenizer over a few hundred random words, ``--examples`` test texts of 8-40 words,
-four random PEFT LoRA adapters (r=8 on query and value, with a classifier head) and a task
-catalog are generated once per run in a temporary directory, together with lmerge's
-``task_vector`` merge of the four saved as a rank-32 LoRA. Every case then runs in its own
-process (this script with ``--case``), which prints one JSON line. Each round runs every case
-once, every other round in reverse order, and ``--repeat`` sets the rounds, so every ratio
-compares runs made side by side: something else may be loading the machine.
+Two setups (``scripts/bench_eval_setups.py``: random models, data, four random PEFT LoRA adapters
+and lmerge's ``task_vector`` merge of them saved as a rank-32 LoRA) are generated once per run in
+a temporary directory: ``classify`` (a MiniLM-shaped BERT, ``--examples`` texts of 8-40 words, a
+classification task) and ``generate`` (a small Llama, ``--gen-examples`` prompts of 8-24 words, a
+generation task: greedy, batched, left-padded, 16 new tokens per answer, and no EOS, so every case
+generates the same number of tokens). Every case then runs in its own process (this script with
+``--case``), which prints one JSON line. Each round runs every case once, every other round in
+reverse order, and ``--repeat`` sets the rounds, so every ratio compares runs made side by side:
+something else may be loading the machine.
 
-- ``base``: the bare base model with task0's head, scored by ``Evaluator.score``.
+Cases of the ``classify`` setup (those of ``generate`` are the same, named ``generate:<case>``):
+
+- ``base``: the bare base model (with task0's head), scored by ``Evaluator.score``.
 - ``lmerge_merged:<method>``: the merge of the four adapters folded once into the Evaluator's
   model by a ``WeightFolder`` (the steps of ``run_merge`` with ``eval_tasks``), scored alike.
 - ``peft_unmerged``: the saved merge loaded with ``PeftModel.from_pretrained`` and not merged,
   so every batch pays for the LoRA branches.
 - ``peft_merged``: the same after ``merge_and_unload()``.
 
-By default ``base``, ``lmerge_merged:task_vector`` and ``peft_unmerged`` run (``--cases all``
-adds ``lmerge_merged:ties`` and ``peft_merged``).
+By default ``base``, ``lmerge_merged:task_vector``, ``peft_unmerged``, ``generate:base`` and
+``generate:lmerge_merged:task_vector`` run (``--cases all`` adds ``lmerge_merged:ties``,
+``peft_merged`` and ``generate:peft_unmerged``). Each case's ratio is to its own setup's ``base``.
 
 Only the scoring is timed: the fastest of ``--passes`` scorings of task0 (``Evaluator.score``;
 for the PEFT models, which it cannot take, the scoring loop inside it), after the split is
@@ -30,8 +35,9 @@ one torch thread by default (``--threads``): on a small machine that another job
 threads run in parallel or in turn depending on what the other job is doing at that moment,
 which swings wall time by up to 1.7x; with one thread the per-round ratios stay within ~10%.
 
-The first batch's logits of each case are compared with those of ``lmerge_merged:task_vector``,
-which the PEFT cases should match to rounding.
+The first batch's logits (a language model's at the last position) of each case are compared
+with those of its setup's ``lmerge_merged:task_vector``, which the PEFT cases should match to
+rounding.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -49,107 +54,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_eval_setups import ADAPTERS, BASE, CLASSIFY, GENERATE, NEW_TOKENS, SETUPS, WARMUP_TASK
 from safetensors.torch import load_file
 from torch import nn
 
 from lmerge.data import TaskSpec
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.writers import HEADS_DIR
-from lmerge.metrics import get_metric
 from lmerge.tasks.models import apply_head, load_model
-from lmerge.tasks.scoring import SCORERS
 from lmerge.tasks.spec import catalog_tasks
 
-HIDDEN, LAYERS, HEADS, INTERMEDIATE, LABELS = 384, 6, 12, 1536, 4
-ADAPTERS, RANK, ALPHA, TARGETS = 4, 8, 16, ("query", "value")
-WORDS, MIN_WORDS, MAX_WORDS = 400, 8, 40
-LABEL_NAMES = ["north", "south", "east", "west"]
-WARMUP, WARMUP_TASK = 64, "warmup"
-BASE = "base"
-CASES = ("base", "lmerge_merged:task_vector", "lmerge_merged:ties", "peft_unmerged", "peft_merged")
-DEFAULT_CASES = ("base", "lmerge_merged:task_vector", "peft_unmerged")
+GENERATE_PREFIX = f"{GENERATE}:"
+CASES = (
+    "base",
+    "lmerge_merged:task_vector",
+    "lmerge_merged:ties",
+    "peft_unmerged",
+    "peft_merged",
+    "generate:base",
+    "generate:lmerge_merged:task_vector",
+    "generate:peft_unmerged",
+)
+DEFAULT_CASES = (
+    "base",
+    "lmerge_merged:task_vector",
+    "peft_unmerged",
+    "generate:base",
+    "generate:lmerge_merged:task_vector",
+)
 # The PEFT cases load lmerge's saved task_vector merge: their logits should match this case's.
 REFERENCE = "lmerge_merged:task_vector"
 
 
-# ---- data ------------------------------------------------------------------------------------
-def random_words(rng: random.Random, count: int) -> list[str]:
-    """``count`` distinct lowercase words of 3 to 9 letters."""
-    words: set[str] = set()
-    while len(words) < count:
-        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))))
-    return sorted(words)
+def setup_of(case: str) -> tuple[str, str]:
+    """``(setup, case within it)``: ``generate:base`` is ``(generate, base)``, ``base`` ``(classify, base)``."""
+    return (GENERATE, case.removeprefix(GENERATE_PREFIX)) if case.startswith(GENERATE_PREFIX) else (CLASSIFY, case)
 
 
-def generate(root: Path, examples: int) -> None:
-    """Write the base model and tokenizer (``root/base``), the test data, the adapters
-    (``root/adapters/task<i>``), the catalog (``root/catalog.yaml``) and lmerge's rank-32
-    ``task_vector`` merge of the adapters (its run bundle path in ``root/merged.txt``)."""
-    import yaml
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizer
-    from transformers.utils import logging
-
-    from lmerge.merge.config import MergeConfig, SaveConfig
-    from lmerge.pipeline import run_merge
-
-    logging.disable_progress_bar()
-    rng = random.Random(0)
-    words = random_words(rng, WORDS)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(specials + words)})
-    tokenizer.save_pretrained(root / BASE)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        num_labels=LABELS,
-    )
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / BASE)
-
-    rows = [
-        {
-            "text": " ".join(rng.choices(words, k=rng.randint(MIN_WORDS, MAX_WORDS))),
-            "label": rng.choice(LABEL_NAMES),
-        }
-        for _ in range(examples)
-    ]
-    (root / "test.json").write_text(json.dumps(rows))
-    (root / "warmup.json").write_text(json.dumps(rows[:WARMUP]))
-
-    # Loaded from the saved directory, so the adapters' base_model_name_or_path points at it.
-    model = AutoModelForSequenceClassification.from_pretrained(root / BASE)
-    lora = LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))
-    wrapped = get_peft_model(model, lora)
-    tasks: dict[str, dict[str, Any]] = {}
-    for i in range(ADAPTERS):
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, param in wrapped.named_parameters():
-                if "lora_" in name or "modules_to_save" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
-        wrapped.save_pretrained(root / "adapters" / f"task{i}")
-        tasks[f"task{i}"] = {
-            "adapter": f"adapters/task{i}",
-            "dataset": {"path": "json", "data_files": {"test": "test.json"}},
-            "label_names": LABEL_NAMES,
-        }
-    warmup = {**tasks["task0"], "dataset": {"path": "json", "data_files": {"test": "warmup.json"}}}
-    catalog = root / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"tasks": {**tasks, WARMUP_TASK: warmup}}))
-    merged = run_merge(
-        MergeConfig(
-            adapters=list(tasks),
-            method="task_vector",
-            catalog=str(catalog),
-            save=SaveConfig(format="lora", rank=ADAPTERS * RANK),
-            output_dir=str(root / "merges"),
-        )
-    )
-    (root / "merged.txt").write_text(str(merged.run_dir))
+def in_setup(case: str, name: str) -> str:
+    """The case called ``name`` in ``case``'s setup (its base, its reference)."""
+    return GENERATE_PREFIX + name if setup_of(case)[0] == GENERATE else name
 
 
 # ---- one case, in the child process ----------------------------------------------------------
@@ -185,33 +129,37 @@ def fold_merge(evaluator: Evaluator, root: Path, method_name: str) -> None:
         folder.add(module)
 
 
-def peft_model(root: Path, head: dict[str, torch.Tensor], merge: bool) -> nn.Module:
+def peft_model(root: Path, evaluator: Evaluator, head: dict[str, torch.Tensor] | None, merge: bool) -> nn.Module:
     """The saved ``task_vector`` merge on the base model through PEFT, merged into it or not.
-    The head goes into the base model before PEFT wraps it (``apply_head`` on a ``PeftModel``
+    A head goes into the base model before PEFT wraps it (``apply_head`` on a ``PeftModel``
     would register it on the wrapper, where the forward pass never uses it)."""
     from peft import PeftModel
 
-    base = load_model(str(root / BASE), "classification")
-    apply_head(base, head)
+    base = load_model(str(root / BASE), evaluator.kind)
+    if head:
+        apply_head(base, head)
     model = PeftModel.from_pretrained(base, (root / "merged.txt").read_text())
     return (model.merge_and_unload() if merge else model).eval()
 
 
-def run_case(name: str, root: Path, batch_size: int, passes: int) -> dict[str, Any]:
-    """Set up case ``name``, tokenize task0's test split, warm up on the small warm-up task,
-    then time ``passes`` scorings of task0: ``Evaluator.score`` for the base model and the
+def run_case(case: str, data: Path, batch_size: int, passes: int) -> dict[str, Any]:
+    """Set up ``case``, tokenize task0's test split of its setup, warm up on the small warm-up
+    task, then time ``passes`` scorings of task0: ``Evaluator.score`` for the base model and the
     folded merges, the same scoring loop for the PEFT models."""
+    setup, name = setup_of(case)
+    root = data / setup
     tasks = catalog_tasks(str(root / "catalog.yaml"), ["task0", WARMUP_TASK])
-    head = load_file(Path((root / "merged.txt").read_text()) / HEADS_DIR / "task0.safetensors")
     evaluator = Evaluator(tasks, "test", output_root=root / "eval", batch_size=batch_size, base_model=str(root / BASE))
+    heads = Path((root / "merged.txt").read_text()) / HEADS_DIR
+    head = load_file(heads / "task0.safetensors") if evaluator.kind.has_head else None
     if name.startswith("peft_"):
-        model = peft_model(root, head, merge=name == "peft_merged").to(evaluator.device)
+        model = peft_model(root, evaluator, head, merge=name == "peft_merged").to(evaluator.device)
 
         def score(task: TaskSpec) -> tuple[float, int]:
             with torch.inference_mode():
-                loader = evaluator.data(task).dataloader(evaluator.split)
-                n_classes = len(task.label_names or ())
-                return SCORERS[evaluator.kind](model, loader, get_metric(task.metric), n_classes, evaluator.device)
+                module = evaluator.data(task)
+                batches = module.dataloader(evaluator.split)
+                return evaluator.kind.score(model, batches, task, module, evaluator.device)
 
     else:
         model = evaluator.model
@@ -236,11 +184,13 @@ def run_case(name: str, root: Path, batch_size: int, passes: int) -> dict[str, A
     batch = next(iter(evaluator.data(tasks[0]).dataloader(evaluator.split)))
     with torch.inference_mode():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    generated = NEW_TOKENS * examples if setup == GENERATE else None
     return {
-        "case": name,
+        "case": case,
         "examples": examples,
         "seconds": min(seconds),
         "examples_per_s": examples / min(seconds),
+        "generated_tokens_per_s": generated / min(seconds) if generated else None,
         "cpu_seconds": min(cpu_seconds),
         "examples_per_cpu_s": examples / min(cpu_seconds),
         "accuracy": accuracy,
@@ -248,7 +198,8 @@ def run_case(name: str, root: Path, batch_size: int, passes: int) -> dict[str, A
         "scoring_peak_mb": scoring_peak,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
-        "first_batch_logits": logits.tolist(),
+        # A language model's at the last position: [batch, vocabulary] like a classifier's.
+        "first_batch_logits": (logits[:, -1] if logits.dim() == 3 else logits).tolist(),
     }
 
 
@@ -278,20 +229,21 @@ def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> list[dict[str, Any]]:
-    """Per case: its best run, every round's throughput over the base model's in that same
-    round (side by side) and their median, that median in CPU time, and how far its logits are
-    from the reference's."""
-    ok = [r for r in rounds if "error" not in r[BASE]]
+    """Per case: its best run, every round's throughput over its setup's base model's in that
+    same round (side by side) and their median, that median in CPU time, and how far its logits
+    are from its setup's reference's."""
     summary = []
     for case in cases:
         runs = [r[case] for r in rounds if "error" not in r[case]]
         if not runs:
             summary.append({"case": case, "error": rounds[-1][case]["error"]})
             continue
-        same_round = [r for r in ok if "error" not in r[case]]
-        ratios = [r[case]["examples_per_s"] / r[BASE]["examples_per_s"] for r in same_round]
-        cpu_ratios = [r[case]["examples_per_cpu_s"] / r[BASE]["examples_per_cpu_s"] for r in same_round]
-        reference = next((r[REFERENCE] for r in rounds if "error" not in r.get(REFERENCE, {"error": ""})), None)
+        base, reference_case = in_setup(case, BASE), in_setup(case, REFERENCE)
+        same_round = [r for r in rounds if "error" not in r[base] and "error" not in r[case]]
+        ratios = [r[case]["examples_per_s"] / r[base]["examples_per_s"] for r in same_round]
+        cpu_ratios = [r[case]["examples_per_cpu_s"] / r[base]["examples_per_cpu_s"] for r in same_round]
+        found = [r[reference_case] for r in rounds if "error" not in r.get(reference_case, {"error": ""})]
+        reference = found[0] if found else None
         best = max(runs, key=lambda run: run["examples_per_s"])
         logits = best["first_batch_logits"]
         summary.append(
@@ -315,17 +267,18 @@ def _number(value: float | None, spec: str) -> str:
 def table(summary: list[dict[str, Any]]) -> str:
     """The summary as a markdown table."""
     lines = [
-        "| case | examples/s (best) | × base (median) | × base per round | × base in CPU time | accuracy "
-        f"| max Δlogits vs {REFERENCE} | parameters | peak RSS MB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| case | examples/s (best) | generated tokens/s | × base (median) | × base per round "
+        f"| × base in CPU time | accuracy / exact match | max Δlogits vs {REFERENCE} | parameters | peak RSS MB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         if "error" in s:
-            lines.append(f"| {s['case']} | error: {s['error'][:100]} | | | | | | | |")
+            lines.append(f"| {s['case']} | error: {s['error'][:100]} | | | | | | | | |")
             continue
         cells = [
             s["case"],
             f"{s['examples_per_s']:.1f}",
+            _number(s["generated_tokens_per_s"], ".0f"),
             _number(s["ratio_vs_base"], ".3f"),
             " ".join(f"{r:.3f}" for r in s["ratios_vs_base"]),
             _number(s["cpu_ratio_vs_base"], ".3f"),
@@ -340,7 +293,8 @@ def table(summary: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=1024, help="test examples")
+    parser.add_argument("--examples", type=int, default=1024, help="test examples of the classify setup")
+    parser.add_argument("--gen-examples", type=int, default=256, help="test prompts of the generate setup")
     parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of all cases (best run, median ratio)")
     parser.add_argument("--passes", type=int, default=1, help="timed scorings per run; the fastest counts")
@@ -351,7 +305,7 @@ def main() -> None:
         choices=[*CASES, "all"],
         default=list(DEFAULT_CASES),
         metavar="CASE",
-        help=f"{', '.join(CASES)} or all; base always runs (default: {' '.join(DEFAULT_CASES)})",
+        help=f"{', '.join(CASES)} or all; each setup's base runs with it (default: {' '.join(DEFAULT_CASES)})",
     )
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -364,7 +318,10 @@ def main() -> None:
         return
 
     chosen = CASES if "all" in args.cases else args.cases
-    cases = [BASE] + [case for case in chosen if case != BASE]
+    bases = list(dict.fromkeys(in_setup(case, BASE) for case in chosen))
+    cases = bases + [case for case in chosen if case not in bases]
+    setups = {setup_of(case)[0] for case in cases}
+    sizes = {CLASSIFY: args.examples, GENERATE: args.gen_examples}
     machine = {
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -376,8 +333,10 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         root = Path(tmp)
-        generate(root, args.examples)
-        print(f"generated the model, data, adapters and merge in {time.perf_counter() - started:.1f} s", flush=True)
+        for setup in sorted(setups):
+            (root / setup).mkdir()
+            SETUPS[setup](root / setup, sizes[setup])
+        print(f"generated the models, data, adapters and merges in {time.perf_counter() - started:.1f} s", flush=True)
         for index in range(args.repeat):
             results = {}
             # Every other round runs backwards, so a load that drifts during a round favours no case.
@@ -394,8 +353,9 @@ def main() -> None:
         "1-min load average {load_before:.2f} before / {load_after:.2f} after".format(**machine)
     )
     print(
-        f"{args.examples} test examples of {MIN_WORDS}-{MAX_WORDS} words, batch size {args.batch_size}, "
-        f"{args.repeat} rounds of {args.passes} timed pass(es), {time.perf_counter() - started:.0f} s in all"
+        f"{args.examples} classify examples, {args.gen_examples} generate prompts ({NEW_TOKENS} new tokens each), "
+        f"batch size {args.batch_size}, {args.repeat} rounds of {args.passes} timed pass(es), "
+        f"{time.perf_counter() - started:.0f} s in all"
     )
     print(table(summary))
     if args.out:

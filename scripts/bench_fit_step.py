@@ -242,10 +242,11 @@ def prepare_limit(shape: Shape, data: Path, n: int) -> Callable[[], None]:
     """The base model, frozen; a scalar on the input embeddings is the only trainable tensor."""
     import torch
 
-    from lmerge.tasks.losses import PREDICTIONS, entropy
+    from lmerge.tasks.kinds import get_kind
     from lmerge.tasks.models import load_model
 
-    model = load_model(str(data / "base"), shape.kind).requires_grad_(False).eval()
+    kind = get_kind(shape.kind)
+    model = load_model(str(data / "base"), kind).requires_grad_(False).eval()
     scale = torch.nn.Parameter(torch.ones(()))
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: output * scale)
     optimizer = torch.optim.Adam([scale], lr=LR)
@@ -253,7 +254,9 @@ def prepare_limit(shape: Shape, data: Path, n: int) -> Callable[[], None]:
 
     def step() -> None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = entropy(PREDICTIONS[shape.kind](logits, batch)).mean()
+        probs = kind.predict(logits, batch)
+        # AdaMerging's entropy (lmerge.learn.adamerging.entropy), without importing Lightning here.
+        loss = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -7,9 +7,15 @@ A Llama-shaped random model (hidden 1024, intermediate 2816, 8 layers) and n ran
 adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per run in a
 temporary directory. Every case then runs in its own process (this script with ``--case``),
 which prints one JSON line: the wall time of the timed part only (imports and set-up
-excluded), the RSS right before it and the peak RSS during it (VmHWM, reset first).
+excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
+of the work), the RSS right before it and the peak RSS during it (VmHWM, reset first).
 
-- ``lmerge:<method>[:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full model).
+- ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
+  model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
+  iso_cts, knots_ties, knots_dare) and ties/dare in core space save exact LoRAs; the table gives
+  each case's time over the exact linear save (``lmerge:task_vector``), over weight-space
+  ``lmerge:ties`` and over its PEFT peer at the same n. ``--n 8 16 32`` shows how each grows with
+  the number of adapters.
 - ``peft:<combination_type>``: ``add_weighted_adapter`` on a PeftModel holding all n adapters,
   plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
 - ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
@@ -68,9 +74,10 @@ class Case:
 
 
 def _lmerge(method: str, peer: str | None, save: str = "lora", default: bool = True, **params: Any) -> Case:
-    """An lmerge case with fixed method parameters."""
+    """An lmerge case with fixed method parameters (a dense method in core space is ``<method>:core``)."""
+    space = f":{params['space']}" if params.get("space", "weight") != "weight" else ""
     suffix = "" if save == "lora" else f":{save}"
-    return Case(f"lmerge:{method}{suffix}", method, lambda n: dict(params), save, peer, default=default)
+    return Case(f"lmerge:{method}{space}{suffix}", method, lambda n: dict(params), save, peer, default=default)
 
 
 def _peft(combination: str, default: bool = True) -> Case:
@@ -97,6 +104,13 @@ CASES = {
         _lmerge("dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         _lmerge("dare_ties", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         _lmerge("magnitude_prune", "peft:magnitude_prune_svd", k=100 * DENSITY),
+        _lmerge("ties", "peft:ties_svd", k=100 * DENSITY, space="core"),
+        _lmerge("dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY, space="core"),
+        _lmerge("tsv", "peft:ties_svd"),
+        _lmerge("iso_c", "peft:ties_svd"),
+        _lmerge("iso_cts", "peft:ties_svd"),
+        _lmerge("knots_ties", "peft:ties_svd", k=100 * DENSITY),
+        _lmerge("knots_dare", "peft:dare_ties_svd", drop_rate=1 - DENSITY),
         Case(
             "lmerge:weighted",
             "weighted",
@@ -289,9 +303,11 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         fn = prepare_peft(case, adapters, out)
     baseline = memory_mb("VmRSS")
     reset_peak_rss()
+    cpu_started = time.process_time()
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     peak = memory_mb("VmHWM")
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
@@ -299,6 +315,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "case": name,
         "n": n,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "baseline_mb": baseline,
         "peak_mb": peak,
         "saved_mb": saved,
@@ -321,30 +338,43 @@ def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
     return min(runs, key=lambda run: run["seconds"])
 
 
+LINEAR_SAVE = "lmerge:task_vector"
+"""The exact linear save: what an exact low-rank merge is measured against."""
+WEIGHT_TIES = "lmerge:ties"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """The results as a markdown table; ratios are this case's seconds over the reference's."""
+    """The results as a markdown table; ratios are this case's seconds over the reference's (the
+    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     lines = [
-        "| case | n | seconds | peak RSS MB | Δ RSS MB | × floor | × stacked floor | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save "
+        "| × ties | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+
+    def ratio(r: dict[str, Any], reference: str | None, digits: int = 2) -> str:
+        other = seconds.get((reference, r["n"]))
+        return f"{r['seconds'] / other:.{digits}f}" if other else ""
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | | |")
             continue
-        floor, stacked = seconds.get((FLOOR, r["n"])), seconds.get((STACKED_FLOOR, r["n"]))
         peer = CASES[r["case"]].peer
-        peer_seconds = seconds.get((peer, r["n"]))
         cells = [
             r["case"],
             str(r["n"]),
             f"{r['seconds']:.3f}",
+            f"{r['cpu_seconds']:.2f}",
             f"{r['peak_mb']:.0f}",
             f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
-            f"{r['seconds'] / floor:.2f}" if floor else "",
-            f"{r['seconds'] / stacked:.2f}" if stacked else "",
+            ratio(r, FLOOR),
+            ratio(r, STACKED_FLOOR),
+            ratio(r, LINEAR_SAVE),
+            ratio(r, WEIGHT_TIES, 3),
             peer.removeprefix("peft:") if peer else "",
-            f"{r['seconds'] / peer_seconds:.3f}" if peer_seconds else "",
+            ratio(r, peer, 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where there is no CUDA device, so they never fail on a CPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def peft_merge_utils() -> ModuleType:
+    """``peft.utils.merge_utils`` loaded from its file: it needs only torch, while importing the
+    peft package pulls in transformers and costs seconds."""
+    package_dir = importlib.util.find_spec("peft").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_peft_merge_utils", Path(package_dir, "utils", "merge_utils.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_bert(path: Path) -> Path:
@@ -41,12 +63,12 @@ def build_gpt2(path: Path) -> Path:
     return path
 
 
-def build_llama(path: Path) -> Path:
+def build_llama(path: Path, vocab_size: int = 128) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -69,6 +91,7 @@ def make_adapter(
     task_type: str,
     use_rslora: bool = False,
     rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
     **options,
 ) -> Path:
     """A real PEFT LoRA adapter with random non-zero A, B (and head), saved to ``out``
@@ -86,6 +109,7 @@ def make_adapter(
         target_modules=targets,
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
         **options,
     )
     peft_model = get_peft_model(model, config)
@@ -108,8 +132,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks);
-    llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules)."""
+    """Base models and adapters: bert_a/b (r4), bert_c (r2, rslora), bert_d (mixed ranks),
+    bert_e (r3, alpha_pattern); llama_a (r4), llama_b (r8), llama_c (r4, rslora, fewer modules),
+    llama_d (r6, rslora, rank_pattern and alpha_pattern)."""
     root = tmp_path_factory.mktemp("zoo")
     bert = build_bert(root / "bert")
     llama = build_llama(root / "llama")
@@ -121,11 +146,26 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     paths["bert_d"] = make_adapter(
         bert, root / "bert_d", seed=4, rank_pattern={"layer.1.attention.self.query": 2}, **seq
     )
+    paths["bert_e"] = make_adapter(
+        bert, root / "bert_e", seed=10, r=3, alpha=6, alpha_pattern={"layer.0.attention.self.value": 2}, **seq
+    )
     lm = {"task_type": "CAUSAL_LM"}
     paths["llama_a"] = make_adapter(llama, root / "llama_a", seed=5, targets=LLAMA_TARGETS, **lm)
     paths["llama_b"] = make_adapter(llama, root / "llama_b", seed=6, r=8, alpha=16, targets=LLAMA_TARGETS, **lm)
     paths["llama_c"] = make_adapter(
         llama, root / "llama_c", seed=7, use_rslora=True, targets=["q_proj", "v_proj"], **lm
+    )
+    paths["llama_d"] = make_adapter(
+        llama,
+        root / "llama_d",
+        seed=11,
+        r=6,
+        alpha=12,
+        use_rslora=True,
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        targets=LLAMA_TARGETS,
+        **lm,
     )
     return paths
 
@@ -272,6 +312,44 @@ def t5_tasks(tmp_path_factory) -> Path:
             "dataset": write_task_data(root, name, ANSWERS, seed),
             "label_names": ANSWERS,
             "prompt": "Question: {text} Answer:",
+        }
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def word_llama(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama whose vocabulary is its word-level tokenizer's (so whatever it generates
+    decodes to words) and two LoRA adapters on it: ``base``, ``first``, ``second``."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("word_llama")
+    base = save_llama_tokenizer(root / "llama", [" ".join(WORDS + ANSWERS + TOPICS), "Question: Answer:"])
+    build_llama(base, vocab_size=len(AutoTokenizer.from_pretrained(base)))
+    lm = {"task_type": "CAUSAL_LM", "targets": LLAMA_TARGETS}
+    paths = {"base": base}
+    for name, seed in (("first", 11), ("second", 12)):
+        # Smaller factors than the zoo's: the adapted models still generate varied words.
+        paths[name] = make_adapter(base, root / name, seed=seed, alpha=2, **lm)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def generation_catalog(word_llama, tmp_path_factory):
+    """Generation tasks ``first`` and ``second`` (the word Llama's adapters; one-word answers,
+    train/validation/test splits)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("generation")
+    entries = {}
+    for name, answers, seed in (("first", ANSWERS, 5), ("second", TOPICS, 6)):
+        entries[name] = {
+            "adapter": str(word_llama[name]),
+            "kind": "generation",
+            "dataset": write_task_data(root, name, answers, seed),
+            "prompt": "Question: {text} Answer:",
+            "generation": {"max_new_tokens": 3, "stop": ["."]},
         }
     catalog = root / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"tasks": entries}))

@@ -263,7 +263,7 @@ MERGE_CASES = [
     (
         "unknown param",
         lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--method_params.density", "0.2"],
-        "method_params.density: not a parameter of method 'ties' (valid: k, lambda)",
+        "method_params.density: not a parameter of method 'ties' (valid: k, lambda, space)",
     ),
     (
         "too few adapters",
@@ -686,6 +686,11 @@ FIT_CASES = [
         "fit accelerator this machine lacks",
         lambda z, c, t: ["--config", fit_config(c, t), "--trainer.accelerator", "tpu"],
         "trainer: ",
+    ),
+    (
+        "fit fsdp on a cpu",
+        lambda z, c, t: ["--config", fit_config(c, t), "--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"],
+        "trainer: The strategy `fsdp` requires a GPU accelerator",
     ),
     (
         "fit export root is a file",

@@ -114,7 +114,7 @@ def test_merge_from_config_with_flag_overrides(zoo, tmp_path, capsys):
     assert code == 0, err
     run_dir = Path(out.split("run bundle: ")[1].strip())
     meta = json.loads((run_dir / "merge_metadata.json").read_text())
-    assert meta["params"] == {"k": 50.0, "lambda": 1.0}
+    assert meta["params"] == {"k": 50.0, "lambda": 1.0, "space": "weight"}
     assert meta["save"]["rank"] == 4
     assert run_dir.parent.parent == tmp_path / "out" / "merged" / "ties" / "llama_a_llama_b"
     assert {a["name"] for a in meta["adapters"]} == {"llama_a", "llama_b"}

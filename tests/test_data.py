@@ -140,7 +140,7 @@ def test_catalog_resolves_relative_paths_and_keeps_the_shorthand(tmp_path):
     [
         ("{adapter: a, colour: red}", "tasks.t: unknown key 'colour'"),
         ("{adapter: a, kind: regression}", "task t: unknown kind 'regression'"),
-        ("{adapter: a, prompt: 'Q: {text}'}", "task t: prompt is for kind 'label_tokens' only"),
+        ("{adapter: a, prompt: 'Q: {text}'}", "task t: prompt is for kind 'label_tokens' or 'generation' only"),
         ("{adapter: a, kind: label_tokens, prompt: 'no slot'}", "task t: prompt must contain '{text}'"),
         ("{adapter: a, metric: wer}", "task t: metric 'wer' needs kind 'label_tokens'"),
         ("{adapter: a, splits: {dev: validation}}", "task t: unknown split 'dev'"),
@@ -154,6 +154,28 @@ def test_catalog_rejects_bad_entries(tmp_path, entry, message):
     catalog.write_text(f"tasks:\n  t: {entry}\n")
     with pytest.raises(ConfigError, match=message):
         load_task_catalog(catalog)
+
+
+def test_every_kind_file_registers_its_own_kind_only():
+    import pkgutil
+
+    import lmerge.tasks.kinds
+    from lmerge.tasks.kinds import KINDS, get_kind
+
+    files = [
+        m.name
+        for m in pkgutil.iter_modules(lmerge.tasks.kinds.__path__)
+        if not m.name.startswith("_") and m.name != "registry"
+    ]
+    assert files
+    by_module: dict[str, list[str]] = {}
+    for name, kind in KINDS.items():
+        by_module.setdefault(type(kind).__module__, []).append(name)
+    assert sorted(by_module) == sorted(f"lmerge.tasks.kinds.{file}" for file in files)
+    for file in files:
+        assert by_module[f"lmerge.tasks.kinds.{file}"] == [file]
+    with pytest.raises(ConfigError, match=f"unknown kind 'regression'; valid: {', '.join(sorted(KINDS))}$"):
+        get_kind("regression")
 
 
 def test_missing_column_names_task_file_and_existing_columns(tmp_path):

@@ -160,12 +160,12 @@ def test_missing_demo_files_say_run_lmerge_demo_first(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
-    """Data, four fine-tunes, three static merges, a sweep and four learners on a tiny random BERT;
+    """Data, four fine-tunes, the static merges, the sweeps and four learners on a tiny random BERT;
     a second run reuses data and adapters."""
     from conftest import build_bert, save_bert_tokenizer
     from transformers import BertConfig, BertModel
 
-    from lmerge.demo.pipeline import run_demo
+    from lmerge.demo.pipeline import LEARNERS, STATIC, SWEEPS, run_demo
 
     sources = write_sources(tmp_path / "src", copies=12)
     words = " ".join(Path(f).read_text() for f in (sources.sentiment, sources.questions, sources.sms)).split()
@@ -187,9 +187,12 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     }
     outcome = run_demo(**settings)
     names = [r.name for r in outcome.results]
-    assert names[:4] == ["single-task adapters", "uniform", "ties", "dare"]
-    assert names[4].startswith("task_vector sweep (lambda=")
-    assert names[5:] == ["AdaMerging", "gradient CE", "SuperMerge", "regret smooth-max"]
+    assert names[: len(STATIC) + 1] == ["single-task adapters", *STATIC]
+    sweeps = names[len(STATIC) + 1 : -len(LEARNERS)]
+    assert len(sweeps) == len(SWEEPS)
+    for row, sweep in zip(sweeps, SWEEPS, strict=True):
+        assert row.startswith(f"{sweep} (lambda=")
+    assert names[-len(LEARNERS) :] == list(LEARNERS)
     for row in outcome.results:
         assert set(row.scores) == set(LABELS) and all(0.0 <= v <= 1.0 for v in row.scores.values())
     assert all((tmp_path / f"built/adapters/{task}/adapter_config.json").is_file() for task in LABELS)

@@ -124,7 +124,7 @@ def test_baselines_are_cached_and_outputs_follow_the_layout(tasks, tmp_path, mon
     assert link.is_symlink() and not link.readlink().is_absolute()
     assert json.loads(link.read_text())["merged"] == first.evaluation.tasks["alpha"]["merged"]
     index = json.loads((combo / "eval" / "index.json").read_text())
-    assert len(index) == 1 and index[0]["metadata"]["params"] == {"k": 20.0, "lambda": 1.0}
+    assert len(index) == 1 and index[0]["metadata"]["params"] == {"k": 20.0, "lambda": 1.0, "space": "weight"}
     assert set(index[0]["metadata"]) >= {"method_params", "lambda_policy", "transforms", "optimizer"}
     run_merge(MergeConfig(method="ties", method_params={"k": 50}, **config))
     assert len(json.loads((combo / "eval" / "index.json").read_text())) == 2  # appended, not replaced
@@ -234,3 +234,35 @@ def test_mixed_precision_evaluation_on_cpu_stays_in_float32(tasks, tmp_path, cap
     assert mixed.out == full and "eval_precision bf16-mixed: on CPU evaluation computes in float32" in mixed.err
     assert main([*argv, "--eval_precision", "64-true"]) == 2
     assert "eval_precision: unknown precision '64-true'" in capsys.readouterr().err
+
+
+def test_a_macro_f1_task_is_scored_with_macro_f1(zoo, tasks, tmp_path):
+    """The catalog's metric decides the score (not the DataModule's data-only spec)."""
+    import yaml
+
+    from lmerge.evaluation.evaluate import Evaluator
+    from lmerge.tasks.spec import catalog_tasks
+
+    spec, data = rows(tasks, "alpha")
+    entry = {"adapter": spec.adapter, "dataset": spec.dataset, "label_names": spec.label_names, "metric": "macro_f1"}
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": {"alpha": entry}}))
+    evaluator = Evaluator(catalog_tasks(catalog, ["alpha"]), "test", output_root=tmp_path / "out")
+    value = evaluator.baseline(evaluator.tasks[0])["value"]
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), spec.adapter)
+    batch = tokenizer([r["text"] for r in data], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        predicted = model.eval()(**batch).logits.argmax(-1)
+    labels = torch.tensor([spec.label_names.index(r["label"]) for r in data])
+    f1 = []
+    for c in range(len(spec.label_names)):
+        hits, predicted_c, actual_c = (
+            int(((predicted == c) & (labels == c)).sum()),
+            int((predicted == c).sum()),
+            int((labels == c).sum()),
+        )
+        f1.append(2 * hits / (predicted_c + actual_c) if predicted_c + actual_c else 0.0)
+    accuracy = float((predicted == labels).float().mean())
+    assert abs(value - sum(f1) / len(f1)) < 1e-6 and abs(value - accuracy) > 1e-3

@@ -18,7 +18,7 @@ from lmerge.adapters.align import align_keys
 from lmerge.errors import AdapterError, ConfigError
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
-from lmerge.learn.merged_linear import DenseMergedLinear, FusedLoRALinear
+from lmerge.learn.merged_linear import DenseMergedLinear, FusedLoRALinear, ScaleTable, factor_dtype
 from lmerge.merge.config import MergeConfig, SaveConfig
 from lmerge.pipeline import run_merge
 
@@ -377,3 +377,61 @@ def test_the_folded_path_is_taken_when_it_is_cheaper(zoo):
     assert not module.folds(torch.zeros(enough - 1, in_features))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not module.folds(torch.zeros(enough, in_features))
+
+
+def test_factors_stored_in_half_under_autocast_change_nothing_and_are_not_copied(zoo):
+    """Under autocast (bf16-mixed), factors stored in bf16 give the same output and coefficient
+    gradient, bit for bit, as float32 factors that autocast casts at each call; and the backward keeps
+    the stored factors themselves, where float32 ones leave a cast copy of each behind."""
+    key = "model.layers.1.mlp.down_proj"
+    # Its input requires grad, as inside a model: the backward then needs A_cat for the input gradient too.
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        built = setup(zoo, "llama", "layer_wise", "sigmoid", torch.float32)
+        model, adapters, keys, coefficients, group_of, _, _ = built
+        module = attach(model, adapters, keys, coefficients, group_of, dtype=dtype).modules[key]
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append((tuple(tensor.shape), tensor.data_ptr()))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = module(x)
+            y.float().square().mean().backward()
+        shapes = {shape for t in (module.A_cat, module.B_cat) for shape in (tuple(t.shape), tuple(t.shape)[::-1])}
+        stored = {module.A_cat.data_ptr(), module.B_cat.data_ptr()}
+        copies = [(shape, pointer) for shape, pointer in saved if shape in shapes and pointer not in stored]
+        results[dtype] = (y, coefficients.raw.grad.clone(), copies)
+    (y32, grad32, copies32), (y16, grad16, copies16) = results[torch.float32], results[torch.bfloat16]
+    assert torch.equal(y16, y32) and torch.equal(grad16, grad32) and grad16.abs().sum() > 0
+    assert len(copies32) == 2 and not copies16  # A_cat's and B_cat's casts, kept until the backward
+
+
+@pytest.mark.parametrize(
+    ("weight", "precision", "device", "expected"),
+    [
+        (torch.bfloat16, "bf16-mixed", "cuda", torch.bfloat16),
+        (torch.float32, "16-mixed", "cuda", torch.float16),
+        (torch.bfloat16, "32-true", "cuda", torch.float32),
+        (torch.bfloat16, "bf16-mixed", "cpu", torch.float32),  # the learner turns autocast off on CPU
+        (torch.float64, "32-true", "cpu", torch.float64),
+    ],
+)
+def test_factor_dtype_follows_the_autocast_dtype_on_accelerators(weight, precision, device, expected):
+    assert factor_dtype(weight, precision, device) == expected
+
+
+def test_scale_table_keeps_its_indices_together_under_a_default_device(zoo):
+    """Lightning runs ``configure_model`` under ``torch.device(root_device)``: the table's tensors must
+    stay on one device (they move together at the first fill), not follow the default device in part."""
+    model, adapters, keys, coefficients, group_of, _, _ = setup(zoo, "llama", "layer_wise", "sigmoid", torch.float32)
+    modules = list(attach(model, adapters, keys, coefficients, group_of).modules.values())
+    with torch.device("meta"):
+        table = ScaleTable(modules)
+    assert {t.device.type for t in (table.group, table.adapter, table.scaling)} == {"cpu"}
+    table.fill(coefficients)
+    for module, chunk in zip(modules, table.chunks, strict=True):
+        torch.testing.assert_close(chunk, module.scaled_coefficients(), atol=0, rtol=0)

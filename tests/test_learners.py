@@ -4,6 +4,7 @@ logs to TensorBoard, and exports a merge spec that ``lmerge merge`` reproduces e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,6 +326,62 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
     torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
 
 
+FSDP_CONFIG = """
+model:
+  class_path: lmerge.learn.AdaMerging
+  init_args: {{adapters: ["yes", maybe], granularity: layer_wise, lr: 0.05}}
+data: {{catalog: {catalog}, tasks: ["yes", maybe], fit_split: test, batch_size: {batch}}}
+trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
+export: {{output_dir: {out}}}
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
+    """Lightning's FSDP (``tests/fsdp_cpu.py``: the stock strategy given the CPU device) over two gloo
+    processes, 4 examples each, on the Llama tasks: each decoder layer is its own FSDP unit (the base
+    model sharded), the coefficients are replicated, and the learned coefficients equal one process's
+    with 8 examples. GradientCE, whose baselines run the model before training, learns under FSDP too."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    report = tmp_path / "report"
+    report.mkdir()
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "FSDP_REPORT_DIR": str(report)}
+    runs = {}
+    strategy = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.devices", "2"]
+    for name, batch, extra in (("single", 8, []), ("fsdp", 4, strategy)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(FSDP_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name))
+        command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        exported = next((tmp_path / name).rglob("coefficients.json"))
+        runs[name] = json.loads(exported.read_text())["values"]
+    ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(zoo["llama"]).parameters())
+    assert all(rank["units"] == 3 for rank in ranks)  # the root and each of the two decoder layers
+    assert sum(rank["base_elements"] for rank in ranks) == base  # each holds its shard, no more
+    assert all(rank["coefficient_elements"] == 4 for rank in ranks)  # 2 layers x 2 adapters, whole on each
+    assert runs["fsdp"] != [[0.3, 0.3]] * 2
+    torch.testing.assert_close(torch.tensor(runs["fsdp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+    # A learner that runs the model before training (GradientCE's single-adapter baselines, outside any
+    # step): its forward is routed through FSDP's wrapper, else the root's weights would still be sharded.
+    config = tmp_path / "gradient.yaml"
+    text = FSDP_CONFIG.format(catalog=tasks, batch=4, out=tmp_path / "gradient")
+    text = text.replace("lmerge.learn.AdaMerging", "lmerge.learn.GradientCE").replace("test,", "validation,")
+    config.write_text(text.replace("lr: 0.05}", "lr: 0.05, ce_baseline_batches: 2}"))
+    command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+    done = subprocess.run([*command, *strategy], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    values = json.loads(next((tmp_path / "gradient").rglob("coefficients.json")).read_text())["values"]
+    assert values != [[0.3, 0.3]] * 2
+
+
 def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
     from lmerge.adapters import LoraAdapter
     from lmerge.learn import LoraFinetune
@@ -419,3 +476,91 @@ def test_merge_config_with_a_learner_merges_what_it_learned(tasks, tmp_path, cap
     config.write_text(config.read_text().replace("early_stopping_min_delta", "early_stopping_mindelta"))
     assert main(["merge", "--config", str(config)]) == 2
     assert "optimizer.params.early_stopping_mindelta: not a setting of optimizer 'gradient'" in capsys.readouterr().err
+
+
+class LossSpy(CoefficientLogger):
+    """Records each training step's loss and the coefficients after that step."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses, self.values = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.values.append(pl_module.coefficients.values())
+
+
+def test_learner_early_stopping_waits_for_warmup_and_minimum_steps(tasks, tmp_path):
+    """Patience counts training steps from the warm-up on; the run stops once patience is spent
+    and the minimum number of steps is reached (a huge threshold: no step is an improvement)."""
+    learner = SuperMerge(
+        str(tasks),
+        ["alpha", "beta"],
+        ["alpha", "beta"],
+        early_stopping_patience=2,
+        early_stopping_threshold=1e9,
+        early_stopping_warmup_steps=1,
+        min_optimizer_steps_before_early_stop=4,
+    )
+    fit(learner, data_for(tasks, "validation"), 10, tmp_path)
+    # Step 1 sets the best; steps 2 and 3 spend the patience; step 4 is the first allowed stop.
+    assert learner.global_step == 4
+
+
+def test_learner_restores_the_coefficients_of_its_lowest_training_loss(tasks, tmp_path):
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.5, restore_best_checkpoint=True)
+    spy = LossSpy()
+    fit(learner, data_for(tasks, "validation"), 6, tmp_path, callbacks=[spy])
+    best = min(range(len(spy.losses)), key=spy.losses.__getitem__)
+    assert best != len(spy.losses) - 1, "the test needs a run whose last step is not its best"
+    assert learner.coefficients.values() == spy.values[best]
+
+
+def test_the_export_writes_the_restored_best_coefficients(tasks, tmp_path):
+    """The merge export (at fit's end) runs after the best coefficients are restored (at train's end)."""
+    from lmerge.callbacks import MergeExport
+
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.5, restore_best_checkpoint=True)
+    spy, export = LossSpy(), MergeExport(output_dir=str(tmp_path / "out"))
+    fit(learner, data_for(tasks, "validation"), 6, tmp_path, callbacks=[spy, export])
+    best = min(range(len(spy.losses)), key=spy.losses.__getitem__)
+    assert best != len(spy.losses) - 1, "the test needs a run whose last step is not its best"
+    exported = json.loads((export.bundle / "coefficients.json").read_text())["values"]
+    assert exported == spy.values[best] == learner.coefficients.values()
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("supermerge", "coefficient_parameterization", "tanh_alpha"),
+        ("supermerge", "normalize_coefficients", False),
+        ("gradient", "ce_baseline_source", "single_task_eval"),
+    ],
+)
+def test_one_valued_learner_settings_of_old_merge_configs_are_ignored_with_a_warning(tasks, name, key, value):
+    from lmerge.learn.from_config import train_learner
+
+    # The unknown key after it stops the run before anything is built.
+    with pytest.warns(DeprecationWarning, match=f"optimizer.params.{key} is ignored"):
+        with pytest.raises(ConfigError, match="optimizer.params.bogus: not a setting"):
+            train_learner(name, {key: value, "bogus": 1}, str(tasks), ["alpha", "beta"], "common")
+
+
+def test_learner_stopping_callbacks_join_configured_ones_and_their_state_is_checkpointed(tasks, tmp_path):
+    """The learner's own early stopping and best restore come as callbacks beside (not instead
+    of) those a config composes, e.g. ``callbacks/early_stopping.yaml``."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lmerge.learn.callbacks import BestCoefficients, BestStepCoefficients, StepEarlyStopping
+
+    learner = SuperMerge(
+        str(tasks), ["alpha", "beta"], ["alpha", "beta"], early_stopping_patience=5, restore_best_checkpoint=True
+    )
+    configured = [EarlyStopping("val/loss", check_on_train_epoch_end=False), BestCoefficients()]
+    trainer = fit(learner, data_for(tasks, "validation"), 3, tmp_path, callbacks=configured)
+    assert all(any(c is own for own in trainer.callbacks) for c in configured)
+    own = {type(c): c for c in trainer.callbacks}
+    assert torch.isfinite(own[StepEarlyStopping].rule.best_score) and own[BestStepCoefficients].best is not None
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    assert any(key.startswith("StepEarlyStopping") for key in saved) and "BestStepCoefficients" in saved

@@ -6,14 +6,12 @@ elected sign, times lambda; peft's ``ties`` with every weight equal to lambda is
 
 from __future__ import annotations
 
-import importlib.util
 import pkgutil
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from conftest import peft_merge_utils
 
 import lmerge.methods
 from lmerge.errors import MethodError
@@ -21,19 +19,7 @@ from lmerge.methods import METHODS, Kind, MergeMethod, ModuleContext, _dare, get
 from lmerge.methods._task_vectors import TaskVectors
 
 KEY = "model.layers.3.self_attn.q_proj"
-
-
-def _peft_merge_utils() -> ModuleType:
-    """``peft.utils.merge_utils`` loaded from its file: it needs only torch, while importing the
-    peft package pulls in transformers and costs seconds."""
-    package_dir = importlib.util.find_spec("peft").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("_peft_merge_utils", Path(package_dir, "utils", "merge_utils.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PEFT = _peft_merge_utils()
+PEFT = peft_merge_utils()
 
 
 def _ctx(method: MergeMethod, params: dict[str, Any], layer: int | None = 3) -> ModuleContext:
@@ -64,7 +50,7 @@ def _merged_delta(method: MergeMethod, params: dict[str, Any], deltas: torch.Ten
     """Run ``method`` and return the merged dense delta, whatever its kind."""
     params = method.normalize_params(params, deltas.shape[0])
     ctx = _ctx(method, params)
-    if method.kind is Kind.FACTORS:
+    if method.kind in (Kind.FACTORS, Kind.LOW_RANK):
         A, B = method.fn(factor_inputs["As"], factor_inputs["Bs"], params, ctx)
         return B @ A
     if method.kind is Kind.LINEAR:
@@ -128,11 +114,26 @@ IDENTITY_PARAMS: dict[str, dict[str, Any]] = {
     "magnitude_prune": {"k": 100.0},
     "dare": {"drop_rate": 0.0},
     "dare_ties": {"drop_rate": 0.0},
+    "tsv": {"keep": 1.0},
+    "knots_ties": {"k": 100.0},
+    "knots_dare": {"drop_rate": 0.0},
 }
-NO_IDENTITY = {"weighted_delta": "takes exactly two adapters"}
+NO_IDENTITY = {
+    "weighted_delta": "takes exactly two adapters",
+    "iso_c": "flattens the spectrum",
+    "iso_cts": "flattens the spectrum",
+}
+# Methods for which identical adapters are not a fixed point.
+NO_FIXED_POINT = {
+    "tsv": "the polar factor of n equal bases is not unique",
+    "iso_c": "flattens the spectrum",
+    "iso_cts": "flattens the spectrum",
+}
 
 # Identical adapters are a fixed point (three of them, two for weighted_delta).
 FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
+    "knots_ties": {"k": 100.0},
+    "knots_dare": {"drop_rate": 0.0},
     "uniform": {},
     "weighted": {"weights": [0.2, 0.3, 0.5]},
     "task_vector": {"lambda": 1 / 3},
@@ -149,7 +150,7 @@ FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
 
 def test_every_method_has_identity_and_fixed_point_cases():
     assert set(METHODS) == set(IDENTITY_PARAMS) | set(NO_IDENTITY)
-    assert set(METHODS) == set(FIXED_POINT_PARAMS)
+    assert set(METHODS) == set(FIXED_POINT_PARAMS) | set(NO_FIXED_POINT)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -165,6 +166,17 @@ def test_runs_deterministically_and_keeps_shape_without_nan(name):
         assert A.shape == As[0].shape and B.shape == Bs[0].shape
         assert torch.equal(A, A2) and torch.equal(B, B2)
         assert not (A.isnan().any() or B.isnan().any())
+    elif method.kind is Kind.LOW_RANK:
+        As, Bs = _factors(n)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            factors = [A.to(dtype) for A in As], [B.to(dtype) for B in Bs]
+            A, B = method.fn(*factors, params, ctx)
+            A2, B2 = method.fn(*factors, params, ctx)
+            assert A.shape[1] == As[0].shape[1] and B.shape[0] == Bs[0].shape[0]
+            assert A.shape[0] == B.shape[1] <= sum(A_i.shape[0] for A_i in As)
+            assert A.dtype == B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert torch.equal(A, A2) and torch.equal(B, B2)
+            assert not (A.isnan().any() or B.isnan().any())
     elif method.kind is Kind.LINEAR:
         coefficients = method.fn(n, params, ctx)
         assert coefficients == method.fn(n, params, ctx)
@@ -188,6 +200,8 @@ def test_one_adapter_at_weight_one_is_unchanged(name):
         params = method.normalize_params(IDENTITY_PARAMS[name], 1)
         A, B = method.fn(As, Bs, params, _ctx(method, params))
         assert torch.equal(A, As[0]) and torch.equal(B, Bs[0])
+    elif method.kind is Kind.LOW_RANK:  # exact up to the rounding of its QR and SVD
+        torch.testing.assert_close(_merged_delta(method, IDENTITY_PARAMS[name], deltas, As=As, Bs=Bs), Bs[0] @ As[0])
     else:
         assert torch.equal(_merged_delta(method, IDENTITY_PARAMS[name], deltas), deltas[0])
 
@@ -199,7 +213,7 @@ def test_identical_adapters_are_a_fixed_point(name):
     deltas = _deltas(1).expand(n, -1, -1).contiguous()
     As, Bs = _factors(1)
     merged = _merged_delta(method, FIXED_POINT_PARAMS[name], deltas, As=As * n, Bs=Bs * n)
-    expected = Bs[0] @ As[0] if method.kind is Kind.FACTORS else deltas[0]
+    expected = Bs[0] @ As[0] if method.kind in (Kind.FACTORS, Kind.LOW_RANK) else deltas[0]
     torch.testing.assert_close(merged, expected)
 
 
@@ -362,7 +376,7 @@ def test_factor_methods_reject_unequal_ranks(name):
             "ties",
             {"density": 0.2},
             2,
-            r"method_params\.density: not a parameter of method 'ties' \(valid: k, lambda\)",
+            r"method_params\.density: not a parameter of method 'ties' \(valid: k, lambda, space\)",
         ),
         ("weighted_delta_n", {}, 2, r"method_params\.weights is required"),
         (
@@ -429,7 +443,11 @@ def test_negative_weights_are_allowed_when_asked():
 
 
 def test_command_line_strings_are_cast():
-    assert get_method("ties").normalize_params({"k": "30", "lambda": "0.3"}, 2) == {"k": 30.0, "lambda": 0.3}
+    assert get_method("ties").normalize_params({"k": "30", "lambda": "0.3"}, 2) == {
+        "k": 30.0,
+        "lambda": 0.3,
+        "space": "weight",
+    }
     assert get_method("dare").normalize_params({"seed": "7"}, 2)["seed"] == 7
     params = get_method("weighted_delta_n").normalize_params(
         {
@@ -449,4 +467,5 @@ def test_yaml_ints_become_floats():
     assert get_method("magnitude_prune").normalize_params({"k": 50, "lambda": 2}, 2) == {
         "k": 50.0,
         "lambda": 2.0,
+        "space": "weight",
     }

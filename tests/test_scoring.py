@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lmerge.metrics import get_metric, interference_delta, normalized
-from lmerge.tasks.scoring import score_classification, score_label_tokens
+from lmerge.tasks.kinds.classification import score_classification
+from lmerge.tasks.kinds.label_tokens import score_label_tokens
 
 
 class FixedLogits(nn.Module):

@@ -299,7 +299,10 @@ def study_trials(out: Path) -> list[optuna.trial.FrozenTrial]:
         return []
     (journal,) = journals
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    return optuna.load_study(study_name=journal.stem, storage=storage).get_trials(deepcopy=False)
+    try:
+        return optuna.load_study(study_name=journal.stem, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # the journal is there, the study not yet written into it
+        return []
 
 
 @pytest.mark.slow

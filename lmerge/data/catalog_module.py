@@ -9,7 +9,8 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from lmerge.data.multitask import MultiTaskDataModule
 from lmerge.errors import ConfigError
-from lmerge.tasks.spec import TaskSpec
+from lmerge.outputs import DEFAULT_OUTPUT_DIR, subsets_dir
+from lmerge.tasks.spec import TaskSpec, catalog_tasks
 
 
 class CatalogDataModule(MultiTaskDataModule):
@@ -30,7 +31,7 @@ class CatalogDataModule(MultiTaskDataModule):
         sampling: dict[str, Any] | None = None,
         seed: int = 0,
         eval_subset: dict[str, Any] | None = None,
-        subset_cache_dir: str = "artifacts/subsets",
+        subset_cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -45,15 +46,10 @@ class CatalogDataModule(MultiTaskDataModule):
             sampling: Label-frequency sampling config ``{default: {...}, per_task: {...}}``.
             seed: Seed of shuffles and samplers.
             eval_subset: Eval-subset config for the validation and test splits.
-            subset_cache_dir: Where eval-subset indices are cached.
+            subset_cache_dir: Where eval-subset indices are cached; default: ``subsets/`` under the
+                default output root.
         """
-        from lmerge.tasks.spec import load_task_catalog
-
-        specs = load_task_catalog(catalog)
-        missing = [name for name in tasks if name not in specs]
-        if missing:
-            raise ConfigError(f"data.tasks: {missing[0]!r} is not a task in catalog {catalog}")
-        chosen = [specs[name] for name in tasks]
+        chosen = catalog_tasks(catalog, tasks, key="data.tasks")
         tokenizer = tokenizer or _base_model_of(chosen)
         built = MultiTaskDataModule.from_specs(
             chosen,
@@ -65,7 +61,7 @@ class CatalogDataModule(MultiTaskDataModule):
             sampling=sampling,
             seed=seed,
             eval_subset=eval_subset,
-            subset_cache_dir=subset_cache_dir,
+            subset_cache_dir=subset_cache_dir or subsets_dir(DEFAULT_OUTPUT_DIR),
         )
         super().__init__(list(built.tasks.values()))
         self.catalog = catalog

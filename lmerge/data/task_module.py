@@ -1,10 +1,10 @@
 """``TaskDataModule``: one task's train/validation/test splits, tokenized with the base model's
-tokenizer, in the batch formats of ``lmerge.tasks.collate``."""
+tokenizer, in the batch format of the task's kind (``lmerge.tasks.kinds``)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from lmerge.data.sampling import STRATEGIES, ResumableLoader, make_sampler
 from lmerge.data.subsets import subset_indices
 from lmerge.errors import ConfigError, unknown_name
-from lmerge.tasks.collate import IGNORE_INDEX, Collator
 from lmerge.tasks.spec import SPLITS, TaskSpec, available_splits, load_task_dataset, select_split
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ class TaskDataModule(LightningDataModule):
         name: str,
         tokenizer: str,
         dataset: dict[str, Any],
-        kind: Literal["classification", "label_tokens"] = "classification",
+        kind: str = "classification",
         splits: dict[str, str] | None = None,
         text_column: str = "text",
         label_column: str = "label",
@@ -53,12 +52,12 @@ class TaskDataModule(LightningDataModule):
             name: Task name.
             tokenizer: Directory or hub name of the base model's tokenizer (no remote code).
             dataset: ``datasets.load_dataset`` keyword arguments.
-            kind: ``classification`` (class-id labels) or ``label_tokens`` (causal-LM answers).
+            kind: The task kind (``lmerge.tasks.kinds``), e.g. ``classification`` or ``label_tokens``.
             splits: Our split names -> the dataset's; None: train/validation/test where present.
             text_column: Column with the input text.
             label_column: Column with the label (name, class id, or answer text).
             label_names: Class names in class-id order.
-            prompt: ``label_tokens`` template with ``{text}``; None: the text alone.
+            prompt: Template with ``{text}`` for kinds with text answers; None: the text alone.
             max_length: Most tokens per example; long prompts lose their start, keeping BOS.
             batch_size: Training batch size.
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
@@ -184,15 +183,12 @@ class TaskDataModule(LightningDataModule):
 
     @property
     def candidates(self) -> torch.Tensor | None:
-        """[C, Lc] answer token ids of every label name, -100-padded (``label_tokens`` with
-        ``label_names`` only; else None)."""
-        if self.spec.kind != "label_tokens" or not self.spec.label_names:
-            return None
+        """[C, Lc] answer token ids of every label name, -100-padded, where the task's kind scores
+        classes by their words (``label_tokens`` with ``label_names``); else None."""
         if self._candidates is None:
-            answers = [self._answer_ids(name) for name in self.spec.label_names]
-            self._candidates = torch.full((len(answers), max(map(len, answers))), IGNORE_INDEX, dtype=torch.long)
-            for row, ids in enumerate(answers):
-                self._candidates[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            # Kept for every later batch, so never an inference tensor (evaluation runs in inference mode).
+            with torch.inference_mode(False):
+                self._candidates = self.spec.task_kind.label_words(self)
         return self._candidates
 
     def available_splits(self) -> list[str]:
@@ -243,9 +239,9 @@ class TaskDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         return self.dataloader("test") if self.has_split("test") else []
 
-    def collator(self) -> Collator:
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """The batch-building function of this task's loaders."""
-        return Collator(self.spec.kind, self._pad_id(), self.candidates, self.encoder_decoder)
+        return self.spec.task_kind.collator(self)
 
     def label_counts(self, split: str) -> dict[str | int, int]:
         """Examples per label in our ``split`` (after its subset): every label name in class
@@ -260,7 +256,7 @@ class TaskDataModule(LightningDataModule):
         counts = Counter(e["label"] for e in self._examples("train"))
         if self.spec.label_names:
             n_classes = len(self.spec.label_names)
-        elif self.spec.kind == "classification":
+        elif not self.spec.task_kind.text_answers:
             n_classes = max(counts) + 1
         else:
             raise ConfigError(f"task {self.name}: a class prior needs label_names (answers are free text)")
@@ -273,8 +269,8 @@ class TaskDataModule(LightningDataModule):
         return self._data
 
     def _examples(self, split: str) -> list[dict[str, Any]]:
-        """Tokenized examples of our ``split``, encoded once: ``input_ids``, ``label`` (class id,
-        or answer text for free-text answers) and, for ``label_tokens``, ``prompt_length``."""
+        """Tokenized examples of our ``split``, encoded once by the task's kind: ``input_ids``,
+        ``label`` (class id, or answer text for free-text answers) and what else the kind needs."""
         if split in self._encoded:
             return self._encoded[split]
         spec = self.spec
@@ -299,39 +295,8 @@ class TaskDataModule(LightningDataModule):
             if not isinstance(text, str):
                 where = indices[row] if indices is not None else row
                 raise ConfigError(f"task {self.name}: split {split}, row {where}: text is {text!r}, not a string")
-        if spec.kind == "classification":
-            encoded = self.tokenizer(texts, truncation=True, max_length=spec.max_length)["input_ids"]
-            examples = [{"input_ids": ids, "label": label} for ids, label in zip(encoded, labels)]
-        else:
-            examples = self._encode_answers(texts, labels)
+        examples = spec.task_kind.encode(self, texts, labels)
         self._encoded[split] = examples
-        return examples
-
-    def _encode_answers(self, texts: list[str], labels: list[int | str]) -> list[dict[str, Any]]:
-        """``label_tokens`` examples: prompt ids then answer ids, within ``max_length``."""
-        spec = self.spec
-        prompts = [spec.prompt.replace("{text}", t) for t in texts] if spec.prompt else texts
-        prompt_ids = self.tokenizer(prompts)["input_ids"]
-        if self.candidates is not None:
-            answer_ids = [[i for i in self.candidates[label].tolist() if i != IGNORE_INDEX] for label in labels]
-        else:
-            answer_ids = [self._answer_ids(str(label)) for label in labels]
-        bos = self.tokenizer.bos_token_id
-        examples = []
-        if self.encoder_decoder:
-            return [
-                {"input_ids": prompt[: spec.max_length], "answer_ids": answer[: spec.max_length], "label": label}
-                for prompt, answer, label in zip(prompt_ids, answer_ids, labels)
-            ]
-        for prompt, answer, label in zip(prompt_ids, answer_ids, labels):
-            # Keep the whole answer (it is the target) and the end of the prompt (the cue that the
-            # answer follows); what goes is the start of the text, after any BOS.
-            answer = answer[: spec.max_length - 1]
-            room = spec.max_length - len(answer)
-            if len(prompt) > room:
-                head = prompt[:1] if bos is not None and prompt[0] == bos else []
-                prompt = head + prompt[len(prompt) - room + len(head) :]
-            examples.append({"input_ids": prompt + answer, "prompt_length": len(prompt), "label": label})
         return examples
 
     @property
@@ -349,13 +314,8 @@ class TaskDataModule(LightningDataModule):
                 self._encoder_decoder = False  # a tokenizer directory without a model config
         return self._encoder_decoder
 
-    def _answer_ids(self, label: str) -> list[int]:
-        ids = self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        # EOS ends the answer, so a label that is a prefix of another ("no" / "none") is still told apart.
-        return ids + [eos] if eos is not None else ids
-
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
+        """The id that pads batches: the tokenizer's pad token, else its EOS."""
         tokenizer = self.tokenizer
         # Llama-style tokenizers often have no pad token; padding is masked out, so EOS serves.
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

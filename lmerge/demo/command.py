@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmerge.errors import ConfigError
+from lmerge.outputs import DEFAULT_OUTPUT_DIR
 
 # The shipped configs live beside the package in a checkout (`make demo` installs it editable).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def demo(
-    output_dir: str = "artifacts",
+    output_dir: str = DEFAULT_OUTPUT_DIR,
     catalog: str | None = None,
     configs: str | None = None,
     logs_dir: str = ".",
@@ -25,8 +26,9 @@ def demo(
     """Build the built-in benchmark (MiniLM, four real text tasks from PyPI) and run every method on it.
 
     Prepares the data, fine-tunes one LoRA adapter per task (cached), then scores on the test split
-    each task's own adapter, uniform, ties, dare, a task_vector sweep and the four learners; prints
-    the results table and writes REPORT.md and a chart under <output_dir>/demo.
+    each task's own adapter, uniform, ties, dare, ties in core space, tsv, sweeps over lambda
+    (ranked on validation) of task_vector, tsv, iso_c, iso_cts and knots_ties, and the four
+    learners; prints the results table and writes REPORT.md and a chart under <output_dir>/demo.
 
     Args:
         output_dir: Root of all outputs (run bundles, evaluations, the report).
@@ -35,7 +37,7 @@ def demo(
         configs: Directory of the shipped configs the steps run; default: configs/ of this checkout.
         logs_dir: Where lightning_logs/ (TensorBoard) is written.
         train_examples: Most training rows per task (one fine-tuning epoch reads them all).
-        validation_examples: Most validation rows per task (supervised learners, the sweep).
+        validation_examples: Most validation rows per task (supervised learners, the sweeps).
         test_examples: Most test rows per task (every reported number).
         seed: Seed of the data splits.
         retrain: Fine-tune every adapter again, even if it is cached.

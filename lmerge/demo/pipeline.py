@@ -22,8 +22,21 @@ from lmerge.demo.sources import DemoSources
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
 
 # Row label -> config, relative to the configs directory.
-STATIC = {"uniform": "demo/uniform.yaml", "ties": "demo/ties.yaml", "dare": "demo/dare.yaml"}
-SWEEP = ("task_vector sweep", "demo/task_vector_sweep.yaml")
+STATIC = {
+    "uniform": "demo/uniform.yaml",
+    "ties": "demo/ties.yaml",
+    "dare": "demo/dare.yaml",
+    "ties (core space)": "demo/ties_core.yaml",
+    "tsv": "demo/tsv.yaml",
+}
+# Ranked on validation, the best point scored on test.
+SWEEPS = {
+    "task_vector sweep": "demo/task_vector_sweep.yaml",
+    "tsv sweep": "demo/tsv_sweep.yaml",
+    "iso_c sweep": "demo/iso_c_sweep.yaml",
+    "iso_cts sweep": "demo/iso_cts_sweep.yaml",
+    "knots_ties sweep": "demo/knots_ties_sweep.yaml",
+}
 LEARNERS = {
     "AdaMerging": "adamerging.yaml",
     "gradient CE": "gradient.yaml",
@@ -71,7 +84,7 @@ def run_demo(
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()
     load_at_start = os.getloadavg()
-    steps = 3 + len(STATIC) + 1 + len(LEARNERS)
+    steps = 3 + len(STATIC) + len(SWEEPS) + len(LEARNERS)
     step = _Steps(steps)
 
     step("data: parse, deduplicate and split the packaged datasets")
@@ -101,8 +114,9 @@ def run_demo(
             results.append(single_row(evaluation))
         results.append(row)
 
-    step(f"{SWEEP[0]} (configs/{SWEEP[1]}): ranked on validation, best scored on test")
-    results.append(run_grid_sweep(SWEEP[0], configs / SWEEP[1], merge_overrides, {"split": "test"}))
+    for name, config in SWEEPS.items():
+        step(f"{name} (configs/{config}): ranked on validation, best scored on test")
+        results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
 
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     for name, config in LEARNERS.items():

@@ -101,7 +101,7 @@ def write_report(
     lines += ["", "## Results on the test split", "", markdown_table(results, metrics), "", verdict(results), ""]
     lines += [
         "`normalized`: mean over tasks of score / the task's own adapter's score; `min delta`: the worst "
-        "task's score minus its own adapter's. The sweep picks its point on the validation split; "
+        "task's score minus its own adapter's. The sweeps pick their point on the validation split; "
         "AdaMerging reads the unlabeled test inputs; the other learners train on the validation split.",
         "",
         f"![per-task scores]({chart.name})",

@@ -56,7 +56,7 @@ def baseline_key(
             "stratified": subset["stratified"],
             "max_samples": max_samples_for(eval_subset, task.name),
         },
-        "adapter": {"weights_sha256": adapter.sha256, "config_sha256": _json_digest(adapter.config)},
+        "adapter": {"weights_sha256": adapter.sha256, "config_sha256": config_digest(adapter.config)},
         "base_model": model_fingerprint(base_model),
         "precision": precision,
         "device": device,
@@ -115,6 +115,11 @@ def file_digest(path: Path) -> str:
                 digest.update(chunk)
         _DIGESTS[memo] = digest.hexdigest()
     return _DIGESTS[memo]
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a JSON-like config (an adapter's), independent of its key order."""
+    return _json_digest(config)
 
 
 def _json_digest(value: Any) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -19,11 +20,14 @@ from lmerge.data import TaskSpec, subset_namespace
 from lmerge.errors import ConfigError, unknown_name
 from lmerge.evaluation.baseline_key import baseline_key, key_digest
 from lmerge.evaluation.fold import WeightFolder
+from lmerge.evaluation.harness import HarnessConfig, HarnessScore, HarnessSuite
 from lmerge.metrics import get_metric, interference_delta, normalized
 from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
+from lmerge.tasks.kinds import get_kind
 from lmerge.tasks.models import apply_head, load_model
-from lmerge.tasks.scoring import SCORERS
 from lmerge.tasks.spec import SPLITS
+
+CATALOG_SOURCE = "eval_tasks"
 
 # Evaluation precisions, named as Lightning's --trainer.precision: the autocast dtype of each.
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -80,8 +84,9 @@ class Evaluation:
 
 
 class Evaluator:
-    """Loads the base model once for a set of tasks of one kind, scores folded merges on them,
-    and caches each task's single-adapter baseline under the output root."""
+    """Loads the base model once for a set of tasks of one kind (and lm-evaluation-harness tasks,
+    ``harness``), scores folded merges on them, and caches each task's single-adapter baseline
+    under the output root."""
 
     def __init__(
         self,
@@ -94,18 +99,28 @@ class Evaluator:
         base_model: str | None = None,
         device: str | None = None,
         precision: str = "32-true",
+        harness: HarnessConfig | None = None,
     ) -> None:
-        if not tasks:
+        if not tasks and not harness:
             raise ConfigError("eval_tasks: the list is empty")
         kinds = {t.kind for t in tasks}
         if len(kinds) > 1:
             raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+        # The harness scores a language model: the class generation tasks load the base model as.
+        self.kind = tasks[0].task_kind if tasks else get_kind("generation")
+        if harness and not self.kind.text_answers:
+            raise ConfigError(
+                f"eval_harness: it scores a language model, and eval_tasks of kind {self.kind.name!r} load "
+                "the base model with a task head; evaluate those apart"
+            )
+        clash = sorted({t.name for t in tasks} & set(harness.tasks if harness else []))
+        if clash:
+            raise ConfigError(f"eval_harness.tasks: {clash[0]!r} is also a catalog task of eval_tasks")
         # Checked before anything loads, so a typo costs no model or dataset load.
         if split not in SPLITS:
             raise ConfigError(f"split: {unknown_name('split', split, list(SPLITS))}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"eval_batch_size: must be a positive integer, got {batch_size!r}")
-        self.kind = kinds.pop()
         self.tasks = tasks
         self.split = split
         self.root = Path(output_root)
@@ -124,9 +139,11 @@ class Evaluator:
             warnings.warn(f"eval_precision {precision}: on CPU evaluation computes in float32", stacklevel=2)
             precision = "32-true"
         self.precision = precision
+        self.harness = HarnessSuite(harness, self.root, self.base_model, precision) if harness else None
         self._model: nn.Module | None = None
         self._data: dict[str, Any] = {}
         self._baselines: dict[str, dict[str, Any]] = {}
+        self._harness_baselines: dict[str, dict[str, HarnessScore]] = {}
 
     # ---- the model and the data -----------------------------------------------------------------
     @property
@@ -158,26 +175,16 @@ class Evaluator:
 
     # ---- scoring ----------------------------------------------------------------------------------
     def score(self, task: TaskSpec, head: dict[str, torch.Tensor] | None) -> TaskScore:
-        """The task's metric on the model as it is now (with ``head`` for classification)."""
-        if self.kind == "classification":
+        """The task's metric on the model as it is now (with ``head`` for kinds with heads)."""
+        if self.kind.has_head:
             if not head:
                 raise ConfigError(f"task {task.name}: no task head (modules_to_save) in its adapter")
             apply_head(self.model, head)
         module = self.data(task)
-        metric = get_metric(task.metric)
         started = time.perf_counter()
-        candidates = module.candidates
-        dtype = PRECISIONS[self.precision]
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            value, count = SCORERS[self.kind](
-                self.model,
-                _progress(module.dataloader(self.split), f"{task.name} [{self.split}]"),
-                metric,
-                len(task.label_names or ()) or 2,
-                self.device,
-                candidates=_token_lists(candidates),
-                decode=lambda ids: module.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            )
+        with self._inference():
+            batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
+            value, count = self.kind.score(self.model, batches, task, module, self.device)
         return TaskScore(value, count, time.perf_counter() - started)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
@@ -199,14 +206,8 @@ class Evaluator:
         if cached and cached.get("key_sha256") == key_digest(cache_key):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
-        folder = self.folder(adapter.fan_in_fan_out)
-        try:
-            for key in adapter.module_keys:
-                A, B = adapter.factors(key)
-                folder.add_delta(key, adapter.scaling(key) * B @ A)
+        with self.folded(adapter):
             score = self.score(task, adapter.head_state())
-        finally:
-            folder.restore()
         record = {
             "task": task.name,
             "adapter": str(adapter.path),
@@ -229,7 +230,7 @@ class Evaluator:
         evaluation = Evaluation(self.split, self.namespace)
         for task in self.tasks:
             head = (heads or {}).get(task.name)
-            if head is None and self.kind == "classification":
+            if head is None and self.kind.has_head:
                 head = self._adapter(task).head_state()
             merged = self.score(task, head)
             metric = get_metric(task.metric)
@@ -243,17 +244,55 @@ class Evaluator:
                 "normalized": None if single is None else normalized(merged.value, single, metric),
                 "examples": merged.examples,
                 "seconds": round(merged.seconds, 3),
+                "source": CATALOG_SOURCE,
             }
+        if self.harness:
+            with self._inference():
+                merged_scores = self.harness.score(self.model)
+            evaluation.tasks.update(self.harness.rows(merged_scores, self._harness_baselines))
         return evaluation
 
-    def prepare_baselines(self) -> None:
-        """Compute (or read from the cache) every task's baseline, before any merge is folded;
-        every task's data is checked (split, columns) before the first baseline is written."""
+    def prepare_baselines(self, adapters: list[LoraAdapter] | None = None) -> None:
+        """Compute (or read from the cache) every task's baseline, before any merge is folded; with
+        harness tasks, each of ``adapters`` alone on them (default: the catalog tasks' adapters).
+        Every task's data is checked (split, columns) before the first baseline is written."""
         for task in self.tasks:
             self.data(task)
         self._baselines = {task.name: self.baseline(task) for task in self.tasks if task.adapter}
+        if self.harness:
+            if adapters is None:
+                adapters = [self._adapter(task) for task in self.tasks if task.adapter]
+            self._harness_baselines = {}
+            for adapter in adapters:
+                with self._inference():
+                    scores = self.harness.baseline(self.model, adapter, self.folded)
+                self._harness_baselines[adapter.name] = scores
+
+    def harness_baselines(self) -> dict[str, dict[str, HarnessScore]]:
+        """Adapter -> harness task -> its score alone (after :meth:`prepare_baselines`)."""
+        return self._harness_baselines
+
+    @contextlib.contextmanager
+    def folded(self, adapter: LoraAdapter) -> Iterator[None]:
+        """The evaluation model with ``adapter`` folded in (and nothing else), restored afterwards."""
+        folder = self.folder(adapter.fan_in_fan_out)
+        try:
+            for key in adapter.module_keys:
+                A, B = adapter.factors(key)
+                folder.add_delta(key, adapter.scaling(key) * B @ A)
+            yield
+        finally:
+            folder.restore()
 
     # ---- helpers ----------------------------------------------------------------------------------
+    def _inference(self) -> contextlib.AbstractContextManager:
+        """Inference mode, under autocast in the evaluation precision."""
+        dtype = PRECISIONS[self.precision]
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None))
+        return stack
+
     def _adapter(self, task: TaskSpec) -> LoraAdapter:
         if not task.adapter:
             raise ConfigError(f"task {task.name}: the catalog names no adapter for it")
@@ -281,13 +320,6 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-def _token_lists(candidates: torch.Tensor | None) -> list[list[int]] | None:
-    """The DataModule's -100-padded [C, Lc] label-word tensor as one token list per class."""
-    if candidates is None:
-        return None
-    return [[token for token in row.tolist() if token != -100] for row in candidates]
 
 
 def _progress(loader, label: str) -> Iterator:  # noqa: ANN001

@@ -51,15 +51,9 @@ def evaluate_saved_adapter(
     heads = _heads(path, evaluator.tasks)
     planned = Evaluation(evaluator.split, evaluator.namespace, {task.name: {} for task in evaluator.tasks})
     plan_views(output_root, method, names, tag, planned)
-    evaluator.prepare_baselines()
-    folder = evaluator.folder(adapter.fan_in_fan_out)
-    try:
-        for key in adapter.module_keys:
-            A, B = adapter.factors(key)
-            folder.add_delta(key, adapter.scaling(key) * B @ A)
+    evaluator.prepare_baselines(_merged_adapters(metadata) if evaluator.harness else None)
+    with evaluator.folded(adapter):
         evaluation = evaluator.evaluate(heads)
-    finally:
-        folder.restore()
     views = plan_views(output_root, method, names, tag, evaluation)
     identity = [adapter.sha256, adapter.config, tag, evaluation.split, evaluation.namespace, list(evaluation.tasks)]
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -77,6 +71,15 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a for a in adapters):
         raise ConfigError(f"{path}: 'adapters' must be a list of {{name: ...}} records")
     return metadata
+
+
+def _merged_adapters(metadata: dict[str, Any]) -> list[LoraAdapter] | None:
+    """The adapters a run bundle merged, for the harness baselines; None (the catalog tasks'
+    adapters) for another directory, or when one of them is no longer where the bundle says."""
+    adapters = metadata.get("adapters") or []
+    if not adapters or not all(Path(str(a.get("path"))).is_dir() for a in adapters):
+        return None
+    return [LoraAdapter(a["path"], name=a["name"]) for a in adapters]
 
 
 def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:

@@ -9,7 +9,6 @@ import torch
 
 from lmerge.errors import ConfigError
 from lmerge.learn.base import Batch, MergeLearner
-from lmerge.tasks.losses import PREDICTIONS, entropy
 
 
 class AdaMerging(MergeLearner):
@@ -56,11 +55,12 @@ class AdaMerging(MergeLearner):
         datamodule = getattr(self.trainer, "datamodule", None)
         for task in self.task_specs:
             module = datamodule.tasks.get(task) if datamodule is not None else None
-            if module is not None and self.kind == "classification" and module.has_split("train"):
+            # A class prior is comparable with predictions over class ids (not with answer tokens).
+            if module is not None and not self.kind.text_answers and module.has_split("train"):
                 self.priors[task] = module.class_prior().to(self.device)
 
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        probs = PREDICTIONS[self.kind](logits, batch)
+        probs = self.kind.predict(logits, batch)
         term = entropy(probs).mean()
         mean = probs.mean(0)
         self._log_distribution(task, mean.detach())
@@ -84,3 +84,8 @@ class AdaMerging(MergeLearner):
         self.log(f"predicted_distribution/{task}/entropy", entropy(mean))
         self.log(f"predicted_distribution/{task}/top1_mass", top[0])
         self.log(f"predicted_distribution/{task}/top5_mass", top.sum())
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row of ``probs``."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)

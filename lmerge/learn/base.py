@@ -1,8 +1,8 @@
 """``MergeLearner``: the LightningModule every coefficient learner builds on.
 
 It holds the base model with every targeted linear fused over all adapters' LoRA factors
-(``lmerge.learn.fused``), one frozen head per classification task, and the merge coefficients,
-which are its only trainable parameters (and the only tensors its checkpoints keep).
+(``lmerge.learn.fused``), one frozen head per task where the task kind has heads, and the merge
+coefficients, which are its only trainable parameters (and the only tensors its checkpoints keep).
 Subclasses define the per-task objective and how task terms combine.
 """
 
@@ -14,19 +14,21 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
+from lmerge.learn.callbacks import BestStepCoefficients, StepEarlyStopping
 from lmerge.learn.coefficients import Coefficients, export_merge_spec
 from lmerge.learn.fused import attach, layer_groups
-from lmerge.tasks.losses import TASK_LOSSES, forward_logits
+from lmerge.learn.merged_linear import factor_dtype
+from lmerge.learn.sharding import average_replicated_gradients, shard_base_model
 from lmerge.tasks.models import DTYPES, build_head, load_model
 from lmerge.tasks.resolve import resolve_adapters
+from lmerge.tasks.spec import catalog_tasks, load_task_catalog
 
 Batch = dict[str, Any]
 
@@ -83,13 +85,16 @@ class MergeLearner(LightningModule):
             merge_mode: ``common`` merges the modules all adapters share; ``strict`` fails on any difference.
             merge_impl: ``fused_lora_linear`` (two GEMMs per module) or ``dense`` (the reference).
             model_dtype: Dtype the base model is loaded in (``auto``: float32 on CPU, the checkpoint's on an
-                accelerator); the merged low-rank path and the coefficients stay in at least float32.
+                accelerator); the coefficients stay in float32, the merged low-rank path too but under
+                ``bf16-mixed``/``16-mixed`` on an accelerator (its GEMMs run in half there anyway).
             base_model: Base model directory; default: the adapters' ``base_model_name_or_path``.
-            early_stopping_patience: Stop after this many steps without improvement of the loss (0: never).
+            early_stopping_patience: Stop after this many steps without improvement of the training loss
+                (0: never); adds a ``StepEarlyStopping`` callback (``lmerge.learn.callbacks``).
             early_stopping_threshold: Smallest loss decrease that counts as an improvement.
             early_stopping_warmup_steps: Steps before patience is tracked.
             min_optimizer_steps_before_early_stop: Steps before early stopping may stop the run.
-            restore_best_checkpoint: End with the coefficients of the lowest minibatch loss.
+            restore_best_checkpoint: End with the coefficients of the lowest minibatch loss; adds a
+                ``BestStepCoefficients`` callback.
         """
         super().__init__()
         if not lr > 0:
@@ -98,18 +103,16 @@ class MergeLearner(LightningModule):
         self.adapters = resolve_adapters(adapters, catalog)
         check_compatible(self.adapters)
         self.keys, self.dropped_keys = align_keys(self.adapters, merge_mode)
-        specs = load_task_catalog(catalog)
-        names = tasks if tasks is not None else [a.name for a in self.adapters if a.name in specs]
-        missing = [t for t in names if t not in specs]
-        if missing:
-            raise ConfigError(f"model.tasks: {missing[0]!r} is not a task in catalog {catalog}")
-        if not names:
+        if tasks is None:
+            in_catalog = load_task_catalog(catalog)
+            tasks = [a.name for a in self.adapters if a.name in in_catalog]
+        self.task_specs = {spec.name: spec for spec in catalog_tasks(catalog, tasks, key="model.tasks")}
+        if not self.task_specs:
             raise ConfigError("model.tasks: no task to train on; name catalog tasks")
-        self.task_specs = {name: specs[name] for name in names}
         kinds = {spec.kind for spec in self.task_specs.values()}
         if len(kinds) > 1:
             raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
-        self.kind = kinds.pop()
+        self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
         self.coefficients = Coefficients(
             len(self.adapters), len(self.group_names), parametrization, init, group_names=self.group_names
@@ -121,10 +124,6 @@ class MergeLearner(LightningModule):
         self.heads = nn.ModuleDict()
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
         self.strict_loading = False
-        # Training state that checkpoints carry, so a resumed run stops and restores as an uninterrupted one.
-        self._best: tuple[float, list[list[float]]] | None = None
-        self._patience_best: float | None = None
-        self._stale = 0
 
     # ---- the model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -134,13 +133,16 @@ class MergeLearner(LightningModule):
         dtype = resolve_model_dtype(self.hparams.model_dtype, self._device_type())
         model = load_model(self.base_model_path, self.kind, dtype).requires_grad_(False).eval()
         weight_dtype = next(model.parameters()).dtype
-        # The merged path in at least float32 (the base weights may be half): c_rep and the low-rank
-        # products keep the coefficients' precision; under autocast its GEMMs run in half anyway.
-        path_dtype = torch.promote_types(weight_dtype, torch.float32)
+        # The merged path in at least float32 (the base weights may be half), or in the autocast dtype
+        # under mixed precision on an accelerator, where its GEMMs run in half anyway; c_rep stays float32.
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        path_dtype = factor_dtype(weight_dtype, precision, self._device_type())
         impl = self.hparams.merge_impl
         self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
-        if self.kind == "classification":
+        if self._trainer is not None:
+            shard_base_model(self._trainer.strategy, model, self.coefficients)
+        if self.kind.has_head:
             for name, spec in self.task_specs.items():
                 if not spec.adapter:
                     raise ConfigError(f"task {name}: the catalog names no adapter, so it has no head")
@@ -174,12 +176,12 @@ class MergeLearner(LightningModule):
 
     def task_logits(self, task: str, batch: Batch) -> torch.Tensor:
         """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
-        if self.kind == "classification":
+        if self.kind.has_head:
             self.model.set_submodule(self._head_path, self.heads[task])
         device_type = batch["input_ids"].device.type
         # Mixed precision is for accelerators; on CPU, bf16 autocast is slower and coarser, so it is off.
         with torch.autocast(device_type, enabled=False) if device_type == "cpu" else contextlib.nullcontext():
-            return forward_logits(self.model, batch)
+            return self.kind.logits(self.model, batch)
 
     # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,35 +202,30 @@ class MergeLearner(LightningModule):
             self.log(f"train/{self.objective_name}/{task}", term)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        average_replicated_gradients(self.trainer.strategy, self.coefficients)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Inside the step, so callbacks (checkpoints, trajectories) only ever see projected coefficients.
         self.coefficients.project_()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self.hparams.restore_best_checkpoint and self.hparams.early_stopping_patience <= 0:
-            return  # reading the loss would wait for an accelerator to finish the step
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        if self.hparams.restore_best_checkpoint and (self._best is None or loss < self._best[0]):
-            self._best = (loss, self.coefficients.values())
-        self._track_early_stop(loss)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.restore_best_checkpoint and self._best is not None:
-            self.coefficients.set_values(self._best[1])
-
-    def _track_early_stop(self, loss: float) -> None:
-        patience = self.hparams.early_stopping_patience
-        step = self.global_step
-        if patience <= 0 or step < self.hparams.early_stopping_warmup_steps:
-            return
-        best = self._patience_best
-        if best is None or loss < best - self.hparams.early_stopping_threshold:
-            self._patience_best, self._stale = loss, 0
-            return
-        self._stale += 1
-        if self._stale >= patience and step >= self.hparams.min_optimizer_steps_before_early_stop:
-            self.trainer.should_stop = True
+    def configure_callbacks(self) -> list[Callback]:
+        """The early stopping and best-coefficient restore on the training loss that the init
+        arguments ask for (Lightning adds them after the trainer's own callbacks)."""
+        callbacks: list[Callback] = []
+        if self.hparams.early_stopping_patience > 0:
+            stopping = StepEarlyStopping(
+                "train/loss",
+                min_delta=self.hparams.early_stopping_threshold,
+                patience=self.hparams.early_stopping_patience,
+                warmup_steps=self.hparams.early_stopping_warmup_steps,
+                min_steps=self.hparams.min_optimizer_steps_before_early_stop,
+            )
+            callbacks.append(stopping)
+        if self.hparams.restore_best_checkpoint:
+            callbacks.append(BestStepCoefficients("train/loss"))
+        return callbacks
 
     # ---- validation and test ------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -250,22 +247,15 @@ class MergeLearner(LightningModule):
             return
         logits = self.task_logits(task, batch)
         options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"])}
-        self.log(f"{stage}/loss/{task}", TASK_LOSSES[self.kind](logits, batch), **options)
-        if self.kind == "classification":
-            accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        self.log(f"{stage}/loss/{task}", self.kind.loss(logits, batch), **options)
+        accuracy = self.kind.accuracy(logits, batch)
+        if accuracy is not None:
             self.log(f"{stage}/accuracy/{task}", accuracy, **options)
 
     # ---- checkpoints and export ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The callbacks' state (early stopping, best coefficients) travels in the checkpoint too.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
-        checkpoint["lmerge_learner"] = {"best": self._best, "patience_best": self._patience_best, "stale": self._stale}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lmerge_learner")
-        if state is not None:
-            best = state["best"]
-            self._best = (best[0], best[1]) if best is not None else None
-            self._patience_best, self._stale = state["patience_best"], state["stale"]
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmerge.learn.base import MergeLearner
-from lmerge.tasks.losses import TASK_LOSSES
+from lmerge.learn.sharding import call_through_wrapper
 
 
 def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
@@ -16,12 +16,15 @@ def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
     for task in learner.task_specs:
         loader = datamodule.tasks[task].dataloader(datamodule.fit_split, batch_size=datamodule.fit_batch_size)
         total, count = 0.0, 0
-        with torch.no_grad(), learner.fixed_coefficients(learner.one_hot(learner.adapter_for_task(task))):
+        one_hot = learner.fixed_coefficients(learner.one_hot(learner.adapter_for_task(task)))
+        # Under the training steps' precision (autocast with bf16-mixed), so a baseline compares like with like.
+        with torch.no_grad(), one_hot, learner.trainer.precision_plugin.forward_context():
             for index, batch in enumerate(loader):
                 if index >= batches:
                     break
                 batch = learner.transfer_batch_to_device(batch, learner.device, 0)
-                total += float(TASK_LOSSES[learner.kind](learner.task_logits(task, batch), batch))
+                logits = call_through_wrapper(learner.trainer.strategy, learner, "task_logits", task, batch)
+                total += float(learner.kind.loss(logits, batch))
                 count += 1
         losses[task] = total / max(count, 1)
     if learner.logger is not None:

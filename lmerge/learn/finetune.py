@@ -10,14 +10,10 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmerge.data import load_task_catalog
 from lmerge.errors import ConfigError
 from lmerge.outputs import remove_tree, rename, staged_dir
-from lmerge.tasks.losses import TASK_LOSSES, forward_logits
 from lmerge.tasks.models import load_model
-
-# PEFT task types per task kind (PEFT keeps a classification head trainable and saves it).
-_TASK_TYPES = {"classification": "SEQ_CLS", "label_tokens": "CAUSAL_LM"}
+from lmerge.tasks.spec import catalog_tasks
 
 
 class LoraFinetune(LightningModule):
@@ -58,15 +54,12 @@ class LoraFinetune(LightningModule):
         if len(tasks) != 1:
             raise ConfigError(f"model.tasks: LoraFinetune trains one task at a time, got {len(tasks)}")
         self.task = tasks[0]
-        specs = load_task_catalog(catalog)
-        if self.task not in specs:
-            raise ConfigError(f"model.tasks: {self.task!r} is not a task in catalog {catalog}")
-        self.spec = specs[self.task]
+        self.spec = catalog_tasks(catalog, [self.task], key="model.tasks")[0]
+        self.kind = self.spec.task_kind
         self.output_dir = output_dir or self.spec.adapter
         if not self.output_dir:
             raise ConfigError(f"model.output_dir: task {self.task} has no adapter path in the catalog; give one")
-        if self.spec.kind == "classification" and not self.spec.label_names:
-            raise ConfigError(f"task {self.task}: classification fine-tuning needs label_names in the catalog")
+        self.model_options = self.kind.finetune_options(self.spec)
         self.model: torch.nn.Module | None = None
         self.strict_loading = False
 
@@ -75,15 +68,9 @@ class LoraFinetune(LightningModule):
             return
         from peft import LoraConfig, get_peft_model
 
-        options: dict[str, Any] = {}
-        if self.spec.kind == "classification":
-            options["num_labels"] = len(self.spec.label_names)
-            # A fresh head for this task, whatever classifier the base checkpoint carries.
-            options["ignore_mismatched_sizes"] = True
-        base = load_model(self.hparams.base_model, self.spec.kind, torch.float32, **options)
-        task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else _TASK_TYPES[self.spec.kind]
+        base = load_model(self.hparams.base_model, self.kind, torch.float32, **self.model_options)
         config = LoraConfig(
-            task_type=task_type,
+            task_type=self.kind.peft_task_type(base.config.is_encoder_decoder),
             r=self.hparams.r,
             lora_alpha=self.hparams.lora_alpha,
             lora_dropout=self.hparams.lora_dropout,
@@ -97,8 +84,8 @@ class LoraFinetune(LightningModule):
         return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = forward_logits(self.model, batch)
-        return TASK_LOSSES[self.spec.kind](logits, batch), logits
+        logits = self.kind.logits(self.model, batch)
+        return self.kind.loss(logits, batch), logits
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch[self.task])
@@ -109,8 +96,9 @@ class LoraFinetune(LightningModule):
         loss, logits = self._loss(batch)
         options = {"add_dataloader_idx": False, "batch_size": len(batch["input_ids"]), "prog_bar": True}
         self.log(f"val/loss/{self.task}", loss, **options)
-        if self.spec.kind == "classification":
-            self.log(f"val/accuracy/{self.task}", (logits.argmax(-1) == batch["labels"]).float().mean(), **options)
+        accuracy = self.kind.accuracy(logits, batch)
+        if accuracy is not None:
+            self.log(f"val/accuracy/{self.task}", accuracy, **options)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

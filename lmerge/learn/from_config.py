@@ -56,11 +56,15 @@ _DATA = {
 }
 _PRECISIONS = {"auto": None, "fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 # Learner aliases from the specification.
-_ALIASES = {"early_stopping_min_delta": "early_stopping_threshold", "variant": "variant"}
-# Settings of the older implementation that the fused LoRA model makes meaningless.
+_ALIASES = {"early_stopping_min_delta": "early_stopping_threshold"}
+# Settings of the older implementation that the fused LoRA model makes meaningless, or that only
+# ever had one value.
 _OBSOLETE = {
     "delta_residency": "the fused LoRA model keeps no dense deltas",
     "non_blocking_transfer": "Lightning moves batches itself",
+    "coefficient_parameterization": "supermerge's coefficients are always tanh of their parameters (signed)",
+    "normalize_coefficients": "supermerge's learned coefficients are never normalized",
+    "ce_baseline_source": "gradient's baseline is always the task's own adapter on the same data",
 }
 _DEFAULT_SPLITS = {"adamerging": "test"}
 

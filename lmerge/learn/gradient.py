@@ -10,7 +10,6 @@ import torch
 from lmerge.errors import ConfigError
 from lmerge.learn.base import Batch, MergeLearner
 from lmerge.learn.baselines import baseline_losses
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 class GradientCE(MergeLearner):
@@ -25,7 +24,6 @@ class GradientCE(MergeLearner):
         tasks: list[str] | None = None,
         lr: float = 1e-2,
         ce_task_weighting: Literal["baseline_normalized", "equal", "manual"] = "baseline_normalized",
-        ce_baseline_source: Literal["single_task_eval"] = "single_task_eval",
         ce_baseline_floor: float = 1e-6,
         ce_baseline_batches: int = 32,
         ce_manual_task_weights: dict[str, float] | None = None,
@@ -42,7 +40,6 @@ class GradientCE(MergeLearner):
             lr: Adam learning rate.
             ce_task_weighting: ``baseline_normalized``: CE_t / max(CE of the task's own adapter, floor);
                 ``equal``: the plain sum; ``manual``: ``ce_manual_task_weights``.
-            ce_baseline_source: Where the baseline CE comes from: the single-task adapter on the same data.
             ce_baseline_floor: Smallest denominator of the baseline normalization.
             ce_baseline_batches: Batches per task that estimate the baseline CE.
             ce_manual_task_weights: Task -> weight, for ``manual``.
@@ -81,4 +78,4 @@ class GradientCE(MergeLearner):
             self.task_weights = dict.fromkeys(self.task_specs, 1.0)
 
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return TASK_LOSSES[self.kind](logits, batch) * self.task_weights[task]
+        return self.kind.loss(logits, batch) * self.task_weights[task]

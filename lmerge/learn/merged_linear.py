@@ -13,10 +13,25 @@ from torch import Tensor, nn
 
 from lmerge.learn.coefficients import Coefficients
 
+# The autocast dtype of each mixed precision, by Lightning's names for them.
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype scalings and folded deltas are formed in: at least float32, so bf16 rounds once, at the end."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def factor_dtype(weight_dtype: torch.dtype, precision: str, device_type: str) -> torch.dtype:
+    """The dtype to store the stacked factors in for a model of ``weight_dtype`` trained at ``precision``
+    (Lightning's name) on ``device_type``: under mixed precision on an accelerator, the autocast dtype,
+    since autocast runs the low-rank GEMMs in it anyway (float32 factors would be cast again at every
+    call, and each cast kept for the backward: three times the factors' half-precision memory); else at
+    least float32. ``c_rep`` keeps its float32 precision either way."""
+    autocast = AUTOCAST_DTYPES.get(precision)
+    if autocast is not None and device_type != "cpu":
+        return autocast
+    return compute_dtype(weight_dtype)
 
 
 def _check_group(coefficients: Coefficients, group: int) -> None:
@@ -97,10 +112,14 @@ class FusedLoRALinear(nn.Module):
     def factor_forward(self, rows: Tensor, c_rep: Tensor) -> Tensor:
         """``base(rows) + ((rows A_cat^T) * c_rep) B_cat^T``: two thin GEMMs, no weight-sized tensor."""
         y = self.base(rows)
-        low = F.linear(rows.to(self.A_cat.dtype), self.A_cat) * c_rep.to(self.A_cat.dtype)
-        if low.dtype == y.dtype or torch.is_autocast_enabled(rows.device.type):
-            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add
-            # (under autocast, addmm casts all three to the autocast dtype).
+        low = F.linear(rows.to(self.A_cat.dtype), self.A_cat)
+        if torch.is_autocast_enabled(rows.device.type):
+            # c_rep applied in its own (float32) precision, whatever the factors are stored in; addmm
+            # casts all three to the autocast dtype and accumulates into the base output itself.
+            return torch.addmm(y, low * c_rep, self.B_cat.t())
+        low = low * c_rep.to(low.dtype)
+        if low.dtype == y.dtype:
+            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add.
             return torch.addmm(y, low, self.B_cat.t())
         return y + F.linear(low, self.B_cat).to(y.dtype)
 
@@ -163,7 +182,10 @@ class ScaleTable:
     def __init__(self, modules: list[FusedLoRALinear]) -> None:
         self.sizes = [sum(module.ranks) for module in modules]
         dtype = functools.reduce(torch.promote_types, (module.scalings.dtype for module in modules))
-        self.group = torch.cat([torch.full((size,), m.group) for m, size in zip(modules, self.sizes)])
+        # All three on the CPU, whatever the default device (Lightning builds the model under its root
+        # device): fill moves them together, and a split between devices would fail there.
+        group = [torch.full((size,), m.group, device="cpu") for m, size in zip(modules, self.sizes)]
+        self.group = torch.cat(group)
         self.adapter = torch.cat([module.rank_index.cpu() for module in modules])
         self.scaling = torch.cat([module.scalings.cpu().to(dtype)[module.rank_index.cpu()] for module in modules])
         self.chunks: tuple[Tensor, ...] | None = None

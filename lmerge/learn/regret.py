@@ -9,7 +9,6 @@ import torch
 
 from lmerge.learn.base import Batch, MergeLearner
 from lmerge.learn.baselines import baseline_losses
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 class RegretSmoothMax(MergeLearner):
@@ -49,7 +48,7 @@ class RegretSmoothMax(MergeLearner):
 
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         base = self.baselines[task]
-        return (TASK_LOSSES[self.kind](logits, batch) - base) / (base + self.hparams.regret_eps)
+        return (self.kind.loss(logits, batch) - base) / (base + self.hparams.regret_eps)
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         tau = self.hparams.tau

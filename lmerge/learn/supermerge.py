@@ -11,7 +11,6 @@ from torch import nn
 from lmerge.errors import ConfigError
 from lmerge.learn.base import Batch, MergeLearner
 from lmerge.learn.coefficients import Coefficients
-from lmerge.tasks.losses import TASK_LOSSES
 
 
 class SuperMerge(MergeLearner):
@@ -25,11 +24,8 @@ class SuperMerge(MergeLearner):
         adapters: list[str],
         tasks: list[str] | None = None,
         variant: Literal["task_wise", "layer_wise"] = "layer_wise",
-        coefficient_parameterization: Literal["tanh_alpha"] = "tanh_alpha",
         init: float | list[float] = 0.3,
         lr: float = 1e-2,
-        normalize_coefficients: bool = False,
-        split: Literal["validation"] = "validation",
         hierarchical: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -39,19 +35,14 @@ class SuperMerge(MergeLearner):
             adapters: The adapters to merge: catalog task names or adapter directories.
             tasks: The tasks trained on; default: the adapters that are catalog tasks.
             variant: ``task_wise`` or ``layer_wise`` (the paper's per-layer formulation).
-            coefficient_parameterization: ``tanh_alpha``: coefficient = tanh(alpha), signed.
-            init: Initial coefficient value.
+            init: Initial coefficient value (coefficients are tanh of the raw parameters: signed, unnormalized).
             lr: Adam learning rate.
-            normalize_coefficients: Kept false, as in the paper: the exported spec does not normalize.
-            split: SuperMerge selects on validation data.
             hierarchical: ``{enabled: true, groups: [[a, b], [c, d]] (or group_size: 2), stage_steps: 100}``:
                 for ``stage_steps`` steps each task sees only its own group's adapters and the coefficients
                 within groups learn; then every group is on and one signed weight per group and layer learns
                 (the within-group coefficients frozen). The learned coefficient of an adapter is the product.
             **kwargs: Shared learner options (see ``MergeLearner``).
         """
-        if normalize_coefficients:
-            raise ConfigError("model.normalize_coefficients: SuperMerge learns unnormalized signed coefficients")
         super().__init__(
             catalog, adapters, tasks, granularity=variant, parametrization="tanh", init=init, lr=lr, **kwargs
         )
@@ -64,8 +55,9 @@ class SuperMerge(MergeLearner):
             self.coefficients = HierarchicalCoefficients(self.coefficients, groups)
 
     def on_fit_start(self) -> None:
-        if self.trainer.datamodule.fit_split != self.hparams.split:
-            raise ConfigError(f"data.fit_split must be {self.hparams.split!r} for SuperMerge")
+        # SuperMerge learns on held-out labelled data, as in the paper.
+        if self.trainer.datamodule.fit_split != "validation":
+            raise ConfigError("data.fit_split must be 'validation' for SuperMerge")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if isinstance(self.coefficients, HierarchicalCoefficients):
@@ -85,7 +77,7 @@ class SuperMerge(MergeLearner):
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # Per-task heads differ in their number of classes, so the loss is computed here; for a
         # causal LM it is the same token-normalized CE the model's own ``loss`` returns.
-        return TASK_LOSSES[self.kind](logits, batch)
+        return self.kind.loss(logits, batch)
 
 
 def adapter_groups(config: dict[str, Any], names: list[str]) -> list[list[int]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmerge.errors import ConfigError, did_you_mean
+from lmerge.evaluation.harness import HarnessConfig
 from lmerge.outputs import DEFAULT_OUTPUT_DIR
 from lmerge.yaml_files import read_yaml
 
@@ -73,12 +74,18 @@ class MergeConfig:
     eval_precision: str = "32-true"
     """Precision of evaluation: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` (autocast, on a GPU;
     on CPU evaluation stays in float32)."""
+    eval_harness: HarnessConfig | None = None
+    """lm-evaluation-harness tasks to evaluate the merge on too (``pip install lmerge[harness]``),
+    e.g. ``{tasks: [arc_easy, hellaswag], num_fewshot: 0, limit: 500, batch_size: 8}``: the merged
+    model in memory against each merged adapter alone (cached), recorded beside ``eval_tasks``."""
     search: dict[str, Any] | None = None
     """For ``optimizer: bayes``: the search over method parameters, as in a sweep config
     (``{budget: 20, init_points: 6, seed: 42, space: {lambda: {type: float, min: 0, max: 1}}}``)."""
 
     def __post_init__(self) -> None:
         self.save = config_section(SaveConfig, self.save, "save")
+        if self.eval_harness is not None:
+            self.eval_harness = config_section(HarnessConfig, self.eval_harness, "eval_harness")
         if self.merge_mode not in ("common", "strict"):
             raise ConfigError(f"merge_mode: {self.merge_mode!r} is not one of common, strict")
         if self.eval_tasks and not self.catalog:

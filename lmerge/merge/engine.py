@@ -1,8 +1,9 @@
 """The streaming merge engine: one module at a time, through the method's kind.
 
-Only dense methods ever build dense task vectors, for the module at hand and a block of rows at
-a time (:class:`~lmerge.methods._task_vectors.TaskVectors`), so peak memory stays below one module's
-deltas for all adapters plus the output.
+Only dense methods in weight space ever build dense task vectors, for the module at hand and a
+block of rows at a time (:class:`~lmerge.methods._task_vectors.TaskVectors`), so peak memory stays
+below one module's deltas for all adapters plus the output. Low-rank methods and dense methods in
+core space work on the factors and ``R x R`` cores (:mod:`lmerge.methods._lowrank`).
 
 Modules are merged by a pool of threads, one module each, with torch's own intra-op threads set
 to one meanwhile: a dense merge is hundreds of elementwise calls on cache-sized blocks, and
@@ -24,8 +25,9 @@ import torch
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.layers import layer_index
 from lmerge.merge.policies import LambdaFn
+from lmerge.methods._lowrank import CoreSpace
 from lmerge.methods._task_vectors import TaskVectors
-from lmerge.methods.registry import Kind, MergeMethod, ModuleContext
+from lmerge.methods.registry import Kind, MergeMethod, ModuleContext, Space
 
 
 @dataclass
@@ -57,14 +59,43 @@ def _combine_linear(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
     return MergedModule(ctx.key, A=torch.cat(As, dim=0), B=B)
 
 
-def _combine_dense(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+def _dense_in_weight_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
     return MergedModule(ctx.key, delta=method.fn(TaskVectors.from_factors(As, Bs), params, ctx))
+
+
+def _dense_in_core_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    # Core Space merging: delta_i = U M_i V^T with U, V the singular vectors of the factor stacks,
+    # so the method runs on the R x R cores M_i and U M V^T is an exact LoRA.
+    space = CoreSpace(As, Bs)
+    Pb, Pa = space.singular_bases()
+    merged = method.fn(TaskVectors.from_dense(space.cores(Pb, Pa)), params, ctx)
+    A, B = space.lift_core(Pb @ merged @ Pa.T)
+    return MergedModule(ctx.key, A=A, B=B)
+
+
+DENSE_SPACES: dict[Space, Callable[..., MergedModule]] = {
+    Space.WEIGHT: _dense_in_weight_space,
+    Space.CORE: _dense_in_core_space,
+}
+
+
+def _combine_dense(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    return DENSE_SPACES[Space(params["space"])](method, As, Bs, params, ctx)
+
+
+def _combine_low_rank(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+    A, B = method.fn(As, Bs, params, ctx)
+    bound = sum(A_i.shape[0] for A_i in As)
+    if A.shape[0] > bound:  # the kind's contract, which the writers rely on to save it as it is
+        raise RuntimeError(f"method {method.name!r} returned rank {A.shape[0]} > {bound} for {ctx.key}")
+    return MergedModule(ctx.key, A=A, B=B)
 
 
 COMBINERS: dict[Kind, Callable[..., MergedModule]] = {
     Kind.FACTORS: _combine_factors,
     Kind.LINEAR: _combine_linear,
     Kind.DENSE: _combine_dense,
+    Kind.LOW_RANK: _combine_low_rank,
 }
 
 

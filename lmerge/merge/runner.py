@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from lmerge.tasks.resolve import resolve_adapters
 from lmerge.tasks.spec import catalog_tasks
 
 _PACKAGES = ("lmerge", "torch", "transformers", "peft", "safetensors")
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+"""A string parameter value that names itself in a tag (``core``); others enter as a hash."""
 
 
 @dataclass
@@ -108,7 +111,7 @@ def merge_to_bundle(
     merge = prepare_merge(config)
     method, adapters, params, names, root = merge.method, merge.adapters, merge.params, merge.names, config.output_dir
     scales = _transform_scales(adapters, merge.keys, merge.transforms)
-    if evaluator is None and config.eval_tasks:
+    if evaluator is None and (config.eval_tasks or config.eval_harness):
         evaluator = evaluator_for(config, adapters)
     run_id = _run_id(config, adapters, params, learned)
 
@@ -163,31 +166,34 @@ def _config_digest(adapter: LoraAdapter) -> str:
 
 
 def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter], baselines: bool = True) -> Evaluator:
-    """An evaluator for the config's ``eval_tasks`` (its settings checked), with the baselines
-    computed (or read from the cache) unless ``baselines`` is false."""
+    """An evaluator for the config's ``eval_tasks`` and ``eval_harness`` (its settings checked),
+    with the baselines computed (or read from the cache) unless ``baselines`` is false: each task's
+    own adapter on its task, each of ``adapters`` on the harness tasks."""
     evaluator = Evaluator(
-        catalog_tasks(config.catalog, config.eval_tasks),
+        catalog_tasks(config.catalog, config.eval_tasks) if config.eval_tasks else [],
         config.split,
         output_root=config.output_dir,
         eval_subset=config.eval_subset,
         batch_size=config.eval_batch_size,
         base_model=config.save.base_model or adapters[0].base_model,
         precision=config.eval_precision,
+        harness=config.eval_harness,
     )
     if baselines:
-        evaluator.prepare_baselines()
+        evaluator.prepare_baselines(adapters)
     return evaluator
 
 
 def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:
     """A readable, stable name for a merge: the method and the parameters that differ from
-    its defaults (``ties_k=50.0``); list-valued parameters enter as a short hash."""
+    its defaults (``ties_k=50.0``, ``ties_space=core``); list-valued parameters and other
+    strings enter as a short hash."""
     parts = [method.name]
     for name in sorted(params):
         value = params[name]
         if name in method.defaults and value == method.defaults[name]:
             continue
-        if isinstance(value, bool | int | float) or value is None:
+        if isinstance(value, bool | int | float) or value is None or _WORD.fullmatch(str(value)):
             parts.append(f"{name}={value}")
         else:
             digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -292,6 +298,7 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
     summary = {key: meta[key] for key in ("created", "method", "tag", "params", "merge_mode", "modules")}
     summary["adapters"] = [a["name"] for a in meta["adapters"]]
     summary["saved"] = {"format": save["format"], "files": save["files"]}
-    if "svd_relative_error_max" in save:
-        summary["saved"]["svd_relative_error_max"] = save["svd_relative_error_max"]
+    for key in ("rank", "relative_error_max", "svd_relative_error_max"):
+        if key in save:
+            summary["saved"][key] = save[key]
     return summary

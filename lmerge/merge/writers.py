@@ -1,5 +1,6 @@
-"""Write a merge: as a PEFT LoRA adapter (exact for factor and linear methods, truncated SVD
-for dense ones), as full merged weights, or not at all. Task heads travel alongside."""
+"""Write a merge: as a PEFT LoRA adapter (exact for factor, linear and low-rank methods and dense
+ones in core space, truncated SVD for dense ones in weight space), as full merged weights, or not
+at all. Task heads travel alongside."""
 
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ class LoraWriter:
         save_file(self.tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]
         info: dict[str, Any] = {"format": self.format, "rank": rank, "files": files}
+        # 0 when every module is saved as merged (factor, linear and low-rank merges, dense ones in core space).
+        info["relative_error_max"] = max(self.svd_errors.values(), default=0.0)
         if self.svd_errors:
             info["svd_rank"] = self.rank
             info["svd_relative_error"] = self.svd_errors

@@ -41,11 +41,13 @@ def check_number(params: dict[str, Any], name: str) -> float:
     return params[name]
 
 
-def check_range(params: dict[str, Any], name: str, low: float, high: float, *, high_open: bool = False) -> float:
-    """``params[name]`` as a float in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+def check_range(
+    params: dict[str, Any], name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """``params[name]`` as a float in ``[low, high]`` (open at an end with ``low_open``/``high_open``)."""
     value = check_number(params, name)
-    if value < low or value > high or (high_open and value == high):
-        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise _bad(name, f"must be in {interval}, got {value:g}")
     return value
 

@@ -1,6 +1,6 @@
 """The merge method registry: the only dispatch from a method name to its code.
 
-Three kinds of method, each with its own function signature:
+Four kinds of method, each with its own function signature:
 
 - ``factors``: ``fn(As, Bs, params, ctx) -> (A, B)`` combines LoRA factors; every ``B``
   arrives with its adapter's scaling folded in and the result has scaling 1.
@@ -9,7 +9,13 @@ Three kinds of method, each with its own function signature:
 - ``dense``: ``fn(deltas, params, ctx) -> delta`` works elementwise on the task vectors of
   one module. ``deltas`` is a ``_task_vectors.TaskVectors``: its ``merge`` hands blocks of rows
   ``[n, rows, in]``, built from the LoRA factors, to the method's per-block step and assembles
-  the ``[out, in]`` result, so that the dense ``[n, out, in]`` stack never exists.
+  the ``[out, in]`` result, so that the dense ``[n, out, in]`` stack never exists. Every dense
+  method also takes ``space`` (added here): ``weight`` runs it on the task vectors, ``core`` on
+  their cores in core space (``_lowrank.CoreSpace``), which makes the result an exact LoRA.
+- ``low_rank``: ``fn(As, Bs, params, ctx) -> (A, B)`` computes its result exactly from the
+  factors (every ``B`` with its scaling folded in), through thin QR/SVD of the factor stacks and
+  small cores (``_lowrank``), never an ``[out, in]`` matrix: a LoRA ``B @ A`` with scaling 1 and
+  rank at most ``sum_i r_i``, saved as it is.
 """
 
 from __future__ import annotations
@@ -23,11 +29,23 @@ from lmerge.errors import MethodError, did_you_mean, unknown_name
 
 
 class Kind(str, enum.Enum):
-    """Where a method works: on LoRA factors, linearly on task vectors, or densely."""
+    """Where a method works: on LoRA factors, linearly on task vectors, densely, or exactly in low rank."""
 
     FACTORS = "factors"
     LINEAR = "linear"
     DENSE = "dense"
+    LOW_RANK = "low_rank"
+
+
+class Space(str, enum.Enum):
+    """Where a dense method runs: on the task vectors or on their cores in core space."""
+
+    WEIGHT = "weight"
+    CORE = "core"
+
+
+KIND_DEFAULTS: dict[Kind, dict[str, Any]] = {Kind.DENSE: {"space": Space.WEIGHT.value}}
+"""Parameters every method of a kind takes, with their defaults (the engine reads them)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,8 @@ class MergeMethod:
         out = dict(self.defaults)
         for name, value in given.items():
             out[name] = _cast_like(name, value, self.defaults.get(name))
+        if "space" in KIND_DEFAULTS.get(self.kind, {}):
+            _check_space(out)
         if self.validate is not None:
             self.validate(out, n_adapters)
         return out
@@ -121,7 +141,7 @@ def register(
             kind=kind,
             fn=fn,
             description=fn.__doc__.strip().splitlines()[0],
-            defaults=dict(defaults or {}),
+            defaults={**(defaults or {}), **KIND_DEFAULTS.get(kind, {})},
             required=tuple(required),
             validate=validate,
             min_adapters=min_adapters,
@@ -140,6 +160,12 @@ def get_method(name: str) -> MergeMethod:
         return METHODS[name]
     except KeyError:
         raise MethodError(unknown_name("method", name, list(METHODS))) from None
+
+
+def _check_space(params: dict[str, Any]) -> None:
+    valid = [space.value for space in Space]
+    if params["space"] not in valid:
+        raise MethodError(f"method_params.space: must be one of {', '.join(valid)}, got {params['space']!r}")
 
 
 def _cast_like(name: str, value: Any, default: Any) -> Any:

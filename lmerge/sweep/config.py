@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmerge.errors import ConfigError
 from lmerge.merge.config import MergeConfig, _build, config_section, migrate_legacy, optimizer_spec
@@ -27,6 +27,9 @@ class SweepConfig(MergeConfig):
     storage: str | None = None
     """Optuna storage shared by several processes or machines (``sqlite:///...``, ``postgresql://...``,
     or a journal file path); default: a journal file in the sweep directory."""
+    rank_by: Literal["all", "eval_tasks", "eval_harness"] = "all"
+    """The evaluated tasks whose worst interference delta is a point's score: ``all``, the catalog's
+    ``eval_tasks`` only, or the lm-evaluation-harness tasks of ``eval_harness`` only."""
 
     def __post_init__(self) -> None:
         self.search = config_section(SearchConfig, self.search, "search")
@@ -34,8 +37,12 @@ class SweepConfig(MergeConfig):
             # The specification's sweeps evaluate the merged tasks themselves unless told otherwise.
             self.eval_tasks = list(self.adapters)
         super().__post_init__()
-        if not self.eval_tasks:
-            raise ConfigError("eval_tasks: a sweep ranks points by their evaluation; give eval_tasks and catalog")
+        if not self.eval_tasks and not self.eval_harness:
+            raise ConfigError(
+                "eval_tasks: a sweep ranks points by their evaluation; give eval_tasks and catalog, or eval_harness"
+            )
+        if self.rank_by != "all" and not getattr(self, self.rank_by):
+            raise ConfigError(f"rank_by: {self.rank_by} ranks by tasks that this sweep does not evaluate; set it")
         name, _ = optimizer_spec(self.optimizer)
         if name != "none":
             raise ConfigError(

@@ -9,13 +9,15 @@ from lmerge.errors import ConfigError
 from lmerge.evaluation.evaluate import Evaluation
 
 
-def point_scores(evaluation: Evaluation) -> tuple[float, float]:
+def point_scores(evaluation: Evaluation, rank_by: str = "all") -> tuple[float, float]:
     """``(score, average_delta)`` of one evaluated point: the minimum and the mean interference
-    delta over the evaluated tasks."""
-    aggregate = evaluation.aggregate
-    if aggregate["min_delta"] is None:
+    delta over the evaluated tasks that ``rank_by`` names (``all``, or a row ``source``:
+    ``eval_tasks``, ``eval_harness``)."""
+    rows = [row for row in evaluation.tasks.values() if rank_by in ("all", row.get("source"))]
+    deltas = [row["interference_delta"] for row in rows]
+    if not deltas or None in deltas:
         raise ConfigError("eval_tasks: a sweep needs each task's own adapter in the catalog to compute deltas")
-    return aggregate["min_delta"], aggregate["average_delta"]
+    return min(deltas), sum(deltas) / len(deltas)
 
 
 def rank_key(point: dict[str, Any]) -> tuple[float, float]:

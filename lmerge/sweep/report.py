@@ -85,6 +85,7 @@ def best_merge_config(config: SweepConfig, best: dict[str, Any], path: Path) -> 
         "split": config.split,
         "eval_subset": config.eval_subset,
         "eval_batch_size": config.eval_batch_size,
+        "eval_harness": dataclasses.asdict(config.eval_harness) if config.eval_harness else None,
     }
     data = {k: v for k, v in data.items() if v is not None}
     text = (

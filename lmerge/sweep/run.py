@@ -81,10 +81,15 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
         "adapters": names,
         "merge_mode": config.merge_mode,
         "split": config.split,
-        "eval_tasks": list(config.eval_tasks),
+        "eval_tasks": list(config.eval_tasks or []),
         "subset": subset_namespace(config.eval_subset),
         "constraint_nonnegative": config.constraint_nonnegative,
     }
+    # Only where set, so that sweeps without them keep the identity (and study) they had.
+    if config.eval_harness:
+        identity["eval_harness"] = dataclasses.asdict(config.eval_harness)
+    if config.rank_by != "all":
+        identity["rank_by"] = config.rank_by
     warm = warm_points(config.search, identity, space, fixed)
     directory = sweep_dir(config.output_dir, method.name, names)
     name = study_name(config, identity, fixed)
@@ -92,7 +97,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
     database = connect_database(config.storage)
     journal = None if database else journal_file(config.storage, directory / f"{name}.journal", config.output_dir)
     # Checked and connected: from here on the sweep writes (baselines, its journal, its locks).
-    evaluator.prepare_baselines()
+    evaluator.prepare_baselines(adapters)
     storage = database or journal_storage(journal, None if config.storage else config.output_dir)
     study = SweepStudy(directory, name, storage, space, config.output_dir)
     try:
@@ -111,8 +116,10 @@ def search_method_params(config: MergeConfig, overrides: dict[str, Any]) -> tupl
     (``overrides`` replace its keys); returns the best point's method parameters and a record of the search."""
     if not config.search:
         raise ConfigError("search: optimizer bayes needs a search space, e.g. {space: {lambda: {min: 0, max: 1}}}")
-    if not config.eval_tasks:
-        raise ConfigError("eval_tasks: optimizer bayes ranks points by their evaluation; give eval_tasks and catalog")
+    if not config.eval_tasks and not config.eval_harness:
+        raise ConfigError(
+            "eval_tasks: optimizer bayes ranks points by their evaluation; give eval_tasks and catalog, or eval_harness"
+        )
     search = {**config.search, **overrides, "type": "bayes"}
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(MergeConfig)}
     values.update(search=search, optimizer=None, tag=None)
@@ -189,7 +196,7 @@ def _work(config: SweepConfig, space: Space, study: SweepStudy, evaluator: Evalu
 def _evaluate(config: SweepConfig, swept: dict[str, Any], evaluator: Evaluator) -> dict[str, Any]:
     """Merge and evaluate one point (in memory unless ``save_merged``); its record."""
     result = merge_to_bundle(config.merge_config({**config.method_params, **swept}), evaluator=evaluator)
-    score, average = point_scores(result.evaluation)
+    score, average = point_scores(result.evaluation, config.rank_by)
     tasks = {
         task: {key: values[key] for key in ("metric", "merged", "single", "interference_delta")}
         for task, values in result.evaluation.tasks.items()

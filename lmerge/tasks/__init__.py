@@ -1,2 +1,2 @@
-"""Tasks: the catalog file, task specs, the task-kind registry, the models each kind loads, and
-resolving adapter names through the catalog."""
+"""Tasks: the catalog file, task specs, the task-kind registry (``kinds/``: one file per kind),
+the models each kind loads, and resolving adapter names through the catalog."""

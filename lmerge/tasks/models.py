@@ -11,9 +11,8 @@ from torch import nn
 
 from lmerge.adapters.lora import PEFT_PREFIX
 from lmerge.errors import ConfigError
+from lmerge.tasks.kinds import TaskKind, get_kind
 
-# The transformers class that carries each task kind's predictions.
-MODEL_CLASSES = {"classification": "AutoModelForSequenceClassification", "label_tokens": "AutoModelForCausalLM"}
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The one switch for code shipped with a model: set by the user in the environment, never by a
 # file lmerge reads (catalogs, configs and adapters may come from anywhere).
@@ -26,17 +25,20 @@ def trust_remote_code() -> bool:
     return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def load_model(path: str, kind: str, dtype: torch.dtype | None = torch.float32, **options: object) -> nn.Module:
-    """The base model at ``path`` in the class that task kind ``kind`` needs (its own code only
-    with ``LMERGE_TRUST_REMOTE_CODE=1``); ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
+def load_model(
+    path: str, kind: TaskKind | str, dtype: torch.dtype | None = torch.float32, **options: object
+) -> nn.Module:
+    """The base model at ``path`` in the class that task kind ``kind`` (or the kind of that name)
+    needs (its own code only with ``LMERGE_TRUST_REMOTE_CODE=1``); ``options`` go to
+    ``from_pretrained`` (e.g. ``num_labels``)."""
     import transformers
 
+    kind = get_kind(kind) if isinstance(kind, str) else kind
     transformers.utils.logging.disable_progress_bar()  # its bars would bury the one-line errors
     remote = trust_remote_code()
     try:
         encoder_decoder = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote).is_encoder_decoder
-        name = "AutoModelForSeq2SeqLM" if kind == "label_tokens" and encoder_decoder else MODEL_CLASSES[kind]
-        return getattr(transformers, name).from_pretrained(
+        return getattr(transformers, kind.model_class(encoder_decoder)).from_pretrained(
             path, dtype=dtype or "auto", trust_remote_code=remote, **options
         )
     except (OSError, ValueError, pickle.UnpicklingError) as exc:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from lmerge.errors import ConfigError, did_you_mean, unknown_name
 from lmerge.metrics import METRICS
 from lmerge.tasks.catalog import load_catalog
+from lmerge.tasks.kinds import TaskKind, get_kind, kinds_that
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
-KINDS = ("classification", "label_tokens")
 SPLITS = ("train", "validation", "test")
 
 
@@ -26,9 +26,10 @@ class TaskSpec:
     """Task name, as used in ``adapters: [...]`` and in output paths."""
     adapter: str | None = None
     """Adapter directory (absolute when read from a catalog), or None for a task with data only."""
-    kind: Literal["classification", "label_tokens"] = "classification"
-    """``classification``: the adapter's own head predicts a class id. ``label_tokens``: a causal
-    LM continues the prompt with the answer tokens (``" " + label``)."""
+    kind: str = "classification"
+    """A kind registered in ``lmerge.tasks.kinds`` (each file there documents its own), e.g.
+    ``classification`` (the adapter's own head predicts a class id) or ``label_tokens`` (a causal
+    or seq2seq LM continues the prompt with the answer tokens, ``" " + label``)."""
     dataset: dict[str, Any] | None = None
     """``datasets.load_dataset`` keyword arguments, e.g. ``{path: json, data_files: {train: a.json}}``;
     None for an adapter-only entry."""
@@ -42,27 +43,41 @@ class TaskSpec:
     ``label_tokens`` without ``label_names``) the answer text itself."""
     label_names: list[str] | None = None
     """Class names in class-id order; names in the data map to their index."""
-    metric: str = "accuracy"
-    """Primary metric: ``accuracy``, ``macro_f1``, or ``wer`` (text answers, lower is better)."""
+    metric: str | None = None
+    """Primary metric: ``accuracy``, ``macro_f1``; for text answers also ``wer`` (lower is better),
+    ``exact_match`` and ``contains`` (normalized answers, ``lmerge.metrics``). Default: the kind's
+    (``accuracy``; ``exact_match`` for ``generation``)."""
     max_length: int = 128
-    """Most tokens per example (prompt and answer together for ``label_tokens``)."""
+    """Most tokens per example (prompt and answer together for kinds with text answers)."""
     prompt: str | None = None
-    """``label_tokens`` only: template whose ``{text}`` is replaced by the input text, e.g.
-    ``"Review: {text}\\nSentiment:"``. None: the text alone is the prompt."""
+    """For kinds with text answers (``label_tokens``) only: template whose ``{text}`` is replaced
+    by the input text, e.g. ``"Review: {text}\\nSentiment:"``. None: the text alone is the prompt."""
+    generation: dict[str, Any] | None = None
+    """For kinds that generate their answers (``generation``) only: decoding and answer extraction,
+    e.g. ``{max_new_tokens: 32, stop: ["\\n"], answer_pattern: "(-?[\\d.,]*\\d)"}`` (the kind's file
+    documents each key)."""
+    task_kind: TaskKind = field(init=False, repr=False, compare=False)
+    """The registered kind named by ``kind``: everything that depends on it."""
 
     def __post_init__(self) -> None:
         where = f"task {self.name}"
-        if self.kind not in KINDS:
-            raise ConfigError(f"{where}: {unknown_name('kind', self.kind, list(KINDS))}")
+        try:
+            self.task_kind = get_kind(self.kind)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        self.metric = self.metric or self.task_kind.default_metric
         if self.metric not in METRICS:
             raise ConfigError(f"{where}: {unknown_name('metric', self.metric, list(METRICS))}")
-        if METRICS[self.metric].on_text and self.kind != "label_tokens":
-            raise ConfigError(f"{where}: metric {self.metric!r} needs kind 'label_tokens' (text answers)")
-        if self.metric == "macro_f1" and self.kind == "label_tokens" and not self.label_names:
-            raise ConfigError(f"{where}: metric 'macro_f1' on label_tokens needs label_names")
+        if METRICS[self.metric].on_text and not self.task_kind.text_answers:
+            raise ConfigError(
+                f"{where}: metric {self.metric!r} needs kind {kinds_that(lambda k: k.text_answers)} (text answers)"
+            )
+        if self.generation is not None and not self.task_kind.generates:
+            raise ConfigError(f"{where}: generation is for kind {kinds_that(lambda k: k.generates)} only")
+        self.task_kind.check(self, where)
         if self.prompt is not None:
-            if self.kind != "label_tokens":
-                raise ConfigError(f"{where}: prompt is for kind 'label_tokens' only")
+            if not self.task_kind.text_answers:
+                raise ConfigError(f"{where}: prompt is for kind {kinds_that(lambda k: k.text_answers)} only")
             if "{text}" not in self.prompt:
                 raise ConfigError(f"{where}: prompt must contain '{{text}}', got {self.prompt!r}")
         if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
@@ -98,10 +113,10 @@ class TaskSpec:
 
     def encode_labels(self, values: Sequence[Any], split: str) -> list[int | str]:
         """The split's labels as class ids (or answer texts); see :func:`encode_labels`."""
-        return encode_labels(values, task=self.name, split=split, kind=self.kind, label_names=self.label_names)
+        return encode_labels(values, task=self.name, split=split, kind=self.task_kind, label_names=self.label_names)
 
 
-_FIELDS = tuple(f.name for f in fields(TaskSpec) if f.name != "name")
+_FIELDS = tuple(f.name for f in fields(TaskSpec) if f.init and f.name != "name")
 
 
 def load_task_catalog(path: str | Path) -> dict[str, TaskSpec]:
@@ -201,11 +216,11 @@ def encode_labels(
     *,
     task: str,
     split: str,
-    kind: str,
+    kind: TaskKind,
     label_names: Sequence[str] | None,
 ) -> list[int | str]:
-    """Class ids for ``values`` (names through ``label_names``, or integer ids), or, for
-    ``label_tokens`` without ``label_names``, the answer texts. A label that fits neither is an
+    """Class ids for ``values`` (names through ``label_names``, or integer ids), or, for a kind
+    with text answers without ``label_names``, the answer texts. A label that fits neither is an
     error naming the task, split, row and value."""
     index = {name: i for i, name in enumerate(label_names)} if label_names else None
     out: list[int | str] = []
@@ -219,7 +234,7 @@ def encode_labels(
                 out.append(value)
                 continue
             expected = f"one of label_names ({', '.join(index)}) or an id below {len(index)}"
-        elif kind == "classification":
+        elif not kind.text_answers:
             if is_id and value >= 0:
                 out.append(value)
                 continue
@@ -251,14 +266,13 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def catalog_tasks(catalog: str | None, names: list[str]) -> list[TaskSpec]:
-    """The catalog's specs of ``names``, in order; unknown names are one clear error."""
+def catalog_tasks(catalog: str | Path | None, names: list[str], key: str = "eval_tasks") -> list[TaskSpec]:
+    """The catalog's specs of ``names``, in order; an unknown name is one clear error that starts
+    with ``key`` (the setting that lists the names)."""
     if not catalog:
-        raise ConfigError("eval_tasks: evaluation needs a task catalog (--catalog path/to/catalog.yaml)")
+        raise ConfigError(f"{key}: evaluation needs a task catalog (--catalog path/to/catalog.yaml)")
     specs = load_task_catalog(catalog)
     missing = [name for name in names if name not in specs]
     if missing:
-        raise ConfigError(
-            f"eval_tasks: {missing[0]!r} is not a task in catalog {catalog}{did_you_mean(missing[0], specs)}"
-        )
+        raise ConfigError(f"{key}: {missing[0]!r} is not a task in catalog {catalog}{did_you_mean(missing[0], specs)}")
     return [specs[name] for name in names]

@@ -1,0 +1,146 @@
+"""The task-kind registry: the only dispatch from a task's ``kind:`` to the code that depends on it.
+
+A kind is one object (a ``TaskKind`` subclass, registered with ``@register_kind`` in its own
+file of this package) holding everything kind-specific: the transformers class its base model
+loads as, the PEFT task type of a fresh adapter, how labels become examples and batches, the
+training loss, the predictive distribution of unlabeled objectives, validation accuracy and the
+evaluation scorer. Code looks the kind up once (``TaskSpec.task_kind``) and asks it; nothing
+compares a kind's name. A new kind is one new file here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from lmerge.errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lmerge.tasks.spec import TaskSpec
+
+Batch = dict[str, Any]
+
+
+class TaskData(Protocol):
+    """What a kind reads of one task's data (``lmerge.data.TaskDataModule`` provides it)."""
+
+    spec: TaskSpec
+    """The fields that shape the data (columns, labels, prompt, lengths); its metric and adapter
+    may be defaults, so scoring reads the catalog's spec instead."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the base model is an encoder-decoder (seq2seq) model."""
+
+    @property
+    def candidates(self) -> torch.Tensor | None:
+        """The kind's ``label_words``, computed once."""
+
+    def pad_id(self) -> int: ...
+
+
+class TaskKind(ABC):
+    """Everything that depends on a task's kind. Subclass it in a new file of this package, set
+    ``name`` (the catalog's ``kind:`` value) and register the class with ``@register_kind``."""
+
+    name: ClassVar[str]
+    """The catalog's ``kind:`` value."""
+    has_head: ClassVar[bool] = False
+    """Each task's adapter carries its own head (PEFT ``modules_to_save``), which the shared
+    backbone swaps in per task; its predictions are over the head's class ids."""
+    text_answers: ClassVar[bool] = False
+    """A language model answers after a prompt: ``prompt`` and text metrics (WER) apply, and a
+    label without ``label_names`` is the answer text; otherwise labels are class ids."""
+    generates: ClassVar[bool] = False
+    """The model generates its answers: a task's ``generation`` settings (decoding, answer
+    extraction) apply."""
+    default_metric: ClassVar[str] = "accuracy"
+    """The primary metric of a task that names none."""
+
+    # ---- the task spec ----------------------------------------------------------------------------
+    def check(self, spec: TaskSpec, where: str) -> None:
+        """Rules of this kind on a task spec beyond the shared ones; ``where`` starts the message."""
+
+    # ---- the model --------------------------------------------------------------------------------
+    @abstractmethod
+    def model_class(self, encoder_decoder: bool) -> str:
+        """The transformers auto class the base model loads as (e.g. ``AutoModelForCausalLM``)."""
+
+    @abstractmethod
+    def peft_task_type(self, encoder_decoder: bool) -> str:
+        """PEFT's ``task_type`` for a fresh adapter of this kind (e.g. ``CAUSAL_LM``)."""
+
+    def finetune_options(self, spec: TaskSpec) -> dict[str, Any]:
+        """``from_pretrained`` options for fine-tuning a fresh adapter on ``spec`` (e.g. a head's size)."""
+        return {}
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits on one of this kind's batches."""
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # ---- objectives and scores --------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The supervised training loss (mean over the batch)."""
+
+    @abstractmethod
+    def predict(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """[B, C] predictive distribution, read without the labels (for unlabeled objectives)."""
+
+    def accuracy(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """The batch's accuracy, logged during validation; None where it is not defined per batch."""
+        return None
+
+    @abstractmethod
+    def score(
+        self, model: nn.Module, batches: Iterable[Batch], task: TaskSpec, data: TaskData, device: torch.device
+    ) -> tuple[float, int]:
+        """``(metric value, examples)`` of the (already folded) model on ``batches`` of ``data``,
+        with the primary metric of ``task`` (the catalog's spec: ``data.spec`` holds only the
+        fields that shape the data)."""
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def label_words(self, data: TaskData) -> torch.Tensor | None:
+        """[C, Lc] token ids of each class's answer, -100-padded, when the kind scores classes by
+        their words (else None)."""
+        return None
+
+    @abstractmethod
+    def encode(self, data: TaskData, texts: list[str], labels: list[int | str]) -> list[dict[str, Any]]:
+        """Tokenized examples (each with its ``label``) from input texts and encoded labels."""
+
+    @abstractmethod
+    def collator(self, data: TaskData) -> Callable[[list[dict[str, Any]]], Batch]:
+        """The batch-building function of the task's loaders (picklable, for DataLoader workers)."""
+
+
+KINDS: dict[str, TaskKind] = {}
+
+
+def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    if cls.name in KINDS:
+        raise RuntimeError(f"task kind {cls.name!r} is registered twice")
+    KINDS[cls.name] = cls()
+    return cls
+
+
+def get_kind(name: str) -> TaskKind:
+    """The kind registered as ``name``; an unknown name lists the valid ones."""
+    if not isinstance(name, str) or name not in KINDS:
+        raise ConfigError(unknown_name("kind", name, list(KINDS)))
+    return KINDS[name]
+
+
+def kinds_that(selected: Callable[[TaskKind], bool]) -> str:
+    """The names of the kinds ``selected`` accepts, for messages: ``'a'`` or ``'a' or 'b'``."""
+    return " or ".join(repr(kind.name) for kind in KINDS.values() if selected(kind))
