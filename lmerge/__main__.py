@@ -235,7 +235,7 @@ def run_verb(argv: list[str]) -> None:
     try:
         settings = parser.parse_args(expand_args(argv, keys))
     except ArgumentError as exc:
-        hinted = _with_flag_hint(exc, keys.get(argv[0], []))
+        hinted = console.with_flag_hint(exc, keys.get(argv[0], []))
         if hinted is None:
             raise
         raise hinted from None
@@ -245,17 +245,6 @@ def run_verb(argv: list[str]) -> None:
     chosen.pop("config", None)
     with removed_if_left_empty(chosen.get("output_dir") or DEFAULT_OUTPUT_DIR):
         VERBS[name](chosen)
-
-
-def _with_flag_hint(error: ArgumentError, keys: list[str]) -> ConfigError | None:
-    """jsonargparse's refusal of an unknown flag, with the verb's closest flag suggested; None
-    for other refusals."""
-    message = _one_line(str(_unrelayed(error)))
-    if not message.startswith(_UNRECOGNIZED):
-        return None
-    flag = next((word for word in message.split() if word.startswith("--")), "")
-    hint = did_you_mean(flag.partition("=")[0], [f"--{key}" for key in keys])
-    return ConfigError(message + hint)
 
 
 def _note(message: str) -> None:
@@ -291,60 +280,6 @@ def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
         else:
             out.append(arg)
     return out
-
-
-# jsonargparse 4.53 names the key it refuses and the kind of a refusal in its messages only: an
-# ArgumentError(None, message), raised from a TypeError 'Parser key "<key>"...'. These three
-# wordings are all that is read from its text; the rest follows the exceptions it chains.
-_KEY_WORDING = 'Parser key "'
-_UNION_WORDING = "Does not validate against any of the Union subtypes"
-_UNRECOGNIZED = "unrecognized arguments:"
-
-
-def _argument_message(error: ArgumentError) -> str:
-    """jsonargparse's refusal on one line. A single complaint reads as jsonargparse words it; a
-    value that fits none of a union's types (``X | None``) reads ``key: <what>`` with the
-    complaint about X: jsonargparse raises its report on every type from that one (None last)."""
-    refusal = _unrelayed(error)
-    report = refusal.__cause__
-    if report is not None and report.__cause__ is not None and _is_union_report(report):
-        return f"{_key(refusal)}: {_complaint(report.__cause__)}"
-    return _one_line(str(refusal))
-
-
-def _complaint(exc: BaseException) -> str:
-    """One link of jsonargparse's chain and those under it: a key's refusal as ``key: ...``, a
-    union's report as its first type's complaint, any other wrapper as its first line and its cause."""
-    exc = _unrelayed(exc)
-    cause = exc.__cause__
-    if cause is None:
-        return _one_line(str(exc))
-    if _is_union_report(exc):
-        return _complaint(cause)
-    if str(exc).startswith(_KEY_WORDING):
-        return f"{_key(exc)}: {_complaint(cause)}"
-    return f"{str(exc).splitlines()[0]} {_complaint(cause)}"
-
-
-def _unrelayed(exc: BaseException) -> BaseException:
-    """``exc``, or the exception it relays: each nested parser (a verb, a class_path's arguments)
-    raises its own ArgumentError from the one below, with the same message."""
-    while exc.__cause__ is not None and str(exc.__cause__) == str(exc):
-        exc = exc.__cause__
-    return exc
-
-
-def _is_union_report(exc: BaseException) -> bool:
-    return str(exc).startswith(_UNION_WORDING)
-
-
-def _key(refusal: BaseException) -> str:
-    """The key a refusal names: ``save.rank`` of 'Parser key "save.rank": ...'."""
-    return str(refusal).removeprefix(_KEY_WORDING).partition('"')[0]
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def overview() -> str:
@@ -390,22 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # LightningCLI's parser wraps an error raised while building the model or data in its own;
         # a full disk or a read-only folder can surface from any library that writes.
-        cause = _lmerge_cause(exc)
+        cause = console.lmerge_cause(exc)
         environment = os_error_line(exc)
         if debug or not (cause or environment or isinstance(exc, ArgumentError)):
             raise
-        print(f"lmerge: error: {cause or environment or _argument_message(exc)}", file=sys.stderr)
+        print(f"lmerge: error: {cause or environment or console.argument_message(exc)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _lmerge_cause(exc: BaseException) -> LMergeError | None:
-    """The LMergeError that ``exc`` was raised from, if any."""
-    seen = set()
-    while exc is not None and not isinstance(exc, LMergeError) and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return exc if isinstance(exc, LMergeError) else None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.learn.heatmap import heatmap_png
 from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
-from lmerge.merge.runner import MergeResult, merge_to_bundle, prepare_merge
+from lmerge.merge.runner import MergeResult, check_settings, merge_to_bundle, prepare_merge
 from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
 
 
@@ -46,6 +46,7 @@ def learn_method_params(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any
         raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
     from lmerge.learn.from_config import train_learner
 
+    check_settings(config)  # what the merge after training needs, before the training
     method_params, record = train_learner(name, params, config.catalog, config.adapters, config.merge_mode)
     return dataclasses.replace(config, method_params=method_params), record
 

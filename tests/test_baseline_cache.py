@@ -5,7 +5,10 @@ scoring code, and `lmerge evaluate` computes the baseline again; change nothing 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,19 @@ def test_the_cache_key_is_recorded_beside_the_number(world, capsys):
     }
     assert key["data"] and all(len(digest) == 64 for digest in key["data"].values())
     assert {"tokenizer_config.json", "config.json"} <= set(key["base_model"]["files"])
+
+
+def test_another_process_reuses_the_baseline(world, capsys):
+    """The key holds nothing of one process (an object's address, a salted hash): a second
+    process with the same inputs reads the cache instead of computing and rewriting it."""
+    out = world["root"] / "out"
+    argv = ["evaluate", "--catalog", str(world["catalog"]), "--eval_tasks", "[alpha]", "--output_dir", str(out)]
+    assert main(argv) == 0
+    cache = out / "alpha" / "metrics" / "eval" / "test" / "single" / "full" / "metrics.json"
+    written = cache.stat().st_mtime_ns, cache.read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "12345"}
+    again = subprocess.run(
+        [sys.executable, "-m", "lmerge", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert (cache.stat().st_mtime_ns, cache.read_bytes()) == written

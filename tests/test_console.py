@@ -4,6 +4,7 @@ errors, the libraries' notes only with ``--verbose``; an unknown name gets the c
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -72,114 +73,41 @@ def test_an_error_is_the_only_line(tasks, tmp_path):
     assert refused.stderr.startswith("lmerge: error: ")
 
 
-@pytest.mark.parametrize(
-    "build,expected",
-    [
-        (
-            lambda t, c: ["merge", "--adapters", "[alpha]", "--method", "tie"],
-            "unknown method 'tie'; did you mean 'ties'?",
-        ),
-        (
-            lambda t, c: [
-                "merge",
-                "--adapters",
-                "[alpha]",
-                "--method",
-                "ties",
-                "--transforms",
-                "[identy]",
-                "--catalog",
-                t,
-            ],
-            "unknown transform 'identy'; did you mean 'identity'?",
-        ),
-        (
-            lambda t, c: [
-                "merge",
-                "--adapters",
-                "[alpha]",
-                "--method",
-                "ties",
-                "--lambda_policy",
-                "per_layr",
-                "--catalog",
-                t,
-            ],
-            "unknown lambda policy 'per_layr'; did you mean 'per_layer'?",
-        ),
-        (
-            lambda t, c: [
-                "merge",
-                "--adapters",
-                "[alpha,beta]",
-                "--method",
-                "ties",
-                "--catalog",
-                t,
-                "--eval_tasks",
-                "[alpah]",
-            ],
-            "'alpah' is not a task in catalog",
-        ),
-        (lambda t, c: ["merge", "--adapters", "[alpah]", "--method", "ties", "--catalog", t], "did you mean 'alpha'?"),
-        (
-            lambda t, c: [
-                "merge",
-                "--adapters",
-                "[alpha]",
-                "--method",
-                "ties",
-                "--method_params",
-                "{kk: 3}",
-                "--catalog",
-                t,
-            ],
-            "method_params.kk: not a parameter of method 'ties'; did you mean 'k'?",
-        ),
-        (lambda t, c: ["merge", "--adapters", "[alpha]", "--methd", "ties"], "did you mean '--method'?"),
-        (
-            lambda t, c: ["merge", "--config", c(methd="ties")],
-            "methd: unknown key for lmerge merge; did you mean 'method'?",
-        ),
-        (
-            lambda t, c: ["evaluate", "--catalog", c(kind="clasification"), "--eval_tasks", "[gamma]"],
-            "did you mean 'classification'?",
-        ),
-        (
-            lambda t, c: ["evaluate", "--catalog", c(metric="acuracy"), "--eval_tasks", "[gamma]"],
-            "did you mean 'accuracy'?",
-        ),
-        (
-            lambda t, c: ["evaluate", "--catalog", c(lable_names=["a"]), "--eval_tasks", "[gamma]"],
-            "did you mean 'label_names'?",
-        ),
-    ],
-    ids=[
-        "method",
-        "transform",
-        "policy",
-        "task",
-        "adapter task",
-        "method param",
-        "flag",
-        "config key",
-        "kind",
-        "metric",
-        "catalog key",
-    ],
-)
-def test_a_misspelt_name_gets_the_closest_valid_one(tasks, tmp_path, capsys, build, expected):
-    def config(**values) -> str:
-        """A merge config with ``values``, or (with a task field) a catalog of task gamma."""
-        path = tmp_path / "file.yaml"
-        if "methd" in values:
-            path.write_text(yaml.safe_dump({"adapters": ["alpha"], **values}))
-        else:
-            entry = {"adapter": str(tmp_path), "dataset": {"path": "json", "data_files": "x.json"}, **values}
-            path.write_text(yaml.safe_dump({"tasks": {"gamma": entry}}))
-        return str(path)
+def gamma(**fields) -> dict:
+    """A catalog with one task, gamma, holding ``fields``."""
+    entry = {"adapter": "gamma_adapter", "dataset": {"path": "json", "data_files": "x.json"}, **fields}
+    return {"tasks": {"gamma": entry}}
 
-    code = main([str(a) for a in build(tasks, config)] + ["--output_dir", str(tmp_path / "out")])
+
+MISSPELT = [
+    ("merge --adapters [alpha] --method tie", None, "unknown method 'tie'; did you mean 'ties'?"),
+    ("merge --method ties --transforms [identy]", None, "unknown transform 'identy'; did you mean 'identity'?"),
+    (
+        "merge --method ties --lambda_policy per_layr",
+        None,
+        "unknown lambda policy 'per_layr'; did you mean 'per_layer'?",
+    ),
+    ("merge --method ties --eval_tasks [alpah]", None, "'alpah' is not a task in catalog"),
+    ("merge --adapters [alpah] --method ties", None, "did you mean 'alpha'?"),
+    ("merge --method ties --method_params '{kk: 3}'", None, "method_params.kk: not a parameter of method 'ties'; did"),
+    ("merge --adapters [alpha] --methd ties", None, "did you mean '--method'?"),
+    ("merge --config {file}", {"adapters": ["alpha"], "methd": "ties"}, "methd: unknown key for lmerge merge; did"),
+    ("evaluate --catalog {file} --eval_tasks [gamma]", gamma(kind="clasification"), "did you mean 'classification'?"),
+    ("evaluate --catalog {file} --eval_tasks [gamma]", gamma(metric="acuracy"), "did you mean 'accuracy'?"),
+    ("evaluate --catalog {file} --eval_tasks [gamma]", gamma(lable_names=["a"]), "did you mean 'label_names'?"),
+]
+
+
+@pytest.mark.parametrize("command,file,expected", MISSPELT, ids=[c[2].split(";")[0][:40] for c in MISSPELT])
+def test_a_misspelt_name_gets_the_closest_valid_one(tasks, tmp_path, capsys, command, file, expected):
+    """Every merge names the catalog, so task names resolve; ``{file}`` is ``file`` as YAML."""
+    path = tmp_path / "file.yaml"
+    path.write_text(yaml.safe_dump(file))
+    argv = shlex.split(command.replace("{file}", str(path)))
+    if argv[0] == "merge" and "--config" not in argv:
+        argv += ["--adapters", "[alpha,beta]"] if "--adapters" not in argv else []
+        argv += ["--catalog", str(tasks)]
+    code = main([*argv, "--output_dir", str(tmp_path / "out")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("lmerge: error: "), lines
     assert expected in lines[0]

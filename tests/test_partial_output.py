@@ -214,3 +214,15 @@ def test_fit_checks_its_export_before_training(tasks, tmp_path, capsys, monkeypa
     )
     code = main(["fit", "--config", str(config), "--export.eval_tasks", "[alpah]", "--export.output_dir", str(out)])
     assert_refused(code, capsys.readouterr().err, "'alpah' is not a task in catalog", out, before)
+
+
+def test_a_merge_with_a_learner_checks_its_config_before_training(tasks, tmp_path, capsys, monkeypatch):
+    def train(*args, **kwargs):
+        raise AssertionError("trained before the config was checked")
+
+    monkeypatch.setattr("lmerge.learn.from_config.train_learner", train)
+    out = tmp_path / "out"
+    before = earlier_outputs(out)
+    argv = ["merge", "--adapters", "[alpha,beta]", "--method", "weighted_delta_n", "--catalog", str(tasks)]
+    argv += ["--optimizer", "adamerging", "--transforms", "[{name: sharpen}]", "--output_dir", str(out)]
+    assert_refused(main(argv), capsys.readouterr().err, "unknown transform 'sharpen'", out, before)

@@ -13,7 +13,6 @@ import optuna
 import pytest
 import torch
 from test_bad_inputs import assert_refused, earlier_outputs
-from test_yaml_files import deep_flow, laughs
 
 from lmerge.__main__ import main
 from lmerge.yaml_files import MAX_DEPTH
@@ -82,35 +81,36 @@ def test_a_corrupt_checkpoint_is_refused_before_training(tasks, tmp_path, capsys
 SWEEP = ["sweep", "--adapters", "[alpha,beta]", "--method", "weighted_delta", "--search.grid.lambda", "[0.5,1.0]"]
 
 
-def sweep_summary(points: list) -> dict:
-    identity = {
-        "method": "weighted_delta",
-        "adapters": ["alpha", "beta"],
-        "merge_mode": "common",
-        "split": "test",
-        "eval_tasks": ["alpha", "beta"],
-        "subset": "full",
-        "constraint_nonnegative": False,
-    }
-    return {"identity": identity, "points": points}
+@pytest.fixture(scope="module")
+def earlier_sweep(tasks, tmp_path_factory) -> dict:
+    """The summary of a real sweep over the same space, to be spoilt point by point."""
+    out = tmp_path_factory.mktemp("earlier")
+    assert main([*SWEEP, "--catalog", str(tasks), "--output_dir", str(out)]) == 0
+    return json.loads(next(out.rglob("sweep_*[0-9].json")).read_text())
+
+
+def no_score(point: dict) -> None:
+    del point["score"]
 
 
 @pytest.mark.parametrize(
-    "points,expected",
+    "spoil,expected",
     [
-        ([{"params": {"lambda": 0.5}, "average_delta": 0.1}], "points[0].score: expected a finite number, got None"),
-        ([{"params": {"lambda": 0.5}, "score": float("nan"), "average_delta": 0.1}], "points[0].score: expected a"),
-        ([{"params": {"lambda": 0.5}, "score": 0.1, "average_delta": "x"}], "points[0].average_delta: expected a"),
-        ([{"score": 0.1, "average_delta": 0.1}], "points[0]: expected a point with its params"),
-        (["x"], "points[0]: expected a point with its params"),
+        (no_score, "points[0].score: expected a finite number, got None"),
+        (lambda point: point.update(score=float("nan")), "points[0].score: expected a finite number, got nan"),
+        (lambda point: point.update(average_delta="x"), "points[0].average_delta: expected a finite number"),
+        (lambda point: point.pop("params"), "points[0]: expected a point with its params"),
+        (lambda point: point.clear(), "points[0]: expected a point with its params"),
     ],
-    ids=["no score", "NaN score", "average delta not a number", "no params", "not a point"],
+    ids=["no score", "NaN score", "average delta not a number", "no params", "empty point"],
 )
-def test_warm_start_points_that_cannot_be_ranked_are_refused(tasks, tmp_path, capsys, points, expected):
+def test_warm_start_points_that_cannot_be_ranked_are_refused(tasks, tmp_path, capsys, earlier_sweep, spoil, expected):
     out = tmp_path / "out"
     before = earlier_outputs(out)
+    summary = json.loads(json.dumps(earlier_sweep))
+    spoil(summary["points"][0])
     earlier = tmp_path / "sweep_earlier.json"
-    earlier.write_text(json.dumps(sweep_summary(points)))  # NaN is written as JSON's NaN token
+    earlier.write_text(json.dumps(summary))  # NaN is written as JSON's NaN token
     argv = [*SWEEP, "--catalog", tasks, "--search.warm_start_sweeps", f"[{earlier}]", "--output_dir", out]
     refuse(argv, out, f"search.warm_start_sweeps: {earlier}: {expected}", capsys, before)
 
@@ -132,25 +132,7 @@ def test_a_hostile_sweep_summary_is_refused(tasks, tmp_path, capsys, text, expec
     refuse(argv, out, f"{earlier}: {expected}", capsys, before)
 
 
-# ---- hostile YAML and JSON, to every verb -----------------------------------------------------------
-@pytest.mark.parametrize(
-    "hostile,expected",
-    [
-        ("trainer: {max_steps: 2}\n", "line 6: duplicate key 'trainer' (first given on line 5)"),
-        (laughs(9), "aliases expand to more than"),
-        (deep_flow(50_000), "nested deeper than"),
-    ],
-    ids=["duplicate key", "alias bomb", "deep nesting"],
-)
-def test_fit_configs_are_read_strictly(tasks, tmp_path, capsys, monkeypatch, hostile, expected):
-    out = tmp_path / "out"
-    before = earlier_outputs(out)
-    monkeypatch.chdir(out)
-    config = tmp_path / "fit.yaml"
-    config.write_text(FIT.format(catalog=tasks) + hostile)
-    refuse(["fit", "--config", config], out, f"{config}: ", capsys, before, expected)
-
-
+# ---- hostile YAML and JSON, to every verb (fit's configs: test_yaml_files) --------------------------
 @pytest.mark.parametrize(
     "verb,flags",
     [

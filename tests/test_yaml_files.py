@@ -128,19 +128,23 @@ def test_json_is_read_strictly(tmp_path, text, expected):
     ],
     ids=["duplicate key", "alias bomb", "deep nesting"],
 )
-def test_every_verb_reads_configs_strictly(zoo, tasks, tmp_path, capsys, text, expected):
-    """``--config`` of merge and sweep, and catalogs, go through the strict reader."""
+def test_every_verb_reads_configs_strictly(zoo, tasks, tmp_path, capsys, monkeypatch, text, expected):
+    """``--config`` of merge, sweep and fit (which jsonargparse reads), and catalogs, go through
+    the strict reader."""
     hostile = tmp_path / "hostile.yaml"
     hostile.write_text(text)
     out = tmp_path / "out"
     before = earlier_outputs(out)
+    monkeypatch.chdir(out)  # fit would write lightning_logs/ here
+    output = ["--output_dir", str(out)]
     for argv in (
-        ["merge", "--config", str(hostile)],
-        ["sweep", "--config", str(hostile)],
-        ["merge", "--adapters", "[alpha]", "--method", "ties", "--catalog", str(hostile)],
-        ["evaluate", "--catalog", str(hostile), "--eval_tasks", "[alpha]"],
+        ["merge", "--config", str(hostile), *output],
+        ["sweep", "--config", str(hostile), *output],
+        ["merge", "--adapters", "[alpha]", "--method", "ties", "--catalog", str(hostile), *output],
+        ["evaluate", "--catalog", str(hostile), "--eval_tasks", "[alpha]", *output],
+        ["fit", "--config", str(hostile)],
     ):
-        code = main([*argv, "--output_dir", str(out)])
+        code = main(argv)
         assert_refused(code, capsys.readouterr().err, f"{hostile}: {expected}", out, before)
 
 

@@ -46,7 +46,7 @@ def baseline_key(
     return {
         "scoring_version": SCORING_VERSION,
         "lmerge_version": _version("lmerge"),
-        "task": {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in ("name", "adapter")},
+        "task": task_fields(task),
         "data": data_fingerprint(task.dataset),
         "split": split,
         "subset": {
@@ -61,6 +61,18 @@ def baseline_key(
         "precision": precision,
         "device": device,
     }
+
+
+def task_fields(task: TaskSpec) -> dict[str, Any]:
+    """Every catalog field of ``task`` (its name and adapter path aside: the adapter enters by its
+    content), nested settings as plain mappings."""
+    fields = {}
+    for f in dataclasses.fields(task):
+        if f.init and f.name not in ("name", "adapter"):
+            value = getattr(task, f.name)
+            is_settings = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            fields[f.name] = dataclasses.asdict(value) if is_settings else value
+    return fields
 
 
 def key_digest(key: dict[str, Any]) -> str:

@@ -98,6 +98,20 @@ def prepare_merge(config: MergeConfig) -> PreparedMerge:
     return prepared
 
 
+def check_settings(config: MergeConfig) -> None:
+    """Check what of a merge config does not depend on its method parameters (transforms, lambda
+    policy, tag, output root, adapters, evaluation settings and tasks), for a config whose
+    parameters a learner has yet to find."""
+    parse_transforms(config.transforms)
+    policy_spec(config.lambda_policy)
+    if config.tag:
+        safe_component(config.tag, "tag")
+    check_output_root(config.output_dir)
+    adapters = resolve_adapters(config.adapters, config.catalog)
+    if config.eval_tasks or config.eval_harness:
+        evaluator_for(config, adapters, baselines=False)
+
+
 def merge_to_bundle(
     config: MergeConfig, evaluator: Evaluator | None = None, learned: dict[str, Any] | None = None
 ) -> MergeResult:
