@@ -17,7 +17,7 @@ from lmerge.learn.callbacks import (
     StepEarlyStopping,
     is_learner,
 )
-from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_output_root
+from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_inputs_outside, check_output_root
 from lmerge.pipeline import export_learned_merge
 from lmerge.tasks.spec import SPLITS, catalog_tasks
 
@@ -51,6 +51,11 @@ class MergeExport(Callback):
         self.eval_tasks = eval_tasks
         self.split = split
         self.bundle: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The learner's adapters are known once it is built: checked before training, not after.
+        if is_learner(pl_module):
+            check_inputs_outside(self.output_dir, [a.path for a in pl_module.adapters])
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from test_bad_inputs import assert_refused, earlier_outputs, tree_digest
 
 import lmerge
@@ -180,3 +181,65 @@ def test_a_bundle_copied_in_from_elsewhere_is_read_not_written(tasks, zoo, tmp_p
     assert main([*argv, "--output_dir", str(out)]) == 0
     assert tree_digest(adapter) == before
     assert (out / "merged" / "adapter" / "bert_a" / "eval" / "index.json").is_file()
+
+
+def catalog_over(tasks: Path, adapter: Path, path: Path) -> Path:
+    """The test catalog with task alpha's adapter replaced by ``adapter``."""
+    data = yaml.safe_load(tasks.read_text())
+    for entry in data["tasks"].values():
+        files = entry["dataset"]["data_files"]
+        entry["dataset"]["data_files"] = {split: str(tasks.parent / name) for split, name in files.items()}
+    data["tasks"]["alpha"]["adapter"] = str(adapter)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# How each verb reads the adapter (a copy of task alpha's) whose folder would hold the output root.
+INPUT_VERBS = {
+    "merge": ["merge", "--adapters", "[{adapter},{bert_b}]", "--method", "ties"],
+    "merge by task name": ["merge", "--adapters", "[alpha,beta]", "--method", "ties", "--catalog", "{catalog}"],
+    "merge evaluating a task": ["merge", "--adapters", "[{bert_b},{bert_c}]", "--method", "ties"]
+    + ["--catalog", "{catalog}", "--eval_tasks", "[alpha]"],
+    "merge with a learner": ["merge", "--adapters", "[alpha,beta]", "--method", "weighted_delta_n"]
+    + ["--optimizer", "adamerging", "--catalog", "{catalog}"],
+    "sweep": ["sweep", "--adapters", "[alpha,beta]", "--method", "weighted_delta", "--catalog", "{catalog}"]
+    + ["--search.grid.lambda", "[0.5]"],
+    "evaluate a bundle": ["evaluate", "--catalog", "{catalog}", "--eval_tasks", "[beta]", "--adapter", "{adapter}"],
+    "evaluate the baselines": ["evaluate", "--catalog", "{catalog}", "--eval_tasks", "[alpha]"],
+    "fit": ["fit", "--config", "{fit}", "--export.output_dir"],
+}
+FIT = (
+    "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {{adapters: [alpha, beta]}}\n"
+    "data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
+    "trainer: {{max_steps: 1, logger: false, enable_checkpointing: false}}\n"
+)
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["inside", "linked inside"])
+@pytest.mark.parametrize("verb", sorted(INPUT_VERBS))
+def test_an_output_root_inside_an_input_adapter_is_refused(zoo, tasks, tmp_path, capsys, monkeypatch, verb, linked):
+    """An output root that is, or resolves through a symlink to, a folder inside an adapter the
+    verb reads (named by path or by task, merged or evaluated): one line before any work, the
+    adapter byte for byte as it was."""
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained before the output root was checked")
+
+    monkeypatch.setattr("lmerge.learn.from_config.train_learner", train)
+    adapter = Path(shutil.copytree(zoo["bert_a"], tmp_path / "adapter"))
+    (adapter / "artifacts").mkdir()
+    before = tree_digest(adapter)
+    catalog = catalog_over(tasks, adapter, tmp_path / "catalog.yaml")
+    out = adapter / "artifacts"
+    if linked:
+        out = tmp_path / "out"
+        out.symlink_to(adapter / "artifacts")
+    fit = tmp_path / "fit.yaml"
+    fit.write_text(FIT.format(catalog=catalog))
+    monkeypatch.chdir(tmp_path)
+    names = {"adapter": adapter, "catalog": catalog, "fit": fit, "bert_b": zoo["bert_b"], "bert_c": zoo["bert_c"]}
+    argv = [arg.format(**names) for arg in INPUT_VERBS[verb]]
+    flag = [] if argv[-1].endswith("output_dir") else ["--output_dir"]
+    code = main([*argv, *flag, str(out)])
+    assert_one_line(code, capsys.readouterr().err, f"lies inside the adapter {adapter}; an input is never written")
+    assert tree_digest(adapter) == before

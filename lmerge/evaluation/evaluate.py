@@ -22,7 +22,7 @@ from lmerge.evaluation.baseline_key import baseline_key, key_digest
 from lmerge.evaluation.fold import WeightFolder
 from lmerge.evaluation.harness import HarnessConfig, HarnessScore, HarnessSuite
 from lmerge.metrics import get_metric, interference_delta, normalized
-from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
+from lmerge.outputs import check_inputs_outside, single_metrics_path, subsets_dir, write_json_atomic
 from lmerge.tasks.kinds import get_kind
 from lmerge.tasks.models import apply_head, load_model
 from lmerge.tasks.spec import SPLITS
@@ -129,6 +129,7 @@ class Evaluator:
         for task in tasks:
             # Where each baseline goes, checked (names, the root) before anything loads.
             single_metrics_path(self.root, task.name, split, self.namespace)
+        check_inputs_outside(self.root, [Path(t.adapter) for t in tasks if t.adapter])
         self.batch_size = batch_size
         self.base_model = base_model or self._base_from_adapters()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -17,7 +17,7 @@ from lmerge.data import TaskSpec
 from lmerge.errors import ConfigError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import plan_views, record_evaluation
-from lmerge.outputs import safe_component
+from lmerge.outputs import check_inputs_outside, safe_component
 from lmerge.yaml_files import read_json
 
 
@@ -48,6 +48,7 @@ def evaluate_saved_adapter(
     tag = safe_component(tag or metadata.get("tag", names[0]), "tag")
     method = safe_component(metadata["method"], "method")
     # Everything is read and checked before anything is computed or written.
+    check_inputs_outside(output_root, [path])
     heads = _heads(path, evaluator.tasks)
     planned = Evaluation(evaluator.split, evaluator.namespace, {task.name: {} for task in evaluator.tasks})
     plan_views(output_root, method, names, tag, planned)

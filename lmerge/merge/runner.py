@@ -30,7 +30,14 @@ from lmerge.merge.policies import build_policy, overridden_layers, policy_spec
 from lmerge.merge.transforms import parse_transforms
 from lmerge.merge.writers import writer_for
 from lmerge.methods import MergeMethod, get_method
-from lmerge.outputs import check_output_root, merged_dir, run_bundle, safe_component, write_json_atomic
+from lmerge.outputs import (
+    check_inputs_outside,
+    check_output_root,
+    merged_dir,
+    run_bundle,
+    safe_component,
+    write_json_atomic,
+)
 from lmerge.tasks.resolve import resolve_adapters
 from lmerge.tasks.spec import catalog_tasks
 
@@ -90,6 +97,7 @@ def prepare_merge(config: MergeConfig) -> PreparedMerge:
     _check_layers("method_params.layer_weights", set(params.get("layer_weights") or ()), keys)
     prepared = PreparedMerge(method, adapters, params, lambda_fn, transforms, tag, keys, dropped, unchecked)
     check_output_root(config.output_dir)
+    check_inputs_outside(config.output_dir, [a.path for a in adapters])
     merged_dir(config.output_dir, method.name, prepared.names)
     if config.eval_tasks:
         # The names the evaluation will be recorded under, checked before any work is done.
@@ -108,6 +116,7 @@ def check_settings(config: MergeConfig) -> None:
         safe_component(config.tag, "tag")
     check_output_root(config.output_dir)
     adapters = resolve_adapters(config.adapters, config.catalog)
+    check_inputs_outside(config.output_dir, [a.path for a in adapters])
     if config.eval_tasks or config.eval_harness:
         evaluator_for(config, adapters, baselines=False)
 

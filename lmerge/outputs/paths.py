@@ -65,6 +65,16 @@ def check_output_root(root: str | Path) -> Path:
     return root
 
 
+def check_inputs_outside(root: str | Path, inputs: list[Path], what: str = "adapter") -> None:
+    """Refuse an output root that is, or lies inside, one of the input directories ``inputs``:
+    an input directory is never written."""
+    real_root = Path(root).resolve()
+    for folder in inputs:
+        real = Path(folder).resolve()
+        if real == real_root or real in real_root.parents:
+            raise OutputError(f"output_dir {root}: lies inside the {what} {folder}; an input is never written")
+
+
 def merged_dir(root: str | Path, method: str, names: list[str]) -> Path:
     """``<root>/merged/<method>/<task_combo>``."""
     return inside_root(root, Path(root) / "merged" / safe_component(method, "method") / task_combo(names))
