@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,51 @@ def test_a_tag_too_long_for_the_file_names_is_refused_before_any_work(tasks, tmp
     before = earlier_outputs(out)
     code = main([*merge_args(tasks, out), "--tag", "t" * 195])
     assert_refused(code, capsys.readouterr().err, "is longer than 200 bytes", out, before)
+
+
+def lock_is_a_folder(out: Path) -> None:
+    (out / COMBO / "eval" / "index.json.lock").mkdir()
+
+
+def lock_links_inside(out: Path) -> None:
+    (out / "elsewhere").mkdir()
+    (out / COMBO / "eval" / "index.json.lock").symlink_to(out / "elsewhere")
+
+
+def lock_dangles(out: Path) -> None:
+    (out / COMBO / "eval" / "index.json.lock").symlink_to(out / "gone.lock")
+
+
+def eval_is_a_file(out: Path) -> None:
+    shutil.rmtree(out / COMBO / "eval")
+    (out / COMBO / "eval").write_text("not a folder")
+
+
+def runs_is_a_file(out: Path) -> None:
+    shutil.rmtree(out / COMBO / "runs")
+    (out / COMBO / "runs").write_text("not a folder")
+
+
+@pytest.mark.parametrize(
+    "spoil,expected",
+    [
+        (lock_is_a_folder, "index.json.lock: is not a file"),
+        (lock_links_inside, "index.json.lock: is a link"),
+        (lock_dangles, "index.json.lock: is a link"),
+        (eval_is_a_file, "alpha_beta/eval: exists and is not a folder"),
+        (runs_is_a_file, "alpha_beta/runs: exists and is not a folder"),
+    ],
+    ids=["lock is a folder", "lock links inside the root", "lock dangles", "eval is a file", "runs is a file"],
+)
+def test_an_index_or_bundles_folder_that_cannot_be_used_is_refused_before_any_work(
+    tasks, tmp_path, capsys, spoil, expected
+):
+    """Found when the run is planned: no baseline computed, nothing at all written."""
+    out = tmp_path / "out"
+    earlier_outputs(out)
+    spoil(out)
+    before = tree_digest(out)
+    assert_refused(main(merge_args(tasks, out)), capsys.readouterr().err, expected, out, before)
 
 
 @pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EDQUOT], ids=["disk full", "out of quota or inodes"])

@@ -31,6 +31,7 @@ from lmerge.merge.transforms import parse_transforms
 from lmerge.merge.writers import writer_for
 from lmerge.methods import MergeMethod, get_method
 from lmerge.outputs import (
+    check_folder,
     check_inputs_outside,
     check_output_root,
     merged_dir,
@@ -98,7 +99,7 @@ def prepare_merge(config: MergeConfig) -> PreparedMerge:
     prepared = PreparedMerge(method, adapters, params, lambda_fn, transforms, tag, keys, dropped, unchecked)
     check_output_root(config.output_dir)
     check_inputs_outside(config.output_dir, [a.path for a in adapters])
-    merged_dir(config.output_dir, method.name, prepared.names)
+    check_folder(config.output_dir, merged_dir(config.output_dir, method.name, prepared.names) / "runs")
     if config.eval_tasks:
         # The names the evaluation will be recorded under, checked before any work is done.
         planned = Evaluation(config.split, subset_namespace(config.eval_subset), dict.fromkeys(config.eval_tasks))

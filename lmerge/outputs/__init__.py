@@ -25,6 +25,7 @@ from lmerge.outputs.files import (
 from lmerge.outputs.index import append_index, check_index, index_lock, read_index
 from lmerge.outputs.paths import (
     DEFAULT_OUTPUT_DIR,
+    check_folder,
     check_inputs_outside,
     check_output_root,
     eval_dir,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_OUTPUT_DIR",
     "Staged",
     "append_index",
+    "check_folder",
     "check_index",
     "check_inputs_outside",
     "check_output_root",

@@ -11,7 +11,7 @@ from typing import Any
 
 from lmerge.errors import OutputError
 from lmerge.outputs.files import file_lock, write_json_atomic
-from lmerge.outputs.paths import inside_root
+from lmerge.outputs.paths import check_folder, inside_root
 
 
 def read_index(path: Path) -> list[dict[str, Any]]:
@@ -31,9 +31,14 @@ def read_index(path: Path) -> list[dict[str, Any]]:
 
 def check_index(path: Path, *, root: str | Path) -> None:
     """Refuse, before a run does any work, an index it could not be appended to: one that cannot
-    be read, or whose lock file leads outside the output root."""
+    be read, in a folder that is a file, or whose lock file leads outside the output root or is
+    not a plain file (a folder or a link, which the lock does not follow)."""
     inside_root(root, path)
-    inside_root(root, _lock_path(path))
+    check_folder(root, path.parent)
+    lock = inside_root(root, _lock_path(path))
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        kind = "a link" if lock.is_symlink() else "not a file"
+        raise OutputError(f"{lock}: is {kind}; an index's lock must be a plain file, remove it to go on")
     read_index(path)
 
 

@@ -65,6 +65,19 @@ def check_output_root(root: str | Path) -> Path:
     return root
 
 
+def check_folder(root: str | Path, folder: str | Path) -> Path:
+    """``folder`` (inside ``root``) if it is, or can be made, a folder: the nearest of it and its
+    parents that exists must be one. Checked before a run works, so a file where lmerge keeps a
+    folder is refused before anything is computed, not when the results are written."""
+    folder = inside_root(root, folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise OutputError(f"{path}: exists and is not a folder; lmerge writes a folder there")
+            break
+    return folder
+
+
 def check_inputs_outside(root: str | Path, inputs: list[Path], what: str = "adapter") -> None:
     """Refuse an output root that is, or lies inside, one of the input directories ``inputs``:
     an input directory is never written."""
