@@ -1,6 +1,8 @@
 """The single-task baseline cache is keyed by everything its number depends on: change the task's
 data, its spec, the eval subset, the adapter's config or head, the tokenizer, the base model or the
-scoring code, and `lmerge evaluate` computes the baseline again; change nothing and it is reused."""
+scoring code, and `lmerge evaluate` computes the baseline again; change nothing and it is reused.
+A sweep's stored scores are a cache too: resumed or warm-started after such a change, it measures
+its points again."""
 
 from __future__ import annotations
 
@@ -16,25 +18,29 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import lmerge.evaluation.baseline_key as baseline_key
+import lmerge.sweep.run as sweep_run
 from lmerge.__main__ import main
 from lmerge.evaluation.evaluate import Evaluator
 
 
 @pytest.fixture
 def world(zoo, tasks, tmp_path) -> dict[str, Path]:
-    """A private copy of the BERT base model, task alpha's adapter, its data and a catalog over them."""
-    entry = yaml.safe_load(tasks.read_text())["tasks"]["alpha"]
+    """A private copy of the BERT base model, tasks alpha's and beta's adapters, their data and a
+    catalog over them."""
     base = Path(shutil.copytree(zoo["bert"], tmp_path / "bert"))
-    adapter = Path(shutil.copytree(zoo["bert_a"], tmp_path / "alpha_adapter"))
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
-    files = {}
-    for split, name in entry["dataset"]["data_files"].items():
-        files[split] = str(shutil.copy(tasks.parent / name, tmp_path / name))
+    entries, adapters, tests = {}, {}, {}
+    for task, original in (("alpha", "bert_a"), ("beta", "bert_b")):
+        entry = yaml.safe_load(tasks.read_text())["tasks"][task]
+        adapter = Path(shutil.copytree(zoo[original], tmp_path / f"{task}_adapter"))
+        edit_json(adapter / "adapter_config.json", base_model_name_or_path=str(base))
+        files = {}
+        for split, name in entry["dataset"]["data_files"].items():
+            files[split] = str(shutil.copy(tasks.parent / name, tmp_path / name))
+        entries[task] = {**entry, "adapter": str(adapter), "dataset": {"path": "json", "data_files": files}}
+        adapters[task], tests[task] = adapter, Path(files["test"])
     catalog = tmp_path / "catalog.yaml"
-    task = {**entry, "adapter": str(adapter), "dataset": {"path": "json", "data_files": files}}
-    catalog.write_text(yaml.safe_dump({"tasks": {"alpha": task}}))
-    return {"base": base, "adapter": adapter, "catalog": catalog, "test": Path(files["test"]), "root": tmp_path}
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return {"base": base, "adapter": adapters["alpha"], "catalog": catalog, "test": tests["alpha"], "root": tmp_path}
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -149,3 +155,31 @@ def test_another_process_reuses_the_baseline(world, capsys):
     )
     assert again.returncode == 0, again.stderr
     assert (cache.stat().st_mtime_ns, cache.read_bytes()) == written
+
+
+def test_a_sweep_measures_its_points_again_when_an_input_changes(world, monkeypatch, capsys):
+    """A sweep resumed (the same command again) or warm-started after any input of its scores
+    changed (the adapters, the tasks' data and specs, the base model, the scoring code) measures
+    its points again instead of reusing the old scores; unchanged, it evaluates nothing."""
+    evaluated = []
+    real = sweep_run.merge_to_bundle
+    monkeypatch.setattr(sweep_run, "merge_to_bundle", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    out = world["root"] / "out"
+    argv = ["sweep", "--adapters", "[alpha,beta]", "--method", "weighted_delta", "--search.grid.lambda", "[0.5]"]
+    argv += ["--catalog", str(world["catalog"]), "--output_dir", str(out)]
+    sweeps = out / "merged" / "weighted_delta" / "alpha_beta" / "sweeps"
+
+    def sweep(extra: list[str]) -> int:
+        evaluated.clear()
+        assert main([*argv, *extra]) == 0
+        return len(evaluated)
+
+    assert (sweep([]), sweep([])) == (1, 0)
+    for name, change in CHANGES.items():
+        earlier = sorted(sweeps.glob("sweep_*[0-9].json"))[-1]
+        extra = change(world, monkeypatch)
+        assert sweep(extra) == 1, f"{name}: the sweep reused points measured before the change"
+        warm = ["--search.warm_start_sweeps", f"[{earlier}]", "--search.grid.lambda", "[0.5, 1.0]"]
+        capsys.readouterr()
+        assert sweep([*extra, *warm]) == 2, f"{name}: a warm start reused a point measured before the change"
+        assert f"warm start {earlier}: skipped: " in capsys.readouterr().err, name

@@ -56,11 +56,48 @@ def baseline_key(
             "stratified": subset["stratified"],
             "max_samples": max_samples_for(eval_subset, task.name),
         },
-        "adapter": {"weights_sha256": adapter.sha256, "config_sha256": config_digest(adapter.config)},
+        "adapter": adapter_fingerprint(adapter),
         "base_model": model_fingerprint(base_model),
         "precision": precision,
         "device": device,
     }
+
+
+def scores_fingerprint(tasks: list[TaskSpec], merged: list[LoraAdapter], *, base_model: str, precision: str) -> str:
+    """A digest of everything but a merge's own parameters that its scores on ``tasks`` and their
+    interference deltas depend on: the ``merged`` adapters, each task's spec, data and own adapter
+    (its baseline), the base model and tokenizer, the precision and the scoring code. Made of
+    contents only (no paths, no modification times; a base model's large weight files by size),
+    so that every machine sharing a sweep computes the same one."""
+    portable = {}
+    for task in tasks:
+        fields = task_fields(task)
+        dataset = dict(fields.pop("dataset") or {})
+        data = sorted(data_fingerprint(dataset).values())
+        dataset.pop("data_files", None)
+        if Path(str(dataset.get("path"))).is_absolute():
+            dataset["path"] = "local"  # its files enter by their content
+        own = adapter_fingerprint(LoraAdapter(task.adapter)) if task.adapter else None
+        portable[task.name] = {**fields, "dataset": dataset, "data": data, "adapter": own}
+    model = model_fingerprint(base_model)
+    if "files" in model:
+        sizes = {name: value.split(":")[0] for name, value in model["files"].items() if ":" in value}
+        model = {"files": {**model["files"], **sizes}}
+    return _json_digest(
+        {
+            "scoring_version": SCORING_VERSION,
+            "lmerge_version": _version("lmerge"),
+            "merged": [adapter_fingerprint(adapter) for adapter in merged],
+            "tasks": portable,
+            "base_model": model,
+            "precision": precision,
+        }
+    )[:16]
+
+
+def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, str]:
+    """An adapter's identity: its weights' (task head among them) and its config's digests."""
+    return {"weights_sha256": adapter.sha256, "config_sha256": config_digest(adapter.config)}
 
 
 def task_fields(task: TaskSpec) -> dict[str, Any]:

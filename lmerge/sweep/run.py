@@ -15,6 +15,7 @@ from typing import Any
 
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, LMergeError
+from lmerge.evaluation.baseline_key import scores_fingerprint
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.config import MergeConfig
 from lmerge.merge.runner import evaluator_for, merge_to_bundle, prepare_merge
@@ -90,10 +91,15 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
         identity["eval_harness"] = dataclasses.asdict(config.eval_harness)
     if config.rank_by != "all":
         identity["rank_by"] = config.rank_by
+    evaluator = evaluator_for(config, adapters, baselines=False)
+    # What the points' scores were measured on, by content: a sweep resumed or warm-started after
+    # an adapter, a task's data or the base model changed measures its points again.
+    identity["inputs"] = scores_fingerprint(
+        evaluator.tasks, adapters, base_model=evaluator.base_model, precision=config.eval_precision
+    )
     warm = warm_points(config.search, identity, space, fixed)
     directory = sweep_dir(config.output_dir, method.name, names)
     name = study_name(config, identity, fixed)
-    evaluator = evaluator_for(config, adapters, baselines=False)
     database = connect_database(config.storage)
     journal = None if database else journal_file(config.storage, directory / f"{name}.journal", config.output_dir)
     # Checked and connected: from here on the sweep writes (baselines, its journal, its locks).

@@ -1,5 +1,6 @@
 """Warm start: earlier sweep results fed to a new sweep without evaluating them again, when they
-were measured the same way (same method, adapters, merge mode, split, tasks, subset and constraint)."""
+were measured the same way (same method, adapters, merge mode, split, tasks, subset and constraint)
+on the same inputs (the adapters', the tasks' data and the base model's content: ``inputs``)."""
 
 from __future__ import annotations
 
