@@ -103,7 +103,7 @@ def test_an_index_or_bundles_folder_that_cannot_be_used_is_refused_before_any_wo
     assert_refused(main(merge_args(tasks, out)), capsys.readouterr().err, expected, out, before)
 
 
-@pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EDQUOT], ids=["disk full", "out of quota or inodes"])
+@pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EDQUOT], ids=["disk full or out of inodes", "over quota"])
 @pytest.mark.parametrize("point", ["index", "bundle", "staging"])
 def test_a_full_disk_leaves_no_bundle_and_no_entry(tasks, tmp_path, capsys, monkeypatch, point, code_):
     """The write that fails is the index's, the adapter's or the staging folder's: one line, and
