@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from lmerge.errors import OutputError
-from lmerge.outputs import append_index, run_bundle, safe_component, write_json_atomic
+from lmerge.outputs import append_index, link_atomic, run_bundle, safe_component, write_json_atomic
 
 APPENDER = """
 import sys
@@ -73,3 +74,19 @@ def test_runs_in_the_same_second_get_distinct_bundles(tmp_path):
 def test_unsafe_names_cannot_escape_the_output_root(name):
     with pytest.raises(OutputError, match="not a safe file name"):
         safe_component(name, "task")
+
+
+def test_a_link_is_replaced_not_followed_and_its_folder_stays_inside(tmp_path):
+    """A link that lmerge made to something outside the root (the demo's link to an installed
+    model) is pointed elsewhere on the next run; a link whose folder leads outside is refused."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "model").mkdir(parents=True)
+    link = root / "demo" / "base_model"
+    link_atomic(link, outside / "model", root=root)
+    link_atomic(link, outside / "other", root=root)
+    assert os.readlink(link) == os.path.relpath(outside / "other", link.parent)
+    assert sorted(p.name for p in outside.iterdir()) == ["model"]
+    (root / "escape").symlink_to(outside)
+    with pytest.raises(OutputError, match="outside the output root"):
+        link_atomic(root / "escape" / "base_model", outside / "model", root=root)
+    assert sorted(p.name for p in outside.iterdir()) == ["model"]

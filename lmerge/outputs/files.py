@@ -101,8 +101,9 @@ def write_json_atomic(path: str | Path, obj: Any, *, root: str | Path) -> None:
 
 def link_atomic(link: Path, target: Path, *, root: str | Path) -> None:
     """Point ``link`` (inside ``root``) at ``target`` with a relative symlink, replacing any
-    older link atomically."""
-    link = inside_root(root, link)
+    older link atomically. The link itself is replaced, never followed: its folder is what must
+    stay inside the root (an older link may lead anywhere, e.g. to an installed model)."""
+    link = inside_root(root, Path(link).parent) / Path(link).name
     make_dirs(link.parent, root=root)
     relative = os.path.relpath(target, link.parent)
     tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
