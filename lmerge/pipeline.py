@@ -16,10 +16,13 @@ import yaml
 
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluator
-from lmerge.learn.heatmap import heatmap_png
+from lmerge.learn.heatmap import coefficient_heatmap, figure_png
 from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
 from lmerge.merge.runner import MergeResult, check_settings, merge_to_bundle, prepare_merge
 from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
+
+LEARNED_METHODS = ("weighted_delta_n", "weighted_rank")
+"""The methods whose parameters a learner (a merge config's ``optimizer``) sets."""
 
 
 def run_merge(config: MergeConfig, evaluator: Evaluator | None = None) -> MergeResult:
@@ -42,12 +45,17 @@ def learn_method_params(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any
 
         method_params, record = search_method_params(config, params)
         return dataclasses.replace(config, method_params=method_params), record
-    if config.method != "weighted_delta_n":
-        raise ConfigError(f"optimizer {name}: it learns weighted_delta_n coefficients; set method: weighted_delta_n")
+    if config.method not in LEARNED_METHODS:
+        raise ConfigError(
+            f"optimizer {name}: it learns weighted_delta_n coefficients (weighted_rank with granularity "
+            "rank_wise); set method: weighted_delta_n"
+        )
     from lmerge.learn.from_config import train_learner
 
     check_settings(config)  # what the merge after training needs, before the training
-    method_params, record = train_learner(name, params, config.catalog, config.adapters, config.merge_mode)
+    method_params, record = train_learner(
+        name, params, config.catalog, config.adapters, config.merge_mode, config.method
+    )
     return dataclasses.replace(config, method_params=method_params), record
 
 
@@ -85,7 +93,8 @@ def export_learned_merge(
         text = header + yaml.safe_dump(spec, sort_keys=False)
         write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode(), root=output_dir)
         write_json_atomic(bundle.work / "coefficients.json", record, root=output_dir)
-        write_bytes_atomic(bundle.work / "coefficients.png", heatmap_png(values), root=output_dir)
+        figure = coefficient_heatmap(learner.coefficients.display_values(), learner.coefficients.group_names, names)
+        write_bytes_atomic(bundle.work / "coefficients.png", figure_png(figure), root=output_dir)
     print(f"learned merge: {bundle.final / 'merge_spec.yaml'}")
     if merges:
         result = run_merge(load_merge_config(bundle.final / "merge_spec.yaml", **overrides))

@@ -137,7 +137,7 @@ def peft_model(root: Path, evaluator: Evaluator, head: dict[str, torch.Tensor] |
 
     base = load_model(str(root / BASE), evaluator.kind)
     if head:
-        apply_head(base, head)
+        apply_head(base, evaluator.kind, head)
     model = PeftModel.from_pretrained(base, (root / "merged.txt").read_text())
     return (model.merge_and_unload() if merge else model).eval()
 

@@ -31,6 +31,8 @@ entropy of the predictions (AdaMerging's objective), backward, Adam on the train
   the Adam of ``configure_optimizers()`` with the projection of ``optimizer_step`` (``coefficients.project_()``),
   and ``on_train_batch_end``;
 - ``dense``: the same with ``merge_impl="dense"`` (lmerge's reference, n dense deltas per module);
+- ``fused_rank_wise`` (not run by default): ``fused`` with ``granularity="rank_wise"`` (a coefficient
+  per rank direction of each module, on top of the layer-wise ones);
 - ``fusionbench``: ``LayerWiseMergedModel`` over the base model and n PEFT ``merge_and_unload``
   models, as FusionBench's layer-wise AdaMerging builds it: a task vector for every parameter the
   pretrained model leaves trainable (all but the task head here, which holds task0's head as in
@@ -83,7 +85,7 @@ INIT, LR = 0.3, 1e-3
 TASK = "task0"
 ANSWER_TOKENS = 2
 LABEL_WORDS = 2
-CASES = ("limit", "fused", "dense", "fusionbench", "fusionbench_targets", "paired")
+CASES = ("limit", "fused", "fused_rank_wise", "dense", "fusionbench", "fusionbench_targets", "paired")
 DEFAULT_CASES = ("limit", "fused", "dense", "fusionbench")
 DEFAULT_FB_PYTHON = "/tmp/fbvenv/bin/python"
 
@@ -264,13 +266,13 @@ def prepare_limit(shape: Shape, data: Path, n: int) -> Callable[[], None]:
     return step
 
 
-def prepare_lmerge(shape: Shape, data: Path, n: int, impl: str) -> Callable[[], None]:
+def prepare_lmerge(shape: Shape, data: Path, n: int, impl: str, granularity: str) -> Callable[[], None]:
     """lmerge's AdaMerging learner over n adapters from the catalog; one step as Lightning runs it."""
     from lmerge.learn import AdaMerging
 
     adapters = [f"task{i}" for i in range(n)]
     catalog = str(data / "catalog.yaml")
-    learner = AdaMerging(catalog, adapters, [TASK], granularity="layer_wise", init=INIT, lr=LR, merge_impl=impl)
+    learner = AdaMerging(catalog, adapters, [TASK], granularity=granularity, init=INIT, lr=LR, merge_impl=impl)
     learner.configure_model()
     learner.train()
     optimizer = learner.configure_optimizers()
@@ -360,8 +362,9 @@ def run_case(model: str, case: str, n: int, data: Path, steps: int, warmup: int,
     started = time.perf_counter()
     if case == "limit":
         step = prepare_limit(shape, data, n)
-    elif case in ("fused", "dense"):
-        step = prepare_lmerge(shape, data, n, "fused_lora_linear" if case == "fused" else "dense")
+    elif case in ("fused", "fused_rank_wise", "dense"):
+        impl = "dense" if case == "dense" else "fused_lora_linear"
+        step = prepare_lmerge(shape, data, n, impl, "rank_wise" if case == "fused_rank_wise" else "layer_wise")
     else:
         step = prepare_fusionbench(shape, data, n, targets_only=case == "fusionbench_targets")
     build_s = time.perf_counter() - started
@@ -394,7 +397,7 @@ def run_paired(model: str, n: int, data: Path, steps: int, warmup: int) -> dict[
 
     shape = MODELS[model]
     limit = prepare_limit(shape, data, n)
-    fused = prepare_lmerge(shape, data, n, "fused_lora_linear")
+    fused = prepare_lmerge(shape, data, n, "fused_lora_linear", "layer_wise")
     times: dict[str, list[float]] = {"limit": [], "fused": []}
     for index in range(warmup + steps):
         order = [("limit", limit), ("fused", fused)]

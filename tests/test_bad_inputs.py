@@ -674,7 +674,7 @@ FIT_CASES = [
     (
         "fit bad learner option",
         lambda z, c, t: ["--config", fit_config(c, t), "--model.init_args.granularity", "sideways"],
-        "granularity: Expected a typing.Literal['task_wise', 'layer_wise']. Got value: sideways",
+        "granularity: Expected a typing.Literal['task_wise', 'layer_wise', 'rank_wise']. Got value: sideways",
     ),
     ("fit unknown config key", lambda z, c, t: ["--config", fit_config(c, t, "extra_key: 1\n")], "extra_key"),
     (

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -129,6 +130,7 @@ def test_the_cache_key_is_recorded_beside_the_number(world, capsys):
         "scoring_version",
         "lmerge_version",
         "task",
+        "task_kind",
         "data",
         "split",
         "subset",
@@ -183,3 +185,44 @@ def test_a_sweep_measures_its_points_again_when_an_input_changes(world, monkeypa
         capsys.readouterr()
         assert sweep([*extra, *warm]) == 2, f"{name}: a warm start reused a point measured before the change"
         assert f"warm start {earlier}: skipped: " in capsys.readouterr().err, name
+
+
+def test_a_pooled_task_head_beside_the_adapter_is_in_the_key(zoo, tasks, tmp_path, capsys):
+    """A plain LoRA of the bare encoder with its pooled head saved beside it (``task_head.*``):
+    new head weights, or a head that says another pooling (which ``pooling: model`` follows), and
+    the baseline is computed again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from lmerge.tasks.heads import write_head
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModel.from_pretrained(zoo["bert"]),
+        LoraConfig(task_type="FEATURE_EXTRACTION", r=2, lora_alpha=4, target_modules=["query", "value"]),
+    )
+    adapter = tmp_path / "pooled"
+    model.save_pretrained(adapter)
+    labels = yaml.safe_load(tasks.read_text())["tasks"]["alpha"]["label_names"]
+    entry = yaml.safe_load(tasks.read_text())["tasks"]["alpha"]
+    files = {split: str(tasks.parent / name) for split, name in entry["dataset"]["data_files"].items()}
+    catalog = tmp_path / "catalog.yaml"
+    task = {**entry, "adapter": str(adapter), "dataset": {"path": "json", "data_files": files}}
+    catalog.write_text(yaml.safe_dump({"tasks": {"alpha": task}}))
+    argv = ["evaluate", "--catalog", str(catalog), "--eval_tasks", "[alpha]", "--output_dir", str(tmp_path / "out")]
+    cache = tmp_path / "out" / "alpha" / "metrics" / "eval" / "test" / "single" / "full" / "metrics.json"
+
+    def baseline() -> dict:
+        assert main(argv) == 0, capsys.readouterr().err
+        return json.loads(cache.read_text())
+
+    heads = [torch.randn(3, 32) * 3 for _ in range(2)]
+    write_head(adapter, "mean", labels, heads[0], torch.zeros(3), root=adapter)
+    first = baseline()
+    assert first["task_kind"] == "classification (mean pooling)" and baseline() == first
+    write_head(adapter, "mean", labels, heads[1], torch.zeros(3), root=adapter)
+    second = baseline()
+    assert second["key_sha256"] != first["key_sha256"] and second["value"] != first["value"]
+    write_head(adapter, "last", labels, heads[1], torch.zeros(3), root=adapter)
+    third = baseline()
+    assert third["task_kind"] == "classification (last pooling)" and third["key_sha256"] != second["key_sha256"]

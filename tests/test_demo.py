@@ -170,9 +170,14 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     sources = write_sources(tmp_path / "src", copies=12)
     words = " ".join(Path(f).read_text() for f in (sources.sentiment, sources.questions, sources.sms)).split()
     words += [w for language in LANGS for w in (sources.conversations / language / "talk.yml").read_text().split()]
-    # A bare encoder with no classification head, like all-MiniLM-L6-v2; vocabulary 100.
+    # A bare encoder with no classification head and the sentence-transformers files that say it pools
+    # by the mean, like all-MiniLM-L6-v2; vocabulary 100.
     BertModel(BertConfig.from_pretrained(build_bert(tmp_path / "with_head"))).save_pretrained(sources.base_model)
     save_bert_tokenizer(sources.base_model, sorted(set(words))[:80])
+    pooling = {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}
+    (sources.base_model / "modules.json").write_text(json.dumps([pooling]))
+    (sources.base_model / "1_Pooling").mkdir()
+    (sources.base_model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     catalog = write_catalog(tmp_path, LABELS)
     settings = {
         "catalog": catalog,
@@ -196,8 +201,14 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     for row in outcome.results:
         assert set(row.scores) == set(LABELS) and all(0.0 <= v <= 1.0 for v in row.scores.values())
     assert all((tmp_path / f"built/adapters/{task}/adapter_config.json").is_file() for task in LABELS)
+    assert all((tmp_path / f"built/adapters/{task}/task_head.json").is_file() for task in LABELS)  # mean pooling
     report = outcome.report.read_text()
     assert "| AdaMerging |" in report and "langid (accuracy)" in report and "spam (macro_f1)" in report
+    assert "## Task vectors: why tasks interfere" in report and "| task | size vs base weights |" in report
+    vectors = json.loads((outcome.report.parent / "task_vectors.json").read_text())
+    order = vectors["adapters"]
+    assert sorted(order) == sorted(LABELS) and all(0 < s < 10 for s in vectors["relative_size"]["all"])
+    assert f"| {order[0]} | +1.000 |" in report and f"| layer | {order[0]} / {order[1]} |" in report
     assert outcome.chart.read_bytes().startswith(b"\x89PNG")
     assert "best learned: " in outcome.table and "best learned: " in report
     assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))

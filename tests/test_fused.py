@@ -211,7 +211,7 @@ def test_layer_groups():
         group_of("bert.pooler.dense")
     names, layers, group_of = layer_groups(keys, "task_wise")
     assert (names, layers, [group_of(key) for key in keys]) == (["all"], [None], [0, 0, 0])
-    with pytest.raises(ConfigError, match="granularity.*'block_wise'.*layer_wise, task_wise"):
+    with pytest.raises(ConfigError, match="granularity.*'block_wise'.*layer_wise, rank_wise, task_wise"):
         layer_groups(keys, "block_wise")
 
 

@@ -64,15 +64,21 @@ def test_learner_trains_and_its_export_reproduces_the_model(zoo, tasks, tmp_path
     assert json.loads((bundle / "coefficients.json").read_text())["values"] == learner.coefficients.values()
     assert (bundle / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
     saved = sorted((tmp_path / "out" / "merged" / "weighted_delta_n" / "alpha_beta" / "runs").iterdir())[-1]
+    assert_saved_merge_is_the_learned_model(zoo, learner, saved)
+
+
+def assert_saved_merge_is_the_learned_model(zoo, learner, saved):
+    """The merged adapter in ``saved``, loaded by PEFT with task alpha's head, gives the learner's
+    logits on alpha; returns the batch and those logits."""
     tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])
-    batch = tokenizer(["good film plot", "the movie was awful"], return_tensors="pt", padding=True)
+    batch = tokenizer(["good film plot", "the movie was awful and boring"], return_tensors="pt", padding=True)
     merged = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(zoo["bert"]), saved).eval()
     learner.model.eval()
     with torch.no_grad():
         learned = learner.task_logits("alpha", batch)
         merged.base_model.model.set_submodule("classifier", learner.heads["alpha"])
-        exported = merged(**batch).logits
-    torch.testing.assert_close(exported, learned, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(merged(**batch).logits, learned, atol=1e-5, rtol=1e-4)
+    return batch, learned
 
 
 def test_adamerging_lowers_entropy(tasks, tmp_path):

@@ -100,6 +100,7 @@ def _n_adapters(method: MergeMethod) -> int:
 BATTERY_PARAMS: dict[str, dict[str, Any]] = {
     "weighted": {"weights": [0.2, 0.3, 0.5]},
     "weighted_delta_n": {"weights": [0.2, 0.3, 0.5]},
+    "weighted_rank": {"rank_weights": {KEY: [[0.2, 0.1, 0.0, 1.0], [0.3] * 4, [0.5] * 4]}},
 }
 
 # One adapter at weight 1 comes back unchanged.
@@ -110,6 +111,7 @@ IDENTITY_PARAMS: dict[str, dict[str, Any]] = {
     "uniform_delta": {},
     "uniform_scalar_delta": {"scale": 1.0},
     "weighted_delta_n": {"weights": [1.0]},
+    "weighted_rank": {"rank_weights": {KEY: [[1.0] * 4]}},
     "ties": {"k": 100.0},
     "magnitude_prune": {"k": 100.0},
     "dare": {"drop_rate": 0.0},
@@ -141,6 +143,7 @@ FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
     "uniform_scalar_delta": {"scale": 1 / 3},
     "weighted_delta": {"lambda": 0.3},
     "weighted_delta_n": {"weights": [2.0, 3.0, 5.0], "normalize_coefficients": True},
+    "weighted_rank": {"rank_weights": {KEY: [[0.2] * 4, [0.3] * 4, [0.5] * 4]}},
     "ties": {"k": 100.0},
     "magnitude_prune": {"k": 100.0},
     "dare": {"drop_rate": 0.0},
@@ -163,7 +166,8 @@ def test_runs_deterministically_and_keeps_shape_without_nan(name):
         As, Bs = _factors(n)
         A, B = method.fn(As, Bs, params, ctx)
         A2, B2 = method.fn(As, Bs, params, ctx)
-        assert A.shape == As[0].shape and B.shape == Bs[0].shape
+        # A LoRA of the module: the rank is the method's (the same, or the ranks' sum when exact).
+        assert A.shape[1:] == As[0].shape[1:] and B.shape[0] == Bs[0].shape[0] and A.shape[0] == B.shape[1]
         assert torch.equal(A, A2) and torch.equal(B, B2)
         assert not (A.isnan().any() or B.isnan().any())
     elif method.kind is Kind.LOW_RANK:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from lmerge.metrics import get_metric, interference_delta, normalized
+from lmerge.tasks.kinds import get_kind
 from lmerge.tasks.kinds.classification import score_classification
 from lmerge.tasks.kinds.label_tokens import score_label_tokens
 
@@ -39,11 +42,12 @@ def test_accuracy_and_macro_f1_by_hand():
     gold = [0, 1, 2, 2, 2, 0]
     device = torch.device("cpu")
     model = FixedLogits([one_hot(predicted[:3], 3), one_hot(predicted[3:], 3)])
-    value, count = score_classification(model, [batch(gold[:3]), batch(gold[3:])], get_metric("accuracy"), 3, device)
+    logits = partial(get_kind("classification").logits, model)
+    value, count = score_classification(logits, [batch(gold[:3]), batch(gold[3:])], get_metric("accuracy"), 3, device)
     assert abs(value - 4 / 6) < 1e-6 and count == 6
     # Per class F1: class 0: p=1, r=1/2 -> 2/3; class 1: p=1/2, r=1 -> 2/3; class 2: p=2/3, r=2/3 -> 2/3.
-    model = FixedLogits([one_hot(predicted, 3)])
-    value, _ = score_classification(model, [batch(gold)], get_metric("macro_f1"), 3, device)
+    logits = partial(get_kind("classification").logits, FixedLogits([one_hot(predicted, 3)]))
+    value, _ = score_classification(logits, [batch(gold)], get_metric("macro_f1"), 3, device)
     assert abs(value - 2 / 3) < 1e-6
 
 

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, missing_adapters, prepare_data
-from lmerge.demo.report import bar_chart_png, text_table, verdict, write_report
+from lmerge.demo.figures import results_png
+from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import MethodResult, run_grid_sweep, run_learner, run_static, single_row
 from lmerge.demo.sources import DemoSources
+from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
 
 # Row label -> config, relative to the configs directory.
@@ -128,8 +131,11 @@ def run_demo(
 
     step("report")
     table = text_table(results, metrics)
+    specs = load_task_catalog(catalog)
+    vectors = task_vector_stats([LoraAdapter(specs[task].adapter, name=task) for task in metrics], base_model)
+    write_json_atomic(demo_dir / "task_vectors.json", vectors.to_dict(), root=output_dir)
     chart = demo_dir / "results.png"
-    write_bytes_atomic(chart, bar_chart_png(results, metrics), root=output_dir)
+    write_bytes_atomic(chart, results_png(results, metrics, vectors), root=output_dir)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_rss_mb = usage.ru_maxrss / 1024
@@ -141,7 +147,7 @@ def run_demo(
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
     }
     report = demo_dir / "REPORT.md"
-    write_report(report, results, metrics, data, chart, facts)
+    write_report(report, results, metrics, data, chart, facts, vectors)
     write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results], root=output_dir)
     return DemoOutcome(results, f"{table}\n\n{verdict(results)}", report, chart, seconds, peak_rss_mb)
 

@@ -1,12 +1,12 @@
-"""The demo's results: an aligned table for the console, ``REPORT.md``, and a bar chart PNG."""
+"""The demo's results: an aligned table for the console and ``REPORT.md`` (its figure: :mod:`lmerge.demo.figures`)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from lmerge.demo.runs import MethodResult
+from lmerge.evaluation.task_vectors import ALL, TaskVectorStats
 from lmerge.outputs import write_bytes_atomic
 
 
@@ -55,30 +55,38 @@ def verdict(results: Sequence[MethodResult], goal: float = 0.97) -> str:
     )
 
 
-def bar_chart_png(results: Sequence[MethodResult], metrics: dict[str, str]) -> bytes:
-    """Per-task score of every method as grouped bars (one group per method, one bar per task)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(metrics)
-    width = 0.8 / len(tasks)
-    figure, axes = plt.subplots(figsize=(max(8.0, 1.1 * len(results)), 4.8))
-    for i, task in enumerate(tasks):
-        xs = [m + (i - (len(tasks) - 1) / 2) * width for m in range(len(results))]
-        axes.bar(xs, [r.scores[task] for r in results], width, label=f"{task} ({metrics[task]})")
-    axes.set_xticks(range(len(results)), [r.name for r in results], rotation=30, ha="right", fontsize=8)
-    axes.set_ylim(0.0, 1.12)  # room for the legend above the bars
-    axes.set_ylabel("test score")
-    axes.set_title("lmerge demo: per-task score of every method")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, loc="upper center", ncol=len(tasks), frameon=False)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+def task_vector_lines(vectors: TaskVectorStats) -> list[str]:
+    """REPORT.md's task-vector section: each task vector's size relative to the base weights
+    (whole model and per layer) and the cosine similarity of every pair, whole model and per layer."""
+    relative = vectors.relative_sizes(ALL) is not None
+    size = "size vs base weights" if relative else "norm (base weights not found)"
+    lines = ["## Task vectors: why tasks interfere", ""]
+    lines += [
+        "Computed from the adapters' LoRA factors (`<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))`, no "
+        "dense delta). Size: the task vector's Frobenius norm over the adapted modules divided by the base "
+        "weights' there; a large vector rewrites much of the model, and two vectors that point the same way "
+        "(cosine near 1) or opposite ways (near -1) compete for the same weights.",
+        "",
+        f"| task | {size} | " + " | ".join(vectors.layers) + " |",
+        "|---|---|" + "---|" * len(vectors.layers),
+    ]
+    for index, name in enumerate(vectors.names):
+        values = [vectors.relative_sizes(layer) if relative else vectors.norms(layer) for layer in vectors.layers]
+        overall = (vectors.relative_sizes(ALL) if relative else vectors.norms(ALL))[index]
+        lines.append(f"| {name} | {overall:.3f} | " + " | ".join(f"{v[index]:.3f}" for v in values) + " |")
+    lines += ["", "Cosine similarity of the task vectors, all layers:", ""]
+    lines += ["| | " + " | ".join(vectors.names) + " |", "|---|" + "---|" * len(vectors.names)]
+    for name, row in zip(vectors.names, vectors.cosine(ALL)):
+        lines.append(f"| {name} | " + " | ".join(f"{v:+.3f}" for v in row) + " |")
+    pairs = [(i, j) for i in range(len(vectors.names)) for j in range(i + 1, len(vectors.names))]
+    if pairs:
+        lines += ["", "Per layer:", ""]
+        lines += ["| layer | " + " | ".join(f"{vectors.names[i]} / {vectors.names[j]}" for i, j in pairs) + " |"]
+        lines.append("|---|" + "---|" * len(pairs))
+        for layer in vectors.layers:
+            cosine = vectors.cosine(layer)
+            lines.append(f"| {layer} | " + " | ".join(f"{cosine[i][j]:+.3f}" for i, j in pairs) + " |")
+    return [*lines, ""]
 
 
 def write_report(
@@ -88,8 +96,10 @@ def write_report(
     data: dict[str, dict],
     chart: Path,
     facts: dict[str, str],
+    vectors: TaskVectorStats | None = None,
 ) -> None:
-    """``REPORT.md``: the data, the results table, the chart, and how and where it ran."""
+    """``REPORT.md``: the data, the results table, the chart, the task vectors (with ``vectors``),
+    and how and where it ran."""
     lines = ["# lmerge demo report", "", "## Data (deduplicated, then split with a fixed seed)", ""]
     lines += ["| task | examples | labels | train | validation | test |", "|---|---|---|---|---|---|"]
     for task, manifest in data.items():
@@ -104,11 +114,11 @@ def write_report(
         "task's score minus its own adapter's. The sweeps pick their point on the validation split; "
         "AdaMerging reads the unlabeled test inputs; the other learners train on the validation split.",
         "",
-        f"![per-task scores]({chart.name})",
-        "",
-        "## Run",
+        f"![per-task scores, task-vector similarities and sizes]({chart.name})",
         "",
     ]
+    lines += task_vector_lines(vectors) if vectors is not None else []
+    lines += ["## Run", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     lines += ["", "## Outputs", ""]
     lines += [f"- {r.name}: `{r.detail}`" for r in results if r.detail and r.kind != "single"]

@@ -2,11 +2,12 @@
 
 A baseline is reused only when every part of its key is unchanged: the scoring code (a version
 bumped when scoring changes, and lmerge's version), the task's spec (every catalog field), the
-content of its data files, the split and the task's eval subset, the adapter (its weights, its
-task head among them, and its config), the base model and tokenizer, the precision and the kind
-of device. Files are identified by a SHA-256 of their content, except a base model's large weight
-files (by size and modification time: hashing gigabytes on every run would cost more than the
-evaluation it saves).
+content of its data files, the split and the task's eval subset, the task kind it is scored as
+(with its resolved pooling), the adapter (its weights, its config, and the files of a pooled task
+head saved beside it), the base model and tokenizer, the precision and the kind of device. Files
+are identified by a SHA-256 of their content, except a base model's large weight files (by size
+and modification time: hashing gigabytes on every run would cost more than the evaluation it
+saves).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.data.subsets import max_samples_for, parse_eval_subset
+from lmerge.tasks.heads import head_paths
 
 SCORING_VERSION = 1
 """Bumped whenever a change to lmerge changes the number a baseline would get."""
@@ -40,13 +42,16 @@ def baseline_key(
     eval_subset: dict[str, Any] | None,
     precision: str,
     device: str,
+    kind: str,
 ) -> dict[str, Any]:
-    """The key of ``task``'s baseline (its own ``adapter`` alone on ``base_model``), as JSON values."""
+    """The key of ``task``'s baseline (its own ``adapter`` alone on ``base_model``, scored as the
+    task kind ``kind``: e.g. with the pooling it resolved to), as JSON values."""
     subset = parse_eval_subset(eval_subset)
     return {
         "scoring_version": SCORING_VERSION,
         "lmerge_version": _version("lmerge"),
         "task": task_fields(task),
+        "task_kind": kind,
         "data": data_fingerprint(task.dataset),
         "split": split,
         "subset": {
@@ -95,9 +100,11 @@ def scores_fingerprint(tasks: list[TaskSpec], merged: list[LoraAdapter], *, base
     )[:16]
 
 
-def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, str]:
-    """An adapter's identity: its weights' (task head among them) and its config's digests."""
-    return {"weights_sha256": adapter.sha256, "config_sha256": config_digest(adapter.config)}
+def adapter_fingerprint(adapter: LoraAdapter) -> dict[str, Any]:
+    """An adapter's identity: the digests of its weights (a head PEFT saved among them), its
+    config and the files of a pooled task head saved beside it."""
+    heads = {path.name: file_digest(path) for path in head_paths(adapter.path) if path.is_file()}
+    return {"weights_sha256": adapter.sha256, "config_sha256": config_digest(adapter.config), "head_files": heads}
 
 
 def task_fields(task: TaskSpec) -> dict[str, Any]:

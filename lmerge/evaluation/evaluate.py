@@ -103,9 +103,10 @@ class Evaluator:
     ) -> None:
         if not tasks and not harness:
             raise ConfigError("eval_tasks: the list is empty")
-        kinds = {t.kind for t in tasks}
+        kinds = {t.task_kind for t in tasks}
         if len(kinds) > 1:
-            raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+            shown = ", ".join(sorted(map(str, kinds)))
+            raise ConfigError(f"eval_tasks: tasks of different kinds cannot share one model ({shown})")
         # The harness scores a language model: the class generation tasks load the base model as.
         self.kind = tasks[0].task_kind if tasks else get_kind("generation")
         if harness and not self.kind.text_answers:
@@ -180,7 +181,7 @@ class Evaluator:
         if self.kind.has_head:
             if not head:
                 raise ConfigError(f"task {task.name}: no task head (modules_to_save) in its adapter")
-            apply_head(self.model, head)
+            apply_head(self.model, self.kind, head)
         module = self.data(task)
         started = time.perf_counter()
         with self._inference():
@@ -202,13 +203,14 @@ class Evaluator:
             eval_subset=self.eval_subset,
             precision=self.precision,
             device=self.device.type,
+            kind=str(self.kind),
         )
         cached = _read_record(cache)
         if cached and cached.get("key_sha256") == key_digest(cache_key):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         with self.folded(adapter):
-            score = self.score(task, adapter.head_state())
+            score = self.score(task, self.kind.adapter_head(task, adapter))
         record = {
             "task": task.name,
             "adapter": str(adapter.path),
@@ -217,6 +219,7 @@ class Evaluator:
             "subset": self.namespace,
             "metric": task.metric,
             "precision": self.precision,
+            "task_kind": str(self.kind),
             "value": score.value,
             "examples": score.examples,
             "key_sha256": key_digest(cache_key),
@@ -232,7 +235,7 @@ class Evaluator:
         for task in self.tasks:
             head = (heads or {}).get(task.name)
             if head is None and self.kind.has_head:
-                head = self._adapter(task).head_state()
+                head = self.kind.adapter_head(task, self._adapter(task))
             merged = self.score(task, head)
             metric = get_metric(task.metric)
             single = self._baselines[task.name]["value"] if task.name in self._baselines else None

@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from lmerge.adapters.lora import HEADS_DIR, LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.errors import ConfigError
@@ -86,10 +83,7 @@ def _merged_adapters(metadata: dict[str, Any]) -> list[LoraAdapter] | None:
 def _heads(path: Path, tasks: list[TaskSpec]) -> dict[str, dict]:
     heads = {}
     for task in tasks:
-        file = path / HEADS_DIR / f"{task.name}.safetensors"
-        if file.is_file():
-            try:
-                heads[task.name] = load_file(file)
-            except (SafetensorError, OSError) as exc:
-                raise ConfigError(f"{file}: not a readable safetensors file ({exc})") from None
+        head = task.task_kind.bundle_head(task, path / HEADS_DIR)
+        if head is not None:
+            heads[task.name] = head
     return heads

@@ -21,7 +21,7 @@ class AdaMerging(MergeLearner):
         catalog: str,
         adapters: list[str],
         tasks: list[str] | None = None,
-        granularity: Literal["task_wise", "layer_wise"] = "layer_wise",
+        granularity: Literal["task_wise", "layer_wise", "rank_wise"] = "layer_wise",
         init: float | list[float] = 0.3,
         lr: float = 1e-3,
         diversity_weight: float = 0.0,
@@ -33,7 +33,8 @@ class AdaMerging(MergeLearner):
             catalog: Task catalog YAML (task name -> adapter and data).
             adapters: The adapters to merge: catalog task names or adapter directories.
             tasks: The tasks whose inputs drive the objective; default: the adapters that are catalog tasks.
-            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise`` (the paper's best): per layer.
+            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise`` (the paper's best): per layer;
+                ``rank_wise``: per rank direction of each module (see ``MergeLearner``).
             init: Initial coefficient (the paper: 0.3).
             lr: Adam learning rate (the paper: 1e-3).
             diversity_weight: Information-maximization weight (0 = the paper's objective): also keep the

@@ -22,11 +22,12 @@ from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
 from lmerge.learn.callbacks import BestStepCoefficients, StepEarlyStopping
-from lmerge.learn.coefficients import Coefficients, export_merge_spec
+from lmerge.learn.coefficients import Coefficients
 from lmerge.learn.fused import attach, layer_groups
 from lmerge.learn.merged_linear import factor_dtype
+from lmerge.learn.rank_coefficients import RankCoefficients
 from lmerge.learn.sharding import average_replicated_gradients, shard_base_model
-from lmerge.tasks.models import DTYPES, build_head, load_model
+from lmerge.tasks.models import DTYPES, load_model
 from lmerge.tasks.resolve import resolve_adapters
 from lmerge.tasks.spec import catalog_tasks, load_task_catalog
 
@@ -59,7 +60,7 @@ class MergeLearner(LightningModule):
         catalog: str,
         adapters: list[str],
         tasks: list[str] | None = None,
-        granularity: Literal["task_wise", "layer_wise"] = "task_wise",
+        granularity: Literal["task_wise", "layer_wise", "rank_wise"] = "task_wise",
         parametrization: Literal["clamp", "sigmoid", "tanh", "softmax", "none"] = "clamp",
         init: float | list[float] = 0.3,
         lr: float = 1e-3,
@@ -72,13 +73,16 @@ class MergeLearner(LightningModule):
         early_stopping_warmup_steps: int = 0,
         min_optimizer_steps_before_early_stop: int = 0,
         restore_best_checkpoint: bool = False,
+        rank_wise_decay: float = 0.0,
     ) -> None:
         """
         Args:
             catalog: Task catalog YAML (task name -> adapter and data).
             adapters: The adapters to merge: catalog task names or adapter directories.
             tasks: The tasks trained on (their heads are loaded); default: the adapters that are catalog tasks.
-            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise``: one per adapter and layer.
+            granularity: ``task_wise``: one coefficient per adapter; ``layer_wise``: one per adapter and layer;
+                ``rank_wise``: one per rank direction of each adapter in each module, starting at its layer-wise
+                coefficient (``lmerge.learn.rank_coefficients``), exported as a ``weighted_rank`` merge.
             parametrization: How raw parameters map to coefficients (clamp [0,1], sigmoid, tanh, softmax, none).
             init: Initial coefficient value (or one per adapter).
             lr: Adam learning rate of the coefficients.
@@ -95,6 +99,8 @@ class MergeLearner(LightningModule):
             min_optimizer_steps_before_early_stop: Steps before early stopping may stop the run.
             restore_best_checkpoint: End with the coefficients of the lowest minibatch loss; adds a
                 ``BestStepCoefficients`` callback.
+            rank_wise_decay: With ``rank_wise``: weight of the L2 pull of each rank coefficient toward its
+                adapter's layer-wise coefficient (0: none).
         """
         super().__init__()
         if not lr > 0:
@@ -109,14 +115,13 @@ class MergeLearner(LightningModule):
         self.task_specs = {spec.name: spec for spec in catalog_tasks(catalog, tasks, key="model.tasks")}
         if not self.task_specs:
             raise ConfigError("model.tasks: no task to train on; name catalog tasks")
-        kinds = {spec.kind for spec in self.task_specs.values()}
+        kinds = {spec.task_kind for spec in self.task_specs.values()}
         if len(kinds) > 1:
-            raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({', '.join(kinds)})")
+            shown = ", ".join(sorted(map(str, kinds)))
+            raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({shown})")
         self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
-        self.coefficients = Coefficients(
-            len(self.adapters), len(self.group_names), parametrization, init, group_names=self.group_names
-        )
+        self.coefficients = self._coefficients(granularity, parametrization, init, rank_wise_decay)
         self.base_model_path = base_model or self.adapters[0].base_model
         if not self.base_model_path:
             raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
@@ -124,6 +129,20 @@ class MergeLearner(LightningModule):
         self.heads = nn.ModuleDict()
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
         self.strict_loading = False
+
+    def _coefficients(
+        self, granularity: str, parametrization: str, init: float | list[float], decay: float
+    ) -> Coefficients:
+        args = (len(self.adapters), len(self.group_names), parametrization, init)
+        if granularity != "rank_wise":
+            if decay:
+                raise ConfigError("model.rank_wise_decay: only granularity rank_wise has rank coefficients")
+            return Coefficients(*args, group_names=self.group_names)
+        if self.hparams.merge_impl != "fused_lora_linear":
+            raise ConfigError("model.merge_impl: granularity rank_wise needs fused_lora_linear (the factors' rows)")
+        ranks = {key: [adapter.shapes[key].rank for adapter in self.adapters] for key in self.keys}
+        groups = {key: self.group_of(key) for key in self.keys}
+        return RankCoefficients(*args, self.group_names, ranks, groups, decay)
 
     # ---- the model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -146,10 +165,10 @@ class MergeLearner(LightningModule):
             for name, spec in self.task_specs.items():
                 if not spec.adapter:
                     raise ConfigError(f"task {name}: the catalog names no adapter, so it has no head")
-                head_state = LoraAdapter(spec.adapter, name=name).head_state()
+                head_state = self.kind.adapter_head(spec, LoraAdapter(spec.adapter, name=name))
                 if not head_state:
                     raise ConfigError(f"task {name}: its adapter saved no head (modules_to_save)")
-                self._head_path, head = build_head(model, head_state)
+                self._head_path, head = self.kind.build_head(model, head_state)
                 self.heads[name] = head.to(weight_dtype)  # heads are saved in the adapter's dtype
 
     def _device_type(self) -> str:
@@ -197,6 +216,10 @@ class MergeLearner(LightningModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         terms = {task: self.task_objective(task, self.task_logits(task, b), b) for task, b in batch.items()}
         loss = self.combine(terms)
+        penalty = self.coefficients.penalty()
+        if penalty is not None:
+            self.log("train/rank_wise_decay", penalty)
+            loss = loss + penalty
         self.log("train/loss", loss, prog_bar=True)
         for task, term in terms.items():
             self.log(f"train/{self.objective_name}/{task}", term)
@@ -270,9 +293,10 @@ class MergeLearner(LightningModule):
         return [[1.0 if i == adapter_index else 0.0 for i in range(len(self.adapters))] for _ in self.group_names]
 
     def merge_spec(self) -> dict[str, Any]:
-        """The learned merge as a ``weighted_delta_n`` config that ``lmerge merge`` reproduces."""
+        """The learned merge as a config that ``lmerge merge`` reproduces (``weighted_delta_n``, or
+        ``weighted_rank`` for rank-wise coefficients)."""
         signed = self.coefficients.parametrization.signed
-        spec = export_merge_spec(self.coefficients, self.hparams.adapters, self.group_layers, signed)
+        spec = self.coefficients.merge_spec(self.hparams.adapters, self.group_layers, signed)
         return {**spec, "catalog": self.hparams.catalog, "merge_mode": self.hparams.merge_mode}
 
     def adapter_for_task(self, task: str) -> int:

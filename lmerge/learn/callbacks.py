@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.errors import ConfigError
-from lmerge.learn.heatmap import heatmap
+from lmerge.learn.heatmap import coefficient_heatmap, figure_image
 
 
 def is_learner(module: LightningModule) -> bool:
@@ -21,8 +21,10 @@ def is_learner(module: LightningModule) -> bool:
 
 
 class CoefficientLogger(Callback):
-    """Logs every coefficient (``coefficients/<group>/<adapter>``) every ``every_n_steps`` steps,
-    and a layer x adapter heatmap image to TensorBoard every ``heatmap_every_n_steps``."""
+    """Logs every coefficient (``coefficients/<group>/<adapter>``; for rank-wise coefficients also
+    the mean and standard deviation of each adapter's rank coefficients in the group's modules,
+    ``coefficients/<group>/<adapter>/rank_mean`` and ``rank_std``) every ``every_n_steps`` steps,
+    and the labelled layer x adapter heatmap (``coefficients/heatmap``) every ``heatmap_every_n_steps``."""
 
     def __init__(self, every_n_steps: int = 10, heatmap_every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
@@ -47,13 +49,20 @@ class CoefficientLogger(Callback):
         for group, row in zip(pl_module.coefficients.group_names, values):
             for adapter, value in zip(names, row):
                 pl_module.log(f"coefficients/{group}/{adapter}", value)
+        for group, adapters in pl_module.coefficients.rank_statistics().items():
+            for index, (mean, std) in adapters.items():
+                pl_module.log(f"coefficients/{group}/{names[index]}/rank_mean", mean)
+                pl_module.log(f"coefficients/{group}/{names[index]}/rank_std", std)
 
     @rank_zero_only
     def _image(self, trainer: Trainer, pl_module: LightningModule) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             return
-        image = torch.from_numpy(heatmap(pl_module.coefficients.values())).permute(2, 0, 1)
+        coefficients = pl_module.coefficients
+        names = [a.name for a in pl_module.adapters]
+        figure = coefficient_heatmap(coefficients.display_values(), coefficients.group_names, names)
+        image = torch.from_numpy(figure_image(figure)).permute(2, 0, 1)
         experiment.add_image("coefficients/heatmap", image, trainer.global_step)
 
 
@@ -74,11 +83,11 @@ class _KeepBestCoefficients(Callback):
         value = float(value)
         better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
         if better:
-            self.best = (value, pl_module.coefficients.values())
+            self.best = (value, pl_module.coefficients.snapshot())
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.best is not None:
-            pl_module.coefficients.set_values(self.best[1])
+            pl_module.coefficients.restore(self.best[1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

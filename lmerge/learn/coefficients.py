@@ -63,6 +63,9 @@ class Coefficients(nn.Module):
     layer: layer-wise). ``raw`` [groups, n_adapters] is the only trainable parameter; calling the
     module gives the parametrized values [groups, n_adapters]."""
 
+    merge_method = "weighted_delta_n"
+    """The merge method whose spec reproduces a merge with these coefficients."""
+
     def __init__(
         self,
         n_adapters: int,
@@ -139,6 +142,42 @@ class Coefficients(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, n_adapters={self.n_adapters}, parametrization={self.parametrization.name}"
+
+    # ---- what the fused model, the learners and the callbacks ask of any coefficients -----------------
+    def row_values(self, group: Tensor | int, adapter: Tensor, rows: Tensor) -> Tensor:
+        """The coefficient of each rank row: ``group`` and ``adapter`` index each row's group and
+        adapter, ``rows`` its row in the rank layout (see :meth:`row_start`; unused here)."""
+        return self()[group, adapter]
+
+    def row_start(self, key: str) -> int:
+        """First row of module ``key`` in the rank layout (rank-wise coefficients only)."""
+        return 0
+
+    def penalty(self) -> Tensor | None:
+        """A term added to the training loss, or None."""
+        return None
+
+    def snapshot(self) -> Any:
+        """Everything that sets the coefficients, to :meth:`restore` later (e.g. the best ones)."""
+        return self.values()
+
+    def restore(self, snapshot: Any) -> None:
+        """Set the coefficients from a :meth:`snapshot`."""
+        self.set_values(snapshot)
+
+    def display_values(self) -> list[list[float]]:
+        """[groups][n_adapters] values to show (heatmaps): the coefficients themselves."""
+        return self.values()
+
+    def rank_statistics(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """Group -> adapter index -> (mean, standard deviation) of its rank coefficients; empty
+        for coefficients that are not rank-wise."""
+        return {}
+
+    def merge_spec(self, adapters: list[str], group_layers: list[int | None], signed: bool) -> dict[str, Any]:
+        """The merge config (``adapters``, ``method``, ``method_params``) that reproduces a merge
+        with these coefficients."""
+        return export_merge_spec(self, adapters, group_layers, signed)
 
 
 def export_merge_spec(

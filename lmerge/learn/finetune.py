@@ -1,5 +1,6 @@
 """``LoraFinetune``: train one task's LoRA adapter (and head) with PEFT and save it in PEFT
-format, for users who have no adapters yet (and for the demo's benchmark)."""
+format (a pooled classification head beside it), for users who have no adapters yet (and for the
+demo's benchmark)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class LoraFinetune(LightningModule):
             raise ConfigError(f"model.tasks: LoraFinetune trains one task at a time, got {len(tasks)}")
         self.task = tasks[0]
         self.spec = catalog_tasks(catalog, [self.task], key="model.tasks")[0]
-        self.kind = self.spec.task_kind
+        # The kind the new adapter is trained for (a classification task: the pooling for this base model).
+        self.kind = self.spec.task_kind.resolve(self.spec, base_model)
         self.output_dir = output_dir or self.spec.adapter
         if not self.output_dir:
             raise ConfigError(f"model.output_dir: task {self.task} has no adapter path in the catalog; give one")
@@ -78,6 +80,7 @@ class LoraFinetune(LightningModule):
             use_rslora=self.hparams.use_rslora,
         )
         self.model = get_peft_model(base, config)
+        self.kind.new_head(self.model, self.spec)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -115,6 +118,7 @@ class LoraFinetune(LightningModule):
         previous = path.with_name(f".{path.name}.previous")
         with staged_dir(root, lambda taken: path, root=root) as staged:
             self.model.save_pretrained(staged.work)
+            self.kind.save_head(self.model, self.spec, staged.work)
             if path.exists():
                 # The old adapter stays until the new one is whole; then the two renames swap them.
                 rename(path, previous, root=root)

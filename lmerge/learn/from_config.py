@@ -70,9 +70,15 @@ _DEFAULT_SPLITS = {"adamerging": "test"}
 
 
 def train_learner(
-    name: str, params: dict[str, Any], catalog: str | None, adapters: list[str], merge_mode: str
+    name: str,
+    params: dict[str, Any],
+    catalog: str | None,
+    adapters: list[str],
+    merge_mode: str,
+    method: str = "weighted_delta_n",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train learner ``name`` and return ``(weighted_delta_n method_params, record)``."""
+    """Train learner ``name`` and return ``(method_params, record)`` of merge method ``method``, which
+    must be the one its coefficients export (``weighted_delta_n``; ``weighted_rank`` when rank-wise)."""
     if name not in LEARNERS:
         raise ConfigError("optimizer.name: " + unknown_name("optimizer", name, ["none", *LEARNERS]))
     if not catalog:
@@ -110,6 +116,9 @@ def train_learner(
             raise ConfigError(f"{where}: not a setting of optimizer {name!r} (valid: {', '.join(valid)})")
     tasks = learner_args.pop("tasks", None)
     learner = learner_class(catalog, adapters, tasks, **learner_args)
+    learned = learner.coefficients.merge_method
+    if learned != method:
+        raise ConfigError(f"optimizer {name}: with these settings it learns {learned} weights; set method: {learned}")
     data = CatalogDataModule(catalog, list(learner.task_specs), **data_args)
     trainer_args.setdefault("callbacks", [CoefficientLogger()])
     trainer_args.setdefault("limit_val_batches", 0)

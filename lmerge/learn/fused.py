@@ -18,7 +18,7 @@ from lmerge.learn.coefficients import Coefficients
 from lmerge.learn.merged_linear import DenseMergedLinear, FusedLoRALinear, ScaleTable, compute_dtype
 
 IMPLEMENTATIONS = ("fused_lora_linear", "dense")
-GRANULARITIES = ("task_wise", "layer_wise")
+GRANULARITIES = ("task_wise", "layer_wise", "rank_wise")
 
 
 class FusedModel:
@@ -169,6 +169,8 @@ def attach(
     modules = {
         key: _merged_linear(adapters, key, base, coefficients, groups[key], impl, dtype) for key, base in bases.items()
     }
+    for key, module in modules.items():
+        module.row_start = coefficients.row_start(key)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     for key, module in modules.items():
@@ -200,11 +202,12 @@ def _merged_linear(
 
 def layer_groups(keys: list[str], granularity: str) -> tuple[list[str], list[int | None], Callable[[str], int]]:
     """Coefficient groups for ``keys``: ``(group_names, group_layers, group_of)``. ``task_wise``: one
-    group "all"; ``layer_wise``: one group per layer index in the keys, sorted, then "other" for the
-    keys without a layer index if there are any."""
+    group "all"; ``layer_wise`` (and ``rank_wise``, whose adapter-level coefficients are layer-wise):
+    one group per layer index in the keys, sorted, then "other" for the keys without a layer index
+    if there are any."""
     if granularity == "task_wise":
         return ["all"], [None], lambda key: 0
-    if granularity != "layer_wise":
+    if granularity not in GRANULARITIES:
         raise ConfigError("granularity: " + unknown_name("granularity", granularity, list(GRANULARITIES)))
     found = {layer_index(key) for key in keys}
     layers: list[int | None] = [*sorted(found - {None}), *([None] if None in found else [])]

@@ -79,10 +79,14 @@ class FusedLoRALinear(nn.Module):
         # Set by ScaleTable: the model-wide table that computes every module's c_rep once per model forward.
         self.table: ScaleTable | None = None
         self.slot = 0
+        # First of this module's rows in rank-wise coefficients (set by ``attach``; others ignore it).
+        self.row_start = 0
 
     def scaled_coefficients(self) -> Tensor:
-        """``c_rep`` [R]: this group's coefficients times the scalings, repeated over each rank."""
-        return (self.coefficients()[self.group] * self.scalings)[self.rank_index]
+        """``c_rep`` [R]: each rank row's coefficient (this group's, for its adapter) times its scaling."""
+        rows = torch.arange(self.row_start, self.row_start + len(self.rank_index), device=self.rank_index.device)
+        values = self.coefficients.row_values(self.group, self.rank_index, rows)
+        return values * self.scalings[self.rank_index]
 
     def forward(self, x: Tensor) -> Tensor:
         chunks = self.table.chunks if self.table is not None else None
@@ -188,18 +192,21 @@ class ScaleTable:
         self.group = torch.cat(group)
         self.adapter = torch.cat([module.rank_index.cpu() for module in modules])
         self.scaling = torch.cat([module.scalings.cpu().to(dtype)[module.rank_index.cpu()] for module in modules])
+        self.rows = torch.cat(
+            [torch.arange(m.row_start, m.row_start + size, device="cpu") for m, size in zip(modules, self.sizes)]
+        )
         self.chunks: tuple[Tensor, ...] | None = None
         for slot, module in enumerate(modules):
             module.table, module.slot = self, slot
 
     def fill(self, coefficients: Coefficients) -> None:
         """Compute every module's ``c_rep`` from ``coefficients`` (one gather, product and split for all)."""
-        values = coefficients()
-        if self.group.device != values.device:
-            self.group, self.adapter, self.scaling = (
-                t.to(values.device) for t in (self.group, self.adapter, self.scaling)
+        device = coefficients.raw.device
+        if self.group.device != device:
+            self.group, self.adapter, self.scaling, self.rows = (
+                t.to(device) for t in (self.group, self.adapter, self.scaling, self.rows)
             )
-        self.chunks = (values[self.group, self.adapter] * self.scaling).split(self.sizes)
+        self.chunks = (coefficients.row_values(self.group, self.adapter, self.rows) * self.scaling).split(self.sizes)
 
     def clear(self) -> None:
         """Drop the chunks (and the graph they hold) once the forward is done."""

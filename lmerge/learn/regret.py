@@ -36,9 +36,12 @@ class RegretSmoothMax(MergeLearner):
             regret_eps: Added to each baseline CE in the regret's denominator.
             baseline_batches: Batches per task that estimate each task's own-adapter CE.
             lr: Adam learning rate of the softmax logits.
-            **kwargs: Shared learner options (see ``MergeLearner``); the coefficients are global (task-wise).
+            **kwargs: Shared learner options (see ``MergeLearner``); the coefficients are global (task-wise)
+                unless ``granularity`` says otherwise (``rank_wise``: softmax over adapters per layer, plus an
+                offset per rank direction of each module).
         """
-        kwargs.update(granularity="task_wise", parametrization="softmax")
+        kwargs.setdefault("granularity", "task_wise")
+        kwargs["parametrization"] = "softmax"
         kwargs.setdefault("init", 1.0 / len(adapters))
         super().__init__(catalog, adapters, tasks, lr=lr, **kwargs)
         self.baselines: dict[str, float] = {}

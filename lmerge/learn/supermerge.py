@@ -23,7 +23,7 @@ class SuperMerge(MergeLearner):
         catalog: str,
         adapters: list[str],
         tasks: list[str] | None = None,
-        variant: Literal["task_wise", "layer_wise"] = "layer_wise",
+        variant: Literal["task_wise", "layer_wise", "rank_wise"] = "layer_wise",
         init: float | list[float] = 0.3,
         lr: float = 1e-2,
         hierarchical: dict[str, Any] | None = None,
@@ -34,7 +34,8 @@ class SuperMerge(MergeLearner):
             catalog: Task catalog YAML (task name -> adapter and data).
             adapters: The adapters to merge: catalog task names or adapter directories.
             tasks: The tasks trained on; default: the adapters that are catalog tasks.
-            variant: ``task_wise`` or ``layer_wise`` (the paper's per-layer formulation).
+            variant: ``task_wise``, ``layer_wise`` (the paper's per-layer formulation) or ``rank_wise`` (per rank
+                direction of each module, see ``MergeLearner``).
             init: Initial coefficient value (coefficients are tanh of the raw parameters: signed, unnormalized).
             lr: Adam learning rate.
             hierarchical: ``{enabled: true, groups: [[a, b], [c, d]] (or group_size: 2), stage_steps: 100}``:
@@ -48,6 +49,8 @@ class SuperMerge(MergeLearner):
         )
         self.stage_steps = 0
         if hierarchical and hierarchical.get("enabled", True):
+            if variant == "rank_wise":
+                raise ConfigError("model.hierarchical: not with variant rank_wise (groups merge adapter-level weights)")
             groups = adapter_groups(hierarchical, [a.name for a in self.adapters])
             self.stage_steps = int(hierarchical.get("stage_steps", 0))
             if self.stage_steps < 1:

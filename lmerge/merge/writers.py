@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
+from lmerge.tasks.heads import has_head, read_head, write_head
 
 # Task types whose head belongs to each task (saved per adapter), so the full-weights save
 # keeps the shared backbone only.
@@ -161,9 +162,19 @@ class NullWriter:
 
 
 def write_heads(adapters: list[LoraAdapter], out: Path) -> list[str]:
-    """Each adapter's task head (``modules_to_save``) as ``heads/<adapter>.safetensors``."""
+    """Each adapter's task head as ``heads/<adapter>.safetensors``: the model's own head that PEFT
+    saved (``modules_to_save``), or a pooled head (``task_head.*`` beside the adapter) with its JSON."""
     written = []
     for adapter in adapters:
+        if has_head(adapter.path):
+            head = read_head(adapter.path)
+            (out / HEADS_DIR).mkdir(exist_ok=True)
+            state = head.state
+            paths = write_head(
+                out / HEADS_DIR, head.pooling, head.label_names, state["weight"], state["bias"], adapter.name, root=out
+            )
+            written += [str(path.relative_to(out)) for path in paths]
+            continue
         state = adapter.head_state()
         if not state:
             continue

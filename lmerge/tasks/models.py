@@ -1,15 +1,13 @@
-"""Load the base model for a task kind, and build per-task heads from adapters."""
+"""Load the base model for a task kind, and install a task's head in it."""
 
 from __future__ import annotations
 
-import copy
 import os
 import pickle
 
 import torch
 from torch import nn
 
-from lmerge.adapters.lora import PEFT_PREFIX
 from lmerge.errors import ConfigError
 from lmerge.tasks.kinds import TaskKind, get_kind
 
@@ -46,31 +44,7 @@ def load_model(
         raise ConfigError(f"base model {path!r}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
 
 
-def head_module_name(head_state: dict[str, torch.Tensor]) -> str:
-    """The model path of the head a PEFT adapter saved (``base_model.model.classifier.weight`` -> ``classifier``)."""
-    names = {key.removeprefix(PEFT_PREFIX).rpartition(".")[0] for key in head_state}
-    return min(names, key=len)
-
-
-def build_head(model: nn.Module, head_state: dict[str, torch.Tensor]) -> tuple[str, nn.Module]:
-    """A frozen copy of ``model``'s head module holding ``head_state`` (which may have its own
-    number of classes); returns ``(module path, head)``."""
-    name = head_module_name(head_state)
-    try:
-        head = copy.deepcopy(model.get_submodule(name))
-    except AttributeError:
-        raise ConfigError(f"task head {name!r} saved by the adapter is not a module of the base model") from None
-    for key, tensor in head_state.items():
-        path = key.removeprefix(PEFT_PREFIX).removeprefix(f"{name}.")
-        owner_path, _, param = path.rpartition(".")
-        owner = head.get_submodule(owner_path) if owner_path else head
-        setattr(owner, param, nn.Parameter(tensor.clone(), requires_grad=False))
-        if isinstance(owner, nn.Linear) and param == "weight":
-            owner.out_features, owner.in_features = tensor.shape
-    return name, head.requires_grad_(False)
-
-
-def apply_head(model: nn.Module, head_state: dict[str, torch.Tensor]) -> None:
-    """Install the task head ``head_state`` in ``model`` (on the model's device)."""
-    name, head = build_head(model, head_state)
+def apply_head(model: nn.Module, kind: TaskKind, head_state: dict[str, torch.Tensor]) -> None:
+    """Install the task head ``head_state`` of a task of ``kind`` in ``model`` (on the model's device)."""
+    name, head = kind.build_head(model, head_state)
     model.set_submodule(name, head.to(next(model.parameters()).device))

@@ -56,8 +56,15 @@ class TaskSpec:
     """For kinds that generate their answers (``generation``) only: decoding and answer extraction,
     e.g. ``{max_new_tokens: 32, stop: ["\\n"], answer_pattern: "(-?[\\d.,]*\\d)"}`` (the kind's file
     documents each key)."""
+    pooling: str = "model"
+    """For kinds with task heads (``classification``) only: how a sequence becomes the one vector
+    its head reads. ``mean`` (attention-masked mean of the last hidden state) and ``last`` (last
+    non-padding token, for decoder LMs) use a head saved beside a plain LoRA adapter; ``cls`` the
+    model's own sequence-classification class; ``model`` what the adapter's head was trained with,
+    and for a new head the base model's own (a sentence-transformers model's pooling, else ``cls``)."""
     task_kind: TaskKind = field(init=False, repr=False, compare=False)
-    """The registered kind named by ``kind``: everything that depends on it."""
+    """The registered kind named by ``kind``, as this task uses it (e.g. with its pooling): everything
+    that depends on it."""
 
     def __post_init__(self) -> None:
         where = f"task {self.name}"
@@ -74,7 +81,10 @@ class TaskSpec:
             )
         if self.generation is not None and not self.task_kind.generates:
             raise ConfigError(f"{where}: generation is for kind {kinds_that(lambda k: k.generates)} only")
+        if self.pooling != "model" and not self.task_kind.has_head:
+            raise ConfigError(f"{where}: pooling is for kind {kinds_that(lambda k: k.has_head)} only")
         self.task_kind.check(self, where)
+        self.task_kind = self.task_kind.resolve(self)
         if self.prompt is not None:
             if not self.task_kind.text_answers:
                 raise ConfigError(f"{where}: prompt is for kind {kinds_that(lambda k: k.text_answers)} only")

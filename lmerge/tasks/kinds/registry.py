@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -22,6 +23,7 @@ from lmerge.errors import ConfigError, unknown_name
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from lmerge.adapters.lora import LoraAdapter
     from lmerge.tasks.spec import TaskSpec
 
 Batch = dict[str, Any]
@@ -86,6 +88,36 @@ class TaskKind(ABC):
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model's logits on one of this kind's batches."""
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # ---- task heads (kinds with ``has_head``) -----------------------------------------------------
+    def resolve(self, spec: TaskSpec, base_model: str | None = None) -> TaskKind:
+        """The kind object that serves ``spec``: this one, or a variant of it (a classification
+        task's pooling). With ``base_model``: for a new head fine-tuned on that model; without: for
+        the task's adapter as it is."""
+        return self
+
+    def adapter_head(self, spec: TaskSpec, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+        """The task head that ``adapter`` carries for ``spec`` (empty: none)."""
+        return adapter.head_state()
+
+    def bundle_head(self, spec: TaskSpec, heads_dir: Path) -> dict[str, torch.Tensor] | None:
+        """The head of ``spec`` that a merged adapter saved in its ``heads_dir``, or None."""
+        return None
+
+    def build_head(self, model: nn.Module, head_state: dict[str, torch.Tensor]) -> tuple[str, nn.Module]:
+        """``(module path, frozen head module)`` holding ``head_state`` for ``model``."""
+        raise ConfigError(f"kind {self.name!r} has no task heads")
+
+    def new_head(self, model: nn.Module, spec: TaskSpec) -> None:
+        """Give ``model`` (a PEFT model about to be fine-tuned on ``spec``) a fresh trainable head,
+        where PEFT does not make one itself."""
+
+    def save_head(self, model: nn.Module, spec: TaskSpec, directory: Path) -> list[Path]:
+        """Save the head :meth:`new_head` made into the adapter ``directory``; the files written."""
+        return []
+
+    def __str__(self) -> str:
+        return self.name
 
     # ---- objectives and scores --------------------------------------------------------------------
     @abstractmethod

@@ -1,0 +1,75 @@
+"""``weighted_rank``: a weight per rank direction of each adapter in each module (what a learner
+with ``granularity: rank_wise`` learns).
+
+``delta = sum_i B_i diag(w_i) A_i`` with ``w_i`` one weight per rank direction of adapter ``i``:
+exactly the LoRA ``B' = [w_1 * B_1 ... w_n * B_n]``, ``A' = [A_1; ...; A_n]`` of rank ``sum r_i``
+(each ``B_i`` with its adapter's scaling). The weights are written inline in the merge spec,
+``rank_weights: {module key: [[w_1k ...], [w_2k ...]]}``, one list per adapter, so a learned merge
+is one self-contained, reviewable file that YAML round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lmerge.errors import MethodError
+from lmerge.methods._params import check_bool, parse_yaml
+from lmerge.methods.registry import Kind, ModuleContext, register
+
+
+def _rows(key: str, rows: Any, n_adapters: int, allow_negative: bool) -> list[list[float]]:
+    where = f"method_params.rank_weights.{key}"
+    if not isinstance(rows, (list, tuple)) or len(rows) != n_adapters:
+        raise MethodError(f"{where}: expected {n_adapters} lists (one per adapter) of per-rank weights, got {rows!r}")
+    parsed = []
+    for index, weights in enumerate(rows):
+        numbers = isinstance(weights, (list, tuple)) and weights
+        if not numbers or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise MethodError(f"{where}: adapter {index}: expected a list of finite numbers, got {weights!r}")
+        if not allow_negative and any(w < 0 for w in weights):
+            raise MethodError(
+                f"{where}: adapter {index}: negative weight (set method_params.allow_negative_coefficients to allow it)"
+            )
+        parsed.append([float(w) for w in weights])
+    return parsed
+
+
+def _validate(params: dict[str, Any], n_adapters: int) -> None:
+    allow_negative = check_bool(params, "allow_negative_coefficients")
+    table = parse_yaml("rank_weights", params["rank_weights"])
+    if not isinstance(table, dict) or not table:
+        raise MethodError(
+            "method_params.rank_weights: expected a mapping {module key: one list of per-rank weights per adapter}"
+        )
+    params["rank_weights"] = {
+        str(key): _rows(str(key), rows, n_adapters, allow_negative) for key, rows in table.items()
+    }
+
+
+@register(
+    "weighted_rank",
+    kind=Kind.FACTORS,
+    defaults={"allow_negative_coefficients": False},
+    required=("rank_weights",),
+    validate=_validate,
+)
+def weighted_rank(
+    As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-rank weighted sum of n adapters: B' = [w_i * B_i], A' = [A_i] (rank_weights per module; exact)."""
+    rows = params["rank_weights"].get(ctx.key)
+    if rows is None:
+        raise MethodError(f"method_params.rank_weights: no weights for module {ctx.key}")
+    for index, (weights, A) in enumerate(zip(rows, As, strict=True)):
+        if len(weights) != A.shape[0]:
+            raise MethodError(
+                f"method_params.rank_weights.{ctx.key}: adapter {index} has rank {A.shape[0]}, "
+                f"got {len(weights)} weights"
+            )
+    B = torch.cat([B * torch.tensor(w, dtype=B.dtype) for w, B in zip(rows, Bs, strict=True)], dim=1)
+    return torch.cat(As, dim=0), B
