@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -90,6 +91,7 @@ def with_flag_hint(error: ArgumentError, keys: list[str]) -> ConfigError | None:
 _KEY_WORDING = 'Parser key "'
 _UNION_WORDING = "Does not validate against any of the Union subtypes"
 _UNRECOGNIZED = "unrecognized arguments:"
+_BOOLEAN_FOR_TEXT = re.compile(r"Expected a <class 'str'>\. Got value: (True|False)\b")
 
 
 def argument_message(error: ArgumentError) -> str:
@@ -99,8 +101,13 @@ def argument_message(error: ArgumentError) -> str:
     refusal = _unrelayed(error)
     report = refusal.__cause__
     if report is not None and report.__cause__ is not None and _is_union_report(report):
-        return f"{_key(refusal)}: {_complaint(report.__cause__)}"
-    return _one_line(str(refusal))
+        message = f"{_key(refusal)}: {_complaint(report.__cause__)}"
+    else:
+        message = _one_line(str(refusal))
+    if _BOOLEAN_FOR_TEXT.search(message):
+        # A task named yes or no, or a tag on: YAML 1.1 made it a boolean before jsonargparse saw it.
+        message += " (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote it, e.g. '\"yes\"')"
+    return message
 
 
 def _complaint(exc: BaseException) -> str:

@@ -63,6 +63,47 @@ def test_fit_prints_lmerge_lines_and_not_the_libraries(tasks, tmp_path):
     assert "GPU available" in verbose.stdout + verbose.stderr and "Trainable params" in verbose.stdout
 
 
+def pooled_catalog(zoo, tasks: Path, tmp_path: Path) -> Path:
+    """Tasks plain_a and plain_b: plain LoRAs of the bare BERT encoder with a pooled head beside
+    them, on task alpha's data. Loading the bare encoder from a checkpoint with a classifier is
+    what makes transformers print its weight-load report."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from lmerge.tasks.heads import write_head
+
+    alpha = yaml.safe_load(tasks.read_text())["tasks"]["alpha"]
+    files = {split: str(tasks.parent / name) for split, name in alpha["dataset"]["data_files"].items()}
+    entries = {}
+    for name, seed in (("plain_a", 1), ("plain_b", 2)):
+        torch.manual_seed(seed)
+        config = LoraConfig(task_type="FEATURE_EXTRACTION", r=2, lora_alpha=4, target_modules=["query", "value"])
+        get_peft_model(AutoModel.from_pretrained(zoo["bert"]), config).save_pretrained(tmp_path / name)
+        write_head(tmp_path / name, "mean", alpha["label_names"], torch.randn(3, 32), torch.zeros(3), root=tmp_path)
+        entries[name] = {**alpha, "adapter": str(tmp_path / name), "dataset": {"path": "json", "data_files": files}}
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tasks": entries}))
+    return catalog
+
+
+def test_sweep_prints_lmerge_lines_and_not_the_libraries(zoo, tasks, tmp_path):
+    """A sweep's table, best point and summary path, and nothing of transformers' weight-load
+    report; ``--verbose`` brings it back."""
+    catalog = pooled_catalog(zoo, tasks, tmp_path)
+    argv = ["sweep", "--adapters", "[plain_a,plain_b]", "--method", "ties", "--search.grid.lambda", "[0.5,1.0]"]
+    argv += ["--catalog", str(catalog)]
+    quiet = run_lmerge([*argv, "--output_dir", str(tmp_path / "quiet")], tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert [line for line in LIBRARY_LINES if line in quiet.stdout + quiet.stderr] == []
+    assert quiet.stdout.startswith("rank  lambda") and "\nsweep: " in quiet.stdout
+    assert [line for line in quiet.stderr.splitlines() if not line.startswith("lmerge: ")] == []
+
+    verbose = run_lmerge([*argv, "--output_dir", str(tmp_path / "verbose"), "--verbose"], tmp_path)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "LOAD REPORT" in verbose.stderr
+
+
 def test_an_error_is_the_only_line(tasks, tmp_path):
     """A refusal after the libraries have loaded (Lightning imported, the model built) is still
     the one line on the console."""
@@ -112,3 +153,18 @@ def test_a_misspelt_name_gets_the_closest_valid_one(tasks, tmp_path, capsys, com
     assert code == 2 and len(lines) == 1 and lines[0].startswith("lmerge: error: "), lines
     assert expected in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["adapters", "eval_tasks"])
+def test_a_name_yaml_reads_as_a_boolean_says_to_quote_it(tasks, tmp_path, capsys, key):
+    """The test catalog has a task named yes: unquoted in a list flag, YAML makes it true."""
+    argv = ["merge", "--method", "ties", "--catalog", str(tasks), "--output_dir", str(tmp_path / "out")]
+    argv += ["--adapters", '["yes",maybe]'] if key == "eval_tasks" else []
+    code = main([*argv, f"--{key}", "[yes,maybe]"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lmerge: error: "), lines
+    assert key in lines[0] and "Got value: True" in lines[0]
+    assert "YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote it" in lines[0]
+    assert not (tmp_path / "out").exists()
+    quoted = [*argv, f"--{key}", '["yes",maybe]']
+    assert main(quoted if key == "adapters" else [*quoted, "--eval_subset", "{max_samples: 2}"]) == 0
