@@ -163,7 +163,8 @@ class _Steps:
     def __call__(self, title: str) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.started
-        print(f"\n[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
+        # No blank line between steps: the demo's console fits on one screen, progress bars aside.
+        print(f"[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
 
 
 def _fit(command: list[str]) -> None:
