@@ -18,26 +18,36 @@ import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    get_loader,
+    set_loader,
+    set_parsing_settings,
+)
 
+from lmerge import console
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.demo import demo
-from lmerge.errors import ConfigError, LMergeError
+from lmerge.errors import ConfigError, LMergeError, did_you_mean
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.evaluation.harness import HarnessConfig
 from lmerge.evaluation.saved import evaluate_saved_adapter
 from lmerge.lightning_cli import LIGHTNING_VERBS, lightning
 from lmerge.merge.config import MergeConfig, SaveConfig, config_section, load_merge_config, migrate_legacy
 from lmerge.methods import METHODS
-from lmerge.outputs import DEFAULT_OUTPUT_DIR
+from lmerge.outputs import DEFAULT_OUTPUT_DIR, os_error_line, removed_if_left_empty
 from lmerge.pipeline import run_merge
 from lmerge.sweep.config import SweepConfig
 from lmerge.tasks.spec import catalog_tasks
-from lmerge.yaml_files import read_yaml
+from lmerge.yaml_files import read_yaml, strict_loader
+
+# jsonargparse's own YAML loader, which lmerge's strict reader checks every value before.
+_JSONARGPARSE_YAML = get_loader("yaml")
 
 
 def merge(config: MergeConfig) -> None:
@@ -222,27 +232,23 @@ def run_verb(argv: list[str]) -> None:
     """Parse ``argv`` (a verb and its flags, ``--config`` files read by :func:`expand_args`) and
     run the verb."""
     parser, keys = build_parser()
-    settings = parser.parse_args(expand_args(argv, keys))
+    try:
+        settings = parser.parse_args(expand_args(argv, keys))
+    except ArgumentError as exc:
+        hinted = console.with_flag_hint(exc, keys.get(argv[0], []))
+        if hinted is None:
+            raise
+        raise hinted from None
     name = settings.subcommand
     # Sections (save, search) stay mappings: the config dataclass builds and checks them.
     chosen = settings[name].clone(with_meta=False).as_dict()
     chosen.pop("config", None)
-    VERBS[name](chosen)
+    with removed_if_left_empty(chosen.get("output_dir") or DEFAULT_OUTPUT_DIR):
+        VERBS[name](chosen)
 
 
 def _note(message: str) -> None:
     print(f"lmerge: note: {message}", file=sys.stderr)
-
-
-_default_show_warning = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    # Our own warnings in one line; other packages' in their usual form.
-    if "lmerge" in Path(filename).parts:
-        print(f"lmerge: {category.__name__}: {message}", file=sys.stderr)
-    else:
-        _default_show_warning(message, category, filename, lineno, file, line)
 
 
 def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
@@ -268,64 +274,12 @@ def expand_args(argv: list[str], keys: dict[str, list[str]]) -> list[str]:
             unknown = sorted(set(data) - accepted)
             if unknown:
                 valid = ", ".join(sorted(accepted))
-                raise ConfigError(f"{value}: {unknown[0]}: unknown key for lmerge {argv[0]} (valid: {valid})")
+                hint = did_you_mean(unknown[0], accepted)
+                raise ConfigError(f"{value}: {unknown[0]}: unknown key for lmerge {argv[0]}{hint} (valid: {valid})")
             out += ["--config", yaml.safe_dump(data, default_flow_style=True, width=1 << 30)]
         else:
             out.append(arg)
     return out
-
-
-# jsonargparse 4.53 names the key it refuses and the kind of a refusal in its messages only: an
-# ArgumentError(None, message), raised from a TypeError 'Parser key "<key>"...'. These two
-# wordings are all that is read from its text; the rest follows the exceptions it chains.
-_KEY_WORDING = 'Parser key "'
-_UNION_WORDING = "Does not validate against any of the Union subtypes"
-
-
-def _argument_message(error: ArgumentError) -> str:
-    """jsonargparse's refusal on one line. A single complaint reads as jsonargparse words it; a
-    value that fits none of a union's types (``X | None``) reads ``key: <what>`` with the
-    complaint about X: jsonargparse raises its report on every type from that one (None last)."""
-    refusal = _unrelayed(error)
-    report = refusal.__cause__
-    if report is not None and report.__cause__ is not None and _is_union_report(report):
-        return f"{_key(refusal)}: {_complaint(report.__cause__)}"
-    return _one_line(str(refusal))
-
-
-def _complaint(exc: BaseException) -> str:
-    """One link of jsonargparse's chain and those under it: a key's refusal as ``key: ...``, a
-    union's report as its first type's complaint, any other wrapper as its first line and its cause."""
-    exc = _unrelayed(exc)
-    cause = exc.__cause__
-    if cause is None:
-        return _one_line(str(exc))
-    if _is_union_report(exc):
-        return _complaint(cause)
-    if str(exc).startswith(_KEY_WORDING):
-        return f"{_key(exc)}: {_complaint(cause)}"
-    return f"{str(exc).splitlines()[0]} {_complaint(cause)}"
-
-
-def _unrelayed(exc: BaseException) -> BaseException:
-    """``exc``, or the exception it relays: each nested parser (a verb, a class_path's arguments)
-    raises its own ArgumentError from the one below, with the same message."""
-    while exc.__cause__ is not None and str(exc.__cause__) == str(exc):
-        exc = exc.__cause__
-    return exc
-
-
-def _is_union_report(exc: BaseException) -> bool:
-    return str(exc).startswith(_UNION_WORDING)
-
-
-def _key(refusal: BaseException) -> str:
-    """The key a refusal names: ``save.rank`` of 'Parser key "save.rank": ...'."""
-    return str(refusal).removeprefix(_KEY_WORDING).partition('"')[0]
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def overview() -> str:
@@ -336,7 +290,11 @@ def overview() -> str:
         "validate": "Run a learner's validation loop (LightningCLI).",
         "test": "Run a learner's test loop (LightningCLI).",
     }
-    lines = ["usage: lmerge VERB [options]   (lmerge VERB --help for its options; --debug shows tracebacks)", ""]
+    lines = [
+        "usage: lmerge VERB [options]   (lmerge VERB --help for its options; --verbose shows the libraries' "
+        "notes and warnings, --debug tracebacks)",
+        "",
+    ]
     lines += [f"  {verb:<9} {text}" for verb, text in verbs.items()]
     return "\n".join(lines)
 
@@ -344,17 +302,19 @@ def overview() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lmerge`` command; returns the exit code."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # Every YAML value jsonargparse reads (fit's configs, flag values) goes through the strict reader.
+    set_loader("yaml", strict_loader(_JSONARGPARSE_YAML))
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    warnings.showwarning = _show_warning
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    console.configure(verbose)
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"lmerge(\.|$)")
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
         return 0
     try:
         if argv[0] in LIGHTNING_VERBS:
-            lightning(argv)
+            lightning(argv, verbose)
             return 0
         run_verb(argv)
     except LMergeError as exc:
@@ -363,20 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmerge: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        # LightningCLI's parser wraps an error raised while building the model or data in its own.
-        cause = _lmerge_cause(exc)
-        if debug or not (cause or isinstance(exc, ArgumentError)):
+        # LightningCLI's parser wraps an error raised while building the model or data in its own;
+        # a full disk or a read-only folder can surface from any library that writes.
+        cause = console.lmerge_cause(exc)
+        environment = os_error_line(exc)
+        if debug or not (cause or environment or isinstance(exc, ArgumentError)):
             raise
-        print(f"lmerge: error: {cause or _argument_message(exc)}", file=sys.stderr)
+        print(f"lmerge: error: {cause or environment or console.argument_message(exc)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _lmerge_cause(exc: BaseException) -> LMergeError | None:
-    """The LMergeError that ``exc`` was raised from, if any."""
-    while exc is not None and not isinstance(exc, LMergeError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmerge.errors import ConfigError, unknown_name
 from lmerge.learn.callbacks import (
     BestCoefficients,
     BestStepCoefficients,
@@ -16,8 +17,9 @@ from lmerge.learn.callbacks import (
     StepEarlyStopping,
     is_learner,
 )
-from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_output_root
+from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_inputs_outside, check_output_root
 from lmerge.pipeline import export_learned_merge
+from lmerge.tasks.spec import SPLITS, catalog_tasks
 
 __all__ = ["BestCoefficients", "BestStepCoefficients", "CoefficientLogger", "MergeExport", "StepEarlyStopping"]
 
@@ -35,13 +37,25 @@ class MergeExport(Callback):
         save: Literal["none", "lora", "full"] = "none",
         eval_tasks: list[str] | None = None,
         split: str = "test",
+        catalog: str | None = None,
     ) -> None:
-        # A bad output root is found before anything is built, not after training.
-        self.output_dir = str(check_output_root(output_dir, create=False))
+        """``catalog``: the learner's task catalog (``lmerge fit`` links it from ``data.catalog``),
+        where ``eval_tasks`` are looked up."""
+        # A bad output root, task or split is found before anything is built, not after training.
+        self.output_dir = str(check_output_root(output_dir))
+        if split not in SPLITS:
+            raise ConfigError(f"export.split: {unknown_name('split', split, SPLITS)}")
+        if eval_tasks and catalog:
+            catalog_tasks(catalog, eval_tasks)
         self.save = save
         self.eval_tasks = eval_tasks
         self.split = split
         self.bundle: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The learner's adapters are known once it is built: checked before training, not after.
+        if is_learner(pl_module):
+            check_inputs_outside(self.output_dir, [a.path for a in pl_module.adapters])
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

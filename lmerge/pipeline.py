@@ -18,7 +18,7 @@ from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.learn.heatmap import coefficient_heatmap, figure_png
 from lmerge.merge.config import MergeConfig, load_merge_config, optimizer_spec
-from lmerge.merge.runner import MergeResult, merge_to_bundle
+from lmerge.merge.runner import MergeResult, check_settings, merge_to_bundle, prepare_merge
 from lmerge.outputs import run_bundle, write_bytes_atomic, write_json_atomic
 
 LEARNED_METHODS = ("weighted_delta_n", "weighted_rank")
@@ -52,6 +52,7 @@ def learn_method_params(config: MergeConfig) -> tuple[MergeConfig, dict[str, Any
         )
     from lmerge.learn.from_config import train_learner
 
+    check_settings(config)  # what the merge after training needs, before the training
     method_params, record = train_learner(
         name, params, config.catalog, config.adapters, config.merge_mode, config.method
     )
@@ -80,18 +81,22 @@ def export_learned_merge(
         "steps": learner.global_step,
         "hyperparameters": dict(learner.hparams),
     }
+    overrides: dict[str, Any] = {"output_dir": output_dir, "save": {"format": save}, "split": split}
+    if eval_tasks:
+        overrides["eval_tasks"] = eval_tasks
+    merges = save != "none" or bool(eval_tasks)
+    if merges:
+        # The merge that follows the export, checked before the export writes anything.
+        prepare_merge(MergeConfig(**{**spec, **overrides}))
     with run_bundle(output_dir, learner_name, names) as bundle:
         header = f"# lmerge merge --config <this file>\n# A merge learned by {type(learner).__name__}.\n"
         text = header + yaml.safe_dump(spec, sort_keys=False)
-        write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode())
-        write_json_atomic(bundle.work / "coefficients.json", record)
+        write_bytes_atomic(bundle.work / "merge_spec.yaml", text.encode(), root=output_dir)
+        write_json_atomic(bundle.work / "coefficients.json", record, root=output_dir)
         figure = coefficient_heatmap(learner.coefficients.display_values(), learner.coefficients.group_names, names)
-        write_bytes_atomic(bundle.work / "coefficients.png", figure_png(figure))
+        write_bytes_atomic(bundle.work / "coefficients.png", figure_png(figure), root=output_dir)
     print(f"learned merge: {bundle.final / 'merge_spec.yaml'}")
-    if save != "none" or eval_tasks:
-        overrides = {"output_dir": output_dir, "save": {"format": save}, "split": split}
-        if eval_tasks:
-            overrides["eval_tasks"] = eval_tasks
+    if merges:
         result = run_merge(load_merge_config(bundle.final / "merge_spec.yaml", **overrides))
         print(f"merged with the learned coefficients: {result.run_dir}")
         if result.evaluation:

@@ -11,6 +11,7 @@ expanded); and nesting deeper than :data:`MAX_DEPTH` is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,9 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """The YAML value in ``text``, read strictly (duplicate keys, alias expansion and depth
-    checked); any problem is a :class:`ConfigError` naming ``source`` and the line. A loader for
-    YAML that arrives as text rather than as a file (``jsonargparse.set_loader`` takes it)."""
-    loader = _StrictLoader(text)
+    checked); any problem is a :class:`ConfigError` naming ``source`` and the line."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_graph(node)
-        return loader.construct_document(node)
+        return _parse(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -58,8 +53,36 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         raise ConfigError(f"{source}:{where}: malformed YAML ({problem})") from None
     except _Refused as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse(text: str) -> Any:
+    """The strict reading of ``text``: raises :class:`yaml.YAMLError` or :class:`_Refused`."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_graph(node)
+        return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def strict_loader(load: Callable[[str], Any], source: str = "config value") -> Callable[[str], Any]:
+    """``load`` (a YAML loader taking text, such as jsonargparse's) with the text first read
+    strictly: duplicate keys, alias bombs and deep nesting are a :class:`ConfigError` naming
+    ``source``; text that is not YAML at all raises ``load``'s own error, as before."""
+
+    def strict(text: str) -> Any:
+        try:
+            _parse(text)
+        except _Refused as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except yaml.YAMLError:
+            pass  # ``load`` raises its own error, which its caller knows how to take
+        return load(text)
+
+    return strict
 
 
 def read_json(path: str | Path, what: str = "JSON file", error: type[LMergeError] = ConfigError) -> Any:

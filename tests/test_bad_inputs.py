@@ -410,7 +410,7 @@ MERGE_CASES = [
             "--optimizer",
             "nope",
         ],
-        "optimizer.name: unknown optimizer 'nope'; valid: adamerging",
+        "optimizer.name: unknown optimizer 'nope'; did you mean 'none'? valid: adamerging",
     ),
     (
         "optimizer for a method it cannot learn",

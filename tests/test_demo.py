@@ -4,6 +4,10 @@ label sets), the 'run lmerge demo first' message, and (slow) the whole pipeline 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,26 +162,32 @@ def test_missing_demo_files_say_run_lmerge_demo_first(tmp_path, capsys):
     assert code == 2 and err[-1].endswith("does not exist; run `lmerge demo` first")
 
 
-@pytest.mark.slow
-def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
-    """Data, four fine-tunes, the static merges, the sweeps and four learners on a tiny random BERT;
-    a second run reuses data and adapters."""
+def tiny_demo_sources(tmp_path: Path, copies: int = 12) -> DemoSources:
+    """The demo's sources in small: the packaged formats (:func:`write_sources`) and a tiny random
+    bare BERT encoder with the sentence-transformers files that say it pools by the mean, like
+    all-MiniLM-L6-v2; vocabulary 100."""
     from conftest import build_bert, save_bert_tokenizer
     from transformers import BertConfig, BertModel
 
-    from lmerge.demo.pipeline import LEARNERS, STATIC, SWEEPS, run_demo
-
-    sources = write_sources(tmp_path / "src", copies=12)
+    sources = write_sources(tmp_path / "src", copies=copies)
     words = " ".join(Path(f).read_text() for f in (sources.sentiment, sources.questions, sources.sms)).split()
     words += [w for language in LANGS for w in (sources.conversations / language / "talk.yml").read_text().split()]
-    # A bare encoder with no classification head and the sentence-transformers files that say it pools
-    # by the mean, like all-MiniLM-L6-v2; vocabulary 100.
     BertModel(BertConfig.from_pretrained(build_bert(tmp_path / "with_head"))).save_pretrained(sources.base_model)
     save_bert_tokenizer(sources.base_model, sorted(set(words))[:80])
     pooling = {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}
     (sources.base_model / "modules.json").write_text(json.dumps([pooling]))
     (sources.base_model / "1_Pooling").mkdir()
     (sources.base_model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return sources
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Data, four fine-tunes, the static merges, the sweeps and four learners on a tiny random BERT;
+    a second run reuses data and adapters."""
+    from lmerge.demo.pipeline import LEARNERS, STATIC, SWEEPS, run_demo
+
+    sources = tiny_demo_sources(tmp_path)
     catalog = write_catalog(tmp_path, LABELS)
     settings = {
         "catalog": catalog,
@@ -220,3 +230,59 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     again = run_demo(**settings)
     assert "cached adapter" in capsys.readouterr().out
     assert [r.name for r in again.results] == names
+
+
+# `lmerge demo` with the installed packages replaced by the sources written here (JSON, argv[1]).
+DEMO_ON_TINY_SOURCES = """
+import json, sys
+from pathlib import Path
+import lmerge.demo.sources as sources
+paths = json.loads(sys.argv[1])
+tiny = sources.DemoSources(**{k: tuple(v) if k == "languages" else Path(v) for k, v in paths.items()})
+sources.installed_sources = lambda: tiny
+from lmerge.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+# tqdm's bars, and Lightning's (rich), whose metric columns wrap onto indented lines below it.
+PROGRESS_BAR = re.compile(r"\d+%\|| \d+/\d+ \[|it/s\]|s/it\]|━")
+BAR_COLUMNS = " " * 20
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal keeps of ``text``, progress bars left out: each line as its last
+    carriage return leaves it."""
+    kept, in_bar = [], False
+    for line in (line.rsplit("\r", 1)[-1] for line in text.split("\n")):
+        in_bar = bool(PROGRESS_BAR.search(line)) or (in_bar and line.startswith(BAR_COLUMNS))
+        if not in_bar:
+            kept.append(line)
+    return kept
+
+
+@pytest.mark.slow
+def test_the_demos_console_fits_on_one_screen(tmp_path):
+    """`lmerge demo` as a user runs it (a fresh process, the libraries as chatty as they are):
+    lmerge's steps and results, nothing of Lightning's, transformers' or the warnings of
+    dependencies, and one screen apart from progress bars."""
+    from test_console import LIBRARY_LINES
+
+    sources = tiny_demo_sources(tmp_path, copies=120)  # langid keeps languages of 100 utterances
+    paths = {k: list(v) if k == "languages" else str(v) for k, v in vars(sources).items()}
+    argv = ["demo", "--catalog", str(write_catalog(tmp_path, LABELS)), "--output_dir", str(tmp_path / "out")]
+    argv += ["--logs_dir", str(tmp_path / "logs"), "--train_examples", "16", "--validation_examples", "4"]
+    argv += ["--test_examples", "4", "--eval_batch_size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # the test suite's own quieting, not lmerge's
+    run = subprocess.run(
+        [sys.executable, "-c", DEMO_ON_TINY_SOURCES, json.dumps(paths), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    console = screen(run.stdout) + screen(run.stderr)
+    assert [line for line in LIBRARY_LINES if any(line in shown for shown in console)] == []
+    assert "  report: " in run.stdout and "best learned: " in run.stdout
+    assert len([line for line in console if line.strip()]) <= 60, "\n".join(console)

@@ -18,14 +18,14 @@ import pytest
 from lmerge.__main__ import main
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import OutputError
-from lmerge.outputs import _HOST, append_index, run_bundle
+from lmerge.outputs import append_index, run_bundle
+from lmerge.outputs.bundles import _HOST
 
 # Runs ``lmerge`` with one write replaced by "write part of it, then SIGKILL ourselves": the
 # process dies at that exact point, with no handler, ``finally`` or atexit running.
 KILLED_WRITER = """
 import os, signal, sys
 import lmerge.merge.writers as save
-import lmerge.outputs as outputs
 point = sys.argv[1]
 real_save, real_replace = save.save_file, os.replace
 
@@ -43,7 +43,7 @@ def die_before_replacing_index(src, dst):
 if point == "save":
     save.save_file = save_half_then_die
 else:
-    outputs.os.replace = die_before_replacing_index
+    os.replace = die_before_replacing_index
 from lmerge.__main__ import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -165,7 +165,7 @@ def test_a_damaged_index_is_never_overwritten(tmp_path):
     index = tmp_path / "index.json"
     index.write_bytes(b'[{"merge_tag": "ties"}, {"merge_')
     with pytest.raises(OutputError, match="index.json: not a readable eval index"):
-        append_index(index, {"merge_tag": "dare"})
+        append_index(index, {"merge_tag": "dare"}, root=tmp_path)
     assert index.read_bytes() == b'[{"merge_tag": "ties"}, {"merge_'
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from lmerge.errors import OutputError
-from lmerge.outputs import append_index, run_bundle, safe_component, write_json_atomic
+from lmerge.outputs import append_index, link_atomic, run_bundle, safe_component, write_json_atomic
 
 APPENDER = """
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from lmerge.outputs import append_index
 path, worker = Path(sys.argv[1]), int(sys.argv[2])
 for i in range(25):
-    append_index(path, {"worker": worker, "i": i})
+    append_index(path, {"worker": worker, "i": i}, root=path.parent)
 """
 
 
@@ -32,24 +33,24 @@ def test_index_survives_eight_concurrent_writers(tmp_path):
 
 def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
-    write_json_atomic(target, {"version": 1})
+    write_json_atomic(target, {"version": 1}, root=tmp_path)
 
     def crash(fd):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("os.fsync", crash)
     with pytest.raises(OutputError, match="results.json: cannot be written"):
-        write_json_atomic(target, {"version": 2})
+        write_json_atomic(target, {"version": 2}, root=tmp_path)
     assert json.loads(target.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
 
 
 def test_index_append_keeps_history_when_a_write_fails(tmp_path, monkeypatch):
     index = tmp_path / "index.json"
-    append_index(index, {"n": 1})
+    append_index(index, {"n": 1}, root=tmp_path)
     monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OutputError):
-        append_index(index, {"n": 2})
+        append_index(index, {"n": 2}, root=tmp_path)
     assert json.loads(index.read_text()) == [{"n": 1}]
 
 
@@ -73,3 +74,19 @@ def test_runs_in_the_same_second_get_distinct_bundles(tmp_path):
 def test_unsafe_names_cannot_escape_the_output_root(name):
     with pytest.raises(OutputError, match="not a safe file name"):
         safe_component(name, "task")
+
+
+def test_a_link_is_replaced_not_followed_and_its_folder_stays_inside(tmp_path):
+    """A link that lmerge made to something outside the root (the demo's link to an installed
+    model) is pointed elsewhere on the next run; a link whose folder leads outside is refused."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "model").mkdir(parents=True)
+    link = root / "demo" / "base_model"
+    link_atomic(link, outside / "model", root=root)
+    link_atomic(link, outside / "other", root=root)
+    assert os.readlink(link) == os.path.relpath(outside / "other", link.parent)
+    assert sorted(p.name for p in outside.iterdir()) == ["model"]
+    (root / "escape").symlink_to(outside)
+    with pytest.raises(OutputError, match="outside the output root"):
+        link_atomic(root / "escape" / "base_model", outside / "model", root=root)
+    assert sorted(p.name for p in outside.iterdir()) == ["model"]

@@ -76,7 +76,7 @@ def test_the_demo_base_model_pools_by_the_mean():
 def head_dir(tmp_path: Path, pooling: str = "mean", labels=("a", "b"), features: int = 4) -> Path:
     weight, bias = torch.randn(len(labels), features), torch.randn(len(labels))
     tmp_path.mkdir(parents=True, exist_ok=True)
-    write_head(tmp_path, pooling, list(labels), weight, bias)
+    write_head(tmp_path, pooling, list(labels), weight, bias, root=tmp_path)
     return tmp_path
 
 
@@ -260,7 +260,7 @@ def test_a_plain_peft_feature_extraction_adapter_with_a_head_is_a_catalog_task(z
                 if "lora_B" in parameter_name:
                     parameter.normal_(0, 0.5)
         model.save_pretrained(tmp_path / name)
-        write_head(tmp_path / name, "mean", TOPICS, torch.randn(3, 32) * 3, torch.zeros(3))
+        write_head(tmp_path / name, "mean", TOPICS, torch.randn(3, 32) * 3, torch.zeros(3), root=tmp_path)
         entries[name] = {**alpha, "adapter": str(tmp_path / name)}
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump({"tasks": entries}))

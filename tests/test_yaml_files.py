@@ -3,6 +3,7 @@ files are refused quickly, with bounded memory, in one line naming the file (and
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tracemalloc
@@ -128,26 +129,44 @@ def test_json_is_read_strictly(tmp_path, text, expected):
     ],
     ids=["duplicate key", "alias bomb", "deep nesting"],
 )
-def test_every_verb_reads_configs_strictly(zoo, tasks, tmp_path, capsys, text, expected):
-    """``--config`` of merge and sweep, and catalogs, go through the strict reader."""
+def test_every_verb_reads_configs_strictly(zoo, tasks, tmp_path, capsys, monkeypatch, text, expected):
+    """``--config`` of merge, sweep and fit (which jsonargparse reads), and catalogs, go through
+    the strict reader: refused in one line, with bounded memory."""
     hostile = tmp_path / "hostile.yaml"
     hostile.write_text(text)
     out = tmp_path / "out"
     before = earlier_outputs(out)
+    monkeypatch.chdir(out)  # fit would write lightning_logs/ here
+    output = ["--output_dir", str(out)]
+    # What fit imports on first use is loaded now: the memory measured is the reading's alone.
+    importlib.import_module("lmerge.lightning_cli")
+    importlib.import_module("lightning.pytorch.cli")
+    importlib.import_module("lmerge.callbacks")
     for argv in (
-        ["merge", "--config", str(hostile)],
-        ["sweep", "--config", str(hostile)],
-        ["merge", "--adapters", "[alpha]", "--method", "ties", "--catalog", str(hostile)],
-        ["evaluate", "--catalog", str(hostile), "--eval_tasks", "[alpha]"],
+        ["merge", "--config", str(hostile), *output],
+        ["sweep", "--config", str(hostile), *output],
+        ["merge", "--adapters", "[alpha]", "--method", "ties", "--catalog", str(hostile), *output],
+        ["evaluate", "--catalog", str(hostile), "--eval_tasks", "[alpha]", *output],
+        ["fit", "--config", str(hostile)],
     ):
-        code = main([*argv, "--output_dir", str(out)])
+        tracemalloc.start()
+        try:
+            code = main(argv)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         assert_refused(code, capsys.readouterr().err, f"{hostile}: {expected}", out, before)
+        assert peak < 64 << 20, f"{argv[0]}: {peak} bytes"  # refused before anything is expanded
 
 
-def test_adapter_config_too_deep_is_one_line(zoo, tmp_path):
+def test_adapter_config_too_deep_is_one_line(zoo, tmp_path, capsys):
     path = Path(shutil.copytree(zoo["bert_a"], tmp_path / "deep"))
     config = json.loads((path / "adapter_config.json").read_text())
     text = json.dumps(config)[:-1] + ', "eva_config": ' + "[" * 5000 + "]" * 5000 + "}"
     (path / "adapter_config.json").write_text(text)
     with pytest.raises(AdapterError, match=r"deep/adapter_config.json: nested deeper than 64 levels"):
         LoraAdapter(path)
+    out = tmp_path / "out"
+    before = earlier_outputs(out)
+    code = main(["merge", "--adapters", f"[{path},{zoo['bert_b']}]", "--method", "ties", "--output_dir", str(out)])
+    assert_refused(code, capsys.readouterr().err, "deep/adapter_config.json: nested deeper than 64 levels", out, before)

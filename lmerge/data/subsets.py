@@ -151,7 +151,7 @@ def subset_indices(
         return [int(i) for i in cached["indices"]]
     indices = select_subset(labels, limit, **options)
     record = {"task": task, "split": split, "size": len(labels), "fingerprint": fingerprint, "config": parsed}
-    write_json_atomic(path, {**record, "indices": indices})
+    write_json_atomic(path, {**record, "indices": indices}, root=cache_dir)
     return indices
 
 

@@ -56,7 +56,7 @@ def prepare_data(
         counts = write_split_files(splits, files)
         labels = sorted({label for _, label in rows})
         manifests[name] = {**wanted, "examples": len(rows), "counts": counts, "labels": labels}
-        write_json_atomic(manifest_path, manifests[name])
+        write_json_atomic(manifest_path, manifests[name], root=manifest_path.parent)
         rebuilt.append(name)
     return manifests, rebuilt
 
@@ -101,4 +101,4 @@ def stale_adapters(catalog: Path, recipe: str) -> list[str]:
 def mark_recipe(catalog: Path, task: str, recipe: str) -> None:
     """Record beside ``task``'s freshly fine-tuned adapter the recipe it was trained with."""
     adapter = Path(load_catalog(catalog, require_adapter=False)[task]["adapter"])
-    write_json_atomic(adapter / RECIPE, {"finetune_sha256": recipe})
+    write_json_atomic(adapter / RECIPE, {"finetune_sha256": recipe}, root=adapter)

@@ -97,7 +97,7 @@ def run_demo(
 
     demo_dir = output_dir / "demo"
     base_model = demo_dir / "base_model"
-    link_atomic(base_model, sources.base_model)
+    link_atomic(base_model, sources.base_model, root=output_dir)
     step("fine-tune each task's LoRA adapter (configs/finetune.yaml)")
     recipe = recipe_digest(configs)
     stale = set(rebuilt) | set(stale_adapters(catalog, recipe))
@@ -141,9 +141,9 @@ def run_demo(
     table = text_table(results, metrics)
     specs = load_task_catalog(catalog)
     vectors = task_vector_stats([LoraAdapter(specs[task].adapter, name=task) for task in metrics], base_model)
-    write_json_atomic(demo_dir / "task_vectors.json", vectors.to_dict())
+    write_json_atomic(demo_dir / "task_vectors.json", vectors.to_dict(), root=output_dir)
     chart = demo_dir / "results.png"
-    write_bytes_atomic(chart, results_png(results, metrics, vectors))
+    write_bytes_atomic(chart, results_png(results, metrics, vectors), root=output_dir)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_rss_mb = usage.ru_maxrss / 1024
@@ -156,7 +156,7 @@ def run_demo(
     }
     report = demo_dir / "REPORT.md"
     write_report(report, results, metrics, data, chart, facts, vectors, alone)
-    write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results])
+    write_json_atomic(demo_dir / "results.json", [_as_json(r) for r in results], root=output_dir)
     return DemoOutcome(results, f"{table}\n\n{verdict(results)}", report, chart, seconds, peak_rss_mb)
 
 
@@ -171,7 +171,8 @@ class _Steps:
     def __call__(self, title: str) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.started
-        print(f"\n[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
+        # No blank line between steps: the demo's console fits on one screen, progress bars aside.
+        print(f"[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
 
 
 def _fit(command: list[str]) -> None:

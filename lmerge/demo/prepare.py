@@ -155,7 +155,8 @@ def write_split_files(splits: dict[str, list[Row]], files: dict[str, str]) -> di
         if split not in splits:
             raise ConfigError(f"demo: data file for unknown split {split!r}: {path}")
         records = [{"text": text, "label": label} for text, label in splits[split]]
-        write_bytes_atomic(path, json.dumps(records, ensure_ascii=False).encode())
+        # The catalog names where the data goes: each file's own folder is its root.
+        write_bytes_atomic(path, json.dumps(records, ensure_ascii=False).encode(), root=Path(path).parent)
         counts[split] = len(records)
     return counts
 

@@ -163,4 +163,4 @@ def write_report(
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     lines += ["", "## Outputs", ""]
     lines += [f"- {r.name}: `{r.detail}`" for r in results if r.detail and r.kind != "single"]
-    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode(), root=path.parent)

@@ -18,10 +18,11 @@ from torch import nn
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec, subset_namespace
 from lmerge.errors import ConfigError, unknown_name
+from lmerge.evaluation.baseline_key import baseline_key, key_digest
 from lmerge.evaluation.fold import WeightFolder
 from lmerge.evaluation.harness import HarnessConfig, HarnessScore, HarnessSuite
 from lmerge.metrics import get_metric, interference_delta, normalized
-from lmerge.outputs import single_metrics_path, subsets_dir, write_json_atomic
+from lmerge.outputs import check_inputs_outside, single_metrics_path, subsets_dir, write_json_atomic
 from lmerge.tasks.kinds import get_kind
 from lmerge.tasks.models import apply_head, load_model
 from lmerge.tasks.spec import SPLITS
@@ -128,6 +129,10 @@ class Evaluator:
         self.root = Path(output_root)
         self.eval_subset = eval_subset
         self.namespace = subset_namespace(eval_subset)
+        for task in tasks:
+            # Where each baseline goes, checked (names, the root) before anything loads.
+            single_metrics_path(self.root, task.name, split, self.namespace)
+        check_inputs_outside(self.root, [Path(t.adapter) for t in tasks if t.adapter])
         self.batch_size = batch_size
         self.base_model = base_model or self._base_from_adapters()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,11 +198,23 @@ class Evaluator:
         return self.score(task, head)
 
     def baseline(self, task: TaskSpec) -> dict[str, Any]:
-        """The task's own adapter alone on this split (cached per adapter, split and subset)."""
+        """The task's own adapter alone on this split, cached under a key of everything the
+        number depends on (:func:`lmerge.evaluation.baseline_key.baseline_key`): reused only
+        while all of it is unchanged."""
         adapter = self._adapter(task)
         cache = single_metrics_path(self.root, task.name, self.split, self.namespace)
+        cache_key = baseline_key(
+            task,
+            adapter,
+            base_model=self.base_model,
+            split=self.split,
+            eval_subset=self.eval_subset,
+            precision=self.precision,
+            device=self.device.type,
+            kind=str(self.kind),
+        )
         cached = _read_record(cache)
-        if cached and _cache_key(cached) == (adapter.sha256, task.metric, self.precision, str(self.kind)):
+        if cached and cached.get("key_sha256") == key_digest(cache_key):
             return cached
         self.data(task)  # a missing split or column is reported before the model loads
         with self.folded(adapter):
@@ -214,8 +231,10 @@ class Evaluator:
             "value": score.value,
             "examples": score.examples,
             "predicted": score.predicted,
+            "key_sha256": key_digest(cache_key),
+            "key": cache_key,
         }
-        write_json_atomic(cache, record)
+        write_json_atomic(cache, record, root=self.root)
         return record
 
     def evaluate(self, heads: dict[str, dict[str, torch.Tensor]] | None = None) -> Evaluation:
@@ -250,7 +269,10 @@ class Evaluator:
 
     def prepare_baselines(self, adapters: list[LoraAdapter] | None = None) -> None:
         """Compute (or read from the cache) every task's baseline, before any merge is folded; with
-        harness tasks, each of ``adapters`` alone on them (default: the catalog tasks' adapters)."""
+        harness tasks, each of ``adapters`` alone on them (default: the catalog tasks' adapters).
+        Every task's data is checked (split, columns) before the first baseline is written."""
+        for task in self.tasks:
+            self.data(task)
         self._baselines = {task.name: self.baseline(task) for task in self.tasks if task.adapter}
         if self.harness:
             if adapters is None:
@@ -298,17 +320,6 @@ class Evaluator:
                 if base:
                     return base
         raise ConfigError("eval_tasks: no task adapter names its base model (base_model_name_or_path)")
-
-
-def _cache_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What a cached baseline must match to be reused (records from before precisions were
-    recorded were computed in float32; those from before poolings are computed again)."""
-    return (
-        record.get("adapter_sha256"),
-        record.get("metric"),
-        record.get("precision", "32-true"),
-        record.get("task_kind"),
-    )
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
+from lmerge.evaluation.baseline_key import SCORING_VERSION, config_digest, model_fingerprint
 from lmerge.outputs import single_metrics_path, write_json_atomic
 
 HARNESS_SOURCE = "eval_harness"
@@ -174,7 +175,7 @@ class HarnessSuite:
                 computed = self.score(model, missing)
             for task, score in computed.items():
                 record = {"harness_task": task, "adapter": str(adapter.path), "key": key, **asdict(score)}
-                write_json_atomic(self._cache_path(task, adapter), record)
+                write_json_atomic(self._cache_path(task, adapter), record, root=self.root)
             scores.update(computed)
         return scores
 
@@ -222,7 +223,17 @@ class HarnessSuite:
         from importlib.metadata import version
 
         settings = self.config.settings()
-        return {"adapter_sha256": adapter.sha256, "precision": self.precision, "lm_eval": version("lm_eval")} | settings
+        # Beside the harness's own settings, what the number depends on that baseline caches key on too.
+        identity = {
+            "adapter_config_sha256": config_digest(adapter.config),
+            "base_model": model_fingerprint(self.base_model),
+            "scoring_version": SCORING_VERSION,
+        }
+        return (
+            {"adapter_sha256": adapter.sha256, "precision": self.precision, "lm_eval": version("lm_eval")}
+            | settings
+            | identity
+        )
 
     def _cache_path(self, task: str, adapter: LoraAdapter) -> Path:
         return single_metrics_path(self.root, task, _CACHE_SPLIT, adapter.name)

@@ -3,6 +3,7 @@ LoRA directory), or each task's own adapter alone."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,9 @@ from lmerge.adapters.lora import HEADS_DIR, LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.errors import ConfigError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
-from lmerge.evaluation.record import record_evaluation, results_name
-from lmerge.outputs import safe_component, write_json_atomic
+from lmerge.evaluation.record import plan_views, record_evaluation
+from lmerge.outputs import check_inputs_outside, safe_component
+from lmerge.yaml_files import read_json
 
 
 @dataclass
@@ -32,7 +34,8 @@ def evaluate_saved_adapter(
     task's head from the adapter's ``heads/`` when it has one, else from the task's adapter.
 
     A run bundle is recorded under its own method and adapters; another directory under
-    ``merged/adapter/<directory name>``.
+    ``merged/adapter/<directory name>``. The adapter's directory is an input: nothing is
+    written into it; the results go under the output root only.
     """
     path = Path(path)
     adapter = LoraAdapter(path)
@@ -40,24 +43,26 @@ def evaluate_saved_adapter(
     metadata = _read_metadata(metadata_file) if metadata_file.is_file() else {"method": "adapter"}
     names = [a["name"] for a in metadata.get("adapters", [])] or [safe_component(path.resolve().name, "adapter")]
     tag = safe_component(tag or metadata.get("tag", names[0]), "tag")
-    heads = _heads(path, evaluator.tasks)  # read (and checked) before anything is computed or written
+    method = safe_component(metadata["method"], "method")
+    # Everything is read and checked before anything is computed or written.
+    check_inputs_outside(output_root, [path])
+    heads = _heads(path, evaluator.tasks)
+    planned = Evaluation(evaluator.split, evaluator.namespace, {task.name: {} for task in evaluator.tasks})
+    plan_views(output_root, method, names, tag, planned)
     evaluator.prepare_baselines(_merged_adapters(metadata) if evaluator.harness else None)
     with evaluator.folded(adapter):
         evaluation = evaluator.evaluate(heads)
-    if metadata_file.is_file():
-        write_json_atomic(path / results_name(evaluation.split, evaluation.namespace), evaluation.to_dict())
-    recorded = record_evaluation(
-        output_root, metadata["method"], names, tag, evaluation, metadata, path if metadata_file.is_file() else None
-    )
+    views = plan_views(output_root, method, names, tag, evaluation)
+    identity = [adapter.sha256, adapter.config, tag, evaluation.split, evaluation.namespace, list(evaluation.tasks)]
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run_dir = path if metadata_file.is_file() else None
+    recorded = record_evaluation(views, metadata, names, run_dir, run_id)
     return SavedEvaluation(evaluation, tag, recorded)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
-    """A run bundle's ``merge_metadata.json``, checked to name its method and adapters."""
-    try:
-        metadata = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+    """A run bundle's ``merge_metadata.json`` (read strictly), checked to name its method and adapters."""
+    metadata = read_json(path, "merge metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("method"), str):
         raise ConfigError(f"{path}: not an lmerge merge_metadata.json (no 'method')")
     adapters = metadata.get("adapters", [])

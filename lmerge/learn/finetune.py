@@ -4,7 +4,6 @@ demo's benchmark)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmerge.errors import ConfigError
-from lmerge.outputs import staged_dir
+from lmerge.outputs import remove_tree, rename, staged_dir
 from lmerge.tasks.models import load_model
 from lmerge.tasks.spec import catalog_tasks
 
@@ -131,12 +130,13 @@ class LoraFinetune(LightningModule):
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter (and head) in PEFT format, replacing ``path`` only once complete."""
         path = Path(path)
+        root = path.parent  # the folder the user named the adapter in: nothing is written outside it
         previous = path.with_name(f".{path.name}.previous")
-        with staged_dir(path.parent, lambda: path) as staged:
+        with staged_dir(root, lambda taken: path, root=root) as staged:
             self.model.save_pretrained(staged.work)
             self.kind.save_head(self.model, self.spec, staged.work)
             if path.exists():
                 # The old adapter stays until the new one is whole; then the two renames swap them.
-                path.rename(previous)
-        shutil.rmtree(previous, ignore_errors=True)
+                rename(path, previous, root=root)
+        remove_tree(previous, root=root)
         return path

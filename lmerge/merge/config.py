@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmerge.errors import ConfigError
+from lmerge.errors import ConfigError, did_you_mean
 from lmerge.evaluation.harness import HarnessConfig
 from lmerge.outputs import DEFAULT_OUTPUT_DIR
 from lmerge.yaml_files import read_yaml
@@ -104,7 +104,9 @@ def optimizer_spec(optimizer: str | dict[str, Any] | None) -> tuple[str, dict[st
         raise ConfigError("optimizer: expected a name or {name: ..., params: {...}}")
     extra = sorted(set(optimizer) - {"name", "params"})
     if extra:
-        raise ConfigError(f"optimizer.{extra[0]}: unknown key (valid: name, params)")
+        raise ConfigError(
+            f"optimizer.{extra[0]}: unknown key{did_you_mean(extra[0], ['name', 'params'])} (valid: name, params)"
+        )
     return optimizer["name"], dict(optimizer.get("params") or {})
 
 
@@ -158,7 +160,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None = No
     unknown = sorted(set(data) - names)
     where = f"{source}: " if source else ""
     if unknown:
-        raise ConfigError(f"{where}{prefix}{unknown[0]}: unknown key (valid: {', '.join(sorted(names))})")
+        hint = did_you_mean(unknown[0], names)
+        raise ConfigError(f"{where}{prefix}{unknown[0]}: unknown key{hint} (valid: {', '.join(sorted(names))})")
     missing = [
         f.name
         for f in dataclasses.fields(cls)

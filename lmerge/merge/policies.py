@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lmerge.errors import ConfigError, unknown_name
+from lmerge.errors import ConfigError, did_you_mean, unknown_name
 from lmerge.methods.registry import MergeMethod
 
 LambdaFn = Callable[[int | None], float | None]
@@ -72,7 +72,8 @@ def policy_spec(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
     extra = sorted(set(spec) - _KEYS[spec["type"]])
     if extra:
         valid = ", ".join(sorted(_KEYS[spec["type"]]))
-        raise ConfigError(f"lambda_policy.{extra[0]}: not a key of the {spec['type']} policy (valid: {valid})")
+        hint = did_you_mean(extra[0], _KEYS[spec["type"]])
+        raise ConfigError(f"lambda_policy.{extra[0]}: not a key of the {spec['type']} policy{hint} (valid: {valid})")
     return spec
 
 

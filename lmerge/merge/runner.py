@@ -19,9 +19,10 @@ import torch
 
 from lmerge.adapters.align import align_keys, check_base, check_compatible
 from lmerge.adapters.lora import LoraAdapter, all_finite
+from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
-from lmerge.evaluation.record import record_evaluation, results_name
+from lmerge.evaluation.record import index_entry, plan_views, results_name
 from lmerge.layers import layer_index
 from lmerge.merge.config import MergeConfig
 from lmerge.merge.engine import MergedModule, factor_norm, merge_modules, scaled_factors
@@ -29,7 +30,15 @@ from lmerge.merge.policies import build_policy, overridden_layers, policy_spec
 from lmerge.merge.transforms import parse_transforms
 from lmerge.merge.writers import writer_for
 from lmerge.methods import MergeMethod, get_method
-from lmerge.outputs import run_bundle, safe_component, write_json_atomic
+from lmerge.outputs import (
+    check_folder,
+    check_inputs_outside,
+    check_output_root,
+    merged_dir,
+    run_bundle,
+    safe_component,
+    write_json_atomic,
+)
 from lmerge.tasks.resolve import resolve_adapters
 from lmerge.tasks.spec import catalog_tasks
 
@@ -51,16 +60,29 @@ class MergeResult:
     evaluation: Evaluation | None = field(default=None, repr=False)
 
 
-def merge_to_bundle(
-    config: MergeConfig, evaluator: Evaluator | None = None, learned: dict[str, Any] | None = None
-) -> MergeResult:
-    """Resolve adapters, normalize parameters, transform, merge module by module, save, and
-    write the run bundle (``learned``: how an optimizer found ``method_params``, for the metadata;
-    :func:`lmerge.pipeline.run_merge` runs the optimizer). ``evaluator``: one already prepared
-    for ``config.eval_tasks`` (a sweep reuses one, so the base model loads once); default: a new
-    one when the config evaluates.
-    Raises :class:`lmerge.errors.LMergeError` on any bad input."""
-    started = time.perf_counter()
+@dataclass
+class PreparedMerge:
+    """A merge config checked against its adapters: everything a merge needs before it runs."""
+
+    method: MergeMethod
+    adapters: list[LoraAdapter]
+    params: dict[str, Any]
+    lambda_fn: Callable[[str], float]
+    transforms: list[Any]
+    tag: str
+    keys: list[str]
+    dropped: dict[str, list[str]]
+    unchecked: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+
+def prepare_merge(config: MergeConfig) -> PreparedMerge:
+    """Check the whole config against its adapters (method, parameters, lambda policy,
+    transforms, tag, keys, layers, and the paths its evaluation will be written to) without
+    writing anything. Raises :class:`lmerge.errors.LMergeError` on any bad input."""
     method = get_method(config.method)
     if config.save.format != "none" and not method.saveable:
         raise MethodError(f"method {method.name!r} cannot be saved; use save.format none")
@@ -74,23 +96,61 @@ def merge_to_bundle(
     unchecked = check_base(adapters, config.save.base_model)
     _check_layers("lambda_policy.overrides", overridden_layers(config.lambda_policy), keys)
     _check_layers("method_params.layer_weights", set(params.get("layer_weights") or ()), keys)
-    scales = _transform_scales(adapters, keys, transforms)
+    prepared = PreparedMerge(method, adapters, params, lambda_fn, transforms, tag, keys, dropped, unchecked)
+    check_output_root(config.output_dir)
+    check_inputs_outside(config.output_dir, [a.path for a in adapters])
+    check_folder(config.output_dir, merged_dir(config.output_dir, method.name, prepared.names) / "runs")
+    if config.eval_tasks:
+        # The names the evaluation will be recorded under, checked before any work is done.
+        planned = Evaluation(config.split, subset_namespace(config.eval_subset), dict.fromkeys(config.eval_tasks))
+        plan_views(config.output_dir, method.name, prepared.names, tag, planned)
+    return prepared
+
+
+def check_settings(config: MergeConfig) -> None:
+    """Check what of a merge config does not depend on its method parameters (transforms, lambda
+    policy, tag, output root, adapters, evaluation settings and tasks), for a config whose
+    parameters a learner has yet to find."""
+    parse_transforms(config.transforms)
+    policy_spec(config.lambda_policy)
+    if config.tag:
+        safe_component(config.tag, "tag")
+    check_output_root(config.output_dir)
+    adapters = resolve_adapters(config.adapters, config.catalog)
+    check_inputs_outside(config.output_dir, [a.path for a in adapters])
+    if config.eval_tasks or config.eval_harness:
+        evaluator_for(config, adapters, baselines=False)
+
+
+def merge_to_bundle(
+    config: MergeConfig, evaluator: Evaluator | None = None, learned: dict[str, Any] | None = None
+) -> MergeResult:
+    """Check the config (:func:`prepare_merge`), transform, merge module by module, save, and
+    commit the run bundle with its index entry (``learned``: how an optimizer found
+    ``method_params``, for the metadata; :func:`lmerge.pipeline.run_merge` runs the optimizer).
+    ``evaluator``: one already prepared for ``config.eval_tasks`` (a sweep reuses one, so the base
+    model loads once); default: a new one when the config evaluates.
+    Raises :class:`lmerge.errors.LMergeError` on any bad input."""
+    started = time.perf_counter()
+    merge = prepare_merge(config)
+    method, adapters, params, names, root = merge.method, merge.adapters, merge.params, merge.names, config.output_dir
+    scales = _transform_scales(adapters, merge.keys, merge.transforms)
     if evaluator is None and (config.eval_tasks or config.eval_harness):
         evaluator = evaluator_for(config, adapters)
-    names = [a.name for a in adapters]
+    run_id = _run_id(config, adapters, params, learned)
 
     evaluation = None
     limit = _largest_saved(config.save.format, adapters)
-    with run_bundle(config.output_dir, method.name, names) as bundle:
+    with run_bundle(root, method.name, names, run_id) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
         prepare = _checked(writer.prepare, limit)
-        for module in merge_modules(adapters, keys, method, params, lambda_fn, scales, prepare):
+        for module in merge_modules(adapters, merge.keys, method, params, merge.lambda_fn, scales, prepare):
             for each in writers:
                 each.add(module)
         saved = writer.write(bundle.work)
-        meta = _metadata(config, method, params, tag, adapters, keys, dropped, saved, started)
-        meta["optimizer"] = learned
+        meta = _metadata(config, method, params, merge.tag, adapters, merge.keys, merge.dropped, saved, started)
+        meta.update(optimizer=learned, run_id=run_id)
         summary = _summary(meta)
         if evaluator:
             try:
@@ -98,19 +158,41 @@ def merge_to_bundle(
             finally:
                 writers[1].restore()
             summary["evaluation"] = evaluation.to_dict()
-            write_json_atomic(bundle.work / results_name(evaluation.split, evaluation.namespace), evaluation.to_dict())
-        write_json_atomic(bundle.work / "merge_metadata.json", meta)
-        write_json_atomic(bundle.work / "summary.json", summary)
-    if evaluation:
-        record_evaluation(config.output_dir, method.name, names, tag, evaluation, meta, bundle.final)
-    if unchecked:
-        warnings.warn(unchecked, stacklevel=2)  # after the merge: an error stays the only line
-    return MergeResult(method.name, params, tag, bundle.final, meta, saved, evaluation)
+            results = results_name(evaluation.split, evaluation.namespace)
+            write_json_atomic(bundle.work / results, evaluation.to_dict(), root=root)
+            views = plan_views(root, method.name, names, merge.tag, evaluation)
+            bundle.record(
+                views.index,
+                lambda final: index_entry(views, meta, names, final, run_id, final / results),  # noqa: B023
+                lambda _: views.write(),  # noqa: B023
+            )
+        write_json_atomic(bundle.work / "merge_metadata.json", meta, root=root)
+        write_json_atomic(bundle.work / "summary.json", summary, root=root)
+    if merge.unchecked:
+        warnings.warn(merge.unchecked, stacklevel=2)  # after the merge: an error stays the only line
+    return MergeResult(method.name, params, merge.tag, bundle.final, meta, saved, evaluation)
 
 
-def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator:
-    """An evaluator for the config's ``eval_tasks`` and ``eval_harness``, baselines already computed
-    (or cached): each task's own adapter on its task, each of ``adapters`` on the harness tasks."""
+def _run_id(config: MergeConfig, adapters: list[LoraAdapter], params: dict[str, Any], learned: Any) -> str:
+    """The run's identity across retries: a digest of its config, its adapters' weights and what
+    a learner found (a killed run retried with the same command takes over its own index entry)."""
+    identity = {
+        "config": asdict(config),
+        "adapters": [(a.name, a.sha256, _config_digest(a)) for a in adapters],
+        "params": params,
+        "learned": learned,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_digest(adapter: LoraAdapter) -> str:
+    return hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter], baselines: bool = True) -> Evaluator:
+    """An evaluator for the config's ``eval_tasks`` and ``eval_harness`` (its settings checked),
+    with the baselines computed (or read from the cache) unless ``baselines`` is false: each task's
+    own adapter on its task, each of ``adapters`` on the harness tasks."""
     evaluator = Evaluator(
         catalog_tasks(config.catalog, config.eval_tasks) if config.eval_tasks else [],
         config.split,
@@ -121,7 +203,8 @@ def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter]) -> Evaluator
         precision=config.eval_precision,
         harness=config.eval_harness,
     )
-    evaluator.prepare_baselines(adapters)
+    if baselines:
+        evaluator.prepare_baselines(adapters)
     return evaluator
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmerge.errors import ConfigError, unknown_name
+from lmerge.errors import ConfigError, did_you_mean, unknown_name
 from lmerge.layers import layer_index
 
 Norms = Mapping[tuple[int, str], float]
@@ -74,7 +74,9 @@ def parse_transforms(specs: list[Any] | None) -> list[tuple[Transform, dict[str,
             raise ConfigError(f"{where}: expected a name or {{name: ..., params: {{...}}}}")
         extra = sorted(set(spec) - {"name", "params"})
         if extra:
-            raise ConfigError(f"{where}.{extra[0]}: unknown key (valid: name, params)")
+            raise ConfigError(
+                f"{where}.{extra[0]}: unknown key{did_you_mean(extra[0], ['name', 'params'])} (valid: name, params)"
+            )
         if spec["name"] not in TRANSFORMS:
             raise ConfigError(f"{where}.name: " + unknown_name("transform", spec["name"], list(TRANSFORMS)))
         transform = TRANSFORMS[spec["name"]]
@@ -86,7 +88,8 @@ def _params(transform: Transform, given: dict[str, Any], where: str) -> dict[str
     unknown = sorted(set(given) - set(transform.defaults))
     if unknown:
         valid = ", ".join(transform.defaults) or "none"
-        raise ConfigError(f"{where}.params.{unknown[0]}: not a parameter of {transform.name} (valid: {valid})")
+        hint = did_you_mean(unknown[0], transform.defaults)
+        raise ConfigError(f"{where}.params.{unknown[0]}: not a parameter of {transform.name}{hint} (valid: {valid})")
     params = dict(transform.defaults)
     for name, value in given.items():
         default = transform.defaults[name]

@@ -171,7 +171,7 @@ def write_heads(adapters: list[LoraAdapter], out: Path) -> list[str]:
             (out / HEADS_DIR).mkdir(exist_ok=True)
             state = head.state
             paths = write_head(
-                out / HEADS_DIR, head.pooling, head.label_names, state["weight"], state["bias"], adapter.name
+                out / HEADS_DIR, head.pooling, head.label_names, state["weight"], state["bias"], adapter.name, root=out
             )
             written += [str(path.relative_to(out)) for path in paths]
             continue

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmerge.errors import MethodError, unknown_name
+from lmerge.errors import MethodError, did_you_mean, unknown_name
 
 
 class Kind(str, enum.Enum):
@@ -94,7 +94,10 @@ class MergeMethod:
         unknown = sorted(set(given) - set(self.param_names))
         if unknown:
             valid = ", ".join(self.param_names) or "none"
-            raise MethodError(f"method_params.{unknown[0]}: not a parameter of method {self.name!r} (valid: {valid})")
+            hint = did_you_mean(unknown[0], self.param_names)
+            raise MethodError(
+                f"method_params.{unknown[0]}: not a parameter of method {self.name!r}{hint} (valid: {valid})"
+            )
         missing = [name for name in self.required if name not in given]
         if missing:
             raise MethodError(f"method_params.{missing[0]} is required by method {self.name!r}")

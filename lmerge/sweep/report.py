@@ -15,9 +15,10 @@ from lmerge.sweep.config import SweepConfig
 from lmerge.sweep.ranking import rank_key
 
 
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """``sweep_<timestamp>.json``: identity, search config, every point and the best one."""
-    write_json_atomic(path, summary)
+def write_summary(path: Path, summary: dict[str, Any], root: str | Path) -> None:
+    """``sweep_<timestamp>.json`` (inside the output root ``root``): identity, search config,
+    every point and the best one."""
+    write_json_atomic(path, summary, root=root)
 
 
 def table(points: list[dict[str, Any]], names: list[str]) -> str:
@@ -36,7 +37,7 @@ def table(points: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, points: list[dict[str, Any]], names: list[str]) -> None:
+def plot(path: Path, points: list[dict[str, Any]], names: list[str], root: str | Path) -> None:
     """A PNG with one panel per swept parameter: the score and each task's delta against it."""
     import matplotlib
 
@@ -65,7 +66,7 @@ def plot(path: Path, points: list[dict[str, Any]], names: list[str]) -> None:
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue(), root=root)
 
 
 def best_merge_config(config: SweepConfig, best: dict[str, Any], path: Path) -> str:
@@ -93,7 +94,7 @@ def best_merge_config(config: SweepConfig, best: dict[str, Any], path: Path) -> 
         f"average delta {best['average_delta']:+.4f}.\n"
     )
     text += yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    write_bytes_atomic(path, text.encode())
+    write_bytes_atomic(path, text.encode(), root=config.output_dir)
     return text
 
 

@@ -15,17 +15,18 @@ from typing import Any
 
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, LMergeError
+from lmerge.evaluation.baseline_key import scores_fingerprint
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.config import MergeConfig
-from lmerge.merge.runner import evaluator_for, merge_to_bundle
+from lmerge.merge.runner import evaluator_for, merge_to_bundle, prepare_merge
 from lmerge.methods import get_method
-from lmerge.outputs import check_output_root, inside_root, merged_dir
+from lmerge.outputs import inside_root, merged_dir
 from lmerge.sweep import report
 from lmerge.sweep.config import SweepConfig
 from lmerge.sweep.ranking import best_point, point_scores, rank_key
 from lmerge.sweep.search import SearchConfig
 from lmerge.sweep.space import Space, build_space
-from lmerge.sweep.study import SweepStudy, connect_database, journal_storage
+from lmerge.sweep.study import SweepStudy, connect_database, journal_file, journal_storage
 from lmerge.sweep.warm_start import warm_points
 from lmerge.tasks.resolve import resolve_adapters
 
@@ -72,6 +73,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
             method.normalize_params({**config.method_params, **probe}, len(adapters))
         except LMergeError as exc:
             raise ConfigError(f"search: point {probe} is not valid for {method.name}: {exc}") from None
+    # The whole merge (transforms, lambda policy, layers, output names) at every bound of the
+    # space, before the first byte of the sweep is written.
+    for probe in space.probes or [{}]:
+        prepare_merge(config.merge_config({**config.method_params, **probe}))
     identity = {
         "method": method.name,
         "adapters": names,
@@ -86,13 +91,21 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepResult:
         identity["eval_harness"] = dataclasses.asdict(config.eval_harness)
     if config.rank_by != "all":
         identity["rank_by"] = config.rank_by
+    evaluator = evaluator_for(config, adapters, baselines=False)
+    # What the points' scores were measured on, by content: a sweep resumed or warm-started after
+    # an adapter, a task's data or the base model changed measures its points again.
+    identity["inputs"] = scores_fingerprint(
+        evaluator.tasks, adapters, base_model=evaluator.base_model, precision=config.eval_precision
+    )
     warm = warm_points(config.search, identity, space, fixed)
-    directory = sweep_dir(check_output_root(config.output_dir), method.name, names)
+    directory = sweep_dir(config.output_dir, method.name, names)
     name = study_name(config, identity, fixed)
     database = connect_database(config.storage)
-    evaluator = evaluator_for(config, adapters)
-    storage = database or journal_storage(config.storage, directory / f"{name}.journal")
-    study = SweepStudy(directory, name, storage, space)
+    journal = None if database else journal_file(config.storage, directory / f"{name}.journal", config.output_dir)
+    # Checked and connected: from here on the sweep writes (baselines, its journal, its locks).
+    evaluator.prepare_baselines(adapters)
+    storage = database or journal_storage(journal, None if config.storage else config.output_dir)
+    study = SweepStudy(directory, name, storage, space, config.output_dir)
     try:
         warmed = study.seed(warm)
         if warm:
@@ -224,7 +237,7 @@ def _write(
     swept = space.names
     plot_path = path.with_suffix(".png") if points else None
     if plot_path:
-        report.plot(plot_path, points, swept)
+        report.plot(plot_path, points, swept, config.output_dir)
     best_config = path.with_name(path.stem + "_best.yaml") if best else None
     if best_config:
         report.best_merge_config(config, best, best_config)
@@ -244,7 +257,7 @@ def _write(
         "plot": str(plot_path) if plot_path else None,
         "best_config": str(best_config) if best_config else None,
     }
-    report.write_summary(path, summary)
+    report.write_summary(path, summary, config.output_dir)
     return SweepResult(points, best, path, plot_path, best_config, evaluated, swept)
 
 

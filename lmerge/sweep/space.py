@@ -14,7 +14,7 @@ import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler, GPSampler, GridSampler
 
-from lmerge.errors import ConfigError
+from lmerge.errors import ConfigError, did_you_mean
 from lmerge.methods import MergeMethod
 from lmerge.sweep.search import SearchConfig
 
@@ -191,7 +191,8 @@ def _distribution(spec: Any, key: str, nonnegative: bool) -> BaseDistribution:
 def _check_name(name: str, method: MergeMethod, key: str) -> None:
     if name not in method.param_names:
         valid = ", ".join(method.param_names) or "none"
-        raise ConfigError(f"{key}: not a parameter of method {method.name!r} (valid: {valid})")
+        hint = did_you_mean(name, method.param_names)
+        raise ConfigError(f"{key}: not a parameter of method {method.name!r}{hint} (valid: {valid})")
 
 
 def _negative(value: Any) -> bool:

@@ -11,9 +11,9 @@ happens under the lock too.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
+import re
 import socket
 import uuid
 import warnings
@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from lmerge.errors import ConfigError
+from lmerge.outputs import file_lock, inside_root, make_dirs, open_lock_file, remove_file, safe_component
 from lmerge.sweep.space import Space
 
 WORKER_ATTR = "lmerge_worker"
@@ -35,48 +35,58 @@ POINT_ATTR = "lmerge_point"
 WARM_ATTR = "lmerge_warm_start"
 REPEAT_ATTR = "lmerge_repeat_of"
 _ACTIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+# host@pid@token: what a worker id must look like before it becomes part of a lock file's name (the
+# ids come from the shared storage, which another process or a person may have written).
+_WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*@\d+@[0-9a-f]{8}$")
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).lstrip(".-") or "host"
 
 # Optuna's own notes (a missing optional package, each finished trial) would drown the sweep's output.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 class Worker:
-    """This process's liveness token: an exclusive lock on ``<directory>/<id>.lock``, released
-    by the operating system when the process ends, however it ends."""
+    """This process's liveness token: an exclusive lock on ``<directory>/<id>.lock`` (inside the
+    output root ``root``), released by the operating system when the process ends, however it ends."""
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.id = f"{socket.gethostname()}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
+    def __init__(self, directory: Path, root: str | Path) -> None:
+        self.id = f"{_HOST}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
         self.directory = directory
-        self._path = directory / f"{self.id}.lock"
-        self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o644)
+        self.root = root
+        self._path = self._lock_path(self.id)
+        self._fd = open_lock_file(self._path, root=root)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def _lock_path(self, worker_id: str) -> Path:
+        if not isinstance(worker_id, str) or not _WORKER_ID.match(worker_id):
+            raise ConfigError(
+                f"sweep storage: a trial names the worker {worker_id!r}, not an lmerge worker id "
+                "(host@pid@token); the storage was changed by something other than lmerge"
+            )
+        return inside_root(self.root, self.directory / f"{worker_id}.lock")
 
     def alive(self, worker_id: str) -> bool:
         """Whether the worker ``worker_id`` still runs. Without its lock file here (a shared
         ``--storage`` used from another output directory or machine), a worker of this machine is
         alive while its process id is, and one of another machine counts as alive: only its own
         machine can tell."""
-        path = self.directory / f"{worker_id}.lock"
+        path = self._lock_path(worker_id)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             host, pid, _ = worker_id.split("@")
-            return host != socket.gethostname() or _process_exists(int(pid))
+            return host != _HOST or _process_exists(int(pid))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         finally:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_file(path, root=self.root)
         return False
 
     def close(self) -> None:
         """Give up the token (the process is done with the study)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        remove_file(self._path, root=self.root)
         os.close(self._fd)
 
 
@@ -102,19 +112,38 @@ def connect_database(storage: str | None) -> RDBStorage | None:
         raise ConfigError(f"storage {storage}: cannot be opened ({' '.join(str(exc).split())[:200]})") from None
 
 
-def journal_storage(storage: str | None, default_journal: Path) -> JournalStorage:
-    """The journal file ``storage`` names, or the sweep's own (Optuna's multi-process file storage)."""
-    path = Path(storage) if storage else default_journal
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+def journal_file(storage: str | None, default_journal: Path, root: str | Path) -> Path:
+    """The journal file ``storage`` names (its folder must exist), or the sweep's own inside the
+    output root ``root``; checked, not created."""
+    if not storage:
+        return inside_root(root, default_journal)
+    path = Path(storage)
+    if path.is_dir():
+        raise ConfigError(f"storage {storage}: is a directory; name a journal file or a database URL")
+    if not path.parent.is_dir():
+        raise ConfigError(f"storage {storage}: folder {path.parent} does not exist")
+    return path
+
+
+def journal_storage(path: Path, own_root: str | Path | None) -> JournalStorage:
+    """Optuna's multi-process file storage in the journal file ``path``; ``own_root``: the output
+    root of a sweep's own journal, whose folder is made there (a named one's folder exists)."""
+    if own_root is not None:
+        make_dirs(path.parent, root=own_root)
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise ConfigError(f"storage {path}: cannot be opened ({exc.strerror or exc})") from None
 
 
 class SweepStudy:
     """One sweep's study, shared by every worker that opens it with the same name and storage."""
 
-    def __init__(self, directory: Path, name: str, storage: RDBStorage | JournalStorage, space: Space) -> None:
+    def __init__(
+        self, directory: Path, name: str, storage: RDBStorage | JournalStorage, space: Space, root: str | Path
+    ) -> None:
         self.space = space
-        self.lock = FileLock(str(directory / f"{name}.lock"))
+        self.lock = file_lock(directory / f"{safe_component(name, 'study name')}.lock", root=root)
         self.storage = storage
         with self.lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -125,7 +154,7 @@ class SweepStudy:
                 load_if_exists=True,
                 sampler=space.make_sampler(0),
             )
-        self.worker = Worker(directory / "workers")
+        self.worker = Worker(directory / "workers", root)
 
     # ---- setting up ---------------------------------------------------------------------------------
     def seed(self, warm: list[tuple[dict[str, Any], float, dict[str, Any]]]) -> int:

@@ -1,10 +1,12 @@
 """Warm start: earlier sweep results fed to a new sweep without evaluating them again, when they
-were measured the same way (same method, adapters, merge mode, split, tasks, subset and constraint)."""
+were measured the same way (same method, adapters, merge mode, split, tasks, subset and constraint)
+on the same inputs (the adapters', the tasks' data and the base model's content: ``inputs``)."""
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from lmerge.sweep.ranking import rank_key
 from lmerge.sweep.search import SearchConfig
 from lmerge.sweep.space import Space, same_value
 from lmerge.sweep.study import POINT_ATTR, WARM_ATTR
+from lmerge.yaml_files import read_json
 
 WarmPoint = tuple[dict[str, Any], float, dict[str, Any]]
 
@@ -49,8 +52,9 @@ def warm_points(search: SearchConfig, identity: dict[str, Any], space: Space, fi
             _note(f"warm start {path}: skipped: {reason}")
             continue
         outside = 0
-        for point in summary.get("points", []):
-            swept = _fit(point.get("params", {}), space, fixed)
+        for number, point in enumerate(summary["points"]):
+            _check_point(point, path, number)
+            swept = _fit(point["params"], space, fixed)
             if swept is None:
                 outside += 1
                 continue
@@ -94,12 +98,24 @@ def _fit(params: dict[str, Any], space: Space, fixed: dict[str, Any]) -> dict[st
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"search.warm_start_sweeps: {path} is not a readable sweep summary ({exc})") from None
+        summary = read_json(path, "sweep summary")
+    except ConfigError as exc:
+        raise ConfigError(f"search.warm_start_sweeps: {exc}") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("points"), list):
         raise ConfigError(f"search.warm_start_sweeps: {path} is not a sweep summary (no points list)")
     return summary
+
+
+def _check_point(point: Any, path: Path, number: int) -> None:
+    """Refuse a point that cannot be ranked: no parameters, or a score or average delta that is
+    not a finite number (a NaN would win or lose every comparison silently)."""
+    where = f"search.warm_start_sweeps: {path}: points[{number}]"
+    if not isinstance(point, dict) or not isinstance(point.get("params"), dict):
+        raise ConfigError(f"{where}: expected a point with its params")
+    for key in ("score", "average_delta"):
+        value = point.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where}.{key}: expected a finite number, got {value!r}")
 
 
 def _note(message: str) -> None:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lmerge.adapters.lora import PEFT_PREFIX
 from lmerge.errors import AdapterError, ConfigError
-from lmerge.outputs import write_json_atomic
+from lmerge.outputs import write_bytes_atomic, write_json_atomic
 
 ADAPTER_HEAD = "task_head"
 """File stem of the pooled head inside an adapter directory."""
@@ -154,14 +154,14 @@ def write_head(
     weight: torch.Tensor,
     bias: torch.Tensor,
     stem: str = ADAPTER_HEAD,
+    *,
+    root: str | Path,
 ) -> list[Path]:
-    """Save a pooled head in ``directory`` under ``stem`` (weights first, so a JSON file always has
-    its weights); returns the two paths."""
+    """Save a pooled head in ``directory`` (inside ``root``) under ``stem``, each file atomically
+    and the weights first, so a JSON file always has its weights; returns the two paths."""
     config_path, weights_path = head_paths(directory, stem)
     tensors = {"weight": weight.detach().float().cpu().contiguous(), "bias": bias.detach().float().cpu().contiguous()}
-    staged = weights_path.with_name(f".{weights_path.name}.tmp")
-    save_file(tensors, str(staged), metadata={"format": "pt"})
-    staged.replace(weights_path)
+    write_bytes_atomic(weights_path, save(tensors, metadata={"format": "pt"}), root=root)
     config = {
         "format": HEAD_FORMAT,
         "pooling": pooling,
@@ -169,7 +169,7 @@ def write_head(
         "in_features": int(weight.shape[1]),
         "num_labels": int(weight.shape[0]),
     }
-    write_json_atomic(config_path, config)
+    write_json_atomic(config_path, config, root=root)
     return [config_path, weights_path]
 
 

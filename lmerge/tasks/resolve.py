@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmerge.adapters.lora import LoraAdapter
-from lmerge.errors import AdapterError, ConfigError
+from lmerge.errors import AdapterError, ConfigError, did_you_mean
 from lmerge.outputs import safe_component
 from lmerge.tasks.catalog import load_catalog
 
@@ -44,4 +44,6 @@ def _locate(spec: str, entries: dict, catalog: str | Path | None) -> tuple[Path,
         raise AdapterError(f"{spec}: adapter directory does not exist")
     where = f"catalog {catalog}" if catalog else "no catalog given (--catalog)"
     known = f"; known tasks: {', '.join(sorted(entries))}" if entries else ""
-    raise ConfigError(f"adapters: {spec!r} is neither a directory nor a task in {where}{known}")
+    raise ConfigError(
+        f"adapters: {spec!r} is neither a directory nor a task in {where}{did_you_mean(spec, entries)}{known}"
+    )

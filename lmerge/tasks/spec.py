@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmerge.errors import ConfigError, unknown_name
+from lmerge.errors import ConfigError, did_you_mean, unknown_name
 from lmerge.metrics import METRICS
 from lmerge.tasks.catalog import load_catalog
 from lmerge.tasks.kinds import TaskKind, get_kind, kinds_that
@@ -139,7 +139,10 @@ def load_task_catalog(path: str | Path) -> dict[str, TaskSpec]:
     for name, entry in load_catalog(path, require_adapter=False).items():
         unknown = sorted(set(entry) - set(_FIELDS))
         if unknown:
-            raise ConfigError(f"catalog {path}: tasks.{name}: unknown key {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
+            hint = did_you_mean(unknown[0], _FIELDS)
+            raise ConfigError(
+                f"catalog {path}: tasks.{name}: unknown key {unknown[0]!r}{hint}; valid: {', '.join(_FIELDS)}"
+            )
         if entry["adapter"] is None and "dataset" not in entry:
             raise ConfigError(f"catalog {path}: tasks.{name} needs an adapter, a dataset or both")
         try:
@@ -281,5 +284,5 @@ def catalog_tasks(catalog: str | Path | None, names: list[str], key: str = "eval
     specs = load_task_catalog(catalog)
     missing = [name for name in names if name not in specs]
     if missing:
-        raise ConfigError(f"{key}: {missing[0]!r} is not a task in catalog {catalog}")
+        raise ConfigError(f"{key}: {missing[0]!r} is not a task in catalog {catalog}{did_you_mean(missing[0], specs)}")
     return [specs[name] for name in names]

@@ -202,7 +202,7 @@ class PooledClassification(Classification):
 
     def save_head(self, model: nn.Module, spec: TaskSpec, directory: Path) -> list[Path]:
         linear = getattr(model, HEAD_MODULE).linear
-        return write_head(directory, self.pooling, spec.label_names, linear.weight, linear.bias)
+        return write_head(directory, self.pooling, spec.label_names, linear.weight, linear.bias, root=directory)
 
     def _checked(self, spec: TaskSpec, head: Any) -> dict[str, torch.Tensor]:
         if head.pooling != self.pooling:
