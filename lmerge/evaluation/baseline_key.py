@@ -1,4 +1,5 @@
-"""The key of a cached single-task baseline: everything its number depends on.
+"""The key of a cached single-task baseline: everything its number depends on; and the same for a
+sweep's stored scores (:func:`scores_fingerprint`).
 
 A baseline is reused only when every part of its key is unchanged: the scoring code (a version
 bumped when scoring changes, and lmerge's version), the task's spec (every catalog field), the
