@@ -65,6 +65,11 @@ class TaskVectors:
         """The stacked task vectors ``deltas`` [n, out, in]."""
         return cls(dense=deltas, block_elements=block_elements)
 
+    @property
+    def one_block(self) -> bool:
+        """Whether :meth:`merge` hands all task vectors over in a single block."""
+        return len(self._row_blocks(self._block_elements // (self.n * self.shape[1]))) == 1
+
     def merge(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         """``[out, in]`` made of ``fn(block, start)`` for each block of rows: ``block`` [n, rows, in]
         holds those rows of every task vector and ``start`` is its first entry's flat index."""
