@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -305,11 +306,13 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         fn = prepare_peft(case, adapters, out)
     baseline = memory_mb("VmRSS")
     reset_peak_rss()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu_started = time.process_time()
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     peak = memory_mb("VmHWM")
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
@@ -318,6 +321,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "n": n,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        "page_faults": faults,
         "baseline_mb": baseline,
         "peak_mb": peak,
         "saved_mb": saved,
