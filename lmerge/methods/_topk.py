@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
+from lmerge.methods._scratch import scratch
 from lmerge.methods._task_vectors import ALIGN, TaskVectors
 
 _BINS = 4096
@@ -214,20 +216,6 @@ def _magnitudes(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-class _Buffers:
-    """Scratch tensors reused across the blocks of one merge, grown to the largest request."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self._storage: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        size = math.prod(shape)
-        if name not in self._storage or self._storage[name].numel() < size:
-            self._storage[name] = torch.empty(size, dtype=self.dtype)
-        return self._storage[name][:size].view(shape)
-
-
 def _bracketed_merge(
     deltas: TaskVectors,
     k: int,
@@ -241,18 +229,20 @@ def _bracketed_merge(
     # Per block, the positions where some task vector has an entry inside its bracket, and all
     # entries there that are over ``low`` (the others are dropped whatever the exact cut).
     positions, columns = [], []
-    buffers = _Buffers(deltas.dtype)
     count_dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
+    buffers = ExitStack()
+    sure_buffer = buffers.enter_context(scratch(deltas.block_numel, deltas.dtype))
+    spare_buffer = buffers.enter_context(scratch(deltas.block_numel, deltas.dtype))
 
     def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
-        sure, spare = buffers.get("sure", block.shape), buffers.get("spare", block.shape)
+        sure, spare = (buffer[: block.numel()].view(block.shape) for buffer in (sure_buffer, spare_buffer))
         for x, y, (low, high) in zip(block, sure, brackets, strict=True):
             torch.hardshrink(x, low, out=x)  # |x| > low: all that the exact cut may keep
             torch.hardshrink(x, high, out=y)  # |x| > high: kept for sure
         # Comparisons written as 0.0/1.0 in the block's dtype: one pass each, where a bool
         # tensor and its sum cost several. Counts in floats are exact (fewer than 2**24 entries).
         undecided = torch.ne(block, sure, out=spare)  # low < |x| <= high
-        any_undecided = torch.amax(undecided, dim=0, out=buffers.get("any", block.shape[1:]))
+        any_undecided = torch.amax(undecided, dim=0)
         where = any_undecided.view(-1).nonzero().view(-1)
         if where.numel():
             positions.append(where + start)
@@ -260,7 +250,8 @@ def _bracketed_merge(
         above.add_(torch.ne(sure, 0, out=spare).view(n, -1).sum(dim=1, dtype=count_dtype))
         return fn(sure)
 
-    merged = deltas.merge(merge_block)
+    with buffers:
+        merged = deltas.merge(merge_block)
     where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
     # Zero columns pad the positions to whole vectors (see ALIGN); fn's results for them are dropped.
     undecided = torch.cat([*columns, torch.zeros(n, -where.numel() % ALIGN, dtype=deltas.dtype)], dim=1)
