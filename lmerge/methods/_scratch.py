@@ -5,7 +5,7 @@ Buffers of a few MiB come straight from the kernel each time (``malloc`` maps th
 when freed), and every fresh 4 KiB page costs a page fault on first touch: in a virtual machine a
 few microseconds, as much as the low-rank methods' arithmetic on that page. Handed back to a small
 per-thread pool instead, they are reused warm. A merge's worker threads end with it, and their pools
-with them.
+with them; a thread that merges on its own (one worker) keeps at most ``_KEEP`` buffers.
 """
 
 from __future__ import annotations
