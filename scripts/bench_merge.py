@@ -8,14 +8,15 @@ adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per
 temporary directory. Every case then runs in its own process (this script with ``--case``),
 which prints one JSON line: the wall time of the timed part only (imports and set-up
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
-of the work), the RSS right before it and the peak RSS during it (VmHWM, reset first).
+of the work), its minor page faults (fresh memory, microseconds each in a virtual machine), the
+RSS right before it and the peak RSS during it (VmHWM, reset first).
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
   iso_cts, knots_ties, knots_dare) and ties/dare in core space save exact LoRAs; the table gives
   each case's time over the exact linear save (``lmerge:task_vector``), over weight-space
-  ``lmerge:ties`` and over its PEFT peer at the same n. ``--n 8 16 32`` shows how each grows with
-  the number of adapters.
+  ``lmerge:ties`` and over its PEFT peer at the same n, in wall seconds and (steadier on a shared
+  machine) in CPU seconds. ``--n 8 16 32`` shows how each grows with the number of adapters.
 - ``peft:<combination_type>``: ``add_weighted_adapter`` on a PeftModel holding all n adapters,
   plus ``save_pretrained`` of the result (PEFT's ``linear`` needs equal ranks, as here).
 - ``floor``: every dense delta ``scaling * B @ A`` built once from the safetensors files,
@@ -41,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -247,11 +249,13 @@ def prepare_floor(adapters: list[Path], stacked: bool = False) -> Callable[[], N
 
 def prepare_lmerge(case: Case, adapters: list[Path], out: Path) -> Callable[[], None]:
     """One ``run_merge`` call, saving under ``out``."""
+    # lmerge imports transformers lazily, to check adapters against their base's layers (and to save
+    # full weights): a once-per-process import of seconds, kept out of the timing; the check's
+    # config read and model build on the meta device stay in it.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
     from lmerge.merge.config import MergeConfig, SaveConfig
     from lmerge.pipeline import run_merge
-
-    if case.save == "full":
-        import transformers  # noqa: F401 - lmerge imports it lazily; keep the import out of the timing
 
     config = MergeConfig(
         adapters=[str(path) for path in adapters],
@@ -303,11 +307,13 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         fn = prepare_peft(case, adapters, out)
     baseline = memory_mb("VmRSS")
     reset_peak_rss()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu_started = time.process_time()
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     peak = memory_mb("VmHWM")
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
@@ -316,6 +322,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "n": n,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        "page_faults": faults,
         "baseline_mb": baseline,
         "peak_mb": peak,
         "saved_mb": saved,
@@ -347,19 +354,20 @@ def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table; ratios are this case's seconds over the reference's (the
     floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
+    cpu = {(r["case"], r["n"]): r["cpu_seconds"] for r in results if "error" not in r}
     lines = [
         "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save "
-        "| × ties | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| × ties | CPU × linear save | CPU × ties | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
 
-    def ratio(r: dict[str, Any], reference: str | None, digits: int = 2) -> str:
-        other = seconds.get((reference, r["n"]))
-        return f"{r['seconds'] / other:.{digits}f}" if other else ""
+    def ratio(r: dict[str, Any], reference: str | None, digits: int = 2, by: str = "seconds") -> str:
+        other = (seconds if by == "seconds" else cpu).get((reference, r["n"]))
+        return f"{r[by] / other:.{digits}f}" if other else ""
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | | | | |")
             continue
         peer = CASES[r["case"]].peer
         cells = [
@@ -373,6 +381,8 @@ def table(results: list[dict[str, Any]]) -> str:
             ratio(r, STACKED_FLOOR),
             ratio(r, LINEAR_SAVE),
             ratio(r, WEIGHT_TIES, 3),
+            ratio(r, LINEAR_SAVE, by="cpu_seconds"),
+            ratio(r, WEIGHT_TIES, 3, by="cpu_seconds"),
             peer.removeprefix("peft:") if peer else "",
             ratio(r, peer, 3),
         ]

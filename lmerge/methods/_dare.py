@@ -8,6 +8,8 @@ import zlib
 
 import torch
 
+from lmerge.methods._scratch import scratch
+
 _M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
 
 
@@ -45,36 +47,37 @@ class DareMask:
         self._bound = round((1.0 - drop_rate) * 2**31) - 2**30  # kept iff (hash >> 1) < bound
         self._seed = _splitmix64(_splitmix64(seed & _M64) ^ zlib.crc32(key.encode("utf-8")))
         self._starts: list[int] = []  # c_i, drawn as task vectors are met
-        self._ramp = self._bits = self._shifted = torch.empty(0, dtype=torch.int32)
+        self._ramp = torch.empty(0, dtype=torch.int32)
 
     def keep(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The boolean keep-mask of the task vectors stacked as ``shape`` ([n, ...])."""
-        n = shape[0]
-        return self._keep_bits(n, math.prod(shape[1:]), 0).view(shape).bool()
+        n, size = shape[0], math.prod(shape[1:])
+        with scratch(n * size, torch.int32) as bits, scratch(n * size, torch.int32) as shifted:
+            return self._keep_bits(n, size, 0, bits, shifted).view(shape).bool()
 
     def apply_(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """``block`` [n, rows, in] (rows of the task vectors from flat index ``start``) with the
         dropped entries zeroed in place; not rescaled."""
-        keep = self._keep_bits(block.shape[0], block[0].numel(), start).view(block.shape)
-        if block.dtype == torch.float32 and block.is_contiguous():
-            block.view(torch.int32).bitwise_and_(keep)  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
-        else:
-            block.mul_(keep.neg_())
+        n, size = block.shape[0], block[0].numel()
+        with scratch(n * size, torch.int32) as bits, scratch(n * size, torch.int32) as shifted:
+            keep = self._keep_bits(n, size, start, bits, shifted).view(block.shape)
+            if block.dtype == torch.float32 and block.is_contiguous():
+                block.view(torch.int32).bitwise_and_(keep)  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
+            else:
+                block.mul_(keep.neg_())
         return block
 
-    def _keep_bits(self, n: int, size: int, start: int) -> torch.Tensor:
-        """[n, size] int32: -1 (all bits set) where kept, 0 where dropped, for the flat entries
-        ``start .. start + size`` of each of n task vectors (a buffer reused by the next call)."""
+    def _keep_bits(self, n: int, size: int, start: int, bits: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+        """[n, size] int32 in ``bits`` (``shifted``: scratch of the same size): -1 (all bits set)
+        where kept, 0 where dropped, for the flat entries ``start .. start + size`` of each of n
+        task vectors."""
         while len(self._starts) < n:
             self._starts.append(_splitmix64(self._seed ^ len(self._starts)))
         if self._ramp.numel() < size:
             self._ramp = torch.arange(size, dtype=torch.int32).mul_(_GOLDEN)  # j * golden, wrapped
-        if self._bits.numel() < n * size:
-            self._bits = torch.empty(n * size, dtype=torch.int32)
-            self._shifted = torch.empty_like(self._bits)
         offsets = torch.tensor([_int32((c + start) * _GOLDEN) for c in self._starts[:n]], dtype=torch.int32)
-        x = torch.add(self._ramp[:size], offsets.view(n, 1), out=self._bits[: n * size].view(n, size))
-        shifted = self._shifted[: n * size].view(n, size)
+        x = torch.add(self._ramp[:size], offsets.view(n, 1), out=bits.view(n, size))
+        shifted = shifted.view(n, size)
         for shift, mix in zip((16, 15), _MIX, strict=True):
             x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=shifted)).mul_(mix)
         # (hash >> 1) - bound cannot overflow; its sign bit, spread by >> 31, is the keep mask.

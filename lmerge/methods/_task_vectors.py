@@ -1,8 +1,8 @@
 """One module's task vectors, handed to dense methods a block of rows at a time.
 
-Each block is built from the LoRA factors into a reused buffer of a few MiB, so that the dense
-``[n, out, in]`` stack never exists and every elementwise step on a block runs while it is in
-cache.
+Each block is built from the LoRA factors into a reused buffer of a few MiB (kept for the next
+module too, see ``_scratch``), so that the dense ``[n, out, in]`` stack never exists and every
+elementwise step on a block runs while it is in cache.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from lmerge.methods._scratch import scratch
 
 _BLOCK = 1 << 20
 """Entries per block (all task vectors together): 4 MiB of float32, so that a block and the
@@ -65,17 +67,26 @@ class TaskVectors:
         """The stacked task vectors ``deltas`` [n, out, in]."""
         return cls(dense=deltas, block_elements=block_elements)
 
+    @property
+    def one_block(self) -> bool:
+        """Whether :meth:`merge` hands all task vectors over in a single block."""
+        return len(self._blocks()) == 1
+
+    @property
+    def block_numel(self) -> int:
+        """Entries of the largest block :meth:`merge` hands over."""
+        return self.n * max(rows.stop - rows.start for rows in self._blocks()) * self.shape[1]
+
     def merge(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         """``[out, in]`` made of ``fn(block, start)`` for each block of rows: ``block`` [n, rows, in]
         holds those rows of every task vector and ``start`` is its first entry's flat index."""
         merged = torch.empty(self.shape, dtype=self.dtype)
         cols = self.shape[1]
-        blocks = self._row_blocks(self._block_elements // (self.n * cols))
-        buffer = torch.empty(self.n * max(rows.stop - rows.start for rows in blocks) * cols, dtype=self.dtype)
-        for rows in blocks:
-            block = buffer[: self.n * (rows.stop - rows.start) * cols].view(self.n, -1, cols)
-            self._rows_into(rows, block)
-            merged[rows] = fn(block, rows.start * cols)
+        with scratch(self.block_numel, self.dtype) as buffer:
+            for rows in self._blocks():
+                block = buffer[: self.n * (rows.stop - rows.start) * cols].view(self.n, -1, cols)
+                self._rows_into(rows, block)
+                merged[rows] = fn(block, rows.start * cols)
         return merged
 
     def lattice(self, every: int) -> torch.Tensor:
@@ -111,7 +122,8 @@ class TaskVectors:
             for i, (A, B) in enumerate(zip(*self._factors, strict=True)):
                 torch.mm(B[rows], A, out=out[i])
 
-    def _row_blocks(self, rows_per_block: int) -> list[slice]:
+    def _blocks(self) -> list[slice]:
+        rows_per_block = self._block_elements // (self.n * self.shape[1])
         rows, align = self.shape[0], ALIGN // math.gcd(self.shape[1], ALIGN)
         rows_per_block = max(rows_per_block // align, -(-_MIN_ROWS // align), 1) * align
         starts = list(range(0, rows, rows_per_block))

@@ -5,17 +5,20 @@ entries survive, and among entries tied at the k-th largest magnitude the first 
 order (a stable sort's order). No sort and no separate pass over the data: a sample of rows
 brackets each task vector's k-th largest magnitude, one merging pass keeps what lies above the
 brackets, and the few positions with an entry inside one are merged again once the exact cuts
-are known.
+are known. Task vectors that fit in one block together (a low-rank method's cores or per-task
+right factors) need no sample: their exact cuts come from the block itself.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
+from lmerge.methods._scratch import scratch
 from lmerge.methods._task_vectors import ALIGN, TaskVectors
 
 _BINS = 4096
@@ -27,6 +30,8 @@ to bracket its k-th largest magnitude: a larger sample costs more but narrows th
 so that fewer positions are merged twice."""
 _SAMPLE_ALL = 1 << 16
 """Task vectors with at most this many entries are sampled whole: their brackets are exact."""
+_EXACT_ENTRIES = 1 << 17
+"""Entries whose exact cuts are found together (:func:`_exact_cuts`): half a MiB of float32."""
 _Z = 4.0
 """Half-width of a bracket in standard deviations of the sample's rank: about one bracket in
 15000 misses, and then the module is merged again with a bracket that cannot miss."""
@@ -96,6 +101,8 @@ def _top_k(
     if k in (0, numel):
         cut = Cut(0, math.inf, math.inf) if k == 0 else Cut(numel, -1.0, -1.0)
         return deltas.merge(lambda block, start: fn(_shrink_(block, cut.after))), [cut] * deltas.n
+    if deltas.one_block:
+        return _merge_in_one_block(deltas, k, fn)
     merged, found = _bracketed_merge(deltas, k, _brackets(deltas, k), fn)
     if not all(isinstance(cut, Cut) for cut in found):
         # A bracket missed: merge again with it widened to all that lies beyond (which cannot
@@ -105,6 +112,65 @@ def _top_k(
         if not all(isinstance(cut, Cut) for cut in found):
             raise AssertionError(f"top-k brackets {brackets} missed again: {found}")
     return merged, found
+
+
+def _merge_in_one_block(
+    deltas: TaskVectors, k: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, list[Cut]]:
+    """The merge of task vectors that :meth:`TaskVectors.merge` hands over in one block: each
+    one's exact cut from the block, applied in place, then ``fn``. A sample and its brackets would
+    cost more than they save here: about a quarter of a small block's positions would have an
+    entry inside some task vector's bracket, and be merged twice."""
+    cuts: list[Cut] = []
+
+    def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
+        flat = block.view(block.shape[0], -1)
+        cuts.extend(_exact_cuts(flat, k))
+        for x, cut in zip(flat, cuts, strict=True):
+            cut.apply_(x, cut.index)
+        return fn(block)
+
+    return deltas.merge(merge_block), cuts
+
+
+def _exact_cuts(x: torch.Tensor, k: int) -> list[Cut]:
+    """The :class:`Cut` of each row of ``x`` [n, N] at its k-th largest magnitude (``0 < k < N``),
+    for a few rows at a time: their temporaries stay small enough to be reused from one group to
+    the next (fresh memory is paid in page faults, several microseconds per 4 KiB here)."""
+    rows = max(1, _EXACT_ENTRIES // x.shape[1])
+    return [cut for group in x.split(rows) for cut in _exact_cuts_of(group, k)]
+
+
+def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
+    """:func:`_exact_cuts` of all rows of ``x`` at once: one histogram of every row's magnitudes,
+    then an exact selection among the entries of the bin that holds the k-th (all entries of a
+    higher bin are larger: see :func:`_kth_largest`)."""
+    scaled = _magnitudes(x)
+    n, size = scaled.shape
+    scale = _BINS / scaled.amax(dim=1)
+    # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes to
+    # bin 0 (the clamp also takes inf * 0 = nan there), and the selection is among all its entries.
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
+    bins = scaled.mul_(scale.view(n, 1)).to(torch.int32).clamp_(0, _BINS - 1)
+    bins.add_(torch.arange(0, n * _BINS, _BINS, dtype=torch.int32).view(n, 1))
+    counts = torch.bincount(bins.view(-1), minlength=n * _BINS).view(n, _BINS)
+    at_or_above = counts.flip(1).cumsum(1).flip(1)
+    holding = ((at_or_above >= k).sum(dim=1) - 1).tolist()
+    above = (at_or_above - counts).gather(1, torch.tensor(holding).view(n, 1)).view(n).tolist()
+    cuts = []
+    for i, (b, higher) in enumerate(zip(holding, above, strict=True)):
+        where = (bins[i] == b + i * _BINS).nonzero().view(-1)
+        inside = _magnitudes(x[i, where])
+        value = float(torch.kthvalue(inside, inside.numel() - (k - higher) + 1).values)
+        if value == 0:  # fewer than k nonzero entries: keep them all
+            cuts.append(Cut(size, -1.0, -1.0))
+            continue
+        equal = inside == value
+        # Of the entries at exactly the k-th largest, the first k - greater (>= 1) in flat order are kept.
+        tied = k - higher - int((inside > value).sum())
+        index = size if int(equal.sum()) == tied else int(where[equal.nonzero()[tied - 1]]) + 1
+        cuts.append(Cut(index, _below(value, x.dtype), value))
+    return cuts
 
 
 def _exactly(cut: Cut, dtype: torch.dtype) -> tuple[float, float]:
@@ -150,20 +216,6 @@ def _magnitudes(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-class _Buffers:
-    """Scratch tensors reused across the blocks of one merge, grown to the largest request."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self._storage: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        size = math.prod(shape)
-        if name not in self._storage or self._storage[name].numel() < size:
-            self._storage[name] = torch.empty(size, dtype=self.dtype)
-        return self._storage[name][:size].view(shape)
-
-
 def _bracketed_merge(
     deltas: TaskVectors,
     k: int,
@@ -177,18 +229,20 @@ def _bracketed_merge(
     # Per block, the positions where some task vector has an entry inside its bracket, and all
     # entries there that are over ``low`` (the others are dropped whatever the exact cut).
     positions, columns = [], []
-    buffers = _Buffers(deltas.dtype)
     count_dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
+    buffers = ExitStack()
+    sure_buffer = buffers.enter_context(scratch(deltas.block_numel, deltas.dtype))
+    spare_buffer = buffers.enter_context(scratch(deltas.block_numel, deltas.dtype))
 
     def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
-        sure, spare = buffers.get("sure", block.shape), buffers.get("spare", block.shape)
+        sure, spare = (buffer[: block.numel()].view(block.shape) for buffer in (sure_buffer, spare_buffer))
         for x, y, (low, high) in zip(block, sure, brackets, strict=True):
             torch.hardshrink(x, low, out=x)  # |x| > low: all that the exact cut may keep
             torch.hardshrink(x, high, out=y)  # |x| > high: kept for sure
         # Comparisons written as 0.0/1.0 in the block's dtype: one pass each, where a bool
         # tensor and its sum cost several. Counts in floats are exact (fewer than 2**24 entries).
         undecided = torch.ne(block, sure, out=spare)  # low < |x| <= high
-        any_undecided = torch.amax(undecided, dim=0, out=buffers.get("any", block.shape[1:]))
+        any_undecided = torch.amax(undecided, dim=0)
         where = any_undecided.view(-1).nonzero().view(-1)
         if where.numel():
             positions.append(where + start)
@@ -196,7 +250,8 @@ def _bracketed_merge(
         above.add_(torch.ne(sure, 0, out=spare).view(n, -1).sum(dim=1, dtype=count_dtype))
         return fn(sure)
 
-    merged = deltas.merge(merge_block)
+    with buffers:
+        merged = deltas.merge(merge_block)
     where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
     # Zero columns pad the positions to whole vectors (see ALIGN); fn's results for them are dropped.
     undecided = torch.cat([*columns, torch.zeros(n, -where.numel() % ALIGN, dtype=deltas.dtype)], dim=1)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import CoreSpace, numerical_rank, polar, product_svd, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import CoreSpace, numerical_rank, polar, product_svds, rank_tolerance, zero_factors
 from lmerge.methods._params import check_number, check_range, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -55,14 +55,18 @@ def iso_cts(
         return zero_factors(space.out, space.inp, space.dtype)
     common, per_task = split_sizes(rank, params["common"], space.n)
     Uc = P[:, :common]
-    Us, Ss, Vhs = [Uc], [S[:common]], [Wh[:common]]
-    for i in range(space.n):
-        # Task i's core with the common left subspace projected out: (I - Uc Uc^T) C_i.
-        left = space.left(i)
-        svd = product_svd(left - Uc @ (Uc.T @ left), space.right(i).T)
+    Us, Ss, Vhs = [], [S[:common]], [Wh[:common]]
+    # Task i's core with the common left subspace projected out: (I - Uc Uc^T) C_i.
+    lefts = [space.left(i) for i in range(space.n)]
+    projected = [left - Uc @ (Uc.T @ left) for left in lefts]
+    for svd in product_svds(projected, [space.right(i).T for i in range(space.n)]):
         kept = min(per_task, numerical_rank(svd.S, tolerance))
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
         Vhs.append(svd.Vh(kept))
+    specific = torch.cat(Us, dim=1)
+    # The task-specific directions are orthogonal to the common ones, so the polar factor of
+    # [Uc, specific] is [Uc, polar(specific)]: the SVD of a block of n * per_task columns only.
+    U = torch.cat([Uc, polar(specific)], dim=1) if specific.shape[1] else Uc
     level = module_lambda(params, ctx, "lambda") * torch.cat(Ss).mean()
-    return space.lift(polar(torch.cat(Us, dim=1)) * level, polar(torch.cat(Vhs, dim=0).T).T)
+    return space.lift(U * level, polar(torch.cat(Vhs, dim=0).T).T)

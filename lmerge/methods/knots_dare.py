@@ -43,8 +43,8 @@ def knots_dare(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KnOTS-DARE: DARE-TIES (drop at drop_rate, elect signs, disjoint mean) on the tasks' S V_i^T, times lambda."""
-    U, SV = concatenated_svd(As, Bs)
+    svd = concatenated_svd(As, Bs)
     mask = DareMask(params["drop_rate"], params["seed"], ctx.key)
-    merged = SV.merge(lambda block, start: disjoint_mean_(mask.apply_(block, start)))
+    merged = svd.SV.merge(lambda block, start: disjoint_mean_(mask.apply_(block, start)))
     # Sign election and the disjoint mean commute with the positive rescale 1 / (1 - drop_rate).
-    return merged.mul_(module_lambda(params, ctx, "lambda") / (1.0 - params["drop_rate"])), U
+    return svd.lift(merged.mul_(module_lambda(params, ctx, "lambda") / (1.0 - params["drop_rate"])))

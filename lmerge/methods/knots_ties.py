@@ -44,6 +44,6 @@ def knots_ties(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KnOTS-TIES: TIES (top k%, elect signs, disjoint mean) on the tasks' S V_i^T in their joint SVD, times lambda."""
-    U, SV = concatenated_svd(As, Bs)
-    merged = merge_top_k(SV, params["k"] / 100.0, disjoint_mean_)
-    return merged.mul_(module_lambda(params, ctx, "lambda")), U
+    svd = concatenated_svd(As, Bs)
+    merged = merge_top_k(svd.SV, params["k"] / 100.0, disjoint_mean_)
+    return svd.lift(merged.mul_(module_lambda(params, ctx, "lambda")))
