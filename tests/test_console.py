@@ -87,6 +87,7 @@ def pooled_catalog(zoo, tasks: Path, tmp_path: Path) -> Path:
     return catalog
 
 
+@pytest.mark.slow
 def test_sweep_prints_lmerge_lines_and_not_the_libraries(zoo, tasks, tmp_path):
     """A sweep's table, best point and summary path, and nothing of transformers' weight-load
     report; ``--verbose`` brings it back."""
