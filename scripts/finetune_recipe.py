@@ -50,7 +50,7 @@ def best_checkpoint(logs: Path) -> tuple[int, float]:
     [version] = sorted((logs / "lightning_logs").iterdir())[-1:]
     [checkpoint] = (version / "checkpoints").glob("*.ckpt")
     step = int(re.search(r"step=(\d+)", checkpoint.name).group(1))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own checkpoint
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     callback = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
     return step, float(callback["best_model_score"])
 

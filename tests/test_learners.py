@@ -595,7 +595,7 @@ def test_lora_finetune_saves_the_best_validation_checkpoint_not_the_last(zoo, ta
     )
     trainer.fit(learner, datamodule=data)
     assert best.best_model_path and trainer.global_step == 8
-    stored = torch.load(best.best_model_path, weights_only=False)["state_dict"]
+    stored = torch.load(best.best_model_path, weights_only=True)["state_dict"]
     saved = load_file(out / "adapter_model.safetensors")
     lora_b = next(k for k in saved if "lora_B" in k)
     in_checkpoint = next(v for k, v in stored.items() if k.endswith(lora_b.replace(".weight", ".default.weight")))

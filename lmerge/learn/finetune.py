@@ -121,7 +121,7 @@ class LoraFinetune(LightningModule):
         if callback is None or callback.monitor is None or not callback.best_model_path:
             return
         # Our own checkpoint, written by this fit: it holds the trainable weights only.
-        state = torch.load(callback.best_model_path, map_location=self.device, weights_only=False)["state_dict"]
+        state = torch.load(callback.best_model_path, map_location=self.device, weights_only=True)["state_dict"]
         missing = {name for name, p in self.named_parameters() if p.requires_grad} - set(state)
         if missing:
             raise ConfigError(f"{callback.best_model_path}: the checkpoint lacks {sorted(missing)[0]}")
