@@ -20,7 +20,8 @@ from lmerge.errors import MethodError
 from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
-from lmerge.methods._lowrank import CoreSpace, polar, product_svd
+from lmerge.methods._lowrank import CoreSpace, polar, product_svd, product_svds
+from lmerge.methods._scratch import release, scratch
 
 EPS = torch.finfo(torch.float64).eps
 LOW_RANK = sorted(name for name, method in METHODS.items() if method.kind is Kind.LOW_RANK)
@@ -302,6 +303,41 @@ def test_product_svd_is_the_svd_of_the_product():
     torch.testing.assert_close(svd_of.U(5) @ torch.diag(svd_of.S) @ svd_of.Vh(5), Bs[0] @ As[0])
     torch.testing.assert_close(svd_of.U(5).T @ svd_of.U(5), torch.eye(5, dtype=torch.float64))
     torch.testing.assert_close((svd_of.U(5).T @ U[:, :5]).abs(), torch.eye(5, dtype=torch.float64))
+
+
+def test_batched_product_svds_keep_each_pair_and_its_place():
+    """Mixed shapes go through one batched QR/SVD per shape; each result is its own pair's SVD."""
+    As, Bs = _random_factors((3, 5, 3, 2, 5), 30, 20, seed=11)
+    svds = product_svds(Bs, As)
+    for A, B, svd_of in zip(As, Bs, svds, strict=True):
+        r = A.shape[0]
+        torch.testing.assert_close(svd_of.U(r) @ torch.diag(svd_of.S) @ svd_of.Vh(r), B @ A)
+        torch.testing.assert_close(svd_of.S, svd(B @ A)[1][:r])
+
+
+@pytest.mark.parametrize("shape", [(60, 30), (30, 60), (40, 40)])
+def test_a_lift_as_wide_as_a_basis_keeps_the_basis_and_multiplies_once(shape):
+    """The result B' A' is exact either way; a full-width core goes into the factor on the smaller
+    of out and in, the other factor is the basis itself (one GEMM instead of two)."""
+    As, Bs = _random_factors((3, 4), *shape, seed=12)
+    space = CoreSpace(As, Bs)
+    left, right = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    A, B = space.lift(left, right)
+    torch.testing.assert_close(B @ A, space.Qb @ left @ right @ space.Qa.T)
+    assert (B is space.Qb) == (shape[0] >= shape[1]) and (A.data_ptr() == space.Qa.data_ptr()) == (shape[0] < shape[1])
+    # A narrower result keeps its rank: two GEMMs.
+    A, B = space.lift(left[:, :2], right[:2])
+    assert A.shape[0] == 2
+    torch.testing.assert_close(B @ A, space.Qb @ left[:, :2] @ right[:2] @ space.Qa.T)
+
+
+def test_scratch_buffers_are_reused_and_never_shared():
+    release()  # this thread's pool holds what earlier merges gave back
+    with scratch(1000, torch.float32) as first, scratch(1000, torch.float32) as second:
+        assert first.data_ptr() != second.data_ptr()
+        pointers = {first.data_ptr(), second.data_ptr()}
+    with scratch(600, torch.float32) as again, scratch(10, torch.int32) as other:
+        assert again.data_ptr() in pointers and again.numel() == 600 and other.dtype == torch.int32
 
 
 def test_polar_factor_is_orthonormal_and_nearest():

@@ -5,6 +5,9 @@ block of rows at a time (:class:`~lmerge.methods._task_vectors.TaskVectors`), so
 below one module's deltas for all adapters plus the output. Low-rank methods and dense methods in
 core space work on the factors and ``R x R`` cores (:mod:`lmerge.methods._lowrank`).
 
+Low-rank merges keep their scratch buffers from one module to the next in each thread
+(:mod:`lmerge.methods._scratch`); dense merges in weight space give theirs back after each module.
+
 Modules are merged by a pool of threads, one module each, with torch's own intra-op threads set
 to one meanwhile: a dense merge is hundreds of elementwise calls on cache-sized blocks, and
 spreading each call over cores costs a thread wake-up per call (with ``OMP_WAIT_POLICY=PASSIVE``
@@ -26,6 +29,7 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.layers import layer_index
 from lmerge.merge.policies import LambdaFn
 from lmerge.methods._lowrank import CoreSpace
+from lmerge.methods._scratch import release as release_scratch
 from lmerge.methods._task_vectors import TaskVectors
 from lmerge.methods.registry import Kind, MergeMethod, ModuleContext, Space
 
@@ -60,7 +64,10 @@ def _combine_linear(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
 
 
 def _dense_in_weight_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
-    return MergedModule(ctx.key, delta=method.fn(TaskVectors.from_factors(As, Bs), params, ctx))
+    delta = method.fn(TaskVectors.from_factors(As, Bs), params, ctx)
+    # Its scratch buffers served many blocks; their memory goes to the next [out, in] results.
+    release_scratch()
+    return MergedModule(ctx.key, delta=delta)
 
 
 def _dense_in_core_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
@@ -152,8 +159,11 @@ def merge_modules(
 
     workers = workers or torch.get_num_threads()
     if workers == 1 or len(keys) == 1:
-        for args in loaded():
-            yield job(*args)
+        try:
+            for args in loaded():
+                yield job(*args)
+        finally:
+            release_scratch()
         return
     with _single_threaded_ops():
         pool = ThreadPoolExecutor(workers, thread_name_prefix="lmerge-merge")

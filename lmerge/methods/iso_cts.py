@@ -57,8 +57,7 @@ def iso_cts(
     Uc = P[:, :common]
     Us, Ss, Vhs = [], [S[:common]], [Wh[:common]]
     # Task i's core with the common left subspace projected out: (I - Uc Uc^T) C_i.
-    lefts = [space.left(i) for i in range(space.n)]
-    projected = [left - Uc @ (Uc.T @ left) for left in lefts]
+    projected = [left - Uc @ (Uc.T @ left) for left in map(space.left, range(space.n))]
     for svd in product_svds(projected, [space.right(i).T for i in range(space.n)]):
         kept = min(per_task, numerical_rank(svd.S, tolerance))
         Us.append(svd.U(kept))

@@ -2,7 +2,7 @@
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
 Per task, the SVD ``delta_i = U_i S_i V_i^T``, computed from the LoRA factors
-(:func:`~lmerge.methods._lowrank.product_svds`); its top ``k_i`` singular triplets are kept; all
+(:func:`~lmerge.methods._lowrank.product_svd`); its top ``k_i`` singular triplets are kept; all
 tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` into ``V_cat``
 [in, K], each replaced by its orthogonal polar factor (Procrustes: the nearest matrix with
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import as_working, numerical_rank, polar, product_svds, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import as_working, numerical_rank, polar, product_svd, rank_tolerance, zero_factors
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -49,7 +49,8 @@ def tsv(
     out, inp = Bs[0].shape[0], As[0].shape[1]
     keep = params["keep"] if params["keep"] is not None else 1.0 / len(As)
     Us, Ss, Vhs = [], [], []
-    for A, svd in zip(As, product_svds(Bs, As), strict=True):
+    for A, B in zip(As, Bs, strict=True):
+        svd = product_svd(B, A)
         kept = min(max(1, int(keep * A.shape[0])), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype)))
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
