@@ -80,9 +80,11 @@ class RankCoefficients(Coefficients):
     @torch.no_grad()
     def project_(self) -> None:
         super().project_()
-        if self.parametrization.name == "clamp":
+        project = self.parametrization.project
+        if project is not None:
+            # Each rank coefficient (level + offset) is projected as the level itself is.
             level = self()[self.row_group, self.row_adapter]
-            self.offsets.copy_((level + self.offsets).clamp(0.0, 1.0) - level)
+            self.offsets.copy_(project(level + self.offsets) - level)
 
     @torch.no_grad()
     def snapshot(self) -> dict[str, Any]:
