@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lmerge.adapters import LoraAdapter
 from lmerge.adapters.align import align_keys, check_compatible
+from lmerge.adapters.lora import first_nonfinite
 from lmerge.errors import AdapterError, ConfigError
 from lmerge.tasks.resolve import resolve_adapters
 
@@ -73,3 +76,31 @@ def test_resolve_paths_and_catalog(zoo, tmp_path):
         resolve_adapters(["sentiment", str(zoo["bert_a"])], catalog)
     with pytest.raises(ConfigError, match="empty"):
         resolve_adapters([], None)
+
+
+@pytest.mark.parametrize("order", ["file", "reversed", "every_other", "none"])
+def test_sha256_hashed_on_the_way_is_the_files_whatever_the_reads(zoo, order):
+    """Factor reads hash the bytes they pass over in file order; the digest is the file's own
+    however the modules were read (backwards, some skipped, none)."""
+    path = Path(zoo["llama_a"]) / "adapter_model.safetensors"
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    adapter = LoraAdapter(zoo["llama_a"])
+    keys = adapter.module_keys
+    chosen = {"file": keys, "reversed": keys[::-1], "every_other": keys[::2], "none": []}[order]
+    with adapter.reading():
+        for key in chosen:
+            adapter.factors(key)
+    assert adapter.sha256 == expected
+    A, B = adapter.factors(keys[0])  # reads after the digest is done still read the tensors
+    assert A.shape[0] == B.shape[1]
+
+
+def test_first_nonfinite_finds_nan_inf_and_the_limit_and_clears_large_finite_values():
+    ok = torch.ones(3, 4)
+    assert first_nonfinite([ok, ok]) is None and first_nonfinite([]) is None
+    assert first_nonfinite([ok, torch.tensor([1.0, float("nan")])]) == 1
+    assert first_nonfinite([torch.tensor([-float("inf")]), ok]) == 0
+    assert first_nonfinite([torch.empty(0), ok * 7e4], limit=65504.0) == 1
+    # Finite values whose norm overflows float32: the exact check clears them.
+    assert first_nonfinite([torch.full((4, 4), 1e37), ok]) is None
+    assert first_nonfinite([torch.full((4, 4), 1e37)], limit=1e38) is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from lmerge.adapters.base_layout import PEFT_PREFIX, BaseLayout, check_adapter, layout_for
 from lmerge.adapters.peft_fields import check_peft_config
+from lmerge.adapters.tensor_file import DTYPES, FileDigest, read_entries, read_tensor
 from lmerge.errors import AdapterError
 from lmerge.yaml_files import read_json
 
@@ -25,7 +25,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 # Task heads of a merged adapter directory (one safetensors file per task), beside its LoRA.
 HEADS_DIR = "heads"
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _LORA_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 # Only these tensor kinds carry a LoRA we cannot merge: name them instead of a generic "unexpected".
 _UNSUPPORTED = {
@@ -59,7 +58,9 @@ class LoraAdapter:
         self.weights_file = _weights_file(self.path)
         check_peft_config(self.config, self.path / CONFIG_FILE)
         self.shapes, self.head_shapes, self._tensor_names = self._read_header()
+        self._entries = read_entries(self.weights_file)  # a header safe_open has just accepted
         self._handle = None  # the weights file, while a ``reading()`` block holds it open
+        self._digest = FileDigest()  # its SHA-256, as far as reads have passed over it
         layout = layout_for(self.base_model, self.task_type, self.config.get("auto_mapping"), self.revision)
         # Why the adapter could not be checked against its base model (None: it was).
         self.unchecked_reason = layout if isinstance(layout, str) else None
@@ -87,9 +88,7 @@ class LoraAdapter:
     def dtype(self) -> torch.dtype:
         """The dtype the LoRA factors are stored in."""
         a_name, _ = next(iter(self._tensor_names.values()))
-        with self._open() as handle:
-            code = handle.get_slice(a_name).get_dtype()
-        return _DTYPES.get(code, torch.float32)
+        return DTYPES.get(self._entries[a_name].dtype, torch.float32)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -97,11 +96,12 @@ class LoraAdapter:
 
     @cached_property
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.weights_file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        """The weights file's SHA-256 (what factor reads have hashed already is not read again)."""
+        with self.reading():
+            try:
+                return self._digest.finish(self._handle)
+            except OSError as exc:
+                raise AdapterError(f"{self.weights_file}: cannot be read ({exc})") from None
 
     def scaling(self, key: str) -> float:
         """PEFT's scaling of module ``key``: alpha / r, or alpha / sqrt(r) with rslora."""
@@ -109,28 +109,44 @@ class LoraAdapter:
         alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, key, self.config["lora_alpha"]))
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
-    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A [r, in], B [out, r])`` of module ``key`` in float32, checked finite."""
+    def factors(self, key: str, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], B [out, r])`` of module ``key`` in float32 (fresh tensors, the caller's
+        own), checked finite unless ``check`` is false (:func:`module_factors` checks many at once)."""
         a_name, b_name = self._tensor_names[key]
-        return self._read(a_name), self._read(b_name)
+        A, B = self._read(a_name, check=False), self._read(b_name, check=False)
+        if check:
+            self.check_finite(key, [A], [B])
+        return A.float(), B.float()
+
+    def check_finite(self, key: str, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> None:
+        """Refuse, naming the tensor, when one of this adapter's factors for ``key`` holds NaN or Inf."""
+        bad = first_nonfinite([*As, *Bs])
+        if bad is not None:
+            tensor = self._tensor_names[key][bad >= len(As)]
+            raise AdapterError(f"{self.weights_file}: tensor {tensor} holds NaN or Inf values")
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task-head tensors PEFT saved from ``modules_to_save``, under their file names."""
-        return {name: self._read(name, cast=False) for name in self.head_shapes}
+        return {name: self._read(name) for name in self.head_shapes}
 
     @contextmanager
     def reading(self) -> Iterator[None]:
-        """Hold the weights file open for the block: its reads share one handle instead of
-        opening the file per tensor. Nested blocks share the outermost one's handle."""
+        """Hold the weights file open for the block (a descriptor only, nothing mapped): its
+        reads share one handle instead of opening the file per tensor. Nested blocks share the
+        outermost one's handle."""
         if self._handle is not None:
             yield
             return
-        with self._open() as handle:
-            self._handle = handle
-            try:
-                yield
-            finally:
-                self._handle = None
+        try:
+            handle = open(self.weights_file, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise AdapterError(f"{self.weights_file}: cannot be read ({exc.strerror or exc})") from None
+        self._handle = handle
+        try:
+            yield
+        finally:
+            self._handle = None
+            handle.close()
 
     # ---- loading -------------------------------------------------------------------------------
     def check_against(self, layout: BaseLayout) -> None:
@@ -192,18 +208,20 @@ class LoraAdapter:
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"{self.weights_file}: not a readable safetensors file ({exc})") from None
 
-    def _read(self, tensor: str, cast: bool = True) -> torch.Tensor:
+    def _read(self, tensor: str, check: bool = True) -> torch.Tensor:
+        entry = self._entries[tensor]
         try:
-            if self._handle is not None:
-                value = self._handle.get_tensor(tensor)
-            else:
+            if entry.dtype not in DTYPES:  # a head of another dtype: safetensors converts it
                 with self._open() as handle:
                     value = handle.get_tensor(tensor)
-        except SafetensorError as exc:
+            else:
+                with self.reading():
+                    value = read_tensor(self._handle, entry, self._digest)
+        except (SafetensorError, OSError) as exc:
             raise AdapterError(f"{self.weights_file}: cannot read {tensor} ({exc})") from None
-        if value.is_floating_point() and not all_finite(value):
+        if check and value.is_floating_point() and first_nonfinite([value]) is not None:
             raise AdapterError(f"{self.weights_file}: tensor {tensor} holds NaN or Inf values")
-        return value.float() if cast else value
+        return value
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -242,12 +260,32 @@ def _belongs_to(tensor: str, modules: tuple[str, ...]) -> bool:
     return any(tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module)
 
 
-def all_finite(value: torch.Tensor, limit: float = math.inf) -> bool:
-    """No NaN or Inf in ``value``, and no magnitude above ``limit`` (the largest number the dtype
-    it will be saved in holds): its minimum and maximum are finite and within it (both propagate
-    NaN). One reduction, where ``isfinite(value).all()`` writes a bool tensor and reduces it: 4x
-    faster."""
-    if value.numel() == 0:
-        return True
-    low, high = torch.aminmax(value)
-    return bool(torch.isfinite(low) & torch.isfinite(high) & (low >= -limit) & (high <= limit))
+def module_factors(adapters: list[LoraAdapter], key: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every adapter's ``(A, B)`` of module ``key`` (float32, fresh), all checked finite at once."""
+    pairs = [adapter.factors(key, check=False) for adapter in adapters]
+    As, Bs = [A for A, _ in pairs], [B for _, B in pairs]
+    if first_nonfinite([*As, *Bs]) is not None:
+        for adapter, A, B in zip(adapters, As, Bs, strict=True):
+            adapter.check_finite(key, [A], [B])
+    return As, Bs
+
+
+def first_nonfinite(tensors: list[torch.Tensor], limit: float = math.inf) -> int | None:
+    """The index of the first tensor holding NaN, Inf or a magnitude above ``limit``, or None.
+
+    One batched reduction for the lot: per tensor, the Python calls of a check cost more than
+    its arithmetic on a LoRA factor. The Euclidean norm (a vectorized batched kernel; the
+    maximum's is not) propagates NaN and Inf and bounds every magnitude, so a finite norm within
+    ``limit`` clears a tensor; one that is not (a norm can overflow) gets the exact check."""
+    indices = [i for i, t in enumerate(tensors) if t.numel()]
+    if not indices:
+        return None
+    norms = torch.stack(torch._foreach_norm([tensors[i] for i in indices], 2))
+    cleared = torch.isfinite(norms) & (norms <= limit)
+    if bool(cleared.all()):
+        return None
+    for i in cleared.logical_not().nonzero().flatten().tolist():
+        low, high = torch.aminmax(tensors[indices[i]])
+        if not bool(torch.isfinite(low) & torch.isfinite(high) & (low >= -limit) & (high <= limit)):
+            return indices[i]
+    return None

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lmerge.adapters.lora import LoraAdapter
+from lmerge.adapters.lora import LoraAdapter, module_factors
 from lmerge.layers import layer_index
 from lmerge.merge.policies import LambdaFn
 from lmerge.methods._lowrank import CoreSpace
@@ -109,12 +109,11 @@ COMBINERS: dict[Kind, Callable[..., MergedModule]] = {
 def scaled_factors(
     adapters: list[LoraAdapter], key: str, scales: Mapping[tuple[int, str], float] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each adapter's ``A`` and ``B`` for ``key``, with its scaling (and transform factor) in ``B``."""
-    As, Bs = [], []
-    for i, adapter in enumerate(adapters):
-        A, B = adapter.factors(key)
-        As.append(A)
-        Bs.append(B * (adapter.scaling(key) * (scales or {}).get((i, key), 1.0)))
+    """Each adapter's ``A`` and ``B`` for ``key`` (fresh tensors), with its scaling (and transform
+    factor) in ``B``."""
+    As, Bs = module_factors(adapters, key)
+    for i, (adapter, B) in enumerate(zip(adapters, Bs, strict=True)):
+        B.mul_(adapter.scaling(key) * (scales or {}).get((i, key), 1.0))
     return As, Bs
 
 
@@ -137,9 +136,8 @@ def merge_modules(
 
     ``prepare`` runs on each merged module in the same worker (a writer's per-module work, such
     as the truncated SVD of a dense merge). ``workers``: threads merging modules side by side
-    (default: torch's thread count). Each adapter's weights file is opened once per module
-    rather than once per tensor, and closed before the merge: a file held open across modules
-    keeps its mapped pages resident.
+    (default: torch's thread count). Each adapter's weights file is opened once for the whole
+    merge (a descriptor, nothing mapped: no page read stays resident) and read in its own order.
     """
     combine = COMBINERS[method.kind]
 
@@ -150,12 +148,12 @@ def merge_modules(
             return prepare(module) if prepare else module
 
     def loaded() -> Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
-        for key in keys:
-            with ExitStack() as files:
-                for adapter in adapters:
-                    files.enter_context(adapter.reading())
+        with ExitStack() as files:
+            for adapter in adapters:
+                files.enter_context(adapter.reading())
+            for key in keys:
                 As, Bs = scaled_factors(adapters, key, scales)
-            yield key, As, Bs
+                yield key, As, Bs
 
     workers = workers or torch.get_num_threads()
     if workers == 1 or len(keys) == 1:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmerge.adapters.align import align_keys, check_base, check_compatible
-from lmerge.adapters.lora import LoraAdapter, all_finite
+from lmerge.adapters.lora import LoraAdapter, first_nonfinite
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
@@ -137,17 +137,18 @@ def merge_to_bundle(
     scales = _transform_scales(adapters, merge.keys, merge.transforms)
     if evaluator is None and (config.eval_tasks or config.eval_harness):
         evaluator = evaluator_for(config, adapters)
-    run_id = _run_id(config, adapters, params, learned)
-
     evaluation = None
     limit = _largest_saved(config.save.format, adapters)
-    with run_bundle(root, method.name, names, run_id) as bundle:
+    with run_bundle(root, method.name, names) as bundle:
         writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
         prepare = _checked(writer.prepare, limit)
         for module in merge_modules(adapters, merge.keys, method, params, merge.lambda_fn, scales, prepare):
             for each in writers:
                 each.add(module)
+        # After the merge: its reads have hashed the adapters' files on the way (the bundle needs
+        # its id only when it is committed).
+        run_id = bundle.run_id = _run_id(config, adapters, params, learned)
         saved = writer.write(bundle.work)
         meta = _metadata(config, method, params, merge.tag, adapters, merge.keys, merge.dropped, saved, started)
         meta.update(optimizer=learned, run_id=run_id)
@@ -253,13 +254,10 @@ def _checked(prepare: Callable[[MergedModule], MergedModule], limit: float) -> C
 
 
 def _check_finite(module: MergedModule, limit: float) -> MergedModule:
-    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one reduction per tensor)."""
-    for tensor in (module.A, module.B, module.delta):
-        if tensor is not None and not all_finite(tensor, limit):
-            bound = "NaN or Inf" if math.isinf(limit) else f"NaN, Inf or beyond {limit:.4g}, the range it is saved in"
-            raise MethodError(
-                f"merged module {module.key}: the result overflows ({bound}); lower lambda or the weights"
-            )
+    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one batched reduction)."""
+    if first_nonfinite([t for t in (module.A, module.B, module.delta) if t is not None], limit) is not None:
+        bound = "NaN or Inf" if math.isinf(limit) else f"NaN, Inf or beyond {limit:.4g}, the range it is saved in"
+        raise MethodError(f"merged module {module.key}: the result overflows ({bound}); lower lambda or the weights")
     return module
 
 
