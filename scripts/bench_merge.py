@@ -136,7 +136,7 @@ CASES = {
 # ---- data ------------------------------------------------------------------------------------
 def generate(root: Path, n_adapters: int) -> None:
     """Save the random base model to ``root/base`` and ``n_adapters`` random LoRA adapters
-    (non-zero A and B, one seed each) to ``root/adapters/task<i>``."""
+    (non-zero A and B, one seed each) to ``root/adapters/t<i>``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
@@ -170,22 +170,28 @@ def generate(root: Path, n_adapters: int) -> None:
             for layer in layers:
                 for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
                     weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(weight.shape[1]))
-        peft_model.save_pretrained(root / "adapters" / f"task{i}")
+        peft_model.save_pretrained(root / "adapters" / adapter_name(i))
 
 
 def adapter_dirs(root: Path, n: int) -> list[Path]:
     """The first ``n`` generated adapters."""
-    return [root / "adapters" / f"task{i}" for i in range(n)]
+    return [root / "adapters" / adapter_name(i) for i in range(n)]
+
+
+def adapter_name(i: int) -> str:
+    """Adapter i's folder name: short, as lmerge joins the names into the merged folder's name,
+    which stays under 200 bytes (``task0_task1_..._task31`` would not)."""
+    return f"t{i}"
 
 
 def deepen(source: Path, root: Path, n_adapters: int, layers: int) -> None:
     """Write ``n_adapters`` random adapters for a model of ``layers`` layers to
-    ``root/adapters/task<i>``, with the configuration of the generated adapters in ``source``
+    ``root/adapters/t<i>``, with the configuration of the generated adapters in ``source``
     (no base model: saving a merge as a LoRA does not load it)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    template = load_file(str(source / "adapters" / "task0" / "adapter_model.safetensors"))
+    template = load_file(str(source / "adapters" / adapter_name(0) / "adapter_model.safetensors"))
     layer_zero = {name: t.shape for name, t in template.items() if ".layers.0." in name}
     for i in range(n_adapters):
         generator = torch.Generator().manual_seed(i)
@@ -195,9 +201,9 @@ def deepen(source: Path, root: Path, n_adapters: int, layers: int) -> None:
             for layer in range(layers)
             for name, shape in layer_zero.items()
         }
-        target = root / "adapters" / f"task{i}"
+        target = root / "adapters" / adapter_name(i)
         target.mkdir(parents=True)
-        shutil.copy(source / "adapters" / "task0" / "adapter_config.json", target)
+        shutil.copy(source / "adapters" / adapter_name(0) / "adapter_config.json", target)
         save_file(tensors, str(target / "adapter_model.safetensors"))
 
 

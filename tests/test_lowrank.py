@@ -20,6 +20,7 @@ from lmerge.errors import MethodError
 from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
+from lmerge.methods._bases import Basis
 from lmerge.methods._lowrank import CoreSpace, polar, product_svd, product_svds
 from lmerge.methods._scratch import release, scratch
 
@@ -315,20 +316,28 @@ def test_batched_product_svds_keep_each_pair_and_its_place():
         torch.testing.assert_close(svd_of.S, svd(B @ A)[1][:r])
 
 
+def basis_matrix(basis: Basis) -> torch.Tensor:
+    """The basis ``Q`` itself, ``F T``, formed for a check."""
+    return basis.lift(torch.eye(basis.C.shape[0], dtype=basis.C.dtype))
+
+
 @pytest.mark.parametrize("shape", [(60, 30), (30, 60), (40, 40)])
 def test_a_lift_as_wide_as_a_basis_keeps_the_basis_and_multiplies_once(shape):
     """The result B' A' is exact either way; a full-width core goes into the factor on the smaller
-    of out and in, the other factor is the basis itself (one GEMM instead of two)."""
+    of out and in, the other factor is the basis's tall factor itself (one GEMM instead of two)."""
     As, Bs = _random_factors((3, 4), *shape, seed=12)
     space = CoreSpace(As, Bs)
+    Qb, Qa = basis_matrix(space.column), basis_matrix(space.row)
     left, right = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     A, B = space.lift(left, right)
-    torch.testing.assert_close(B @ A, space.Qb @ left @ right @ space.Qa.T)
-    assert (B is space.Qb) == (shape[0] >= shape[1]) and (A.data_ptr() == space.Qa.data_ptr()) == (shape[0] < shape[1])
+    torch.testing.assert_close(B @ A, Qb @ left @ right @ Qa.T)
+    kept_b = B is space.column.F
+    kept_a = A.data_ptr() == space.row.F.data_ptr()
+    assert kept_b == (shape[0] >= shape[1]) and kept_a == (shape[0] < shape[1])
     # A narrower result keeps its rank: two GEMMs.
     A, B = space.lift(left[:, :2], right[:2])
     assert A.shape[0] == 2
-    torch.testing.assert_close(B @ A, space.Qb @ left[:, :2] @ right[:2] @ space.Qa.T)
+    torch.testing.assert_close(B @ A, Qb @ left[:, :2] @ right[:2] @ Qa.T)
 
 
 def test_scratch_buffers_are_reused_and_never_shared():
@@ -355,13 +364,15 @@ def test_core_space_is_exact_and_a_linear_merge_in_it_is_the_weight_space_one():
     As, Bs = _random_factors((3, 5, 2), 50, 40, seed=3)
     space = CoreSpace(As, Bs)
     Pb, Pa = space.singular_bases()
+    U = basis_matrix(space.column) @ (torch.eye(10, dtype=torch.float64) if Pb is None else Pb)
+    V = basis_matrix(space.row) @ (torch.eye(10, dtype=torch.float64) if Pa is None else Pa)
     for core, A, B in zip(space.cores(Pb, Pa), As, Bs):
-        torch.testing.assert_close(space.Qb @ Pb @ core @ Pa.T @ space.Qa.T, B @ A)
-    torch.testing.assert_close((space.Qb @ Pb).abs(), svd(torch.cat(Bs, 1))[0].abs())
-    torch.testing.assert_close((space.Qa @ Pa).abs(), svd(torch.cat(As, 0))[2].T.abs())
+        torch.testing.assert_close(U @ core @ V.T, B @ A)
+    torch.testing.assert_close(U.abs(), svd(torch.cat(Bs, 1))[0].abs())
+    torch.testing.assert_close(V.abs(), svd(torch.cat(As, 0))[2].T.abs())
     c = [0.3, -1.2, 2.0]
     merged = sum(ci * core for ci, core in zip(c, space.cores(Pb, Pa)))
-    A, B = space.lift_core(Pb @ merged @ Pa.T)
+    A, B = space.lift_core(merged, Pb, Pa)
     weight_space = sum(ci * B_i @ A_i for ci, A_i, B_i in zip(c, As, Bs))
     assert relative_error(B @ A, weight_space) < 1e-13
 

@@ -76,7 +76,7 @@ def _dense_in_core_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModu
     space = CoreSpace(As, Bs)
     Pb, Pa = space.singular_bases()
     merged = method.fn(TaskVectors.from_dense(space.cores(Pb, Pa)), params, ctx)
-    A, B = space.lift_core(Pb @ merged @ Pa.T)
+    A, B = space.lift_core(merged, Pb, Pa)
     return MergedModule(ctx.key, A=A, B=B)
 
 

@@ -1,19 +1,20 @@
-"""Exact low-rank algebra on LoRA factors: thin QR/SVD of factor stacks, the SVD of a product
-``B @ A`` from its factors, core space, polar factors. Nothing here builds an ``[out, in]`` matrix.
+"""Exact low-rank algebra on LoRA factors: bases of factor stacks, the SVD of a product ``B @ A``
+from its factors, core space, polar factors. Nothing here builds an ``[out, in]`` matrix.
 
 A module's task vectors are ``delta_i = B_i @ A_i`` (``B_i`` [out, r_i] with the scaling folded
-in, ``A_i`` [r_i, in]); ``R = sum_i r_i``. Every big operation is a thin QR of an ``[out, R]`` or
-``[in, R]`` stack (or of one adapter's ``[out, r_i]``) and a GEMM that lifts a small result back;
-the rest works on ``R x R`` matrices.
+in, ``A_i`` [r_i, in]); ``R = sum_i r_i``. Every big operation is an orthonormal basis of an
+``[out, R]`` or ``[in, R]`` stack (or of one adapter's ``[out, r_i]``) and a GEMM that lifts a
+small result back; the rest works on ``R x R`` matrices.
 
 Where the time goes (one core, float32, ``out, in`` ~ 1000-3000, ``R = 128``): a Householder QR
-of a tall stack is about half of a merge, an ``R x R`` SVD a fifth, a lift GEMM a tenth. So stacks
-are built column-major, the layout LAPACK factors (a QR copies its input into it: from a row-major
-stack the copy is a transpose); a result whose core is as wide as a basis keeps that basis as its
-factor (one lift GEMM, on the smaller of ``out`` and ``in``, instead of two); and many small
-factorizations of one shape are batched (:func:`product_svds`). QR and SVD stay Householder-based
-in the factors' own precision: a Gram-matrix or Cholesky shortcut would be about twice as fast on
-the tall stacks but squares their condition number.
+of a tall stack takes about five times as long as the stack's Gram matrix, an ``R x R`` SVD about
+three times an ``R x R`` eigendecomposition. So a well-conditioned stack's basis comes from its
+Gram matrix (:mod:`~lmerge.methods._bases`: one GEMM and an ``R x R`` eigendecomposition, and
+the basis is already the stack's singular vectors), any other one's from Householder QR; a
+result whose core is as wide as a basis keeps the basis's tall factor, the stack itself on the
+Gram route, as its own (one lift GEMM, on the smaller of ``out`` and ``in``, instead of two: the
+stacks are laid out as the saved factors are, ``[B_1 ... B_n]`` and ``[A_1; ...; A_n]``
+row-major); and many small factorizations of one shape are batched (:func:`product_svds`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lmerge.methods._bases import GRAM_TIERS, basis_of, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -42,13 +44,9 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.qr(x, mode="reduced")
 
 
-def stacked_columns(Bs: list[torch.Tensor]) -> torch.Tensor:
-    """``[B_1 ... B_n]`` [out, R], stored column-major: LAPACK's layout, so a QR copies it as it is."""
-    return torch.cat([B.T for B in Bs]).T
-
-
 def _batch(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The matrices ``xs`` (of one shape) stacked [g, m, k], each stored column-major (see above)."""
+    """The matrices ``xs`` (of one shape) stacked [g, m, k], each stored column-major: the layout
+    LAPACK factors (a QR copies its input into it; from a row-major stack the copy is a transpose)."""
     return torch.stack([x.mT for x in xs]).mT
 
 
@@ -128,12 +126,13 @@ def _groups(keys: list[Any]) -> list[list[int]]:
 
 
 class CoreSpace:
-    """One module's task vectors in the orthonormal bases of their joint column and row spaces.
+    """One module's task vectors in orthonormal bases of their joint column and row spaces.
 
     ``Qb`` [out, p] spans the columns of ``[B_1 ... B_n]`` and ``Qa`` [in, q] the rows of
-    ``[A_1; ...; A_n]`` (thin QR of the two stacks, ``p, q <= R``), so that, exactly,
-    ``delta_i = Qb C_i Qa^T`` with the core ``C_i = Rb_i Ra_i^T`` [p, q] made of the two QR
-    factors' column blocks of adapter i: every ``[out, in]`` computation becomes a ``p x q`` one.
+    ``[A_1; ...; A_n]`` (:mod:`~lmerge.methods._bases`: from the stacks' Gram matrices when they
+    are well conditioned, else by Householder QR; ``p, q <= R``), so that, exactly,
+    ``delta_i = Qb C_i Qa^T`` with the core ``C_i = Cb_i Ca_i^T`` [p, q] made of the two stacks'
+    coordinate blocks of adapter i: every ``[out, in]`` computation becomes a ``p x q`` one.
     Results come back as LoRA factors through :meth:`lift`.
     """
 
@@ -142,40 +141,43 @@ class CoreSpace:
         self.out, self.inp = Bs[0].shape[0], As[0].shape[1]
         self.dtype = As[0].dtype
         self.n = len(As)
-        self.Qb, self.Rb = thin_qr(stacked_columns(Bs))
-        self.Qa, self.Ra = thin_qr(torch.cat(As, dim=0).T)  # the transpose of a row-major stack: column-major
+        self.column = basis_of(torch.cat(Bs, dim=1))  # row-major: as the saved B' it needs no copy
+        self.row = basis_of(torch.cat(As, dim=0).T)
         ends = torch.tensor([A.shape[0] for A in As]).cumsum(0).tolist()
         self.blocks = [slice(end - A.shape[0], end) for A, end in zip(As, ends, strict=True)]
 
     @property
     def R(self) -> int:
         """``sum_i r_i``, the rank bound of every result."""
-        return self.Rb.shape[1]
+        return self.column.C.shape[1]
 
     def left(self, i: int) -> torch.Tensor:
         """``Qb^T B_i`` [p, r_i]: adapter i's ``B`` in the column basis."""
-        return self.Rb[:, self.blocks[i]]
+        return self.column.C[:, self.blocks[i]]
 
     def right(self, i: int) -> torch.Tensor:
         """``(A_i Qa)^T`` [q, r_i]: adapter i's ``A`` in the row basis (transposed)."""
-        return self.Ra[:, self.blocks[i]]
+        return self.row.C[:, self.blocks[i]]
 
     def summed(self) -> torch.Tensor:
-        """The core of ``sum_i delta_i``: ``Rb @ Ra^T``."""
-        return self.Rb @ self.Ra.T
+        """The core of ``sum_i delta_i``: ``Cb @ Ca^T``."""
+        return self.column.C @ self.row.C.T
 
-    def cores(self, Pb: torch.Tensor, Pa: torch.Tensor) -> torch.Tensor:
-        """``[n, p, q]``: every ``Pb^T C_i Pa``, the cores in the bases ``Qb Pb`` and ``Qa Pa``."""
-        left, right = Pb.T @ self.Rb, Pa.T @ self.Ra
-        return torch.stack([left[:, block] @ right[:, block].T for block in self.blocks])
-
-    def singular_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Pb [p, p], Pa [q, q])``: the rotations that take the QR bases to the SVD bases of
-        Core Space merging, ``U = Qb Pb`` the left singular vectors of ``[B_1 ... B_n]`` and
-        ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``."""
-        Pb = torch.linalg.svd(self.Rb, full_matrices=False)[0]
-        Pa = torch.linalg.svd(self.Ra, full_matrices=False)[0]
+    def singular_bases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(Pb [p, p], Pa [q, q])``: the rotations that take the bases to the SVD bases of Core
+        Space merging, ``U = Qb Pb`` the left singular vectors of ``[B_1 ... B_n]`` and
+        ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``; None for a basis that
+        is one already (the Gram route's)."""
+        Pb = None if self.column.singular else torch.linalg.svd(self.column.C, full_matrices=False)[0]
+        Pa = None if self.row.singular else torch.linalg.svd(self.row.C, full_matrices=False)[0]
         return Pb, Pa
+
+    def cores(self, Pb: torch.Tensor | None, Pa: torch.Tensor | None) -> torch.Tensor:
+        """``[n, p, q]``: every ``Pb^T C_i Pa``, the cores in the bases ``Qb Pb`` and ``Qa Pa``
+        (None: the identity)."""
+        left = self.column.C if Pb is None else Pb.T @ self.column.C
+        right = self.row.C if Pa is None else Pa.T @ self.row.C
+        return torch.stack([left[:, block] @ right[:, block].T for block in self.blocks])
 
     def lift(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A', B')`` with ``B' A' = Qb left right Qa^T`` (``left`` [p, k], ``right`` [k, q]), of
@@ -183,46 +185,99 @@ class CoreSpace:
         (``left right`` is no smaller a LoRA then), :meth:`lift_core` of ``left right``, one GEMM."""
         if left.shape[1] >= min(left.shape[0], right.shape[1]):
             return self.lift_core(left @ right)
-        return right @ self.Qa.T, self.Qb @ left
+        return self.row.small(right.T).T @ self.row.F.T, self.column.lift(left)
 
-    def lift_core(self, core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A', B')`` with ``B' A' = Qb core Qa^T``, of rank ``min(p, q)``: the core goes into
-        the factor of the smaller basis, the other factor is a basis itself (of two bases as wide,
-        the one on the larger of ``out`` and ``in``, so that the GEMM is the smaller one)."""
-        p, q = core.shape
-        if p < q or (p == q and self.out >= self.inp):
-            return core @ self.Qa.T, self.Qb
-        return self.Qa.T, self.Qb @ core
+    def lift_core(
+        self, core: torch.Tensor, Pb: torch.Tensor | None = None, Pa: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A', B')`` with ``B' A' = Qb Pb core Pa^T Qa^T`` (``Pb``, ``Pa`` as from
+        :meth:`singular_bases`; None the identity). With ``Q = F T`` for each basis, the small
+        ``K = Tb Pb core Pa^T Ta^T`` goes into the factor of the narrower ``F``, the other factor
+        is an ``F`` itself (of two as wide, the one on the larger of ``out`` and ``in``, so that
+        the one GEMM is the smaller one)."""
+        if Pb is not None:
+            core = Pb @ core
+        if Pa is not None:
+            core = core @ Pa.T
+        K = self.row.small(self.column.small(core).T).T
+        Fb, Fa = self.column.F, self.row.F
+        if Fb.shape[1] < Fa.shape[1] or (Fb.shape[1] == Fa.shape[1] and self.out >= self.inp):
+            return K @ Fa.T, Fb
+        return Fa.T, Fb @ K
 
 
 @dataclass(frozen=True)
 class ConcatenatedSVD:
     """The SVD of the task vectors side by side, ``[delta_1 ... delta_n] = U S [V_1^T ... V_n^T]``
-    with ``U = Qz P`` [out, K] (``Qz`` orthonormal [out, K], ``P`` [K, K] a rotation), and ``SV``
-    the per-task right factors scaled by the shared singular values, ``S V_i^T = U^T delta_i``
-    [K, in] (KnOTS's), as task vectors built a block of rows at a time from their own factors;
-    ``K = min(out, sum_i r_i)``."""
+    with ``U = F T`` [out, K] (``F`` [out, w] tall, ``T`` [w, K] small), and ``SV`` the per-task
+    right factors scaled by the shared singular values, ``S V_i^T = U^T delta_i`` [K, in]
+    (KnOTS's), as task vectors built a block of rows at a time from their own factors;
+    ``K <= min(out, sum_i r_i)``."""
 
-    Qz: torch.Tensor
-    P: torch.Tensor
+    F: torch.Tensor
+    T: torch.Tensor
     SV: TaskVectors
 
     def lift(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A', B')`` with ``B' A' = U merged`` (``merged`` [K, in]), of rank K: the rotation
-        ``P`` goes into the factor on the smaller of ``out`` and ``in``."""
-        if self.Qz.shape[0] > merged.shape[1]:
-            return self.P @ merged, self.Qz
-        return merged, self.Qz @ self.P
+        """``(A', B')`` with ``B' A' = U merged`` (``merged`` [K, in]): ``T`` goes into the factor
+        on the smaller of ``out`` and ``in``, ``F`` is the other."""
+        if self.F.shape[0] > merged.shape[1]:
+            return self.T @ merged, self.F
+        return merged, self.F @ self.T
 
 
 def concatenated_svd(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> ConcatenatedSVD:
     """The SVD of ``[delta_1 ... delta_n]`` (:class:`ConcatenatedSVD`) from the factors.
 
-    With ``A_i^T = Qa_i Ra_i`` (thin QR of each adapter's ``A``) the concatenation is
-    ``Z blockdiag(Qa_i^T)`` with ``Z = [B_1 Ra_1^T ... B_n Ra_n^T]`` [out, R] and orthonormal
-    blocks, so its ``U`` and ``S`` are those of ``Z = Qz Rz``, from the SVD of the small ``Rz``,
-    and ``U^T delta_i = (P^T Rz_i) Qa_i^T``."""
+    With ``A_i = L_i Q_i^T`` (``Q_i`` [in, r_i] orthonormal) the concatenation is
+    ``Z blockdiag(Q_i^T)`` with ``Z = [B_1 L_1 ... B_n L_n]`` [out, R] and orthonormal blocks, so
+    its ``U`` and ``S`` are those of ``Z``, and ``U^T delta_i = (U^T Z)_i Q_i^T``. From Gram
+    matrices when every ``A_i`` and ``Z`` are well conditioned (:mod:`~lmerge.methods._bases`),
+    else by Householder QR."""
     As, Bs = as_working(As, Bs)
+    return _concatenated_by_gram(As, Bs) or _concatenated_by_qr(As, Bs)
+
+
+def _concatenated_by_gram(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> ConcatenatedSVD | None:
+    X = torch.cat(Bs, dim=1)  # row-major: as the saved B' it needs no copy
+    if X.shape[1] > X.shape[0] or any(A.shape[0] > A.shape[1] for A in As):
+        return None  # rank deficient
+    for dtype, condition in GRAM_TIERS[X.dtype]:
+        found = _concatenated_in(As, X, dtype, condition)
+        if found is not None:
+            return found
+    return None
+
+
+def _concatenated_in(
+    As: list[torch.Tensor], X: torch.Tensor, dtype: torch.dtype, condition: float
+) -> ConcatenatedSVD | None:
+    # A_i A_i^T = W_i diag(d_i^2) W_i^T: L_i = W_i diag(d_i), Q_i = A_i^T W_i diag(1/d_i) (never formed).
+    rows = []
+    for A in As:
+        Ad = A.to(dtype)
+        decomposed = well_conditioned_eigh(Ad @ Ad.T, condition)
+        if decomposed is None:
+            return None
+        rows.append(decomposed)
+    Xd = X.to(dtype)
+    L = torch.block_diag(*[W * d for d, W in rows])
+    # Z = X L, so Z^T Z = L^T (X^T X) L; U = Z W diag(1/s) = X (L W diag(1/s)) and U^T Z = diag(s) W^T.
+    decomposed = well_conditioned_eigh(L.T @ (Xd.T @ Xd) @ L, condition)
+    if decomposed is None:
+        return None
+    s, W = decomposed
+    coordinates = s[:, None] * W.T
+    ends = torch.tensor([A.shape[0] for A in As]).cumsum(0).tolist()
+    lefts = [
+        ((coordinates[:, end - A.shape[0] : end] / d) @ Wi.T).to(X.dtype)
+        for A, (d, Wi), end in zip(As, rows, ends, strict=True)
+    ]
+    return ConcatenatedSVD(X, (L @ (W / s)).to(X.dtype), TaskVectors.from_factors(As, lefts))
+
+
+def _concatenated_by_qr(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> ConcatenatedSVD:
+    # A_i^T = Qa_i Ra_i (thin QR): L_i = Ra_i^T; Z = Qz Rz, U = Qz P with P from the SVD of Rz.
     Qas, Ras = zip(*(thin_qr(A.T) for A in As), strict=True)
     # Z built transposed, [R, out] row-major: Z column-major, as its QR takes it.
     Qz, Rz = thin_qr(torch.cat([Ra @ B.T for B, Ra in zip(Bs, Ras, strict=True)]).T)

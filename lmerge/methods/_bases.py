@@ -1,0 +1,106 @@
+"""Orthonormal bases of the column space of a tall factor stack, from its Gram matrix or by QR.
+
+A basis ``Q`` [m, p] of the columns of ``X`` [m, R] comes with its coordinates ``C = Q^T X``
+[p, R] (``X = Q C`` exactly) and is kept factored, ``Q = F T`` (``F`` [m, w] tall, ``T`` [w, p]
+small, or None for the identity), so that a small result ``M`` comes back as ``F (T M)``: one
+GEMM on the tall side whichever way the basis was found.
+
+- **Gram** (:func:`gram_basis`): ``G = X^T X`` (one GEMM, accumulated in float64) and its
+  eigendecomposition ``G = W diag(s^2) W^T`` (``R x R``) give ``X``'s left singular vectors
+  ``Q = X W diag(1/s)`` without forming them: ``F = X`` itself, ``T = W diag(1/s)``, and
+  ``C = diag(s) W^T``, whose rows are already ``X``'s singular directions. On a thin stack this
+  is a fraction of a Householder QR's time (LAPACK's ``geqrf``/``orgqr`` are half matrix-vector
+  work), but it squares the condition number: ``Q`` is orthonormal to about
+  ``eps64 * kappa(X)^2``, and its lift in float32 adds ``eps32 * kappa(X)``. So it is taken only
+  when ``kappa(X) <= 100`` (:data:`GRAM_CONDITION`): errors near 1e-12 in float64 and within
+  float32's own rounding for float32 factors.
+- **Householder** (:func:`qr_basis`): ``F = Q`` explicit, ``T`` None, ``C`` the triangular
+  factor; exact in the factors' precision for any ``X``. Every stack the Gram route refuses goes
+  here: rank deficient (duplicate or zero adapters, more rank than rows), or badly scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRAM_CONDITION = 1e-4
+"""The Gram route needs ``lambda_min(G) >= GRAM_CONDITION * lambda_max(G)``, i.e. ``kappa(X) <= 100``."""
+GRAM_TIERS = {
+    torch.float64: [(torch.float64, GRAM_CONDITION)],
+    # A float32 Gram is accurate to eps32 * kappa^2: within the float32 lift's own eps32 * kappa
+    # up to kappa = 10 (a quarter of the float64 Gram's time); a float64 one up to kappa = 100.
+    torch.float32: [(torch.float32, 1e-2), (torch.float64, GRAM_CONDITION)],
+}
+"""Per factor dtype, the precisions a Gram matrix is tried in, each with its condition bound."""
+
+
+@dataclass(frozen=True)
+class Basis:
+    """An orthonormal basis ``Q = F T`` of a stack's columns with the stack's coordinates ``C``
+    in it; ``singular``: the rows of ``C`` are the stack's right singular vectors, scaled (so
+    ``Q`` holds its left singular vectors, in descending order)."""
+
+    F: torch.Tensor
+    T: torch.Tensor | None
+    C: torch.Tensor
+    singular: bool
+
+    @property
+    def width(self) -> int:
+        """Columns of ``F``: the rank of a result that keeps ``F`` as its factor."""
+        return self.F.shape[1]
+
+    def small(self, M: torch.Tensor) -> torch.Tensor:
+        """``T @ M``: what ``F`` multiplies to give ``Q @ M``."""
+        return M if self.T is None else self.T @ M
+
+    def lift(self, M: torch.Tensor) -> torch.Tensor:
+        """``Q @ M`` [m, k] for a small ``M`` [p, k]."""
+        return self.F @ self.small(M)
+
+
+def basis_of(X: torch.Tensor) -> Basis:
+    """The Gram route's basis of ``X`` [m, R] when it is well conditioned, else Householder's."""
+    return gram_basis(X) or qr_basis(X)
+
+
+def qr_basis(X: torch.Tensor) -> Basis:
+    """Householder QR ``X = Q C`` (``Q`` [m, min(m, R)])."""
+    Q, C = torch.linalg.qr(X, mode="reduced")
+    return Basis(Q, None, C, singular=False)
+
+
+def gram_basis(X: torch.Tensor) -> Basis | None:
+    """``X``'s left singular vectors from its float64 Gram matrix, kept implicit, or None when
+    ``X`` is rank deficient or worse conditioned than the Gram route allows (module doc)."""
+    decomposed = gram_eigh(X)
+    if decomposed is None:
+        return None
+    s, W = decomposed
+    return Basis(X, (W / s).to(X.dtype), (s[:, None] * W.T).to(X.dtype), singular=True)
+
+
+def gram_eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(s, W)``: ``X``'s singular values, descending, and right singular vectors, from ``X^T X``;
+    None unless ``X`` [m, R] has ``R <= m`` and is conditioned well enough (:data:`GRAM_TIERS`)."""
+    if X.shape[1] > X.shape[0] or not X.shape[1]:
+        return None
+    for dtype, condition in GRAM_TIERS[X.dtype]:
+        Xd = X.to(dtype)
+        decomposed = well_conditioned_eigh(Xd.T @ Xd, condition)
+        if decomposed is not None:
+            return decomposed
+    return None
+
+
+def well_conditioned_eigh(
+    G: torch.Tensor, condition: float = GRAM_CONDITION
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(sqrt(lambda), W)`` of a Gram matrix ``G = W diag(lambda) W^T``, descending; None unless
+    ``lambda_min >= condition * lambda_max > 0`` (NaN fails too)."""
+    lam, W = torch.linalg.eigh(G)
+    if not bool(lam[0] >= condition * lam[-1]) or not bool(lam[-1] > 0):
+        return None
+    return lam.flip(0).sqrt(), W.flip(1)

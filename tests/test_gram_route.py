@@ -1,0 +1,164 @@
+"""The Gram route to a factor stack's basis (lmerge.methods._bases) and its Householder fallback:
+which stacks take which, and every low-rank merge's exactness on both, in float64 and float32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
+
+from lmerge.methods._bases import Basis, basis_of
+from lmerge.methods._lowrank import concatenated_svd
+
+KEY = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def conditioned(m: int, R: int, kappa: float, seed: int) -> torch.Tensor:
+    """A float64 [m, R] stack of singular values spread geometrically from 1 to 1 / kappa."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, R, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))[0]
+    return (U * torch.logspace(0, -math.log10(kappa), R, dtype=torch.float64)) @ V.T
+
+
+def factors(kappa: float, ranks=(4, 8, 6, 6), out=96, inp=64, seed=2) -> tuple[list, list]:
+    """Adapters whose B stack and A stack both have condition number ``kappa``."""
+    X, Y = conditioned(out, sum(ranks), kappa, seed), conditioned(inp, sum(ranks), kappa, seed + 1)
+    ends = torch.tensor(ranks).cumsum(0).tolist()
+    return [Y[:, e - r : e].T for r, e in zip(ranks, ends)], [X[:, e - r : e] for r, e in zip(ranks, ends)]
+
+
+def matrix(basis: Basis) -> torch.Tensor:
+    return basis.lift(torch.eye(basis.C.shape[0], dtype=basis.C.dtype))
+
+
+@pytest.mark.parametrize(
+    ("kappa", "dtype", "gram"),
+    [
+        (50, torch.float64, True),
+        (300, torch.float64, False),
+        (5, torch.float32, True),  # the float32 Gram
+        (50, torch.float32, True),  # the float64 Gram of float32 factors
+        (300, torch.float32, False),
+    ],
+)
+def test_a_stack_gets_its_basis_from_its_gram_matrix_only_when_well_conditioned(kappa, dtype, gram):
+    X = conditioned(200, 24, kappa, seed=1).to(dtype)
+    basis = basis_of(X)
+    assert (basis.T is not None) == gram == basis.singular
+    Q = matrix(basis)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((Q.T @ Q - torch.eye(24, dtype=dtype)).abs().max()) < tolerance
+    assert relative_error((Q @ basis.C).double(), X.double()) < tolerance
+    if gram:  # its coordinates' rows are the stack's right singular vectors, scaled
+        S = torch.linalg.svdvals(X.double())
+        torch.testing.assert_close(basis.C.double().norm(dim=1), S, rtol=10 * tolerance, atol=0)
+
+
+@pytest.mark.parametrize("stack", ["duplicate columns", "more columns than rows", "zeros", "one tiny column"])
+def test_rank_deficient_or_badly_scaled_stacks_take_householder(stack):
+    X = conditioned(30, 8, 2, seed=3)
+    X = {
+        "duplicate columns": torch.cat([X, X[:, :2]], dim=1),
+        "more columns than rows": conditioned(40, 8, 2, seed=4).T,
+        "zeros": torch.zeros_like(X),
+        "one tiny column": torch.cat([X, 1e-5 * X[:, :1] + 1e-7], dim=1),
+    }[stack]
+    basis = basis_of(X)
+    assert basis.T is None and not basis.singular
+    torch.testing.assert_close(matrix(basis) @ basis.C, X)
+
+
+def duplicated(kappa: float) -> tuple[list, list]:
+    """Three adapters, the first twice: rank deficient stacks."""
+    As, Bs = factors(kappa, ranks=(4, 6, 5))
+    return [*As, As[0]], [*Bs, Bs[0]]
+
+
+def scaled(kappa: float) -> tuple[list, list]:
+    """One adapter a hundred thousand times smaller than the others: a badly conditioned stack."""
+    As, Bs = factors(kappa)
+    return As, [Bs[0] * 1e-5, *Bs[1:]]
+
+
+INPUTS = {
+    "well conditioned": lambda: factors(3),
+    "at the Gram route's limit": lambda: factors(90),
+    "past it": lambda: factors(1e4),
+    "a duplicate adapter": lambda: duplicated(3),
+    "one tiny adapter": lambda: scaled(3),
+}
+
+
+ILL_POSED = {"a duplicate adapter": ("tsv", "iso_cts"), "one tiny adapter": ("iso_cts",)}
+ILL_POSED_WHY = (
+    "not comparable with the dense reference on either route: a duplicated task enters TSV's and "
+    "Iso-CTS's orthogonalization twice (the polar factor of a rank-deficient matrix is not unique), "
+    "and Iso-CTS with one adapter 1e5 times smaller differs by 1e-5 on the Householder route too"
+)
+
+
+@pytest.mark.filterwarnings("ignore:The density 1.0")
+@pytest.mark.parametrize("inputs", sorted(INPUTS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_merge_stays_exact_on_both_routes(name, inputs):
+    """Float64 factors, each method against its dense float64 reference: 1e-10 on either route."""
+    if name in ILL_POSED.get(inputs, ()):
+        pytest.skip(ILL_POSED_WHY)
+    As, Bs = INPUTS[inputs]()
+    deltas = torch.stack([B @ A for A, B in zip(As, Bs)])
+    method, space = _method_and_params(name)
+    for params in CASES[name]:
+        reference = _reference(name, params, As, Bs, deltas, KEY)
+        error = relative_error(merged_delta(method, As, Bs, {**params, **space}, KEY), reference)
+        assert error < 1e-10, (params, error)
+
+
+# Methods whose result is continuous in the factors: a float32 rounding cannot flip a TIES sign
+# election or a top-k membership and change an entry by its whole size.
+CONTINUOUS = {"iso_c": {}, "iso_cts": {}, "tsv": {}, "dare:core": {"drop_rate": 0.0}, "knots_dare": {"drop_rate": 0.5}}
+
+
+@pytest.mark.parametrize("kappa", [3, 30, 90, 150])
+@pytest.mark.parametrize("name", sorted(CONTINUOUS))
+def test_float32_factors_match_the_float64_reference_within_float32_rounding(name, kappa):
+    """Float32 factors (Gram in float32 up to kappa 10, in float64 up to 100, Householder past it)
+    against the float64 reference of the same numbers: the Householder route's own error is up to
+    2e-5 here. (Much worse conditioned stacks make a sum whose smallest singular values fall under
+    float32's rank tolerance, where Iso-C's rank, and so its result, is float32's own.)"""
+    As, Bs = factors(kappa)
+    As32, Bs32 = [A.float() for A in As], [B.float() for B in Bs]
+    As, Bs = [A.double() for A in As32], [B.double() for B in Bs32]
+    deltas = torch.stack([B @ A for A, B in zip(As, Bs)])
+    method, space = _method_and_params(name)
+    params = CONTINUOUS[name]
+    reference = _reference(name, params, As, Bs, deltas, KEY)
+    merged = merged_delta(method, As32, Bs32, {**params, **space}, KEY)
+    assert merged.dtype == torch.float32
+    assert relative_error(merged.double(), reference) < 5e-5
+
+
+@pytest.mark.parametrize("kappa", [3, 90, 1e4])
+def test_concatenated_svd_of_float32_factors(kappa):
+    """KnOTS's joint SVD from float32 factors: each task vector rebuilt as U (S V_i^T), and the
+    shared singular values those of the float64 concatenation."""
+    As, Bs = factors(kappa)
+    As32, Bs32 = [A.float() for A in As], [B.float() for B in Bs]
+    svd = concatenated_svd(As32, Bs32)
+    tasks = [svd.SV.merge(lambda block, start, i=i: block[i]) for i in range(len(As))]
+    for A, B, task in zip(As32, Bs32, tasks):
+        A_, B_ = svd.lift(task)
+        assert relative_error((B_ @ A_).double(), (B @ A).double()) < 2e-5
+    deltas = torch.cat([(B @ A).double() for A, B in zip(As32, Bs32)], dim=1)
+    S = torch.linalg.svdvals(deltas)[: tasks[0].shape[0]]
+    torch.testing.assert_close(torch.cat(tasks, dim=1).double().norm(dim=1), S, rtol=2e-5, atol=1e-6 * float(S[0]))
