@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, basis_of, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -63,9 +63,17 @@ def numerical_rank(S: torch.Tensor, tolerance: float) -> int:
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``P @ W^T`` of ``x = P diag(S) W^T`` (thin SVD): the nearest
-    matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. A tall
-    ``x`` goes through its thin QR first, so the SVD is of a square matrix of its width."""
+    matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
+    the Gram matrix ``x^T x = W diag(S^2) W^T`` when ``x`` is well conditioned (as its bases are,
+    :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes through its
+    thin QR first, so the SVD is of a square matrix of its width."""
     rows, cols = x.shape
+    if rows < cols:
+        return polar(x.T).T
+    decomposed = gram_eigh(x)
+    if decomposed is not None:
+        S, W = decomposed
+        return x @ ((W / S) @ W.T).to(x.dtype)
     if rows > cols:
         Q, R = thin_qr(x)
         return Q @ polar(R)
