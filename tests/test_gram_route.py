@@ -10,7 +10,7 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 from lmerge.methods._bases import Basis, basis_of
-from lmerge.methods._lowrank import concatenated_svd
+from lmerge.methods._lowrank import concatenated_svd, product_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -162,3 +162,24 @@ def test_concatenated_svd_of_float32_factors(kappa):
     deltas = torch.cat([(B @ A).double() for A, B in zip(As32, Bs32)], dim=1)
     S = torch.linalg.svdvals(deltas)[: tasks[0].shape[0]]
     torch.testing.assert_close(torch.cat(tasks, dim=1).double().norm(dim=1), S, rtol=2e-5, atol=1e-6 * float(S[0]))
+
+
+@pytest.mark.parametrize("pair", ["well conditioned", "rank deficient B", "badly scaled A"])
+def test_product_svd_on_both_routes(pair):
+    """The SVD of B @ A from the factors' Gram matrices, or from thin QRs when one factor is rank
+    deficient or badly conditioned: the same singular values and an exact, orthonormal SVD."""
+    g = torch.Generator().manual_seed(6)
+    B, A = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(5, 30, generator=g, dtype=torch.float64)
+    if pair == "rank deficient B":
+        B[:, 4] = B[:, 0]
+    if pair == "badly scaled A":
+        A[2] *= 1e-6
+    svd = product_svd(B, A)
+    assert (svd.Fb is B) == (pair == "well conditioned")
+    rank = 4 if pair == "rank deficient B" else 5
+    U, Vh = svd.U(rank), svd.Vh(rank)
+    S = torch.linalg.svdvals(B @ A)[:rank]  # itself accurate to eps * S[0]
+    torch.testing.assert_close(svd.S[:rank], S, rtol=1e-12, atol=1e-13 * float(S[0]))
+    torch.testing.assert_close(U @ torch.diag(svd.S[:rank]) @ Vh, B @ A)
+    torch.testing.assert_close(U.T @ U, torch.eye(rank, dtype=torch.float64))
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(rank, dtype=torch.float64))

@@ -64,13 +64,15 @@ def numerical_rank(S: torch.Tensor, tolerance: float) -> int:
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``P @ W^T`` of ``x = P diag(S) W^T`` (thin SVD): the nearest
     matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
-    the Gram matrix ``x^T x = W diag(S^2) W^T`` when ``x`` is well conditioned (as its bases are,
-    :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes through its
-    thin QR first, so the SVD is of a square matrix of its width."""
+    the Gram matrix ``x^T x = W diag(S^2) W^T`` when a tall ``x`` is well conditioned (as the
+    bases are, :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes
+    through its thin QR first, so the SVD is of a square matrix of its width."""
     rows, cols = x.shape
     if rows < cols:
         return polar(x.T).T
-    decomposed = gram_eigh(x)
+    # A square x has no QR to save: its SVD costs about what the Gram route's eigendecomposition
+    # and GEMMs do.
+    decomposed = gram_eigh(x) if rows > cols else None
     if decomposed is not None:
         S, W = decomposed
         return x @ ((W / S) @ W.T).to(x.dtype)
@@ -83,28 +85,38 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FactoredSVD:
-    """The thin SVD ``B @ A = (Qb P) diag(S) (Wh Qa^T)`` of a product, kept factored: ``Qb``
-    [m, p] and ``Qa`` [n, q] orthonormal, ``P`` [p, s], ``Wh`` [s, q]; singular values descending."""
+    """The thin SVD ``B @ A = (Fb P) diag(S) (Wh Fa^T)`` of a product, kept factored: ``Fb``
+    [m, p] and ``Fa`` [n, q] tall (orthonormal bases, or ``B`` and ``A^T`` themselves with the
+    bases' small factors folded into ``P`` [p, s] and ``Wh`` [s, q]); singular values descending."""
 
-    Qb: torch.Tensor
+    Fb: torch.Tensor
     P: torch.Tensor
     S: torch.Tensor
     Wh: torch.Tensor
-    Qa: torch.Tensor
+    Fa: torch.Tensor
 
     def U(self, k: int) -> torch.Tensor:
         """The top ``k`` left singular vectors [m, k]."""
-        return self.Qb @ self.P[:, :k]
+        return self.Fb @ self.P[:, :k]
 
     def Vh(self, k: int) -> torch.Tensor:
         """The top ``k`` right singular vectors as rows [k, n]."""
-        return self.Wh[:k] @ self.Qa.T
+        return self.Wh[:k] @ self.Fa.T
 
 
 def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     """The thin SVD of ``B @ A`` (``B`` [m, r], ``A`` [r, n]) from its factors, in
-    ``O((m + n) r^2)``: ``B = Qb Rb`` and ``A^T = Qa Ra`` (thin QR), then the SVD of the small
-    ``Rb @ Ra^T``."""
+    ``O((m + n) r^2)``: orthonormal bases ``B = Qb Rb`` and ``A^T = Qa Ra``, then the SVD of the
+    small ``Rb @ Ra^T``. The bases come from the factors' Gram matrices when both are well
+    conditioned (:mod:`~lmerge.methods._bases`: ``Qb = B Wb diag(1/sb)``, ``Rb = diag(sb) Wb^T``,
+    never formed), else from thin QRs."""
+    b, a = gram_eigh(B), gram_eigh(A.T)
+    if b is not None and a is not None:
+        dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
+        (sb, Wb), (sa, Wa) = [[t.to(dtype) for t in pair] for pair in (b, a)]
+        P, S, Wh = torch.linalg.svd((sb[:, None] * (Wb.T @ Wa)) * sa, full_matrices=False)
+        P, Wh = (Wb / sb) @ P, Wh @ (Wa / sa).T
+        return FactoredSVD(B, P.to(B.dtype), S.to(B.dtype), Wh.to(B.dtype), A.T)
     Qb, Rb = thin_qr(B)
     Qa, Ra = thin_qr(A.T)
     P, S, Wh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
