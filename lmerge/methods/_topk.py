@@ -155,20 +155,29 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
     bins.add_(torch.arange(0, n * _BINS, _BINS, dtype=torch.int32).view(n, 1))
     counts = torch.bincount(bins.view(-1), minlength=n * _BINS).view(n, _BINS)
     at_or_above = counts.flip(1).cumsum(1).flip(1)
-    holding = ((at_or_above >= k).sum(dim=1) - 1).tolist()
-    above = (at_or_above - counts).gather(1, torch.tensor(holding).view(n, 1)).view(n).tolist()
+    rows = torch.arange(n)
+    holding = (at_or_above >= k).sum(dim=1) - 1
+    above = (at_or_above - counts)[rows, holding]  # entries in higher bins, all larger
+    sizes = counts[rows, holding]
+    # Every row's entries in the bin holding its k-th largest, rows in order and each row's in flat
+    # order, then sorted by magnitude within each row (stable sorts): all rows in a few calls.
+    target = (holding + rows * _BINS).to(bins.dtype).view(n, 1)
+    row_of, where = (bins == target).nonzero(as_tuple=True)
+    inside = _magnitudes(x[row_of, where])
+    order = inside.argsort(stable=True)
+    order = order[row_of[order].argsort(stable=True)]
+    values = inside[order][sizes.cumsum(0) - (k - above)]  # each row's k-th largest magnitude
+    greater = torch.zeros(n, dtype=torch.int64).index_add_(0, row_of, (inside > values[row_of]).long())
+    equal = inside == values[row_of]
+    equals = torch.zeros(n, dtype=torch.int64).index_add_(0, row_of, equal.long())
+    # Of the entries at exactly the k-th largest, the first k - greater (>= 1) in flat order are kept.
+    tied = k - above - greater
     cuts = []
-    for i, (b, higher) in enumerate(zip(holding, above, strict=True)):
-        where = (bins[i] == b + i * _BINS).nonzero().view(-1)
-        inside = _magnitudes(x[i, where])
-        value = float(torch.kthvalue(inside, inside.numel() - (k - higher) + 1).values)
+    for i, (value, keep, count) in enumerate(zip(values.tolist(), tied.tolist(), equals.tolist(), strict=True)):
         if value == 0:  # fewer than k nonzero entries: keep them all
             cuts.append(Cut(size, -1.0, -1.0))
             continue
-        equal = inside == value
-        # Of the entries at exactly the k-th largest, the first k - greater (>= 1) in flat order are kept.
-        tied = k - higher - int((inside > value).sum())
-        index = size if int(equal.sum()) == tied else int(where[equal.nonzero()[tied - 1]]) + 1
+        index = size if count == keep else int(where[equal & (row_of == i)][keep - 1]) + 1
         cuts.append(Cut(index, _below(value, x.dtype), value))
     return cuts
 
