@@ -5,15 +5,17 @@ A basis ``Q`` [m, p] of the columns of ``X`` [m, R] comes with its coordinates `
 small, or None for the identity), so that a small result ``M`` comes back as ``F (T M)``: one
 GEMM on the tall side whichever way the basis was found.
 
-- **Gram** (:func:`gram_basis`): ``G = X^T X`` (one GEMM, accumulated in float64) and its
+- **Gram** (:func:`gram_basis`): ``G = X^T X`` (one GEMM, in float64, or first in float32 for
+  float32 factors: :data:`GRAM_TIERS`) and its
   eigendecomposition ``G = W diag(s^2) W^T`` (``R x R``) give ``X``'s left singular vectors
   ``Q = X W diag(1/s)`` without forming them: ``F = X`` itself, ``T = W diag(1/s)``, and
   ``C = diag(s) W^T``, whose rows are already ``X``'s singular directions. On a thin stack this
   is a fraction of a Householder QR's time (LAPACK's ``geqrf``/``orgqr`` are half matrix-vector
   work), but it squares the condition number: ``Q`` is orthonormal to about
-  ``eps64 * kappa(X)^2``, and its lift in float32 adds ``eps32 * kappa(X)``. So it is taken only
-  when ``kappa(X) <= 100`` (:data:`GRAM_CONDITION`): errors near 1e-12 in float64 and within
-  float32's own rounding for float32 factors.
+  ``eps * kappa(X)^2`` (``eps`` of the Gram's precision), and its lift in float32 adds
+  ``eps32 * kappa(X)``. So it is taken only when ``kappa(X) <= 100`` (:data:`GRAM_CONDITION`;
+  ``<= 10`` for a float32 Gram): errors near 1e-12 in float64 and within float32's own rounding
+  (1e-5) for float32 factors.
 - **Householder** (:func:`qr_basis`): ``F = Q`` explicit, ``T`` None, ``C`` the triangular
   factor; exact in the factors' precision for any ``X``. Every stack the Gram route refuses goes
   here: rank deficient (duplicate or zero adapters, more rank than rows), or badly scaled.
@@ -47,11 +49,6 @@ class Basis:
     C: torch.Tensor
     singular: bool
 
-    @property
-    def width(self) -> int:
-        """Columns of ``F``: the rank of a result that keeps ``F`` as its factor."""
-        return self.F.shape[1]
-
     def small(self, M: torch.Tensor) -> torch.Tensor:
         """``T @ M``: what ``F`` multiplies to give ``Q @ M``."""
         return M if self.T is None else self.T @ M
@@ -73,8 +70,8 @@ def qr_basis(X: torch.Tensor) -> Basis:
 
 
 def gram_basis(X: torch.Tensor) -> Basis | None:
-    """``X``'s left singular vectors from its float64 Gram matrix, kept implicit, or None when
-    ``X`` is rank deficient or worse conditioned than the Gram route allows (module doc)."""
+    """``X``'s left singular vectors from its Gram matrix, kept implicit, or None when ``X`` is
+    rank deficient or worse conditioned than the Gram route allows (module doc)."""
     decomposed = gram_eigh(X)
     if decomposed is None:
         return None
@@ -87,7 +84,7 @@ def gram_eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     None unless ``X`` [m, R] has ``R <= m`` and is conditioned well enough (:data:`GRAM_TIERS`)."""
     if X.shape[1] > X.shape[0] or not X.shape[1]:
         return None
-    for dtype, condition in GRAM_TIERS[X.dtype]:
+    for dtype, condition in GRAM_TIERS.get(X.dtype, ()):
         Xd = X.to(dtype)
         decomposed = well_conditioned_eigh(Xd.T @ Xd, condition)
         if decomposed is not None:

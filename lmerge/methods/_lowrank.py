@@ -262,7 +262,7 @@ def _concatenated_by_gram(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> Con
     X = torch.cat(Bs, dim=1)  # row-major: as the saved B' it needs no copy
     if X.shape[1] > X.shape[0] or any(A.shape[0] > A.shape[1] for A in As):
         return None  # rank deficient
-    for dtype, condition in GRAM_TIERS[X.dtype]:
+    for dtype, condition in GRAM_TIERS.get(X.dtype, ()):
         found = _concatenated_in(As, X, dtype, condition)
         if found is not None:
             return found
