@@ -230,6 +230,27 @@ def test_classification_batches(data_dir, bert_tokenizer):
     torch.testing.assert_close(module.class_prior(), torch.tensor([0.25, 0.75]))
 
 
+def test_evaluation_batches_by_length_hold_every_example_once_and_pad_less(data_dir, bert_tokenizer):
+    module = TaskDataModule(tokenizer=bert_tokenizer, batch_size=2, max_length=16, **sentiment(data_dir))
+    module.setup("fit")
+
+    def rows(loader) -> tuple[list[tuple[list[int], int]], int]:
+        examples, padded = [], 0
+        for batch in loader:
+            padded += batch["input_ids"].numel()
+            for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+                examples.append((ids[mask.bool()].tolist(), int(label)))
+        return examples, padded
+
+    in_order, padded_in_order = rows(module.dataloader("train", batch_size=2))
+    by_length, padded_by_length = rows(module.dataloader("train", batch_size=2, by_length=True))
+    assert sorted(by_length) == sorted(in_order)  # the same examples, each once, labels kept
+    assert [len(ids) for ids, _ in by_length] == sorted(len(ids) for ids, _ in in_order)
+    assert padded_by_length < padded_in_order
+    # Lightning's validation and test loaders, and the evaluator, batch by length.
+    assert rows(module.val_dataloader())[0] == rows(module.dataloader("validation", by_length=True))[0]
+
+
 def test_label_token_batches_mask_everything_but_the_answer(data_dir, llama_tokenizer):
     from transformers import AutoTokenizer
 

@@ -95,7 +95,9 @@ class CatalogDataModule(MultiTaskDataModule):
         if not self.holdout:
             return super().val_dataloader()
         loaders = {
-            name: self.tasks[name].loader(self._part(name, held_out=True), False, self.tasks[name].eval_batch_size)
+            name: self.tasks[name].loader(
+                self._part(name, held_out=True), False, self.tasks[name].eval_batch_size, by_length=True
+            )
             for name in self.split_tasks("validation")
         }
         return CombinedLoader(loaders, "sequential")

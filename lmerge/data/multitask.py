@@ -94,5 +94,5 @@ class MultiTaskDataModule(LightningDataModule):
         return self._sequential("test")
 
     def _sequential(self, split: str) -> CombinedLoader:
-        loaders = {name: self.tasks[name].dataloader(split) for name in self.split_tasks(split)}
+        loaders = {name: self.tasks[name].dataloader(split, by_length=True) for name in self.split_tasks(split)}
         return CombinedLoader(loaders, "sequential")

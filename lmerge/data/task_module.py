@@ -210,16 +210,21 @@ class TaskDataModule(LightningDataModule):
             if self.has_split(split):
                 self.examples(split)
 
-    def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+    def dataloader(
+        self, split: str, shuffle: bool = False, batch_size: int | None = None, by_length: bool = False
+    ) -> DataLoader:
         """Batches of our ``split``; ``shuffle`` draws through the sampling strategy when one is
         set, else in a seeded random order, from a loader that resumes mid-epoch from a checkpoint.
-        Batches are ``batch_size`` when given, else the training batch size for train and
-        ``eval_batch_size`` for the others."""
+        ``by_length`` (unshuffled only) batches the examples shortest first. Batches are
+        ``batch_size`` when given, else the training batch size for train and ``eval_batch_size``
+        for the others."""
         if batch_size is None:
             batch_size = self.batch_size if split == "train" else self.eval_batch_size
-        return self.loader(self.examples(split), shuffle, batch_size)
+        return self.loader(self.examples(split), shuffle, batch_size, by_length)
 
-    def loader(self, examples: list[dict[str, Any]], shuffle: bool, batch_size: int) -> DataLoader:
+    def loader(
+        self, examples: list[dict[str, Any]], shuffle: bool, batch_size: int, by_length: bool = False
+    ) -> DataLoader:
         """Batches of ``examples`` (some of :meth:`examples`), as :meth:`dataloader` makes them."""
         options = {
             "batch_size": batch_size,
@@ -228,6 +233,10 @@ class TaskDataModule(LightningDataModule):
             "pin_memory": self.pin_memory,
         }
         if not shuffle:
+            if by_length:
+                # Scores and mean losses do not depend on the order; batches of similar lengths pad
+                # little (half the tokens on the demo's tasks), so evaluation runs about twice as fast.
+                examples = sorted(examples, key=lambda example: len(example["input_ids"]))
             return DataLoader(examples, **options)
         sampler = make_sampler([e["label"] for e in examples], self.sampling, self.seed)
         return ResumableLoader(examples, sampler, **options)
@@ -237,10 +246,10 @@ class TaskDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # An empty list tells Lightning to skip validation for a task without that split.
-        return self.dataloader("validation") if self.has_split("validation") else []
+        return self.dataloader("validation", by_length=True) if self.has_split("validation") else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.dataloader("test") if self.has_split("test") else []
+        return self.dataloader("test", by_length=True) if self.has_split("test") else []
 
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """The batch-building function of this task's loaders."""

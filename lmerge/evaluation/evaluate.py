@@ -187,7 +187,7 @@ class Evaluator:
         module = self.data(task)
         started = time.perf_counter()
         with self._inference():
-            batches = _progress(module.dataloader(self.split), f"{task.name} [{self.split}]")
+            batches = _progress(module.dataloader(self.split, by_length=True), f"{task.name} [{self.split}]")
             scored = self.kind.score(self.model, batches, task, module, self.device)
         return TaskScore(scored.value, scored.examples, time.perf_counter() - started, scored.predicted)
 
