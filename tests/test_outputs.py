@@ -90,3 +90,31 @@ def test_a_link_is_replaced_not_followed_and_its_folder_stays_inside(tmp_path):
     with pytest.raises(OutputError, match="outside the output root"):
         link_atomic(root / "escape" / "base_model", outside / "model", root=root)
     assert sorted(p.name for p in outside.iterdir()) == ["model"]
+
+
+def test_many_adapters_with_long_names_merge_into_a_folder_a_file_system_accepts(zoo, tmp_path):
+    """32 adapters whose names join into 800+ bytes (a file name's limit is 255): the merge's
+    folder is named by its first names, how many more and a digest of all, so another set of
+    the same first names gets another folder."""
+    import shutil
+
+    from lmerge.__main__ import main
+
+    names = [f"adapter_for_the_task_number_{i:02d}" for i in range(32)]
+    for i, name in enumerate(names):
+        shutil.copytree(zoo["bert_a" if i % 2 else "bert_b"], tmp_path / name)
+    out = tmp_path / "out"
+
+    def merge(chosen: list[str]) -> str:
+        listed = ",".join(str(tmp_path / name) for name in chosen)
+        assert main(["merge", "--adapters", f"[{listed}]", "--method", "task_vector", "--output_dir", str(out)]) == 0
+        (folder,) = [p.name for p in (out / "merged" / "task_vector").iterdir() if p.name not in seen]
+        seen.add(folder)
+        assert (out / "merged" / "task_vector" / folder / "runs").is_dir()
+        return folder
+
+    seen: set[str] = set()
+    every, all_but_last = merge(names), merge(names[:-1])
+    assert every.startswith("adapter_for_the_task_number_00_") and "_and_" in every
+    assert len(every.encode()) <= 200 and len(all_but_last.encode()) <= 200
+    assert every != all_but_last

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Collection
@@ -34,8 +35,25 @@ def safe_component(name: str, what: str = "name") -> str:
 
 
 def task_combo(names: list[str]) -> str:
-    """Directory name for a set of adapters, e.g. ``sentiment_question``."""
-    return "_".join(safe_component(n, "adapter name") for n in names)
+    """Directory name for a set of adapters, e.g. ``sentiment_question`` (see :func:`joined_names`)."""
+    return joined_names(names, "adapter name")
+
+
+def joined_names(names: list[str], what: str) -> str:
+    """``names`` joined by ``_`` as one folder name. A set too long for that (32 adapters of
+    ordinary names pass the file system's limit) is named by its first names, how many more, and
+    a digest of the whole joined list, so that distinct sets keep distinct folders:
+    ``task0_task1_task2_and_29_more_3f1c9a0b2d4e``."""
+    parts = [safe_component(name, what) for name in names]
+    joined = "_".join(parts)
+    if len(joined.encode()) <= MAX_NAME_BYTES:
+        return joined
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:12]
+    head: list[str] = []
+    # Half the limit for the first names leaves room for the count and digest.
+    while len(head) < len(parts) and len("_".join([*head, parts[len(head)]]).encode()) <= MAX_NAME_BYTES // 2:
+        head.append(parts[len(head)])
+    return "_".join([*head, f"and_{len(parts) - len(head)}_more_{digest}"])
 
 
 def inside_root(root: str | Path, path: str | Path) -> Path:
@@ -120,7 +138,7 @@ def index_path(root: str | Path, method: str, names: list[str]) -> Path:
 
 def task_metrics_link(root: str | Path, task: str, split: str, others: list[str], label: str) -> Path:
     """``<root>/<task>/metrics/eval/<split>/merged/<other_tasks>/<label>/metrics.json``."""
-    other = "_".join(safe_component(o, "task") for o in others) or "alone"
+    other = joined_names(others, "task") or "alone"
     folder = task_eval_dir(root, task, split) / "merged" / other / safe_component(label, "tag")
     return inside_root(root, folder) / "metrics.json"
 
