@@ -76,8 +76,10 @@ def change_scoring_version(world, monkeypatch) -> list[str]:
 
 
 def change_lmerge_version(world, monkeypatch) -> list[str]:
-    real = baseline_key._version
-    monkeypatch.setattr(baseline_key, "_version", lambda package: "99.0" if package == "lmerge" else real(package))
+    real = baseline_key.package_version
+    monkeypatch.setattr(
+        baseline_key, "package_version", lambda package: "99.0" if package == "lmerge" else real(package)
+    )
     return []
 
 

@@ -136,6 +136,45 @@ def test_merge_records_harness_metrics_against_each_adapter_alone(word_llama, ha
     assert f"{TASK}  acc" in capsys.readouterr().out
 
 
+def test_every_input_of_a_harness_baseline_is_in_its_cache_key(word_llama, harness_tasks, tmp_path, monkeypatch):
+    """An adapter's cached harness score is reused only while everything it depends on is the same:
+    a change of any one of them changes the key."""
+    import shutil
+
+    from lmerge.adapters.lora import LoraAdapter
+    from lmerge.evaluation import baseline_key, harness
+
+    def key(adapter=word_llama["first"], config=None, precision="32-true", base=word_llama["base"]) -> dict:
+        suite = HarnessSuite(config or harness_config(harness_tasks), tmp_path / "out", str(base), precision)
+        return suite._cache_key(LoraAdapter(adapter))
+
+    reference = key()
+    assert key() == reference
+    other_base = tmp_path / "base"
+    shutil.copytree(word_llama["base"], other_base)
+    (other_base / "config.json").write_text((other_base / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    edited = tmp_path / "edited"
+    shutil.copytree(word_llama["first"], edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    changes = {
+        "adapter weights": key(adapter=word_llama["second"]),
+        "adapter config": key(adapter=edited),
+        "precision": key(precision="bf16-true"),
+        "harness settings": key(
+            config=HarnessConfig(tasks=[TASK], include_path=str(harness_tasks), include_defaults=False, limit=LIMIT + 1)
+        ),
+        "base model": key(base=other_base),
+    }
+    monkeypatch.setattr(harness, "SCORING_VERSION", "next")
+    changes["scoring version"] = key()
+    monkeypatch.undo()
+    real = baseline_key.package_version
+    monkeypatch.setattr(harness, "package_version", lambda name: "9.9" if name == "lmerge" else real(name))
+    changes["lmerge version"] = key()
+    assert [what for what, changed in changes.items() if changed == reference] == []
+
+
 def test_harness_settings_and_names_are_checked(word_llama, harness_tasks, tasks, tmp_path, capsys):
     from lmerge.__main__ import main
     from lmerge.tasks.spec import catalog_tasks

@@ -50,7 +50,7 @@ def baseline_key(
     subset = parse_eval_subset(eval_subset)
     return {
         "scoring_version": SCORING_VERSION,
-        "lmerge_version": _version("lmerge"),
+        "lmerge_version": package_version("lmerge"),
         "task": task_fields(task),
         "task_kind": kind,
         "data": data_fingerprint(task.dataset),
@@ -92,7 +92,7 @@ def scores_fingerprint(tasks: list[TaskSpec], merged: list[LoraAdapter], *, base
     return _json_digest(
         {
             "scoring_version": SCORING_VERSION,
-            "lmerge_version": _version("lmerge"),
+            "lmerge_version": package_version("lmerge"),
             "merged": [adapter_fingerprint(adapter) for adapter in merged],
             "tasks": portable,
             "base_model": model,
@@ -183,7 +183,8 @@ def _json_digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of ``package`` ("unknown" when it is not installed as a distribution)."""
     try:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:

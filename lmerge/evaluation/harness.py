@@ -25,7 +25,7 @@ from torch import nn
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
-from lmerge.evaluation.baseline_key import SCORING_VERSION, config_digest, model_fingerprint
+from lmerge.evaluation.baseline_key import SCORING_VERSION, config_digest, model_fingerprint, package_version
 from lmerge.outputs import single_metrics_path, write_json_atomic
 
 HARNESS_SOURCE = "eval_harness"
@@ -220,17 +220,16 @@ class HarnessSuite:
         return self._tokenizer
 
     def _cache_key(self, adapter: LoraAdapter) -> dict[str, Any]:
-        from importlib.metadata import version
-
         settings = self.config.settings()
         # Beside the harness's own settings, what the number depends on that baseline caches key on too.
         identity = {
             "adapter_config_sha256": config_digest(adapter.config),
             "base_model": model_fingerprint(self.base_model),
             "scoring_version": SCORING_VERSION,
+            "lmerge_version": package_version("lmerge"),
         }
         return (
-            {"adapter_sha256": adapter.sha256, "precision": self.precision, "lm_eval": version("lm_eval")}
+            {"adapter_sha256": adapter.sha256, "precision": self.precision, "lm_eval": package_version("lm_eval")}
             | settings
             | identity
         )
