@@ -175,7 +175,7 @@ def file_digest(path: Path) -> str:
 
 
 def config_digest(config: dict[str, Any]) -> str:
-    """SHA-256 of a JSON-like config (an adapter's), independent of its key order."""
+    """SHA-256 of a JSON-like value (an adapter's config, a run's identity), independent of key order."""
     return _json_digest(config)
 
 

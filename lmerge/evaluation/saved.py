@@ -3,8 +3,6 @@ LoRA directory), or each task's own adapter alone."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 from lmerge.adapters.lora import HEADS_DIR, LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.errors import ConfigError
+from lmerge.evaluation.baseline_key import config_digest
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import plan_views, record_evaluation
 from lmerge.outputs import check_inputs_outside, safe_component
@@ -54,7 +53,7 @@ def evaluate_saved_adapter(
         evaluation = evaluator.evaluate(heads)
     views = plan_views(output_root, method, names, tag, evaluation)
     identity = [adapter.sha256, adapter.config, tag, evaluation.split, evaluation.namespace, list(evaluation.tasks)]
-    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run_id = config_digest(identity)[:16]
     run_dir = path if metadata_file.is_file() else None
     recorded = record_evaluation(views, metadata, names, run_dir, run_id)
     return SavedEvaluation(evaluation, tag, recorded)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
@@ -21,6 +19,7 @@ from lmerge.adapters.align import align_keys, check_base, check_compatible
 from lmerge.adapters.lora import LoraAdapter, first_nonfinite
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, MethodError
+from lmerge.evaluation.baseline_key import config_digest
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import index_entry, plan_views, results_name
 from lmerge.layers import layer_index
@@ -179,15 +178,11 @@ def _run_id(config: MergeConfig, adapters: list[LoraAdapter], params: dict[str, 
     a learner found (a killed run retried with the same command takes over its own index entry)."""
     identity = {
         "config": asdict(config),
-        "adapters": [(a.name, a.sha256, _config_digest(a)) for a in adapters],
+        "adapters": [(a.name, a.sha256, config_digest(a.config)) for a in adapters],
         "params": params,
         "learned": learned,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _config_digest(adapter: LoraAdapter) -> str:
-    return hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode()).hexdigest()
+    return config_digest(identity)[:16]
 
 
 def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter], baselines: bool = True) -> Evaluator:
@@ -221,8 +216,7 @@ def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:
         if isinstance(value, bool | int | float) or value is None or _WORD.fullmatch(str(value)):
             parts.append(f"{name}={value}")
         else:
-            digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            parts.append(f"{name}={digest}")
+            parts.append(f"{name}={config_digest(value)[:8]}")
     return "_".join(parts)
 
 

@@ -4,8 +4,6 @@ through a study that several processes may share and a killed process resumes.""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from typing import Any
 
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, LMergeError
-from lmerge.evaluation.baseline_key import scores_fingerprint
+from lmerge.evaluation.baseline_key import config_digest, scores_fingerprint
 from lmerge.evaluation.evaluate import Evaluator
 from lmerge.merge.config import MergeConfig
 from lmerge.merge.runner import evaluator_for, merge_to_bundle, prepare_merge
@@ -154,8 +152,7 @@ def study_name(config: SweepConfig, identity: dict[str, Any], fixed: dict[str, A
         "search": {"type": search.type, "grid": search.grid, "space": search.space, "seed": search.seed},
         "init_points": search.init_points,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"study_{search.type}_{digest}"
+    return f"study_{search.type}_{config_digest(key)[:12]}"
 
 
 def _work(config: SweepConfig, space: Space, study: SweepStudy, evaluator: Evaluator, progress: bool) -> int:
