@@ -184,7 +184,7 @@ def tiny_demo_sources(tmp_path: Path, copies: int = 12) -> DemoSources:
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """Data, four fine-tunes, the static merges, the sweeps and four learners on a tiny random BERT;
-    a second run reuses data and adapters."""
+    a second run reuses data, adapters and learned merges."""
     from lmerge.demo.pipeline import LEARNERS, STATIC, SWEEPS, run_demo
 
     sources = tiny_demo_sources(tmp_path)
@@ -227,9 +227,15 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "fine-tuning" in out
+    assert "- learned this run: AdaMerging, gradient CE, SuperMerge, regret smooth-max" in report
     again = run_demo(**settings)
-    assert "cached adapter" in capsys.readouterr().out
-    assert [r.name for r in again.results] == names
+    out = capsys.readouterr().out
+    assert "cached adapter" in out
+    # The learners' merges too: the same specs, scored again on the test split.
+    assert out.count("cached learned merge") == len(LEARNERS)
+    assert [(r.name, r.scores) for r in again.results] == [(r.name, r.scores) for r in outcome.results]
+    assert [r.detail for r in again.results[-len(LEARNERS) :]] == [r.detail for r in outcome.results[-len(LEARNERS) :]]
+    assert "- learned this run: none (cached: their inputs were unchanged)" in again.report.read_text()
 
 
 # `lmerge demo` with the installed packages replaced by the sources written here (JSON, argv[1]).

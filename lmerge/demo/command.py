@@ -21,6 +21,7 @@ def demo(
     test_examples: int = 300,
     seed: int = 0,
     retrain: bool = False,
+    refit: bool = False,
     eval_batch_size: int = 32,
 ) -> None:
     """Build the built-in benchmark (MiniLM, four real text tasks from PyPI) and run every method on it.
@@ -28,7 +29,8 @@ def demo(
     Prepares the data, fine-tunes one LoRA adapter per task (cached), then scores on the test split
     each task's own adapter, uniform, ties, dare, ties in core space, tsv, sweeps over lambda
     (ranked on validation) of task_vector, tsv, iso_c, iso_cts and knots_ties, and the four
-    learners; prints the results table and writes REPORT.md and a chart under <output_dir>/demo.
+    learners (each learned merge cached while its inputs are unchanged); prints the results table
+    and writes REPORT.md and a chart under <output_dir>/demo.
 
     Args:
         output_dir: Root of all outputs (run bundles, evaluations, the report).
@@ -41,6 +43,7 @@ def demo(
         test_examples: Most test rows per task (every reported number).
         seed: Seed of the data splits.
         retrain: Fine-tune every adapter again, even if it is cached.
+        refit: Learn every learner's merge again, even if one learned from the same inputs is cached.
         eval_batch_size: Batch size of evaluation.
     """
     from lmerge.demo.build import SplitSizes
@@ -62,6 +65,7 @@ def demo(
         sizes=SplitSizes(train_examples, validation_examples, test_examples),
         seed=seed,
         retrain=retrain,
+        refit=refit,
         eval_batch_size=eval_batch_size,
     )
     print(f"\n{outcome.table}\n")

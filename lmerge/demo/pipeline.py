@@ -18,11 +18,13 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
+from lmerge.demo.learned_cache import LearnedCache, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import MethodResult, adapters_alone, run_grid_sweep, run_learner, run_static, single_row
 from lmerge.demo.sources import DemoSources
 from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
+from lmerge.tasks.spec import catalog_tasks
 
 # Row label -> config, relative to the configs directory.
 STATIC = {
@@ -74,12 +76,15 @@ def run_demo(
     sizes: SplitSizes,
     seed: int = 0,
     retrain: bool = False,
+    refit: bool = False,
     fit_args: Sequence[str] = (),
     eval_batch_size: int = 32,
     min_label_examples: int | None = None,
 ) -> DemoOutcome:
     """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
-    learner (e.g. ``--trainer.max_steps 5``)."""
+    learner (e.g. ``--trainer.max_steps 5``). Adapters are fine-tuned again with ``retrain`` (or
+    when their recipe changed), learners learn again with ``refit`` (or when any of their inputs
+    changed: :mod:`lmerge.demo.learned_cache`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Every load of the headless base model reports the task head as missing weights: expected here.
     from transformers.utils import logging as transformers_logging
@@ -130,12 +135,19 @@ def run_demo(
         results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
 
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
+    task_specs = catalog_tasks(str(catalog), list(data))
+    learned = []
     for name, config in LEARNERS.items():
         step(f"{name} (configs/{config})")
         command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
         command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
         command += ["--export.save", "none", "--export.eval_tasks", "null", *QUIET, *fit_args]
-        results.append(run_learner(name, Path(config).stem, command, learned_overrides))
+        key = learner_key(configs / config, fit_args, task_specs, base_model)
+        cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key)
+        row, fitted = run_learner(name, Path(config).stem, command, learned_overrides, cache, refit)
+        if fitted:
+            learned.append(name)
+        results.append(row)
 
     step("report")
     table = text_table(results, metrics)
@@ -151,6 +163,7 @@ def run_demo(
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
+        "learned this run": ", ".join(learned) or "none (cached: their inputs were unchanged)",
         "wall time": f"{seconds:.0f} s (CPU time, user + system: {usage.ru_utime + usage.ru_stime:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
     }

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmerge.demo.learned_cache import LearnedCache
 from lmerge.errors import LMergeError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.merge.config import load_merge_config
@@ -127,22 +128,42 @@ def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_over
     return row
 
 
-def run_learner(name: str, tag: str, command: list[str], merge_overrides: dict[str, Any]) -> MethodResult:
+def run_learner(
+    name: str, tag: str, command: list[str], merge_overrides: dict[str, Any], cache: LearnedCache, refit: bool
+) -> tuple[MethodResult, bool]:
     """``lmerge fit`` with ``command``'s arguments (its export writes the learned merge spec), then
     that merge (named ``tag`` in outputs) scored on the test split, as ``lmerge merge --config
-    <merge_spec.yaml>`` would."""
+    <merge_spec.yaml>`` would. Unless ``refit``, a spec ``cache`` holds for the same inputs is
+    scored without learning it again. Returns the row and whether it learned."""
+    started = time.perf_counter()
+    outcome = None if refit else cache.load()
+    learned = outcome is None
+    if learned:
+        outcome = _learn(command)
+        cache.save(outcome, root=cache.path.parent)
+    else:
+        print("  cached learned merge (its inputs are unchanged; --refit to learn it again)")
+    result = run_merge(load_merge_config(outcome["merge_spec"], **merge_overrides, tag=tag))
+    row = MethodResult.from_evaluation(
+        name, "learned", result.evaluation, time.perf_counter() - started, outcome["merge_spec"]
+    )
+    row.extra["coefficients"] = Path(outcome["coefficients"])
+    row.extra["log_dir"] = outcome["log_dir"]
+    return row, learned
+
+
+def _learn(command: list[str]) -> dict[str, Any]:
+    """Run ``lmerge fit`` with ``command``; where its export put the merge spec and coefficients."""
     from lmerge.callbacks import MergeExport
     from lmerge.lightning_cli import lightning
 
-    started = time.perf_counter()
     with warnings.catch_warnings():
         # We hand LightningCLI its arguments on purpose, whatever sys.argv holds.
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
         cli = lightning(command)
     export = next(c for c in cli.trainer.callbacks if isinstance(c, MergeExport))
-    spec = export.bundle / "merge_spec.yaml"
-    result = run_merge(load_merge_config(spec, **merge_overrides, tag=tag))
-    row = MethodResult.from_evaluation(name, "learned", result.evaluation, time.perf_counter() - started, str(spec))
-    row.extra["coefficients"] = export.bundle / "coefficients.png"
-    row.extra["log_dir"] = cli.trainer.log_dir
-    return row
+    return {
+        "merge_spec": str(export.bundle / "merge_spec.yaml"),
+        "coefficients": str(export.bundle / "coefficients.png"),
+        "log_dir": cli.trainer.log_dir,
+    }

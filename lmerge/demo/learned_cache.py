@@ -1,0 +1,91 @@
+"""The demo's learned merges, reused while everything they were learned from is unchanged.
+
+A learner is the demo's slowest step (minutes each on two cores) and, seeded on CPU, gives the same
+coefficients every time it sees the same inputs. So, as the adapters are cached by their recipe
+and the sweeps by their points' keys, each learner's outcome (its exported merge spec) is recorded
+with the key of its inputs, and a later demo scores that spec on the test split instead of
+learning it again. The key holds everything the coefficients depend on: the learner's config
+settings and extra ``lmerge fit`` flags, every task's catalog fields, data files and adapter (by
+content), the base model, lmerge's own source code and the versions of the packages that compute
+the steps. Any change, or ``lmerge demo --refit``, learns it again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmerge.adapters.lora import LoraAdapter
+from lmerge.data import TaskSpec
+from lmerge.evaluation.baseline_key import (
+    adapter_fingerprint,
+    config_digest,
+    data_fingerprint,
+    file_digest,
+    model_fingerprint,
+    package_version,
+    task_fields,
+)
+from lmerge.outputs import write_json_atomic
+from lmerge.yaml_files import read_yaml
+
+PACKAGES = ("torch", "transformers", "peft", "lightning")
+"""Packages whose versions enter the key: they compute the learner's steps."""
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+"""lmerge's package directory, whose Python files enter the key."""
+
+
+@dataclass(frozen=True)
+class LearnedCache:
+    """One learner's record (``path``, JSON) and the key of its inputs it must hold to be reused."""
+
+    path: Path
+    key: str
+
+    def load(self) -> dict[str, Any] | None:
+        """The recorded outcome (``merge_spec``, ``coefficients``, ``log_dir``) when it was learned
+        from these inputs and its merge spec is still there; else None."""
+        if not self.path.is_file():
+            return None
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        outcome = record.get("outcome") if isinstance(record, dict) else None
+        if record.get("key") != self.key or not isinstance(outcome, dict):
+            return None
+        return outcome if Path(str(outcome.get("merge_spec"))).is_file() else None
+
+    def save(self, outcome: dict[str, Any], root: Path) -> None:
+        """Record ``outcome`` under this key (written to a temporary file and renamed)."""
+        write_json_atomic(self.path, {"key": self.key, "outcome": outcome}, root=root)
+
+
+def learner_key(config: Path, fit_args: Sequence[str], tasks: list[TaskSpec], base_model: Path) -> str:
+    """The digest of everything a demo learner's coefficients depend on (module doc)."""
+    return config_digest(
+        {
+            "config": read_yaml(config),
+            "fit_args": list(fit_args),
+            "tasks": {
+                task.name: {
+                    "fields": task_fields(task),
+                    "data": sorted(data_fingerprint(task.dataset).values()),
+                    "adapter": adapter_fingerprint(LoraAdapter(task.adapter)) if task.adapter else None,
+                }
+                for task in tasks
+            },
+            "base_model": model_fingerprint(str(base_model)),
+            "source": source_digest(),
+            "packages": {name: package_version(name) for name in PACKAGES},
+        }
+    )
+
+
+def source_digest(root: Path = SOURCE_ROOT) -> str:
+    """A digest of the content of every Python file of lmerge: any change to the code changes it."""
+    files = sorted(root.rglob("*.py"))
+    return config_digest({str(path.relative_to(root)): file_digest(path) for path in files})
