@@ -89,13 +89,13 @@ def test_a_record_is_reused_for_its_own_key_while_its_merge_spec_is_there(tmp_pa
     spec.write_text("method: weighted_rank\n")
     outcome = {"merge_spec": str(spec), "coefficients": str(spec.parent / "coefficients.png"), "log_dir": None}
     record = tmp_path / "learned" / "supermerge.json"
-    cache = LearnedCache(record, "key-1")
+    cache = LearnedCache(record, "key-1", tmp_path)
     assert cache.load() is None
-    cache.save(outcome, root=tmp_path)
+    cache.save(outcome)
     assert cache.load() == outcome
-    assert LearnedCache(record, "key-2").load() is None
+    assert LearnedCache(record, "key-2", tmp_path).load() is None
     record.write_text("{not json")
     assert cache.load() is None
-    cache.save(outcome, root=tmp_path)
+    cache.save(outcome)
     spec.unlink()
     assert cache.load() is None

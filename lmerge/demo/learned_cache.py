@@ -40,10 +40,12 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class LearnedCache:
-    """One learner's record (``path``, JSON) and the key of its inputs it must hold to be reused."""
+    """One learner's record (``path``, JSON, inside the outputs' ``root``) and the key of its
+    inputs it must hold to be reused."""
 
     path: Path
     key: str
+    root: Path
 
     def load(self) -> dict[str, Any] | None:
         """The recorded outcome (``merge_spec``, ``coefficients``, ``log_dir``) when it was learned
@@ -59,9 +61,9 @@ class LearnedCache:
             return None
         return outcome if Path(str(outcome.get("merge_spec"))).is_file() else None
 
-    def save(self, outcome: dict[str, Any], root: Path) -> None:
+    def save(self, outcome: dict[str, Any]) -> None:
         """Record ``outcome`` under this key (written to a temporary file and renamed)."""
-        write_json_atomic(self.path, {"key": self.key, "outcome": outcome}, root=root)
+        write_json_atomic(self.path, {"key": self.key, "outcome": outcome}, root=self.root)
 
 
 def learner_key(config: Path, fit_args: Sequence[str], tasks: list[TaskSpec], base_model: Path) -> str:

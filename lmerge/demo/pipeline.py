@@ -143,7 +143,7 @@ def run_demo(
         command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
         command += ["--export.save", "none", "--export.eval_tasks", "null", *QUIET, *fit_args]
         key = learner_key(configs / config, fit_args, task_specs, base_model)
-        cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key)
+        cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
         row, fitted = run_learner(name, Path(config).stem, command, learned_overrides, cache, refit)
         if fitted:
             learned.append(name)

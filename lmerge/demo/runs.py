@@ -140,7 +140,7 @@ def run_learner(
     learned = outcome is None
     if learned:
         outcome = _learn(command)
-        cache.save(outcome, root=cache.path.parent)
+        cache.save(outcome)
     else:
         print("  cached learned merge (its inputs are unchanged; --refit to learn it again)")
     result = run_merge(load_merge_config(outcome["merge_spec"], **merge_overrides, tag=tag))
