@@ -139,7 +139,7 @@ def merge_to_bundle(
     evaluation = None
     limit = _largest_saved(config.save.format, adapters)
     with run_bundle(root, method.name, names) as bundle:
-        writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model)
+        writer = writer_for(config.save.format, adapters, config.save.rank, config.save.base_model, bundle.work)
         writers = [writer] + ([evaluator.folder(adapters[0].fan_in_fan_out)] if evaluator else [])
         prepare = _checked(writer.prepare, limit)
         for module in merge_modules(adapters, merge.keys, method, params, merge.lambda_fn, scales, prepare):

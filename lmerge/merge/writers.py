@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
+from lmerge.outputs.tensor_stream import StreamedTensors
 from lmerge.tasks.heads import has_head, read_head, write_head
 
 # Task types whose head belongs to each task (saved per adapter), so the full-weights save
@@ -51,11 +52,12 @@ class LoraWriter:
 
     format = "lora"
 
-    def __init__(self, adapters: list[LoraAdapter], rank: int | None, svd_niter: int = 1) -> None:
+    def __init__(self, adapters: list[LoraAdapter], rank: int | None, work: Path, svd_niter: int = 1) -> None:
         self.adapters = adapters
         self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
         self.svd_niter = svd_niter
-        self.tensors: dict[str, torch.Tensor] = {}
+        # Each module's factors go to disk as they come (``work``: the bundle being built).
+        self.tensors = StreamedTensors(work / f"{WEIGHTS_FILE}.part", root=work)
         self.ranks: dict[str, int] = {}
         self.svd_errors: dict[str, float] = {}
 
@@ -72,8 +74,8 @@ class LoraWriter:
         if module.svd_error is not None:
             self.svd_errors[module.key] = module.svd_error
         dtype = self.adapters[0].dtype
-        self.tensors[f"{PEFT_PREFIX}{module.key}.lora_A.weight"] = A.to(dtype).contiguous()
-        self.tensors[f"{PEFT_PREFIX}{module.key}.lora_B.weight"] = B.to(dtype).contiguous()
+        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_A.weight", A.to(dtype))
+        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_B.weight", B.to(dtype))
         self.ranks[module.key] = A.shape[0]
 
     def write(self, out: Path) -> dict[str, Any]:
@@ -97,7 +99,7 @@ class LoraWriter:
             # PEFT would demand one classifier inside the adapter; each task's head is in heads/.
             config["task_type"] = None
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(self.tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        self.tensors.finish(out / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]
         info: dict[str, Any] = {"format": self.format, "rank": rank, "files": files}
         # 0 when every module is saved as merged (factor, linear and low-rank merges, dense ones in core space).
@@ -205,10 +207,10 @@ def _files(out: Path) -> list[str]:
     return [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
 
 
-def writer_for(fmt: str, adapters: list[LoraAdapter], rank: int | None, base_model: str | None):
-    """The writer for save format ``fmt``."""
+def writer_for(fmt: str, adapters: list[LoraAdapter], rank: int | None, base_model: str | None, work: Path):
+    """The writer for save format ``fmt``, writing into ``work`` (the run bundle being built)."""
     builders = {
-        "lora": lambda: LoraWriter(adapters, rank),
+        "lora": lambda: LoraWriter(adapters, rank, work),
         "full": lambda: FullWriter(adapters, base_model),
         "none": NullWriter,
     }
