@@ -94,8 +94,9 @@ def test_a_record_is_reused_for_its_own_key_while_its_merge_spec_is_there(tmp_pa
     cache.save(outcome)
     assert cache.load() == outcome
     assert LearnedCache(record, "key-2", tmp_path).load() is None
-    record.write_text("{not json")
-    assert cache.load() is None
+    for damaged in ("{not json", "[1, 2]", '{"key": "key-1", "outcome": {"merge_spec": 3}}'):
+        record.write_text(damaged)
+        assert cache.load() is None
     cache.save(outcome)
     spec.unlink()
     assert cache.load() is None

@@ -56,10 +56,12 @@ class LearnedCache:
             record = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        outcome = record.get("outcome") if isinstance(record, dict) else None
-        if record.get("key") != self.key or not isinstance(outcome, dict):
+        if not isinstance(record, dict) or record.get("key") != self.key:
             return None
-        return outcome if Path(str(outcome.get("merge_spec"))).is_file() else None
+        outcome = record.get("outcome")
+        if not isinstance(outcome, dict) or not isinstance(outcome.get("merge_spec"), str):
+            return None
+        return outcome if Path(outcome["merge_spec"]).is_file() else None
 
     def save(self, outcome: dict[str, Any]) -> None:
         """Record ``outcome`` under this key (written to a temporary file and renamed)."""
