@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import lmerge.demo.learned_cache as learned_cache
-from lmerge.demo.learned_cache import LearnedCache, learner_key, source_digest
+from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key, source_digest
 from lmerge.tasks.spec import catalog_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def inputs(zoo, tasks, tmp_path) -> dict[str, Path]:
 
 def key_of(inputs: dict[str, Path], fit_args: tuple[str, ...] = ()) -> str:
     specs = catalog_tasks(str(inputs["catalog"]), ["alpha"])
-    return learner_key(inputs["config"], fit_args, specs, inputs["base"])
+    return learner_key(inputs["config"], fit_args, inputs_digest(specs, inputs["base"]))
 
 
 def test_the_key_changes_with_every_input_of_a_learner_and_nothing_else(inputs, monkeypatch):

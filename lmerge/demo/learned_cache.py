@@ -68,12 +68,11 @@ class LearnedCache:
         write_json_atomic(self.path, {"key": self.key, "outcome": outcome}, root=self.root)
 
 
-def learner_key(config: Path, fit_args: Sequence[str], tasks: list[TaskSpec], base_model: Path) -> str:
-    """The digest of everything a demo learner's coefficients depend on (module doc)."""
+def inputs_digest(tasks: list[TaskSpec], base_model: Path) -> str:
+    """The digest of what every demo learner learns from (module doc): the tasks, the base model,
+    lmerge's source code and the packages' versions; computed once for all the learners."""
     return config_digest(
         {
-            "config": read_yaml(config),
-            "fit_args": list(fit_args),
             "tasks": {
                 task.name: {
                     "fields": task_fields(task),
@@ -87,6 +86,11 @@ def learner_key(config: Path, fit_args: Sequence[str], tasks: list[TaskSpec], ba
             "packages": {name: package_version(name) for name in PACKAGES},
         }
     )
+
+
+def learner_key(config: Path, fit_args: Sequence[str], inputs: str) -> str:
+    """The key of one learner: its config's settings and extra flags, and the :func:`inputs_digest`."""
+    return config_digest({"config": read_yaml(config), "fit_args": list(fit_args), "inputs": inputs})
 
 
 def source_digest(root: Path = SOURCE_ROOT) -> str:

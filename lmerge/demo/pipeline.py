@@ -18,7 +18,7 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
-from lmerge.demo.learned_cache import LearnedCache, learner_key
+from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import MethodResult, adapters_alone, run_grid_sweep, run_learner, run_static, single_row
 from lmerge.demo.sources import DemoSources
@@ -135,14 +135,14 @@ def run_demo(
         results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
 
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
-    task_specs = catalog_tasks(str(catalog), list(data))
+    inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
     learned = []
     for name, config in LEARNERS.items():
         step(f"{name} (configs/{config})")
         command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
         command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
         command += ["--export.save", "none", "--export.eval_tasks", "null", *QUIET, *fit_args]
-        key = learner_key(configs / config, fit_args, task_specs, base_model)
+        key = learner_key(configs / config, fit_args, inputs)
         cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
         row, fitted = run_learner(name, Path(config).stem, command, learned_overrides, cache, refit)
         if fitted:

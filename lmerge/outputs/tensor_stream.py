@@ -34,7 +34,8 @@ class StreamedTensors:
     def __init__(self, data: Path, *, root: Path) -> None:
         self.root = root
         self.data_path = inside_root(root, data)
-        self.data = open(self.data_path, "xb")  # noqa: SIM115 - open until finish() or close()
+        # Open until finish(); a failed merge removes its staging bundle, this file with it.
+        self.data = open(self.data_path, "xb")  # noqa: SIM115
         self.entries: dict[str, dict] = {}
         self.size = 0
 
@@ -59,9 +60,4 @@ class StreamedTensors:
         with open(inside_root(self.root, path), "xb") as out, open(self.data_path, "rb") as data:
             out.write(struct.pack("<Q", len(encoded)) + encoded)
             shutil.copyfileobj(data, out, _CHUNK)
-        remove_file(self.data_path, root=self.root)
-
-    def close(self) -> None:
-        """Drop the data file (a merge that failed before :meth:`finish`)."""
-        self.data.close()
         remove_file(self.data_path, root=self.root)
