@@ -48,11 +48,13 @@ LEARNERS = [
     (AdaMerging, "test", {"lr": 0.05}),
     (GradientCE, "validation", {"ce_baseline_batches": 2}),
     (SuperMerge, "validation", {}),
+    (SuperMerge, "train", {"targets": "adapters"}),
     (RegretSmoothMax, "validation", {"baseline_batches": 2}),
 ]
+LEARNER_IDS = ["AdaMerging", "GradientCE", "SuperMerge", "SuperMerge-distilled", "RegretSmoothMax"]
 
 
-@pytest.mark.parametrize("learner_class,split,options", LEARNERS, ids=[c[0].__name__ for c in LEARNERS])
+@pytest.mark.parametrize("learner_class,split,options", LEARNERS, ids=LEARNER_IDS)
 def test_learner_trains_and_its_export_reproduces_the_model(zoo, tasks, tmp_path, learner_class, split, options):
     learner = learner_class(str(tasks), ["alpha", "beta"], ["alpha", "beta"], **options)
     before = learner.coefficients.values()

@@ -288,6 +288,11 @@ class MergeLearner(LightningModule):
         with self.fused.use_coefficients(fixed):
             yield
 
+    def own_adapter_logits(self, task: str, batch: Batch) -> torch.Tensor:
+        """The logits of ``task``'s own adapter alone on ``batch`` (no gradient): a distillation target."""
+        with torch.no_grad(), self.fixed_coefficients(self.one_hot(self.adapter_for_task(task))):
+            return self.task_logits(task, batch)
+
     def one_hot(self, adapter_index: int) -> list[list[float]]:
         """Coefficients that select one adapter alone, in every group."""
         return [[1.0 if i == adapter_index else 0.0 for i in range(len(self.adapters))] for _ in self.group_names]

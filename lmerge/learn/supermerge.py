@@ -1,5 +1,6 @@
-"""SuperMerge: supervised, signed coefficients (tanh) learned on validation data, optionally
-hierarchically: each group of adapters is merged first, on its own tasks, then the groups."""
+"""SuperMerge: supervised, signed coefficients (tanh) learned on validation data (or fitted to each
+task's own adapter's predictions), optionally hierarchically: each group of adapters is merged
+first, on its own tasks, then the groups."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class SuperMerge(MergeLearner):
         init: float | list[float] = 0.3,
         lr: float = 1e-2,
         hierarchical: dict[str, Any] | None = None,
+        targets: Literal["labels", "adapters"] = "labels",
         **kwargs: Any,
     ) -> None:
         """
@@ -42,6 +44,10 @@ class SuperMerge(MergeLearner):
                 for ``stage_steps`` steps each task sees only its own group's adapters and the coefficients
                 within groups learn; then every group is on and one signed weight per group and layer learns
                 (the within-group coefficients frozen). The learned coefficient of an adapter is the product.
+            targets: What each task's merged predictions are fitted to: ``labels``, the task's labels (the
+                paper's cross-entropy); ``adapters``, the predictions of the task's own adapter on the same
+                inputs (distillation, ``KL(adapter || merged)``; no label is read, so any split's inputs serve,
+                the adapters' training inputs included).
             **kwargs: Shared learner options (see ``MergeLearner``).
         """
         super().__init__(
@@ -58,9 +64,12 @@ class SuperMerge(MergeLearner):
             self.coefficients = HierarchicalCoefficients(self.coefficients, groups)
 
     def on_fit_start(self) -> None:
-        # SuperMerge learns on held-out labelled data, as in the paper.
-        if self.trainer.datamodule.fit_split != "validation":
-            raise ConfigError("data.fit_split must be 'validation' for SuperMerge")
+        # Labels of the test split would leak into the merge that is scored on it.
+        if self.hparams.targets == "labels" and self.trainer.datamodule.fit_split == "test":
+            raise ConfigError(
+                "data.fit_split test: SuperMerge with targets labels would learn from the test labels; "
+                "fit on validation (the paper's) or train, or use targets adapters"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if isinstance(self.coefficients, HierarchicalCoefficients):
@@ -80,6 +89,8 @@ class SuperMerge(MergeLearner):
     def task_objective(self, task: str, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # Per-task heads differ in their number of classes, so the loss is computed here; for a
         # causal LM it is the same token-normalized CE the model's own ``loss`` returns.
+        if self.hparams.targets == "adapters":
+            return self.kind.distillation_loss(logits, self.own_adapter_logits(task, batch), batch)
         return self.kind.loss(logits, batch)
 
 

@@ -1,10 +1,12 @@
-"""Pieces of batches that every kind shares: padding the inputs, moving a batch to a device."""
+"""Pieces of batches that every kind shares: padding the inputs, moving a batch to a device, the
+divergence of one prediction from another."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmerge.tasks.kinds.registry import Batch
 
@@ -32,3 +34,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def class_count(label_names: list[str] | None) -> int:
     """Classes a task's metric is built for: its label names, or two (right / wrong) without."""
     return len(label_names or ()) or 2
+
+
+def class_kl(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(teacher) || softmax(logits))`` over the last dim, mean over the rows."""
+    rows = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)
+    targets = teacher.reshape(-1, teacher.shape[-1]).float().log_softmax(-1)
+    return F.kl_div(rows, targets, log_target=True, reduction="batchmean")

@@ -1,6 +1,6 @@
 """Language-model pieces that kinds answering in tokens share: the forward pass (an
 encoder-decoder also gets the answer as decoder targets), aligning logits with the tokens they
-predict, teacher-forced cross-entropy, and tokenizing an answer."""
+predict, teacher-forced cross-entropy and distillation, and tokenizing an answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmerge.tasks.kinds._batches import IGNORE_INDEX
+from lmerge.tasks.kinds._batches import IGNORE_INDEX, class_kl
 from lmerge.tasks.kinds.registry import Batch
 
 
@@ -32,6 +32,14 @@ def token_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Token-normalized cross-entropy of a language model on ``labels != -100``."""
     logits, labels = aligned(logits.float(), batch["labels"], batch)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def token_kl(logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """:func:`class_kl` at the positions that predict an answer token (``labels != -100``)."""
+    logits, labels = aligned(logits, batch["labels"], batch)
+    teacher, _ = aligned(teacher, batch["labels"], batch)
+    answer = labels != IGNORE_INDEX
+    return class_kl(logits[answer], teacher[answer])
 
 
 def answer_start_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -37,7 +37,7 @@ from lmerge.tasks.heads import (
     read_head,
     write_head,
 )
-from lmerge.tasks.kinds._batches import class_count, pad_inputs, to_device
+from lmerge.tasks.kinds._batches import class_count, class_kl, pad_inputs, to_device
 from lmerge.tasks.kinds.registry import Batch, Scored, TaskData, TaskKind, get_kind, register_kind
 
 if TYPE_CHECKING:
@@ -87,6 +87,10 @@ class Classification(TaskKind):
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy of the head's logits against the class labels."""
         return F.cross_entropy(logits.float(), batch["labels"])
+
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean over the batch of ``KL(teacher || model)`` over the classes."""
+        return class_kl(logits, teacher)
 
     def predict(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[B, C] class probabilities."""

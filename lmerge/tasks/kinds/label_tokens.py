@@ -34,6 +34,7 @@ from lmerge.tasks.kinds._language_model import (
     forward_logits,
     keep_end,
     token_ce,
+    token_kl,
 )
 from lmerge.tasks.kinds.registry import Batch, Scored, TaskData, TaskKind, register_kind
 
@@ -65,6 +66,11 @@ class LabelTokens(TaskKind):
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Token-normalized cross-entropy on the answer tokens."""
         return token_ce(logits, batch)
+
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``KL(teacher || model)`` over the vocabulary at each answer token (teacher-forced), mean
+        over the answer tokens: the labels say only where the answer is."""
+        return token_kl(logits, teacher, batch)
 
     def predict(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[B, C] probabilities at the end of each prompt: over the label words' first tokens when

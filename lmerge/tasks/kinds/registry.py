@@ -137,6 +137,11 @@ class TaskKind(ABC):
         """The supervised training loss (mean over the batch)."""
 
     @abstractmethod
+    def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """KL divergence of ``logits``' predictions from ``teacher``'s (logits on the same batch),
+        mean over what the supervised loss averages; reads no label value."""
+
+    @abstractmethod
     def predict(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[B, C] predictive distribution, read without the labels (for unlabeled objectives)."""
 

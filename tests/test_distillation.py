@@ -1,0 +1,68 @@
+"""Distillation targets: each task's merged predictions fitted to its own adapter's (SuperMerge
+``targets: adapters``), for classification heads and for answer tokens, reading no label."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_learners import data_for, fit
+
+from lmerge.errors import ConfigError
+from lmerge.learn import SuperMerge
+from lmerge.tasks.kinds._batches import IGNORE_INDEX, class_kl
+from lmerge.tasks.kinds._language_model import token_kl
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def test_class_kl_is_the_mean_kl_of_the_teacher_from_the_model():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    p, q = teacher.softmax(-1), logits.softmax(-1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(class_kl(logits, teacher), by_hand.float())
+    assert float(class_kl(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_kl_counts_only_the_positions_that_predict_answer_tokens():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    labels[0, 3:5] = torch.tensor([4, 7])  # a causal LM's positions 2, 3 predict them
+    labels[1, 5] = 2  # position 4
+    batch = {"labels": labels}
+    rows = [(0, 2), (0, 3), (1, 4)]
+    by_hand = class_kl(torch.stack([logits[r] for r in rows]), torch.stack([teacher[r] for r in rows]))
+    torch.testing.assert_close(token_kl(logits, teacher, batch), by_hand)
+    changed = logits.clone()
+    changed[0, :2], changed[1, 5] = 100.0, -100.0  # prompt positions and the last one predict nothing
+    torch.testing.assert_close(token_kl(changed, teacher, batch), by_hand)
+    labels[0, 3], labels[1, 5] = 0, 1  # other answers at the same places: the labels' values are not read
+    torch.testing.assert_close(token_kl(logits, teacher, batch), by_hand)
+
+
+@pytest.mark.parametrize("tasks_of", [("alpha", "beta"), ("yes", "maybe")], ids=["bert_heads", "llama_tokens"])
+def test_distilling_reads_no_label_and_is_zero_at_the_tasks_own_adapter(tasks, tasks_of):
+    own, other = tasks_of
+    learner = SuperMerge(str(tasks), [own, other], [own], targets="adapters")
+    learner.configure_model()
+    data = data_for(tasks, "train", names=(own,))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader().iterables[own]))
+    objective = lambda b: float(learner.task_objective(own, learner.task_logits(own, b), b))  # noqa: E731
+    merged = objective(batch)
+    assert merged > 1e-4
+    labels = batch["labels"]
+    wrong = {**batch, "labels": torch.where(labels == IGNORE_INDEX, labels, (labels + 1) % 3)}
+    assert objective(wrong) == pytest.approx(merged, rel=1e-6)
+    with learner.fixed_coefficients(learner.one_hot(0)):
+        assert objective(batch) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_labels_of_the_test_split_are_refused_but_its_inputs_may_be_distilled(tasks, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.fit_split test: SuperMerge with targets labels"):
+        fit(SuperMerge(str(tasks), ["alpha", "beta"]), data_for(tasks, "test"), 1, tmp_path)
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], targets="adapters", lr=0.1)
+    before = learner.coefficients.values()
+    fit(learner, data_for(tasks, "test"), 3, tmp_path)
+    assert learner.coefficients.values() != before
