@@ -152,7 +152,9 @@ def write_report(
     lines += [
         "`normalized`: mean over tasks of score / the task's own adapter's score; `min delta`: the worst "
         "task's score minus its own adapter's. The sweeps pick their point on the validation split; "
-        "AdaMerging reads the unlabeled test inputs; the other learners train on the validation split.",
+        "AdaMerging reads the unlabeled test inputs and SuperMerge fits each task's own adapter's "
+        "predictions on the train split's inputs, both stopped on the validation split; gradient CE and "
+        "regret smooth-max train on the validation split.",
         "",
         f"![per-task scores, task-vector similarities and sizes]({chart.name})",
         "",
