@@ -1,5 +1,6 @@
 """Distillation targets: each task's merged predictions fitted to its own adapter's (SuperMerge
-``targets: adapters``), for classification heads and for answer tokens, reading no label."""
+``targets: adapters``, AdaMerging's ``distillation_weight``), for classification heads and for
+answer tokens, reading no label."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from test_learners import data_for, fit
 
 from lmerge.errors import ConfigError
-from lmerge.learn import SuperMerge
+from lmerge.learn import AdaMerging, SuperMerge
 from lmerge.tasks.kinds._batches import IGNORE_INDEX, class_kl
 from lmerge.tasks.kinds._language_model import token_kl
 
@@ -66,3 +67,32 @@ def test_labels_of_the_test_split_are_refused_but_its_inputs_may_be_distilled(ta
     before = learner.coefficients.values()
     fit(learner, data_for(tasks, "test"), 3, tmp_path)
     assert learner.coefficients.values() != before
+
+
+def test_test_split_answers_in_language_model_inputs_are_refused(tasks, tmp_path):
+    learner = SuperMerge(str(tasks), ["yes", "maybe"], targets="adapters")
+    with pytest.raises(ConfigError, match=r"data.fit_split test: label_tokens batches hold the answers"):
+        fit(learner, data_for(tasks, "test", names=("yes", "maybe")), 1, tmp_path)
+
+
+@pytest.mark.parametrize("tasks_of", [("alpha", "beta"), ("yes", "maybe")], ids=["bert_heads", "llama_tokens"])
+def test_adamerging_distillation_term_is_the_kl_from_the_own_adapters_predictions(tasks, tasks_of):
+    own, other = tasks_of
+    plain = AdaMerging(str(tasks), [own, other], [own])
+    anchored = AdaMerging(str(tasks), [own, other], [own], distillation_weight=2.0)
+    data = data_for(tasks, "test", names=(own,))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader().iterables[own]))
+    objectives = []
+    for learner in (plain, anchored):
+        learner.configure_model()
+        logits = learner.task_logits(own, batch)
+        objectives.append(float(learner.task_objective(own, logits, batch)))
+        with learner.fixed_coefficients(learner.one_hot(0)):
+            alone = learner.task_logits(own, batch)
+    merged, target = plain.kind.predict(logits, batch), plain.kind.predict(alone, batch)
+    by_hand = (target * (target.log() - merged.log())).sum(-1).mean()
+    assert objectives[1] - objectives[0] == pytest.approx(2.0 * float(by_hand), rel=1e-4)
+    assert float(by_hand) > 1e-5
+    with pytest.raises(ConfigError, match=r"model.distillation_weight: must be >= 0, got -1"):
+        AdaMerging(str(tasks), [own, other], distillation_weight=-1)

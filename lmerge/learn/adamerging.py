@@ -25,6 +25,7 @@ class AdaMerging(MergeLearner):
         init: float | list[float] = 0.3,
         lr: float = 1e-3,
         diversity_weight: float = 0.0,
+        distillation_weight: float = 0.0,
         distribution_max_classes: int = 32,
         **kwargs: Any,
     ) -> None:
@@ -40,6 +41,10 @@ class AdaMerging(MergeLearner):
             diversity_weight: Information-maximization weight (0 = the paper's objective): also keep the
                 batch-mean prediction close to the task's training class prior when known, else maximize its entropy,
                 against the collapse to one class that entropy minimization alone can reach.
+            distillation_weight: Weight of ``KL(own adapter || merged)`` between the predictive distributions the
+                entropy is taken of, each task's own adapter alone on the same inputs against the merge (0 = the
+                paper's objective): a safeguard that keeps every task near what its adapter predicts, from the
+                same unlabeled inputs.
             distribution_max_classes: Log each task's predicted-class distribution (one scalar per class and
                 step) up to this many classes; above it (e.g. a vocabulary), a summary: the entropy of the
                 batch-mean prediction and the mass of its top 1 and top 5 classes.
@@ -49,7 +54,11 @@ class AdaMerging(MergeLearner):
         super().__init__(catalog, adapters, tasks, granularity=granularity, init=init, lr=lr, **kwargs)
         if distribution_max_classes < 0:
             raise ConfigError(f"model.distribution_max_classes: must be >= 0, got {distribution_max_classes}")
+        for name, weight in (("diversity_weight", diversity_weight), ("distillation_weight", distillation_weight)):
+            if not weight >= 0:
+                raise ConfigError(f"model.{name}: must be >= 0, got {weight}")
         self.diversity_weight = diversity_weight
+        self.distillation_weight = distillation_weight
         self.priors: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self) -> None:
@@ -72,6 +81,9 @@ class AdaMerging(MergeLearner):
             else:
                 spread = -entropy(mean)
             term = term + self.diversity_weight * spread
+        if self.distillation_weight:
+            own = self.kind.predict(self.own_adapter_logits(task, batch), batch)
+            term = term + self.distillation_weight * kl_divergence(own, probs).mean()
         return term
 
     def _log_distribution(self, task: str, mean: torch.Tensor) -> None:
@@ -85,6 +97,11 @@ class AdaMerging(MergeLearner):
         self.log(f"predicted_distribution/{task}/entropy", entropy(mean))
         self.log(f"predicted_distribution/{task}/top1_mass", top[0])
         self.log(f"predicted_distribution/{task}/top5_mass", top.sum())
+
+
+def kl_divergence(target: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``KL(target || probs)`` (nats) of each row."""
+    return (target * (target.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log())).sum(-1)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

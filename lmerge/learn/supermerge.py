@@ -64,11 +64,19 @@ class SuperMerge(MergeLearner):
             self.coefficients = HierarchicalCoefficients(self.coefficients, groups)
 
     def on_fit_start(self) -> None:
-        # Labels of the test split would leak into the merge that is scored on it.
-        if self.hparams.targets == "labels" and self.trainer.datamodule.fit_split == "test":
+        # Labels of the test split would leak into the merge that is scored on it; so would the
+        # answers a language-model task's batches carry in their inputs (teacher forcing).
+        if self.trainer.datamodule.fit_split != "test":
+            return
+        if self.hparams.targets == "labels":
             raise ConfigError(
                 "data.fit_split test: SuperMerge with targets labels would learn from the test labels; "
                 "fit on validation (the paper's) or train, or use targets adapters"
+            )
+        if self.kind.text_answers:
+            raise ConfigError(
+                f"data.fit_split test: {self.kind} batches hold the answers in their inputs, so SuperMerge would "
+                "learn from the test answers; fit on train or validation"
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
