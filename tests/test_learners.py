@@ -242,8 +242,8 @@ def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path):
 
 FIT_CONFIG = """
 model:
-  class_path: lmerge.learn.AdaMerging
-  init_args: {{adapters: [alpha, beta], granularity: task_wise, lr: 0.05}}
+  class_path: lmerge.learn.SuperMerge
+  init_args: {{adapters: [alpha, beta], variant: task_wise, lr: 0.05, targets: adapters}}
 data: {{catalog: {catalog}, tasks: [alpha, beta], fit_split: test, batch_size: {batch}}}
 trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
 export: {{output_dir: {out}}}
@@ -308,7 +308,8 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_coefficients(tasks, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
-    """Two gloo processes with 4 examples each take the same steps as one process with 8."""
+    """Two gloo processes with 4 examples each take the same steps as one process with 8 (SuperMerge
+    distilling: each step also runs each task's own adapter, without gradient)."""
     import subprocess
     import sys
 
@@ -337,7 +338,7 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
 FSDP_CONFIG = """
 model:
   class_path: lmerge.learn.AdaMerging
-  init_args: {{adapters: ["yes", maybe], granularity: layer_wise, lr: 0.05}}
+  init_args: {{adapters: ["yes", maybe], granularity: layer_wise, lr: 0.05, distillation_weight: 1.0}}
 data: {{catalog: {catalog}, tasks: ["yes", maybe], fit_split: test, batch_size: {batch}}}
 trainer: {{max_steps: 3, logger: false, enable_checkpointing: false, enable_progress_bar: false, limit_val_batches: 0}}
 export: {{output_dir: {out}}}
@@ -349,7 +350,9 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     """Lightning's FSDP (``tests/fsdp_cpu.py``: the stock strategy given the CPU device) over two gloo
     processes, 4 examples each, on the Llama tasks: each decoder layer is its own FSDP unit (the base
     model sharded), the coefficients are replicated, and the learned coefficients equal one process's
-    with 8 examples. GradientCE, whose baselines run the model before training, learns under FSDP too."""
+    with 8 examples, AdaMerging's anchor (a second, gradient-free forward of each task's own adapter
+    in every step) included. GradientCE, whose baselines run the model before training, learns under
+    FSDP too."""
     import os
     import subprocess
     import sys
@@ -382,6 +385,7 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     config = tmp_path / "gradient.yaml"
     text = FSDP_CONFIG.format(catalog=tasks, batch=4, out=tmp_path / "gradient")
     text = text.replace("lmerge.learn.AdaMerging", "lmerge.learn.GradientCE").replace("test,", "validation,")
+    text = text.replace(", distillation_weight: 1.0", "")
     config.write_text(text.replace("lr: 0.05}", "lr: 0.05, ce_baseline_batches: 2}"))
     command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
     done = subprocess.run([*command, *strategy], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
