@@ -208,3 +208,14 @@ def test_real_command_exit_code_and_debug(tmp_path):
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=tmp_path)
     assert "Traceback" in debug.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_the_demo_flags_its_messages_name_parse():
+    """The demo's console says ``--retrain true`` / ``--refit true`` (jsonargparse booleans take a value)."""
+    from lmerge.__main__ import build_parser
+
+    sources = "".join((ROOT / "lmerge" / "demo" / name).read_text() for name in ("runs.py", "pipeline.py"))
+    assert "--refit true to learn it again" in sources and "--retrain true to train it again" in sources
+    parser, _ = build_parser()
+    settings = parser.parse_args(["demo", "--refit", "true", "--retrain", "true"])
+    assert settings.demo.refit is True and settings.demo.retrain is True

@@ -7,7 +7,7 @@ with the key of its inputs, and a later demo scores that spec on the test split 
 learning it again. The key holds everything the coefficients depend on: the learner's config
 settings and extra ``lmerge fit`` flags, every task's catalog fields, data files and adapter (by
 content), the base model, lmerge's own source code and the versions of the packages that compute
-the steps. Any change, or ``lmerge demo --refit``, learns it again.
+the steps. Any change, or ``lmerge demo --refit true``, learns it again.
 """
 
 from __future__ import annotations

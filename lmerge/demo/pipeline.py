@@ -109,7 +109,7 @@ def run_demo(
     to_train = list(data) if retrain else [task for task in data if task in stale]
     for task in data:
         if task not in to_train:
-            print(f"  {task}: cached adapter (--retrain to train it again)")
+            print(f"  {task}: cached adapter (--retrain true to train it again)")
             continue
         print(f"  {task}: fine-tuning")
         _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *QUIET, *fit_args])

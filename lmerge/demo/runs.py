@@ -142,7 +142,7 @@ def run_learner(
         outcome = _learn(command)
         cache.save(outcome)
     else:
-        print("  cached learned merge (its inputs are unchanged; --refit to learn it again)")
+        print("  cached learned merge (its inputs are unchanged; --refit true to learn it again)")
     result = run_merge(load_merge_config(outcome["merge_spec"], **merge_overrides, tag=tag))
     row = MethodResult.from_evaluation(
         name, "learned", result.evaluation, time.perf_counter() - started, outcome["merge_spec"]
