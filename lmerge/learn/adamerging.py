@@ -77,7 +77,7 @@ class AdaMerging(MergeLearner):
         if self.diversity_weight:
             prior = self.priors.get(task)
             if prior is not None and len(prior) == len(mean):
-                spread = (mean * (mean.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
+                spread = kl_divergence(mean, prior)
             else:
                 spread = -entropy(mean)
             term = term + self.diversity_weight * spread

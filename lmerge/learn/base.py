@@ -288,9 +288,13 @@ class MergeLearner(LightningModule):
         with self.fused.use_coefficients(fixed):
             yield
 
+    def own_adapter_alone(self, task: str) -> contextlib.AbstractContextManager[None]:
+        """Run the fused model as ``task``'s own adapter alone (one-hot coefficients)."""
+        return self.fixed_coefficients(self.one_hot(self.adapter_for_task(task)))
+
     def own_adapter_logits(self, task: str, batch: Batch) -> torch.Tensor:
         """The logits of ``task``'s own adapter alone on ``batch`` (no gradient): a distillation target."""
-        with torch.no_grad(), self.fixed_coefficients(self.one_hot(self.adapter_for_task(task))):
+        with torch.no_grad(), self.own_adapter_alone(task):
             return self.task_logits(task, batch)
 
     def one_hot(self, adapter_index: int) -> list[list[float]]:

@@ -16,9 +16,8 @@ def baseline_losses(learner: MergeLearner, batches: int) -> dict[str, float]:
     for task in learner.task_specs:
         loader = datamodule.tasks[task].dataloader(datamodule.fit_split, batch_size=datamodule.fit_batch_size)
         total, count = 0.0, 0
-        one_hot = learner.fixed_coefficients(learner.one_hot(learner.adapter_for_task(task)))
         # Under the training steps' precision (autocast with bf16-mixed), so a baseline compares like with like.
-        with torch.no_grad(), one_hot, learner.trainer.precision_plugin.forward_context():
+        with torch.no_grad(), learner.own_adapter_alone(task), learner.trainer.precision_plugin.forward_context():
             for index, batch in enumerate(loader):
                 if index >= batches:
                     break
