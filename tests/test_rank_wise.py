@@ -117,7 +117,12 @@ def test_rank_wise_gradient_matches_a_dense_float64_reference(zoo, rows):
 
 RANK_WISE = [
     (AdaMerging, "test", {"granularity": "rank_wise", "lr": 0.05}),
-    (GradientCE, "validation", {"granularity": "rank_wise", "ce_baseline_batches": 1, "lr": 0.05}),
+    # Unconstrained, as configs/gradient.yaml learns it.
+    (
+        GradientCE,
+        "validation",
+        {"granularity": "rank_wise", "parametrization": "none", "ce_baseline_batches": 1, "lr": 0.05},
+    ),
     (SuperMerge, "validation", {"variant": "rank_wise", "lr": 0.05}),
     (RegretSmoothMax, "validation", {"granularity": "rank_wise", "baseline_batches": 1}),
 ]
