@@ -61,20 +61,22 @@ def test_weighted_rank_parameters_are_checked_in_one_line(table, message):
         get_method("weighted_rank").normalize_params({"rank_weights": table}, 2)
 
 
-def fused_bert(zoo, names, dtype):
+def fused_bert(zoo, names, dtype, mixing=False):
     """The tiny BERT in ``dtype`` with adapters ``names`` fused, and rank-wise tanh coefficients
-    with random (non-zero) values and offsets."""
+    with random (non-zero) values and offsets (and rank-mixing matrices, with ``mixing``)."""
     adapters = [LoraAdapter(zoo[name]) for name in names]
     keys, _ = align_keys(adapters, "common")
     group_names, _, group_of = layer_groups(keys, "rank_wise")
     ranks = {key: [a.shapes[key].rank for a in adapters] for key in keys}
     coefficients = RankCoefficients(
-        len(adapters), len(group_names), "tanh", 0.3, group_names, ranks, {k: group_of(k) for k in keys}
+        len(adapters), len(group_names), "tanh", 0.3, group_names, ranks, {k: group_of(k) for k in keys}, 0.0, mixing
     )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         coefficients.raw.copy_(torch.randn(coefficients.raw.shape, generator=g))
         coefficients.offsets.copy_(torch.randn(coefficients.offsets.shape, generator=g) * 0.5)
+        for matrix in coefficients.mixing or []:
+            matrix.copy_(torch.randn(matrix.shape, generator=g) * 0.3)
     model = load_model(str(zoo["bert"]), "classification", dtype).eval()
     fused = attach(model, adapters, keys, coefficients, group_of, dtype=dtype)
     return fused, adapters, keys, group_of
@@ -115,6 +117,85 @@ def test_rank_wise_gradient_matches_a_dense_float64_reference(zoo, rows):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
+def test_rank_mixing_gradient_matches_a_dense_float64_reference(zoo):
+    """With rank mixing, the gradients of the layer coefficients, the rank offsets and every
+    module's mixing matrix ``N`` equal those of the dense float64 model
+    ``W + B_s (diag(c) + N) A_cat``, ``B_s = [s_1 B_1 ... s_n B_n]`` (mixed ranks, rslora), on a
+    batch the plain rank-wise model would fold (the mixing takes the factor path)."""
+    fused, adapters, keys, group_of = fused_bert(zoo, ["bert_a", "bert_c", "bert_d"], torch.float64, mixing=True)
+    coefficients = fused.coefficients
+    batch = {"input_ids": torch.randint(5, 100, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=int)}
+    weights = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    trained = [coefficients.raw, coefficients.offsets, *coefficients.mixing]
+
+    def loss_of(model, parameters=None):
+        out = torch.func.functional_call(model, parameters or {}, (), batch) if parameters else model(**batch)
+        return (out.logits * weights).sum()
+
+    grads = torch.autograd.grad(loss_of(fused.model), trained)
+
+    reference = load_model(str(zoo["bert"]), "classification", torch.float64).eval().requires_grad_(False)
+    values = coefficients()
+    merged = {}
+    for slot, key in enumerate(keys):
+        start = coefficients.row_start(key)
+        factors = [[t.double() for t in adapter.factors(key)] for adapter in adapters]
+        c = (
+            torch.cat([values[group_of(key), i].expand(A.shape[0]) for i, (A, _) in enumerate(factors)])
+            + coefficients.offsets[start : start + sum(A.shape[0] for A, _ in factors)]
+        )
+        B_s = torch.cat([adapter.scaling(key) * B for adapter, (_, B) in zip(adapters, factors)], dim=1)
+        A_cat = torch.cat([A for A, _ in factors], dim=0)
+        mixing = coefficients.mixing[slot]
+        assert mixing is coefficients.mixing_matrix(start)
+        merged[f"{key}.weight"] = reference.get_submodule(key).weight + B_s @ (torch.diag(c.double()) + mixing) @ A_cat
+    expected = torch.autograd.grad(loss_of(reference, merged), trained)
+    for got, want in zip(grads, expected):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_weighted_rank_with_rank_mixing_is_the_mixed_lora():
+    method = get_method("weighted_rank")
+    g = torch.Generator().manual_seed(0)
+    As = [torch.randn(r, 6, generator=g, dtype=torch.float64) for r in (2, 3)]
+    Bs = [torch.randn(5, r, generator=g, dtype=torch.float64) for r in (2, 3)]
+    weights = [[0.5, 1.0], [2.0, 0.0, 0.25]]
+    mixing = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    params = method.normalize_params({"rank_weights": {"m": weights}, "rank_mixing": {"m": mixing.tolist()}}, 2)
+    A, B = method.fn(As, Bs, params, ModuleContext("m", None, None))
+    B_s, A_cat = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    expected = B_s @ (torch.diag(torch.tensor(sum(weights, []), dtype=torch.float64)) + mixing) @ A_cat
+    torch.testing.assert_close(B @ A, expected, rtol=1e-12, atol=1e-12)
+    wrong = method.normalize_params({"rank_weights": {"m": weights}, "rank_mixing": {"m": [[1.0]]}}, 2)
+    with pytest.raises(MethodError, match=r"rank_mixing.m: a 1 x 1 matrix for rank 5"):
+        method.fn(As, Bs, wrong, ModuleContext("m", None, None))
+    with pytest.raises(MethodError, match=r"rank_mixing.m: expected a square matrix"):
+        method.normalize_params({"rank_weights": {"m": weights}, "rank_mixing": {"m": [[1.0, 2.0]]}}, 2)
+
+
+def test_rank_mixing_is_refused_without_rank_wise_and_left_out_of_the_own_adapter_pass(tasks):
+    with pytest.raises(ConfigError, match="model.rank_mixing_lr: a positive learning rate with granularity rank_wise"):
+        SuperMerge(str(tasks), ["alpha", "beta"], variant="layer_wise", rank_mixing_lr=0.01)
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], variant="rank_wise", targets="adapters", rank_mixing_lr=0.01)
+    learner.configure_model()
+    data = CatalogDataModule(str(tasks), ["alpha", "beta"], fit_split="train", batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader().iterables["alpha"]))
+    before = learner.own_adapter_logits("alpha", batch)
+    merged_before = learner.task_logits("alpha", batch)
+    snapshot = learner.coefficients.snapshot()
+    with torch.no_grad():
+        for matrix in learner.coefficients.mixing:
+            matrix.normal_(0, 0.5)
+    torch.testing.assert_close(learner.own_adapter_logits("alpha", batch), before)  # the teacher has no N
+    assert not torch.allclose(learner.task_logits("alpha", batch), merged_before)  # the merge has
+    learner.coefficients.restore(snapshot)
+    torch.testing.assert_close(learner.task_logits("alpha", batch), merged_before)
+    optimizer = learner.configure_optimizers()
+    assert [group["lr"] for group in optimizer.param_groups] == [learner.hparams.lr, 0.01]
+
+
 RANK_WISE = [
     (AdaMerging, "test", {"granularity": "rank_wise", "lr": 0.05}),
     # Unconstrained, as configs/gradient.yaml learns it.
@@ -139,8 +220,11 @@ def test_every_learner_learns_rank_wise_coefficients(tasks, tmp_path, learner_cl
     assert spec["method"] == "weighted_rank" and set(spec["method_params"]["rank_weights"]) == set(learner.keys)
 
 
-def test_rank_wise_export_is_reproduced_exactly_by_lmerge_merge(zoo, tasks, tmp_path, capsys):
-    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], variant="rank_wise", lr=0.2)
+@pytest.mark.parametrize("mixing_lr", [None, 0.05], ids=["rank_wise", "rank_mixing"])
+def test_rank_wise_export_is_reproduced_exactly_by_lmerge_merge(zoo, tasks, tmp_path, capsys, mixing_lr):
+    learner = SuperMerge(
+        str(tasks), ["alpha", "beta"], ["alpha", "beta"], variant="rank_wise", lr=0.2, rank_mixing_lr=mixing_lr
+    )
     fit(learner, CatalogDataModule(str(tasks), ["alpha", "beta"], fit_split="validation", batch_size=4), 3, tmp_path)
     bundle = export_learned_merge(learner, str(tmp_path / "out"))
     spec_file = bundle / "merge_spec.yaml"
@@ -148,6 +232,7 @@ def test_rank_wise_export_is_reproduced_exactly_by_lmerge_merge(zoo, tasks, tmp_
     assert spec["method"] == "weighted_rank"
     first = spec["method_params"]["rank_weights"]["bert.encoder.layer.0.attention.self.query"][0]
     assert len(set(first)) == len(first)  # one coefficient per rank direction, all different
+    assert ("rank_mixing" in spec["method_params"]) == (mixing_lr is not None)
     assert (bundle / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["merge", "--config", str(spec_file), "--output_dir", str(tmp_path / "merged")]) == 0, (
         capsys.readouterr().err

@@ -74,6 +74,7 @@ class MergeLearner(LightningModule):
         min_optimizer_steps_before_early_stop: int = 0,
         restore_best_checkpoint: bool = False,
         rank_wise_decay: float = 0.0,
+        rank_mixing_lr: float | None = None,
     ) -> None:
         """
         Args:
@@ -100,7 +101,10 @@ class MergeLearner(LightningModule):
             restore_best_checkpoint: End with the coefficients of the lowest minibatch loss; adds a
                 ``BestStepCoefficients`` callback.
             rank_wise_decay: With ``rank_wise``: weight of the L2 pull of each rank coefficient toward its
-                adapter's layer-wise coefficient (0: none).
+                adapter's layer-wise coefficient (0: none), and of each rank-mixing matrix toward 0.
+            rank_mixing_lr: With ``rank_wise``: also learn an ``R x R`` matrix per module that mixes its rank
+                directions (``B_cat (diag(c) + N) A_cat``, each ``B_i`` scaled; ``N`` from 0, unconstrained),
+                at this Adam learning rate; None: no mixing. Still an exact LoRA of rank ``R``.
         """
         super().__init__()
         if not lr > 0:
@@ -121,7 +125,14 @@ class MergeLearner(LightningModule):
             raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({shown})")
         self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
-        self.coefficients = self._coefficients(granularity, parametrization, init, rank_wise_decay)
+        if rank_mixing_lr is not None and not (granularity == "rank_wise" and rank_mixing_lr > 0):
+            raise ConfigError(
+                f"model.rank_mixing_lr: a positive learning rate with granularity rank_wise, got {rank_mixing_lr}"
+                f" with {granularity}"
+            )
+        self.coefficients = self._coefficients(
+            granularity, parametrization, init, rank_wise_decay, mixing=rank_mixing_lr is not None
+        )
         self.base_model_path = base_model or self.adapters[0].base_model
         if not self.base_model_path:
             raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
@@ -131,7 +142,7 @@ class MergeLearner(LightningModule):
         self.strict_loading = False
 
     def _coefficients(
-        self, granularity: str, parametrization: str, init: float | list[float], decay: float
+        self, granularity: str, parametrization: str, init: float | list[float], decay: float, mixing: bool
     ) -> Coefficients:
         args = (len(self.adapters), len(self.group_names), parametrization, init)
         if granularity != "rank_wise":
@@ -142,7 +153,7 @@ class MergeLearner(LightningModule):
             raise ConfigError("model.merge_impl: granularity rank_wise needs fused_lora_linear (the factors' rows)")
         ranks = {key: [adapter.shapes[key].rank for adapter in self.adapters] for key in self.keys}
         groups = {key: self.group_of(key) for key in self.keys}
-        return RankCoefficients(*args, self.group_names, ranks, groups, decay)
+        return RankCoefficients(*args, self.group_names, ranks, groups, decay, mixing)
 
     # ---- the model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -211,7 +222,13 @@ class MergeLearner(LightningModule):
 
     # ---- training -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.coefficients.parameters(), lr=self.hparams.lr)
+        mixing = getattr(self.coefficients, "mixing", None)
+        if mixing is None:
+            return torch.optim.Adam(self.coefficients.parameters(), lr=self.hparams.lr)
+        # The rank-mixing matrices learn at their own rate: they start at 0, with R^2 entries per module.
+        own = [p for name, p in self.coefficients.named_parameters() if not name.startswith("mixing.")]
+        groups = [{"params": own}, {"params": list(mixing.parameters()), "lr": self.hparams.rank_mixing_lr}]
+        return torch.optim.Adam(groups, lr=self.hparams.lr)
 
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         terms = {task: self.task_objective(task, self.task_logits(task, b), b) for task, b in batch.items()}

@@ -157,6 +157,11 @@ class Coefficients(nn.Module):
         """A term added to the training loss, or None."""
         return None
 
+    def mixing_matrix(self, row_start: int) -> Tensor | None:
+        """The learned ``R x R`` rank-mixing matrix of the module whose rank rows start at ``row_start``
+        (rank-wise coefficients with ``rank_mixing_lr`` only); None: no mixing."""
+        return None
+
     def snapshot(self) -> Any:
         """Everything that sets the coefficients, to :meth:`restore` later (e.g. the best ones)."""
         return self.values()

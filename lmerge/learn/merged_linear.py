@@ -92,7 +92,13 @@ class FusedLoRALinear(nn.Module):
         chunks = self.table.chunks if self.table is not None else None
         c_rep = chunks[self.slot] if chunks is not None else self.scaled_coefficients()
         rows = x.reshape(-1, x.shape[-1])
-        y = self.folded_forward(rows, c_rep) if self.folds(rows) else self.factor_forward(rows, c_rep)
+        mixing = self.coefficients.mixing_matrix(self.row_start)
+        if mixing is not None:
+            y = self.mixed_forward(rows, c_rep, mixing)
+        elif self.folds(rows):
+            y = self.folded_forward(rows, c_rep)
+        else:
+            y = self.factor_forward(rows, c_rep)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def folds(self, rows: Tensor) -> bool:
@@ -127,10 +133,25 @@ class FusedLoRALinear(nn.Module):
             return torch.addmm(y, low, self.B_cat.t())
         return y + F.linear(low, self.B_cat).to(y.dtype)
 
+    def mixed_forward(self, rows: Tensor, c_rep: Tensor, mixing: Tensor) -> Tensor:
+        """The factor path with the rank directions mixed (rank-wise ``mixing``):
+        ``base(rows) + (low * c_rep + (low N^T) * s_rep) B_cat^T``, ``low = rows A_cat^T``."""
+        y = self.base(rows)
+        low = F.linear(rows.to(self.A_cat.dtype), self.A_cat)
+        s_rep = self.scalings[self.rank_index]
+        mixed = low * c_rep.to(low.dtype) + F.linear(low, mixing.to(low.dtype)) * s_rep.to(low.dtype)
+        return y + F.linear(mixed, self.B_cat).to(y.dtype)
+
     def merged_delta(self) -> Tensor:
-        """``B_cat diag(c_rep) A_cat`` [out, in] with the current coefficients, in at least float32."""
+        """``B_cat (diag(c_rep) + diag(s_rep) N) A_cat`` [out, in] with the current coefficients (``N``:
+        the rank-mixing matrix, if any), in at least float32."""
         dtype = compute_dtype(self.A_cat.dtype)
-        return (self.B_cat.to(dtype) * self.scaled_coefficients().to(dtype)) @ self.A_cat.to(dtype)
+        B, A = self.B_cat.to(dtype), self.A_cat.to(dtype)
+        delta = (B * self.scaled_coefficients().to(dtype)) @ A
+        mixing = self.coefficients.mixing_matrix(self.row_start)
+        if mixing is not None:
+            delta = delta + ((B * self.scalings[self.rank_index].to(dtype)) @ mixing.to(dtype)) @ A
+        return delta
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, group={self.group}"

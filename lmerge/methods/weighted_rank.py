@@ -6,6 +6,10 @@ exactly the LoRA ``B' = [w_1 * B_1 ... w_n * B_n]``, ``A' = [A_1; ...; A_n]`` of
 (each ``B_i`` with its adapter's scaling). The weights are written inline in the merge spec,
 ``rank_weights: {module key: [[w_1k ...], [w_2k ...]]}``, one list per adapter, so a learned merge
 is one self-contained, reviewable file that YAML round-trips exactly.
+
+``rank_mixing: {module key: N}`` (optional; what ``rank_mixing_lr`` learns) adds an ``R x R`` matrix
+per module that mixes the rank directions: ``delta = B_s (diag(w) + N) A'`` with
+``B_s = [B_1 ... B_n]``, the LoRA ``B' = [w_1 * B_1 ... w_n * B_n] + B_s N``, ``A'`` as above.
 """
 
 from __future__ import annotations
@@ -49,12 +53,30 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
     params["rank_weights"] = {
         str(key): _rows(str(key), rows, n_adapters, allow_negative) for key, rows in table.items()
     }
+    mixing = parse_yaml("rank_mixing", params["rank_mixing"])
+    if mixing is not None:
+        if not isinstance(mixing, dict):
+            raise MethodError("method_params.rank_mixing: expected a mapping {module key: R x R matrix}")
+        params["rank_mixing"] = {str(key): _matrix(str(key), matrix) for key, matrix in mixing.items()}
+
+
+def _matrix(key: str, matrix: Any) -> list[list[float]]:
+    where = f"method_params.rank_mixing.{key}"
+    rows = matrix if isinstance(matrix, (list, tuple)) and matrix else None
+    if rows is None or not all(
+        isinstance(row, (list, tuple))
+        and len(row) == len(rows)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+        for row in rows
+    ):
+        raise MethodError(f"{where}: expected a square matrix (a list of rows) of finite numbers")
+    return [[float(v) for v in row] for row in rows]
 
 
 @register(
     "weighted_rank",
     kind=Kind.FACTORS,
-    defaults={"allow_negative_coefficients": False},
+    defaults={"allow_negative_coefficients": False, "rank_mixing": None},
     required=("rank_weights",),
     validate=_validate,
 )
@@ -72,4 +94,11 @@ def weighted_rank(
                 f"got {len(weights)} weights"
             )
     B = torch.cat([B * torch.tensor(w, dtype=B.dtype) for w, B in zip(rows, Bs, strict=True)], dim=1)
+    mixing = (params["rank_mixing"] or {}).get(ctx.key)
+    if mixing is not None:
+        if len(mixing) != B.shape[1]:
+            raise MethodError(
+                f"method_params.rank_mixing.{ctx.key}: a {len(mixing)} x {len(mixing)} matrix for rank {B.shape[1]}"
+            )
+        B = B + torch.cat(Bs, dim=1) @ torch.tensor(mixing, dtype=B.dtype)
     return torch.cat(As, dim=0), B
