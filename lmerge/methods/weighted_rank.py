@@ -83,7 +83,7 @@ def _matrix(key: str, matrix: Any) -> list[list[float]]:
 def weighted_rank(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-rank weighted sum of n adapters: B' = [w_i * B_i], A' = [A_i] (rank_weights per module; exact)."""
+    """Per-rank weighted sum of n adapters: B' = [w_i * B_i] (+ [B_i] N with rank_mixing), A' = [A_i] (exact)."""
     rows = params["rank_weights"].get(ctx.key)
     if rows is None:
         raise MethodError(f"method_params.rank_weights: no weights for module {ctx.key}")
