@@ -125,10 +125,9 @@ class MergeLearner(LightningModule):
             raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({shown})")
         self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
-        if rank_mixing_lr is not None and not (granularity == "rank_wise" and rank_mixing_lr > 0):
+        if rank_mixing_lr is not None and not rank_mixing_lr > 0:
             raise ConfigError(
                 f"model.rank_mixing_lr: a positive learning rate with granularity rank_wise, got {rank_mixing_lr}"
-                f" with {granularity}"
             )
         self.coefficients = self._coefficients(
             granularity, parametrization, init, rank_wise_decay, mixing=rank_mixing_lr is not None
@@ -148,6 +147,10 @@ class MergeLearner(LightningModule):
         if granularity != "rank_wise":
             if decay:
                 raise ConfigError("model.rank_wise_decay: only granularity rank_wise has rank coefficients")
+            if mixing:
+                raise ConfigError(
+                    f"model.rank_mixing_lr: a positive learning rate with granularity rank_wise, not {granularity}"
+                )
             return Coefficients(*args, group_names=self.group_names)
         if self.hparams.merge_impl != "fused_lora_linear":
             raise ConfigError("model.merge_impl: granularity rank_wise needs fused_lora_linear (the factors' rows)")

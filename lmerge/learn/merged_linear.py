@@ -93,12 +93,10 @@ class FusedLoRALinear(nn.Module):
         c_rep = chunks[self.slot] if chunks is not None else self.scaled_coefficients()
         rows = x.reshape(-1, x.shape[-1])
         mixing = self.coefficients.mixing_matrix(self.row_start)
-        if mixing is not None:
-            y = self.mixed_forward(rows, c_rep, mixing)
-        elif self.folds(rows):
+        if mixing is None and self.folds(rows):
             y = self.folded_forward(rows, c_rep)
         else:
-            y = self.factor_forward(rows, c_rep)
+            y = self.factor_forward(rows, c_rep, mixing)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def folds(self, rows: Tensor) -> bool:
@@ -119,28 +117,25 @@ class FusedLoRALinear(nn.Module):
         """``rows (W + B_cat diag(c_rep) A_cat)^T + b`` through :class:`_FoldedLoRALinear`."""
         return _FoldedLoRALinear.apply(rows, self.base.weight, self.base.bias, self.A_cat, self.B_cat, c_rep)
 
-    def factor_forward(self, rows: Tensor, c_rep: Tensor) -> Tensor:
-        """``base(rows) + ((rows A_cat^T) * c_rep) B_cat^T``: two thin GEMMs, no weight-sized tensor."""
+    def factor_forward(self, rows: Tensor, c_rep: Tensor, mixing: Tensor | None = None) -> Tensor:
+        """``base(rows) + (low * c_rep) B_cat^T``, ``low = rows A_cat^T``: two thin GEMMs, no
+        weight-sized tensor; with a rank-mixing matrix ``N`` (the only path that has one), the rank
+        rows get ``+ (low N^T) * s_rep`` too."""
         y = self.base(rows)
         low = F.linear(rows.to(self.A_cat.dtype), self.A_cat)
-        if torch.is_autocast_enabled(rows.device.type):
-            # c_rep applied in its own (float32) precision, whatever the factors are stored in; addmm
-            # casts all three to the autocast dtype and accumulates into the base output itself.
-            return torch.addmm(y, low * c_rep, self.B_cat.t())
-        low = low * c_rep.to(low.dtype)
-        if low.dtype == y.dtype:
-            # Accumulated into the base output by the GEMM itself: no separate low-rank output, no add.
-            return torch.addmm(y, low, self.B_cat.t())
-        return y + F.linear(low, self.B_cat).to(y.dtype)
-
-    def mixed_forward(self, rows: Tensor, c_rep: Tensor, mixing: Tensor) -> Tensor:
-        """The factor path with the rank directions mixed (rank-wise ``mixing``):
-        ``base(rows) + (low * c_rep + (low N^T) * s_rep) B_cat^T``, ``low = rows A_cat^T``."""
-        y = self.base(rows)
-        low = F.linear(rows.to(self.A_cat.dtype), self.A_cat)
-        s_rep = self.scalings[self.rank_index]
-        mixed = low * c_rep.to(low.dtype) + F.linear(low, mixing.to(low.dtype)) * s_rep.to(low.dtype)
-        return y + F.linear(mixed, self.B_cat).to(y.dtype)
+        autocast = torch.is_autocast_enabled(rows.device.type)
+        if not autocast:
+            c_rep = c_rep.to(low.dtype)
+            mixing = None if mixing is None else mixing.to(low.dtype)
+        # Under autocast c_rep stays in its own (float32) precision, whatever the factors are stored in.
+        scaled = low * c_rep
+        if mixing is not None:
+            scaled = scaled + F.linear(low, mixing) * self.scalings[self.rank_index].to(scaled.dtype)
+        if autocast or scaled.dtype == y.dtype:
+            # Accumulated into the base output by the GEMM itself (under autocast, addmm casts all
+            # three to the autocast dtype): no separate low-rank output, no add.
+            return torch.addmm(y, scaled, self.B_cat.t())
+        return y + F.linear(scaled, self.B_cat).to(y.dtype)
 
     def merged_delta(self) -> Tensor:
         """``B_cat (diag(c_rep) + diag(s_rep) N) A_cat`` [out, in] with the current coefficients (``N``:

@@ -24,16 +24,22 @@ from lmerge.methods._params import check_bool, parse_yaml
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
+def _finite_numbers(values: Any) -> bool:
+    """Whether ``values`` is a non-empty list of finite numbers (booleans are not numbers here)."""
+    return (
+        isinstance(values, (list, tuple))
+        and bool(values)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
+
+
 def _rows(key: str, rows: Any, n_adapters: int, allow_negative: bool) -> list[list[float]]:
     where = f"method_params.rank_weights.{key}"
     if not isinstance(rows, (list, tuple)) or len(rows) != n_adapters:
         raise MethodError(f"{where}: expected {n_adapters} lists (one per adapter) of per-rank weights, got {rows!r}")
     parsed = []
     for index, weights in enumerate(rows):
-        numbers = isinstance(weights, (list, tuple)) and weights
-        if not numbers or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-        ):
+        if not _finite_numbers(weights):
             raise MethodError(f"{where}: adapter {index}: expected a list of finite numbers, got {weights!r}")
         if not allow_negative and any(w < 0 for w in weights):
             raise MethodError(
@@ -63,12 +69,7 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
 def _matrix(key: str, matrix: Any) -> list[list[float]]:
     where = f"method_params.rank_mixing.{key}"
     rows = matrix if isinstance(matrix, (list, tuple)) and matrix else None
-    if rows is None or not all(
-        isinstance(row, (list, tuple))
-        and len(row) == len(rows)
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
-        for row in rows
-    ):
+    if rows is None or not all(_finite_numbers(row) and len(row) == len(rows) for row in rows):
         raise MethodError(f"{where}: expected a square matrix (a list of rows) of finite numbers")
     return [[float(v) for v in row] for row in rows]
 
