@@ -357,6 +357,49 @@ def test_training_loader_resumes_mid_epoch_from_its_state():
     assert len(list(other_epoch)) == 4
 
 
+def _padded_tokens(order: list[int], lengths: list[int], batch: int) -> int:
+    batches = [order[k : k + batch] for k in range(0, len(order), batch)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+@pytest.mark.parametrize("strategy", ["none", "inverse"])
+def test_grouping_by_length_keeps_the_draws_and_cuts_padding(strategy):
+    lengths = [int(n) for n in torch.randint(1, 200, (1000,), generator=torch.Generator().manual_seed(0))]
+    labels = [n % 3 for n in lengths]
+    plain = list(make_sampler(labels, strategy, seed=4))
+    grouped = make_sampler(labels, strategy, seed=4, lengths=lengths, batch_size=8)
+    order = list(grouped)
+    # The same draws (a permutation of each run of 50 batches), regrouped.
+    assert len(order) == len(plain) and Counter(order) == Counter(plain)
+    assert all(sorted(order[k : k + 400]) == sorted(plain[k : k + 400]) for k in range(0, 1000, 400))
+    batches = [order[k : k + 8] for k in range(0, 400, 8)]
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 20 for b in batches)  # close lengths
+    assert _padded_tokens(order, lengths, 8) < 0.7 * _padded_tokens(plain, lengths, 8)
+    # Batch order within a run is shuffled, not longest-last; seeded and epoch-aware like the plain order.
+    means = [sum(lengths[i] for i in b) for b in batches]
+    assert means != sorted(means) and order == list(make_sampler(labels, strategy, 4, lengths=lengths, batch_size=8))
+    grouped.set_epoch(1)
+    assert list(grouped) != order
+
+
+def test_grouping_by_length_keeps_a_partial_batch_last_and_groups_the_global_batch(monkeypatch):
+    lengths = [(7 * i) % 23 for i in range(45)]
+    order = list(EpochSampler(45, seed=1, lengths=lengths, batch_size=4))
+    assert sorted(order) == list(range(45))
+    assert lengths[order[-1]] == max(lengths)  # 45 = 11 * 4 + 1: the sorted run's last draw stays last
+    batches = [order[k : k + 4] for k in range(0, 44, 4)]
+    assert all(batch == sorted(batch, key=lengths.__getitem__) for batch in batches)
+    # Two processes with batch 2 each: every global batch of 4 is grouped, and each process's half too.
+    together = list(EpochSampler(44, seed=1, lengths=lengths[:44], batch_size=4))
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr("lmerge.data.sampling._process_group", lambda rank=rank: (rank, 2))
+        shares.append(list(EpochSampler(44, seed=1, lengths=lengths[:44], batch_size=2)))
+    for k in range(11):
+        pairs = [shares[0][2 * k : 2 * k + 2], shares[1][2 * k : 2 * k + 2]]
+        assert sorted(pairs[0] + pairs[1]) == sorted(together[4 * k : 4 * k + 4])
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
@@ -405,6 +448,11 @@ def test_training_loader_uses_the_sampler(data_dir, bert_tokenizer):
     )
     first = [b["labels"].tolist() for b in plain.train_dataloader()]
     assert first == [b["labels"].tolist() for b in plain.train_dataloader()]  # seeded order
+    grouped = TaskDataModule(tokenizer=bert_tokenizer, group_by_length=True, batch_size=2, **sentiment(data_dir))
+    batches = [b["input_ids"] for b in grouped.train_dataloader()]
+    assert sum(len(b) for b in batches) == len(TRAIN) and grouped.train_dataloader().sampler.lengths is not None
+    plain_two = TaskDataModule(tokenizer=bert_tokenizer, batch_size=2, **sentiment(data_dir))
+    assert sum(b.numel() for b in batches) < sum(b["input_ids"].numel() for b in plain_two.train_dataloader())
 
 
 # --- eval subsets ------------------------------------------------------------------------------

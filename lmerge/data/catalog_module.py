@@ -35,6 +35,7 @@ class CatalogDataModule(MultiTaskDataModule):
         eval_subset: dict[str, Any] | None = None,
         subset_cache_dir: str | None = None,
         holdout: float = 0.0,
+        group_by_length: bool = False,
     ) -> None:
         """
         Args:
@@ -55,6 +56,9 @@ class CatalogDataModule(MultiTaskDataModule):
                 kept out of training and validated on instead of the validation split: what early
                 stopping and best-coefficient callbacks watch when a learner trains on the
                 validation split itself. 0: train on all of it, validate on the validation split.
+            group_by_length: Training batches of examples of similar length (each run of 50
+                batches' draws sorted by length, the batches shuffled within it): every example
+                drawn as often, less padding, so faster steps when lengths vary.
         """
         if not 0 <= holdout < 1:
             raise ConfigError(f"data.holdout: must be in [0, 1), got {holdout}")
@@ -71,6 +75,7 @@ class CatalogDataModule(MultiTaskDataModule):
             seed=seed,
             eval_subset=eval_subset,
             subset_cache_dir=subset_cache_dir or subsets_dir(DEFAULT_OUTPUT_DIR),
+            group_by_length=group_by_length,
         )
         super().__init__(list(built.tasks.values()))
         self.catalog = catalog

@@ -48,6 +48,7 @@ class MultiTaskDataModule(LightningDataModule):
         seed: int = 0,
         eval_subset: Mapping[str, Any] | None = None,
         subset_cache_dir: str | Path | None = None,
+        group_by_length: bool = False,
     ) -> MultiTaskDataModule:
         """Build from catalog specs, with the ``sampling`` and ``eval_subset`` configs resolved per task."""
         return cls(
@@ -63,6 +64,7 @@ class MultiTaskDataModule(LightningDataModule):
                     seed=seed,
                     eval_subset=eval_subset,
                     subset_cache_dir=subset_cache_dir,
+                    group_by_length=group_by_length,
                 )
                 for spec in specs
             ]

@@ -30,6 +30,10 @@ _WEIGHTS = {
 }
 STRATEGIES = tuple(_WEIGHTS)
 _KEYS = ("enabled", "strategy")
+# Batches per run of draws that grouping by length sorts (the megabatch of Hugging Face's
+# LengthGroupedSampler): long enough that a batch's examples are close in length, short enough
+# that a run still mixes a good share of the split.
+_GROUP_BATCHES = 50
 
 
 def sampling_weights(labels: Sequence[Hashable], strategy: str) -> torch.Tensor:
@@ -56,13 +60,30 @@ class EpochSampler(Sampler[int]):
     Under distributed training each process takes every ``world_size``-th index of that one
     order (wrapped to equal length), so N processes with batch b see, step by step, the same
     examples as one process with batch N*b; the trainer must then not wrap it in its own
-    DistributedSampler (``use_distributed_sampler: false``, the default of ``lmerge fit``)."""
+    DistributedSampler (``use_distributed_sampler: false``, the default of ``lmerge fit``).
 
-    def __init__(self, size: int, seed: int = 0, weights: torch.Tensor | None = None, num_samples: int | None = None):
+    With ``lengths`` (one per example) and ``batch_size``, the order is grouped by length: every
+    run of 50 batches' draws is sorted by length and cut into batches, which are then shuffled
+    within the run (a trailing partial batch stays last). Batches then hold examples of similar
+    length and pad little, while each example is still drawn as often as without grouping."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+        num_samples: int | None = None,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"EpochSampler: {len(lengths)} lengths for {size} examples")
         self.size = size
         self.seed = seed
         self.weights = weights
         self.num_samples = num_samples or size
+        self.lengths = lengths
+        self.batch_size = batch_size
         self.epoch = 0
         self.start = 0
 
@@ -80,10 +101,24 @@ class EpochSampler(Sampler[int]):
         else:
             order = torch.multinomial(self.weights, self.num_samples, True, generator=generator).tolist()
         rank, world = _process_group()
+        if self.lengths is not None:
+            # Grouped on the global batch: each process's share of it is then of similar lengths too.
+            order = self._grouped(order, self.batch_size * world, generator)
         if world > 1:
             order = (order * world)[: len(self) * world][rank::world]
         start, self.start = self.start, 0
         return iter(order[start:])
+
+    def _grouped(self, order: list[int], batch: int, generator: torch.Generator) -> list[int]:
+        grouped: list[int] = []
+        span = batch * _GROUP_BATCHES
+        for begin in range(0, len(order), span):
+            run = sorted(order[begin : begin + span], key=self.lengths.__getitem__)
+            full = len(run) // batch
+            for index in torch.randperm(full, generator=generator).tolist():
+                grouped += run[index * batch : (index + 1) * batch]
+            grouped += run[full * batch :]
+        return grouped
 
     def __len__(self) -> int:
         total = self.size if self.weights is None else self.num_samples
@@ -132,16 +167,22 @@ def _process_group() -> tuple[int, int]:
 
 
 def make_sampler(
-    labels: Sequence[Hashable], strategy: str, seed: int = 0, num_samples: int | None = None
+    labels: Sequence[Hashable],
+    strategy: str,
+    seed: int = 0,
+    num_samples: int | None = None,
+    lengths: Sequence[int] | None = None,
+    batch_size: int = 1,
 ) -> EpochSampler:
     """A seeded, epoch-aware sampler: by :func:`sampling_weights` with replacement
-    (``num_samples`` draws, default one epoch's worth), or a plain shuffle for ``none``."""
+    (``num_samples`` draws, default one epoch's worth), or a plain shuffle for ``none``; grouped
+    into batches of ``batch_size`` by ``lengths`` when given (see :class:`EpochSampler`)."""
     weights = sampling_weights(labels, strategy)
     if not len(weights):
         raise ConfigError(f"sampling {strategy!r}: the training split is empty")
     if strategy == "none":
-        return EpochSampler(len(weights), seed)
-    return EpochSampler(len(weights), seed, weights, num_samples)
+        return EpochSampler(len(weights), seed, lengths=lengths, batch_size=batch_size)
+    return EpochSampler(len(weights), seed, weights, num_samples, lengths, batch_size)
 
 
 def sampling_strategy(config: Mapping[str, Any] | None, task: str) -> str:
