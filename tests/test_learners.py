@@ -306,17 +306,28 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_coefficients(tasks, tmp_path):
     assert exported("killed") == exported("straight")
 
 
+RANK_MIXING_OPTIONS = ("variant: task_wise,", "variant: rank_wise, rank_mixing_lr: 0.05,")
+
+
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
+@pytest.mark.parametrize("rank_wise", [False, True], ids=["task_wise", "rank_wise_mixing_grouped"])
+def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path, rank_wise):
     """Two gloo processes with 4 examples each take the same steps as one process with 8 (SuperMerge
-    distilling: each step also runs each task's own adapter, without gradient)."""
+    distilling: each step also runs each task's own adapter, without gradient). Rank-wise, with rank
+    mixing and batches grouped by length: every rank coefficient and mixing matrix agrees too (the
+    grouping is of the global batch, so the two processes' halves are the one process's batch)."""
     import subprocess
     import sys
+
+    import yaml
 
     runs = {}
     for name, batch, extra in (("single", 8, []), ("ddp", 4, ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(FIT_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name))
+        text = FIT_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name)
+        if rank_wise:
+            text = text.replace(*RANK_MIXING_OPTIONS).replace("batch_size:", "group_by_length: true, batch_size:")
+        config.write_text(text)
         command = [
             sys.executable,
             "-m",
@@ -330,9 +341,21 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path):
         ]
         done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-        exported = next((tmp_path / name).rglob("coefficients.json"))
-        runs[name] = json.loads(exported.read_text())["values"]
-    torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
+        if rank_wise:
+            params = yaml.safe_load(next((tmp_path / name).rglob("merge_spec.yaml")).read_text())["method_params"]
+            runs[name] = [
+                [row for rows in params["rank_weights"].values() for row in rows],
+                list(params["rank_mixing"].values()),
+            ]
+        else:
+            runs[name] = json.loads(next((tmp_path / name).rglob("coefficients.json")).read_text())["values"]
+    if rank_wise:
+        assert any(abs(v) > 1e-4 for matrix in runs["single"][1] for row in matrix for v in row)  # N learned
+        for ddp, single in zip(runs["ddp"], runs["single"], strict=True):
+            for a, b in zip(ddp, single, strict=True):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(torch.tensor(runs["ddp"]), torch.tensor(runs["single"]), atol=1e-5, rtol=0)
 
 
 FSDP_CONFIG = """
