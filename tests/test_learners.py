@@ -4,6 +4,9 @@ logs to TensorBoard, and exports a merge spec that ``lmerge merge`` reproduces e
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,8 +277,6 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_coefficients(tasks, tmp_path):
     so the last one is mid-epoch), then the same command with ``--ckpt_path last``: the exported
     coefficients equal those of an uninterrupted run, bit for bit."""
     import signal
-    import subprocess
-    import sys
     import time
 
     def command(name):
@@ -306,7 +307,20 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_coefficients(tasks, tmp_path):
     assert exported("killed") == exported("straight")
 
 
-RANK_MIXING_OPTIONS = ("variant: task_wise,", "variant: rank_wise, rank_mixing_lr: 0.05,")
+FSDP_STRATEGY = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.devices", "2"]
+
+
+def fit_on_cpu(config: Path, cwd: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    """``lmerge fit --config config`` on the CPU in a child process (``extra`` flags after it)."""
+    command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
+    done = subprocess.run([*command, *(extra or [])], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def fsdp_env(**variables: str) -> dict[str, str]:
+    """The environment of a child run that imports ``tests/fsdp_cpu.py``, plus ``variables``."""
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **variables}
 
 
 @pytest.mark.slow
@@ -316,29 +330,15 @@ def test_ddp_on_two_cpu_processes_agrees_with_one(tasks, tmp_path, rank_wise):
     distilling: each step also runs each task's own adapter, without gradient). Rank-wise, with rank
     mixing and batches grouped by length: every rank coefficient and mixing matrix agrees too (the
     grouping is of the global batch, so the two processes' halves are the one process's batch)."""
-    import subprocess
-    import sys
-
     runs = {}
     for name, batch, extra in (("single", 8, []), ("ddp", 4, ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
         config = tmp_path / f"{name}.yaml"
         text = FIT_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name)
         if rank_wise:
-            text = text.replace(*RANK_MIXING_OPTIONS).replace("batch_size:", "group_by_length: true, batch_size:")
+            text = text.replace("variant: task_wise,", "variant: rank_wise, rank_mixing_lr: 0.05,")
+            text = text.replace("batch_size:", "group_by_length: true, batch_size:")
         config.write_text(text)
-        command = [
-            sys.executable,
-            "-m",
-            "lmerge",
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.accelerator",
-            "cpu",
-            *extra,
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        fit_on_cpu(config, tmp_path, extra)
         if rank_wise:
             runs[name] = learned_rank_spec(tmp_path / name)
         else:
@@ -380,24 +380,16 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     with 8 examples, AdaMerging's anchor (a second, gradient-free forward of each task's own adapter
     in every step) included. GradientCE, whose baselines run the model before training, learns under
     FSDP too."""
-    import os
-    import subprocess
-    import sys
-
     from transformers import AutoModelForCausalLM
 
     report = tmp_path / "report"
     report.mkdir()
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "FSDP_REPORT_DIR": str(report)}
+    env = fsdp_env(FSDP_REPORT_DIR=str(report))
     runs = {}
-    strategy = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.devices", "2"]
-    for name, batch, extra in (("single", 8, []), ("fsdp", 4, strategy)):
+    for name, batch, extra in (("single", 8, []), ("fsdp", 4, FSDP_STRATEGY)):
         config = tmp_path / f"{name}.yaml"
         config.write_text(FSDP_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name))
-        command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
-        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        fit_on_cpu(config, tmp_path, extra, env)
         exported = next((tmp_path / name).rglob("coefficients.json"))
         runs[name] = json.loads(exported.read_text())["values"]
     ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -414,9 +406,7 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
     text = text.replace("lmerge.learn.AdaMerging", "lmerge.learn.GradientCE").replace("test,", "validation,")
     text = text.replace(", distillation_weight: 1.0", "")
     config.write_text(text.replace("lr: 0.05}", "lr: 0.05, ce_baseline_batches: 2}"))
-    command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
-    done = subprocess.run([*command, *strategy], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    fit_on_cpu(config, tmp_path, FSDP_STRATEGY, env)
     values = json.loads(next((tmp_path / "gradient").rglob("coefficients.json")).read_text())["values"]
     assert values != [[0.3, 0.3]] * 2
 
@@ -425,22 +415,13 @@ def test_fsdp_on_two_cpu_processes_agrees_with_one(zoo, tasks, tmp_path):
 def test_fsdp_rank_wise_with_rank_mixing_agrees_with_one_process(tasks, tmp_path):
     """Under FSDP (two gloo processes, the Llama tasks, batches grouped by length) rank-wise AdaMerging
     with rank mixing learns every rank coefficient and mixing matrix that one process learns."""
-    import os
-    import subprocess
-    import sys
-
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    strategy = ["--trainer.strategy.class_path", "fsdp_cpu.CPUFSDPStrategy", "--trainer.devices", "2"]
     runs = {}
-    for name, batch, extra in (("single", 8, []), ("fsdp", 4, strategy)):
+    for name, batch, extra in (("single", 8, []), ("fsdp", 4, FSDP_STRATEGY)):
         text = FSDP_CONFIG.format(catalog=tasks, batch=batch, out=tmp_path / name)
         text = text.replace("granularity: layer_wise,", "granularity: rank_wise, rank_mixing_lr: 0.05,")
         config = tmp_path / f"{name}.yaml"
         config.write_text(text.replace("batch_size:", "group_by_length: true, batch_size:"))
-        command = [sys.executable, "-m", "lmerge", "fit", "--config", str(config), "--trainer.accelerator", "cpu"]
-        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        fit_on_cpu(config, tmp_path, extra, fsdp_env())
         runs[name] = learned_rank_spec(tmp_path / name)
     # Sharded reductions sum in another order: float32 noise up to ~2e-5 here, against coefficients
     # that moved by 0.1-0.25 in 3 steps (a gradient left unaveraged moves them by about lr = 0.05).

@@ -180,9 +180,8 @@ def make_sampler(
     weights = sampling_weights(labels, strategy)
     if not len(weights):
         raise ConfigError(f"sampling {strategy!r}: the training split is empty")
-    if strategy == "none":
-        return EpochSampler(len(weights), seed, lengths=lengths, batch_size=batch_size)
-    return EpochSampler(len(weights), seed, weights, num_samples, lengths, batch_size)
+    drawn = None if strategy == "none" else weights
+    return EpochSampler(len(weights), seed, drawn, num_samples, lengths, batch_size)
 
 
 def sampling_strategy(config: Mapping[str, Any] | None, task: str) -> str:

@@ -247,7 +247,8 @@ class TaskDataModule(LightningDataModule):
                 examples = sorted(examples, key=lambda example: len(example["input_ids"]))
             return DataLoader(examples, **options)
         lengths = [len(e["input_ids"]) for e in examples] if self.group_by_length else None
-        sampler = make_sampler([e["label"] for e in examples], self.sampling, self.seed, None, lengths, batch_size)
+        labels = [e["label"] for e in examples]
+        sampler = make_sampler(labels, self.sampling, self.seed, lengths=lengths, batch_size=batch_size)
         return ResumableLoader(examples, sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
