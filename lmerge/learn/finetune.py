@@ -33,6 +33,7 @@ class LoraFinetune(LightningModule):
         use_rslora: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        micro_batches: int = 1,
     ) -> None:
         """
         Args:
@@ -47,10 +48,16 @@ class LoraFinetune(LightningModule):
             use_rslora: Scale by alpha / sqrt(r).
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
+            micro_batches: Run each training batch as up to this many parts of examples of similar
+                lengths, each padded only to its own longest (the cuts with the fewest padded tokens):
+                the same loss and gradient as the whole batch (up to rounding; dropout draws differ),
+                fewer tokens to compute when lengths vary. 1: the batch as it is.
         """
         super().__init__()
         if not lr > 0:
             raise ConfigError(f"model.lr: must be a positive number, got {lr}")
+        if micro_batches < 1:
+            raise ConfigError(f"model.micro_batches: must be at least 1, got {micro_batches}")
         self.save_hyperparameters()
         if len(tasks) != 1:
             raise ConfigError(f"model.tasks: LoraFinetune trains one task at a time, got {len(tasks)}")
@@ -91,8 +98,18 @@ class LoraFinetune(LightningModule):
         return self.kind.loss(logits, batch), logits
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch[self.task])
-        self.log("train/loss", loss, prog_bar=True)
+        batch = batch[self.task]
+        terms = self.kind.loss_terms(batch)
+        if self.hparams.micro_batches > 1 and terms:
+            # Each part's mean loss weighted by its share of the batch's terms: the batch's mean loss.
+            shares = [
+                (part, self.kind.loss_terms(part) / terms)
+                for part in self.kind.split(batch, self.hparams.micro_batches)
+            ]
+            loss = sum(self._loss(part)[0] * share for part, share in shares if share)
+        else:
+            loss = self._loss(batch)[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -49,6 +49,7 @@ class LabelTokens(TaskKind):
 
     name = "label_tokens"
     text_answers = True
+    shared_keys = ("candidates",)
 
     def check(self, spec: TaskSpec, where: str) -> None:
         if spec.metric == "macro_f1" and not spec.label_names:
@@ -66,6 +67,16 @@ class LabelTokens(TaskKind):
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Token-normalized cross-entropy on the answer tokens."""
         return token_ce(logits, batch)
+
+    def loss_terms(self, batch: Batch) -> int:
+        """The answer tokens that :meth:`loss` averages over."""
+        labels = batch["labels"]
+        return int((aligned(labels, labels, batch)[1] != IGNORE_INDEX).sum())
+
+    def token_keys(self, batch: Batch) -> tuple[str, ...]:
+        # A causal LM's labels sit on its input tokens; an encoder-decoder's are the decoder's own.
+        inputs = ("input_ids", "attention_mask")
+        return inputs if batch.get("encoder_decoder") else (*inputs, "labels")
 
     def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``KL(teacher || model)`` over the vocabulary at each answer token (teacher-forced), mean

@@ -79,6 +79,9 @@ class TaskKind(ABC):
     extraction) apply."""
     default_metric: ClassVar[str] = "accuracy"
     """The primary metric of a task that names none."""
+    shared_keys: ClassVar[tuple[str, ...]] = ()
+    """Batch entries that are not per example (e.g. every class's label words): a part of a
+    batch (:meth:`sub_batch`) keeps them whole."""
 
     # ---- the task spec ----------------------------------------------------------------------------
     def check(self, spec: TaskSpec, where: str) -> None:
@@ -136,6 +139,38 @@ class TaskKind(ABC):
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The supervised training loss (mean over the batch)."""
 
+    def loss_terms(self, batch: Batch) -> int:
+        """How many terms :meth:`loss` averages over ``batch`` (examples): the losses of a batch's
+        parts, each weighted by its own count over the batch's, add up to the batch's loss."""
+        return len(batch["input_ids"])
+
+    def split(self, batch: Batch, parts: int) -> list[Batch]:
+        """``batch`` as at most ``parts`` batches of examples of similar lengths, each trimmed of
+        the padding its own examples do not need (:func:`length_parts`: the fewest padded tokens)."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [self.sub_batch(batch, rows) for rows in length_parts(lengths, parts)]
+
+    def sub_batch(self, batch: Batch, rows: list[int]) -> Batch:
+        """The examples ``rows`` of a right-padded ``batch``, its entries along the input tokens
+        (:meth:`token_keys`) cut to the longest of them; entries that are not per example
+        (:attr:`shared_keys`) whole."""
+        size, width = len(batch["input_ids"]), max(int(batch["attention_mask"][i].sum()) for i in rows)
+        index = torch.tensor(rows, device=batch["input_ids"].device)
+        tokens = self.token_keys(batch)
+        part: Batch = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() and len(value) == size and key not in self.shared_keys:
+                part[key] = value[index, :width] if key in tokens else value[index]
+            elif isinstance(value, list) and len(value) == size and key not in self.shared_keys:
+                part[key] = [value[i] for i in rows]
+            else:
+                part[key] = value
+        return part
+
+    def token_keys(self, batch: Batch) -> tuple[str, ...]:
+        """The per-example entries of ``batch`` laid out along its input tokens, padded on the right."""
+        return ("input_ids", "attention_mask")
+
     @abstractmethod
     def distillation_loss(self, logits: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> torch.Tensor:
         """KL divergence of ``logits``' predictions from ``teacher``'s (logits on the same batch),
@@ -170,6 +205,32 @@ class TaskKind(ABC):
     @abstractmethod
     def collator(self, data: TaskData) -> Callable[[list[dict[str, Any]]], Batch]:
         """The batch-building function of the task's loaders (picklable, for DataLoader workers)."""
+
+
+def length_parts(lengths: list[int], parts: int) -> list[list[int]]:
+    """The indices of ``lengths`` in at most ``parts`` groups, each padded to its longest, with the
+    fewest padded tokens in all (the fewest groups among equals): sorted by length, the best cut
+    points by dynamic programming (``O(parts * n^2)``, for a batch's few dozen examples)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    n = len(ordered)
+    parts = max(1, min(parts, n))
+    # cost[k][j]: the fewest tokens of the first j examples in k groups; cut[k][j]: where its last group starts.
+    cost = [[0] + [ordered[j - 1] * j for j in range(1, n + 1)]]
+    cut = [[0] * (n + 1)]
+    for k in range(1, parts):
+        row, starts = [0] * (n + 1), [0] * (n + 1)
+        for j in range(1, n + 1):
+            row[j], starts[j] = min((cost[k - 1][i] + ordered[j - 1] * (j - i), i) for i in range(j))
+        cost.append(row)
+        cut.append(starts)
+    k = min(range(parts), key=lambda k: cost[k][n])  # the first of equal costs: the fewest groups
+    groups, end = [], n
+    for level in range(k, -1, -1):
+        start = cut[level][end] if level else 0
+        groups.append(order[start:end])
+        end = start
+    return [group for group in reversed(groups) if group]
 
 
 KINDS: dict[str, TaskKind] = {}
