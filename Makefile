@@ -33,7 +33,7 @@ $(DEMO_STAMP): $(STAMP)
 	touch $(DEMO_STAMP)
 
 # Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores: about
-# 26 min the first time, fine-tuning 13 of them; 1.7 min again, with adapters, sweeps and learned
-# merges cached; about 11 min when only the learners learn again).
+# 19.5 min the first time, fine-tuning 7 of them; 1.7 min again, with adapters, sweeps and learned
+# merges cached; about 9 min when only the learners learn again).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lmerge demo

@@ -217,5 +217,12 @@ def test_the_demo_flags_its_messages_name_parse():
     sources = "".join((ROOT / "lmerge" / "demo" / name).read_text() for name in ("runs.py", "pipeline.py"))
     assert "--refit true to learn it again" in sources and "--retrain true to train it again" in sources
     parser, _ = build_parser()
-    settings = parser.parse_args(["demo", "--refit", "true", "--retrain", "true"])
-    assert settings.demo.refit is True and settings.demo.retrain is True
+    settings = parser.parse_args(["demo", "--refit", "true", "--retrain", "true", "--jobs", "3"])
+    assert settings.demo.refit is True and settings.demo.retrain is True and settings.demo.jobs == 3
+
+
+def test_demo_jobs_must_not_be_negative(capsys):
+    from lmerge.__main__ import main
+
+    assert main(["demo", "--jobs", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "lmerge: error: jobs: must be 0 (one per core) or more, got -1"
