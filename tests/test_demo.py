@@ -309,6 +309,7 @@ def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path)
     from lmerge.errors import LMergeError
 
     done = []
+    (tmp_path / "consoles").mkdir()
     help_job = Job("help", ["--help"], tmp_path / "consoles" / "help.log")
     bad = Job("bad", ["merge", "--method", "no_such_method"], tmp_path / "consoles" / "bad.log")
     peak = run_jobs([help_job], 2, 1, done.append)

@@ -67,9 +67,10 @@ def run_jobs(
     on_finish: Callable[[Finished], None] = lambda done: None,
 ) -> float:
     """Run ``python -m lmerge <argv>`` of every job, ``workers`` at a time with ``threads`` threads
-    each, in order; ``on_finish`` gets each as it ends well. The first that fails stops the others
-    and raises one line naming it and its log. Returns the peak memory (RSS, MB) of this process
-    and its running jobs together, as sampled while they ran (0 where ``/proc`` is not there)."""
+    each, in order (their logs' folders must exist); ``on_finish`` gets each as it ends well. The
+    first that fails stops the others and raises one line naming it and its log. Returns the peak
+    memory (RSS, MB) of this process and its running jobs together, as sampled while they ran (0
+    where ``/proc`` is not there)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = list(jobs)
     running: dict[subprocess.Popen, tuple[Job, float]] = {}
@@ -78,7 +79,6 @@ def run_jobs(
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
                 with job.log.open("wb") as log:
                     command = [sys.executable, "-m", "lmerge", *job.argv]
                     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

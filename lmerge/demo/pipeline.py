@@ -31,7 +31,7 @@ from lmerge.demo.runs import (
 )
 from lmerge.demo.sources import DemoSources
 from lmerge.evaluation.task_vectors import task_vector_stats
-from lmerge.outputs import link_atomic, write_bytes_atomic, write_json_atomic
+from lmerge.outputs import link_atomic, make_dirs, write_bytes_atomic, write_json_atomic
 from lmerge.tasks.spec import catalog_tasks
 
 # Row label -> config, relative to the configs directory.
@@ -122,6 +122,7 @@ def run_demo(
             print(f"  {task}: cached adapter (--retrain true to train it again)")
     # Children print no progress bars: their consoles go to log files.
     extra = [*QUIET, "--trainer.enable_progress_bar", "false", *fit_args]
+    make_dirs(demo_dir / "logs", root=output_dir)
     runner = FitRunner(logs_dir, demo_dir / "logs", jobs, extra)
     model = base_model.absolute()
     finetunes = [
