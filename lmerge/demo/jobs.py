@@ -149,11 +149,8 @@ class FitRunner:
         self.peak_rss_mb = max(self.peak_rss_mb, peak)
 
     def _next_version(self) -> int:
-        taken = [int(v) for v in self._versions() if v.isdigit()]
-        return max(taken, default=-1) + 1
-
-    def _versions(self) -> list[str]:
-        """The numbers of the version folders there are, and those handed out."""
-        folder = self.logs_dir / "lightning_logs"
-        there = [p.name for p in folder.glob("version_*")] if folder.is_dir() else []
-        return [name.split("_", 1)[1] for name in [*there, *(d.name for d in self.log_dirs.values())]]
+        """One past the highest version number there is on disk or handed out already."""
+        names = [p.name for p in (self.logs_dir / "lightning_logs").glob("version_*")]
+        names += [d.name for d in self.log_dirs.values()]
+        numbers = [int(number) for _, number in (n.split("_", 1) for n in names) if number.isdigit()]
+        return max(numbers, default=-1) + 1

@@ -17,7 +17,7 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
-from lmerge.demo.jobs import Finished, FitRunner
+from lmerge.demo.jobs import Finished, FitRunner, Job
 from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import (
@@ -159,7 +159,8 @@ def run_demo(
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
     step(f"the learners ({', '.join(LEARNERS)})")
     learned: dict[str, tuple[dict, float]] = {}
-    learners = []
+    learner_jobs: list[Job] = []
+    caches: dict[str, LearnedCache] = {}
     for name, config in LEARNERS.items():
         key = learner_key(configs / config, fit_args, inputs)
         cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
@@ -170,8 +171,8 @@ def run_demo(
             continue
         command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
         command += ["--export.output_dir", str(output_dir), "--export.save", "none", "--export.eval_tasks", "null"]
-        learners.append((runner.job(name, f"learner-{Path(config).stem}", command), cache))
-    caches = {job.name: cache for job, cache in learners}
+        learner_jobs.append(runner.job(name, f"learner-{Path(config).stem}", command))
+        caches[name] = cache
 
     def learner_done(done: Finished) -> None:
         outcome = learned_outcome(done.output, runner.log_dirs[done.job.name])
@@ -179,7 +180,7 @@ def run_demo(
         learned[done.job.name] = (outcome, done.seconds)
         print(f"  {done.job.name}: learned in {done.seconds:.0f} s")
 
-    runner.run([job for job, _ in learners], "learning", learner_done)
+    runner.run(learner_jobs, "learning", learner_done)
     for name, config in LEARNERS.items():
         outcome, seconds = learned[name]
         results.append(score_learned(name, Path(config).stem, outcome, learned_overrides, seconds))
@@ -200,7 +201,7 @@ def run_demo(
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, no GPU used",
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
-        "learned this run": ", ".join(job.name for job, _ in learners) or "none (cached: their inputs were unchanged)",
+        "learned this run": ", ".join(caches) or "none (cached: their inputs were unchanged)",
         "wall time": f"{seconds:.0f} s (CPU time, user + system, its fits' processes included: {cpu_seconds:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB (with the fits that ran beside it)",
     }

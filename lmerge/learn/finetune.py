@@ -99,8 +99,9 @@ class LoraFinetune(LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         batch = batch[self.task]
-        terms = self.kind.loss_terms(batch)
-        if self.hparams.micro_batches > 1 and terms:
+        # Counted only when splitting: for answer tokens it is a device sync.
+        terms = self.kind.loss_terms(batch) if self.hparams.micro_batches > 1 else 0
+        if terms:
             # Each part's mean loss weighted by its share of the batch's terms: the batch's mean loss.
             shares = [
                 (part, self.kind.loss_terms(part) / terms)

@@ -154,8 +154,9 @@ class TaskKind(ABC):
         """The examples ``rows`` of a right-padded ``batch``, its entries along the input tokens
         (:meth:`token_keys`) cut to the longest of them; entries that are not per example
         (:attr:`shared_keys`) whole."""
-        size, width = len(batch["input_ids"]), max(int(batch["attention_mask"][i].sum()) for i in rows)
+        size = len(batch["input_ids"])
         index = torch.tensor(rows, device=batch["input_ids"].device)
+        width = int(batch["attention_mask"][index].sum(1).max())
         tokens = self.token_keys(batch)
         part: Batch = {}
         for key, value in batch.items():
