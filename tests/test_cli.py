@@ -226,3 +226,5 @@ def test_demo_jobs_must_not_be_negative(capsys):
 
     assert main(["demo", "--jobs", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "lmerge: error: jobs: must be 0 (one per core) or more, got -1"
+    assert main(["demo", "--learner_precision", "bf16"]) == 2
+    assert capsys.readouterr().err.strip().startswith("lmerge: error: learner_precision: unknown precision 'bf16'")

@@ -330,3 +330,22 @@ def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path)
     }
     assert first.argv[-4:] == ["--trainer.logger.version", "version_4", "--trainer.max_steps", "2"]
     assert second.log == tmp_path / "consoles" / "fit-b.log"
+
+
+def test_demo_learners_run_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    from lmerge.demo import jobs
+    from lmerge.errors import ConfigError
+
+    native_bf16 = jobs.native_bf16
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(jobs, "native_bf16", lambda native=native: native)
+        assert jobs.learner_precision("auto") == expected
+        assert jobs.learner_precision("32-true") == "32-true" and jobs.learner_precision("bf16-mixed") == "bf16-mixed"
+    with pytest.raises(ConfigError, match=r"^learner_precision: unknown precision 'bf16'.*bf16-mixed"):
+        jobs.learner_precision("bf16")
+    monkeypatch.setattr(jobs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(jobs.torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(jobs.torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16()
+    monkeypatch.setattr(jobs.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not native_bf16()

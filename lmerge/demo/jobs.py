@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmerge.errors import LMergeError
+import torch
+
+from lmerge.errors import ConfigError, LMergeError, unknown_name
 
 _POLL_SECONDS = 0.2
 
@@ -51,6 +53,33 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+LEARNER_PRECISIONS = ("auto", "32-true", "bf16-mixed")
+"""What ``lmerge demo --learner_precision`` takes: Lightning's names, or ``auto``."""
+
+
+def native_bf16() -> bool:
+    """Whether the fits' device computes bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def learner_precision(requested: str) -> str:
+    """The learners' ``trainer.precision`` for ``requested``: ``auto`` is ``bf16-mixed`` where the
+    device computes bf16 natively, else ``32-true``. Why bf16 for the learners only, measured on
+    the demo (one thread per fit, AVX512-BF16): a SuperMerge fit runs 1.25x faster per step with
+    the same validation losses to three digits at every check (its coefficients barely feel bf16's
+    rounding of the frozen model's activations), while the fine-tuner, whose LoRA factors train,
+    is no faster in bf16 (25 steps behind float32's after 250)."""
+    if requested not in LEARNER_PRECISIONS:
+        raise ConfigError(f"learner_precision: {unknown_name('precision', requested, LEARNER_PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if native_bf16() else "32-true"
 
 
 def plan(jobs: int, requested: int, cores: int) -> tuple[int, int]:

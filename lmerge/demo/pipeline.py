@@ -17,7 +17,7 @@ from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
 from lmerge.demo.build import SplitSizes, finetune_command, mark_recipe, prepare_data, recipe_digest, stale_adapters
 from lmerge.demo.figures import results_png
-from lmerge.demo.jobs import Finished, FitRunner, Job
+from lmerge.demo.jobs import Finished, FitRunner, Job, learner_precision
 from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import (
@@ -89,18 +89,21 @@ def run_demo(
     eval_batch_size: int = 32,
     min_label_examples: int | None = None,
     jobs: int = 0,
+    precision: str = "auto",
 ) -> DemoOutcome:
     """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
     learner (e.g. ``--trainer.max_steps 5``), which run as ``jobs`` processes at a time (0: one per
     core, :mod:`lmerge.demo.jobs`). Adapters are fine-tuned again with ``retrain`` (or
     when their recipe changed), learners learn again with ``refit`` (or when any of their inputs
-    changed: :mod:`lmerge.demo.learned_cache`)."""
+    changed: :mod:`lmerge.demo.learned_cache`); the learners run at ``precision``
+    (:func:`~lmerge.demo.jobs.learner_precision`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Every load of the headless base model reports the task head as missing weights: expected here.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()
+    learners_precision = learner_precision(precision)
     load_at_start = os.getloadavg()
     steps = 5 + len(STATIC) + len(SWEEPS)
     step = _Steps(steps)
@@ -157,19 +160,20 @@ def run_demo(
 
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
-    step(f"the learners ({', '.join(LEARNERS)})")
+    step(f"the learners ({', '.join(LEARNERS)}), trainer.precision {learners_precision}")
     learned: dict[str, tuple[dict, float]] = {}
     learner_jobs: list[Job] = []
     caches: dict[str, LearnedCache] = {}
+    precision_args = ["--trainer.precision", learners_precision]
     for name, config in LEARNERS.items():
-        key = learner_key(configs / config, fit_args, inputs)
+        key = learner_key(configs / config, [*precision_args, *fit_args], inputs)
         cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
         outcome = None if refit else cache.load()
         if outcome is not None:
             print(f"  {name}: cached learned merge (its inputs are unchanged; --refit true to learn it again)")
             learned[name] = (outcome, 0.0)
             continue
-        command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog)]
+        command = ["fit", "--config", str(configs / config), "--data.catalog", str(catalog), *precision_args]
         command += ["--export.output_dir", str(output_dir), "--export.save", "none", "--export.eval_tasks", "null"]
         learner_jobs.append(runner.job(name, f"learner-{Path(config).stem}", command))
         caches[name] = cache
@@ -202,6 +206,7 @@ def run_demo(
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
         "learned this run": ", ".join(caches) or "none (cached: their inputs were unchanged)",
+        "learners' trainer.precision": learners_precision,
         "wall time": f"{seconds:.0f} s (CPU time, user + system, its fits' processes included: {cpu_seconds:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB (with the fits that ran beside it)",
     }

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lmerge.adapters.align import align_keys, check_compatible
@@ -167,9 +166,9 @@ class MergeLearner(LightningModule):
         model = load_model(self.base_model_path, self.kind, dtype).requires_grad_(False).eval()
         weight_dtype = next(model.parameters()).dtype
         # The merged path in at least float32 (the base weights may be half), or in the autocast dtype
-        # under mixed precision on an accelerator, where its GEMMs run in half anyway; c_rep stays float32.
+        # under mixed precision, where its GEMMs run in half anyway; c_rep stays float32.
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        path_dtype = factor_dtype(weight_dtype, precision, self._device_type())
+        path_dtype = factor_dtype(weight_dtype, precision)
         impl = self.hparams.merge_impl
         self.fused = attach(model, self.adapters, self.keys, self.coefficients, self.group_of, impl, path_dtype)
         self.model = model
@@ -196,8 +195,6 @@ class MergeLearner(LightningModule):
                 f"trainer.precision {precision}: it would cast the coefficients to half precision; use "
                 f"{precision.replace('-true', '-mixed')}, with model.model_dtype bf16 or fp16 to hold the model in half"
             )
-        if precision.endswith("-mixed") and self._device_type() == "cpu":
-            rank_zero_warn(f"trainer.precision {precision}: on CPU the learner computes in float32")
 
     def train(self, mode: bool = True) -> MergeLearner:
         # Dropout stays off: the coefficients are learned on the deterministic merged function.
@@ -211,10 +208,7 @@ class MergeLearner(LightningModule):
         """The merged model's logits on one task's batch (one backbone pass, the task's head)."""
         if self.kind.has_head:
             self.model.set_submodule(self._head_path, self.heads[task])
-        device_type = batch["input_ids"].device.type
-        # Mixed precision is for accelerators; on CPU, bf16 autocast is slower and coarser, so it is off.
-        with torch.autocast(device_type, enabled=False) if device_type == "cpu" else contextlib.nullcontext():
-            return self.kind.logits(self.model, batch)
+        return self.kind.logits(self.model, batch)
 
     # ---- what subclasses define: task_objective(task, logits, batch) -> term, and maybe combine -----
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

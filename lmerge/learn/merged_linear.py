@@ -22,14 +22,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def factor_dtype(weight_dtype: torch.dtype, precision: str, device_type: str) -> torch.dtype:
+def factor_dtype(weight_dtype: torch.dtype, precision: str) -> torch.dtype:
     """The dtype to store the stacked factors in for a model of ``weight_dtype`` trained at ``precision``
-    (Lightning's name) on ``device_type``: under mixed precision on an accelerator, the autocast dtype,
-    since autocast runs the low-rank GEMMs in it anyway (float32 factors would be cast again at every
-    call, and each cast kept for the backward: three times the factors' half-precision memory); else at
-    least float32. ``c_rep`` keeps its float32 precision either way."""
+    (Lightning's name): under mixed precision, the autocast dtype, since autocast runs the low-rank
+    GEMMs in it anyway (float32 factors would be cast again at every call, and each cast kept for the
+    backward: three times the factors' half-precision memory); else at least float32. ``c_rep``
+    keeps its float32 precision either way."""
     autocast = AUTOCAST_DTYPES.get(precision)
-    if autocast is not None and device_type != "cpu":
+    if autocast is not None:
         return autocast
     return compute_dtype(weight_dtype)
 
