@@ -304,10 +304,16 @@ def test_demo_jobs_share_the_cores_out():
     assert plan(4, 1, 8) == (1, 8)
 
 
-def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path):
+def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path, monkeypatch):
+    from lmerge.demo import jobs
     from lmerge.demo.jobs import FitRunner, Job, run_jobs
     from lmerge.errors import LMergeError
 
+    envs, popen = [], jobs.subprocess.Popen
+    monkeypatch.setattr(
+        jobs.subprocess, "Popen", lambda *args, **kwargs: envs.append(kwargs["env"]) or popen(*args, **kwargs)
+    )
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     done = []
     (tmp_path / "consoles").mkdir()
     help_job = Job("help", ["--help"], tmp_path / "consoles" / "help.log")
@@ -315,6 +321,7 @@ def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path)
     peak = run_jobs([help_job], 2, 1, done.append)
     assert [d.job for d in done] == [help_job] and "usage: lmerge VERB" in done[0].output
     assert done[0].output == help_job.log.read_text() and peak > 0
+    assert envs[0]["OMP_NUM_THREADS"] == "1" and envs[0]["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "8"
     with pytest.raises(LMergeError, match=r"^demo step bad: `lmerge merge --method no_such_method \.\.\.` ended with "):
         run_jobs([bad, help_job], 2, 1, done.append)
     message = str(pytest.raises(LMergeError, run_jobs, [bad], 1, 1).value)
