@@ -428,9 +428,10 @@ def test_fsdp_rank_wise_with_rank_mixing_agrees_with_one_process(tasks, tmp_path
         config.write_text(text.replace("batch_size:", "group_by_length: true, batch_size:"))
         fit_on_cpu(config, tmp_path, extra, fsdp_env())
         runs[name] = learned_rank_spec(tmp_path / name)
-    # Sharded reductions sum in another order: float32 noise up to ~2e-5 here, against coefficients
-    # that moved by 0.1-0.25 in 3 steps (a gradient left unaveraged moves them by about lr = 0.05).
-    assert_same_rank_spec(runs["fsdp"], runs["single"], atol=1e-4)
+    # Sharded reductions sum in another order: float32 noise of 2e-5 to 1.1e-4 depending on the CPU's
+    # kernels (AVX512 machines the most), against coefficients that moved by 0.1-0.25 in 3 steps (a
+    # gradient left unaveraged moves them by about lr = 0.05, and failed this by 0.08).
+    assert_same_rank_spec(runs["fsdp"], runs["single"], atol=5e-4)
 
 
 def test_lora_finetune_saves_a_peft_adapter_that_learned(zoo, tasks, tmp_path):
