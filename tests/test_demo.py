@@ -356,3 +356,47 @@ def test_demo_learners_run_in_bf16_only_where_the_device_computes_it_natively(mo
     assert native_bf16()
     monkeypatch.setattr(jobs.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert not native_bf16()
+
+
+def test_demo_jobs_run_beside_this_process_and_stop_with_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from lmerge.demo import jobs
+    from lmerge.demo.jobs import FitRunner, Job
+    from lmerge.errors import LMergeError
+
+    (tmp_path / "consoles").mkdir()
+    runner = FitRunner(tmp_path / "logs", tmp_path / "consoles", 2, [])
+    help_job = Job("help", ["--help"], tmp_path / "consoles" / "help.log")
+    bad = Job("bad", ["merge", "--method", "no_such_method"], tmp_path / "consoles" / "bad.log")
+    threads, done = torch.get_num_threads(), []
+    with runner.beside([help_job], "running", done.append):
+        assert torch.get_num_threads() == 1  # the cores are the jobs'
+    assert torch.get_num_threads() == threads and [d.job for d in done] == [help_job] and runner.peak_rss_mb > 0
+    # A job that fails is raised when the block ends, after its own work.
+    worked = []
+    with pytest.raises(LMergeError, match=r"^demo step bad: "):
+        with runner.beside([bad], "running", done.append):
+            worked.append(True)
+    assert worked and torch.get_num_threads() == threads
+
+    # When the block raises, the jobs still running are stopped (here, children that would sleep 60 s).
+    started = []
+    popen = subprocess.Popen
+
+    def sleeper(command, **options):
+        started.append(popen([sys.executable, "-c", "import time; time.sleep(60)"], **options))
+        return started[-1]
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", sleeper)
+    began = time.perf_counter()
+    with pytest.raises(RuntimeError, match="the block failed"):
+        with runner.beside([help_job, bad], "running", done.append):
+            while len(started) < 2:
+                time.sleep(0.05)
+            raise RuntimeError("the block failed")
+    assert time.perf_counter() - began < 30 and all(process.poll() is not None for process in started)

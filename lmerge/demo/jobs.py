@@ -10,11 +10,13 @@ console written to a log file; the demo prints one line when it starts and one w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +96,12 @@ def run_jobs(
     workers: int,
     threads: int,
     on_finish: Callable[[Finished], None] = lambda done: None,
+    stop: threading.Event | None = None,
 ) -> float:
     """Run ``python -m lmerge <argv>`` of every job, ``workers`` at a time with ``threads`` threads
     each, in order (their logs' folders must exist); ``on_finish`` gets each as it ends well. The
-    first that fails stops the others and raises one line naming it and its log. Returns the peak
+    first that fails stops the others and raises one line naming it and its log; setting ``stop``
+    stops them all and returns. Returns the peak
     memory (RSS, MB) of this process and its running jobs together, as sampled while they ran (0
     where ``/proc`` is not there)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -109,7 +113,7 @@ def run_jobs(
     running: dict[subprocess.Popen, tuple[Job, float]] = {}
     peak = 0.0
     try:
-        while pending or running:
+        while (pending or running) and not (stop is not None and stop.is_set()):
             while pending and len(running) < workers:
                 job = pending.pop(0)
                 with job.log.open("wb") as log:
@@ -147,6 +151,30 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+class _Background:
+    """:func:`run_jobs` on a thread of its own; :meth:`wait` joins it and raises what it raised."""
+
+    def __init__(self, jobs: list[Job], workers: int, threads: int, on_finish: Callable[[Finished], None]) -> None:
+        self.stop = threading.Event()
+        self.peak_rss_mb = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(jobs, workers, threads, on_finish), daemon=True)
+        self.thread.start()
+
+    def _run(self, jobs: list[Job], workers: int, threads: int, on_finish: Callable[[Finished], None]) -> None:
+        try:
+            self.peak_rss_mb = run_jobs(jobs, workers, threads, on_finish, self.stop)
+        except BaseException as exc:  # handed to the waiting thread
+            self.error = exc
+
+    def wait(self) -> float:
+        """The jobs' peak memory, once they have all ended; raises what :func:`run_jobs` raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.peak_rss_mb
+
+
 class FitRunner:
     """Runs the demo's ``lmerge fit`` steps as :func:`run_jobs`: each gets its own TensorBoard
     version under ``<logs_dir>/lightning_logs`` (chosen here: processes that start together would
@@ -175,11 +203,37 @@ class FitRunner:
         """Run ``jobs`` (one line says what they are ``doing``), calling ``on_finish`` as each ends."""
         if not jobs:
             return
+        peak = run_jobs(jobs, *self._plan(jobs, doing), on_finish)
+        self.peak_rss_mb = max(self.peak_rss_mb, peak)
+
+    @contextlib.contextmanager
+    def beside(self, jobs: list[Job], doing: str, on_finish: Callable[[Finished], None]) -> Iterator[None]:
+        """Run ``jobs`` as :meth:`run` does while the ``with`` block works in this process, on one
+        thread (the cores are the jobs'; this process's work fills what they leave idle, such as
+        the end of a batch where one fit runs alone); leaving the block waits for the jobs, or, when
+        the block raises, stops them. ``on_finish`` runs on another thread."""
+        if not jobs:
+            yield
+            return
+        background = _Background(jobs, *self._plan(jobs, doing, ", beside the steps below"), on_finish)
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        except BaseException:
+            background.stop.set()
+            background.thread.join()
+            raise
+        finally:
+            torch.set_num_threads(own_threads)
+        self.peak_rss_mb = max(self.peak_rss_mb, background.wait())
+
+    def _plan(self, jobs: list[Job], doing: str, where: str = "") -> tuple[int, int]:
+        """:func:`plan` for ``jobs``, said in one line."""
         workers, threads = plan(len(jobs), self.requested, available_cores())
         names = ", ".join(job.name for job in jobs)
-        print(f"  {doing} {names}: {workers} at a time, {threads} thread(s) each (consoles: {self.consoles})")
-        peak = run_jobs(jobs, workers, threads, on_finish)
-        self.peak_rss_mb = max(self.peak_rss_mb, peak)
+        print(f"  {doing} {names}: {workers} at a time, {threads} thread(s) each{where} (consoles: {self.consoles})")
+        return workers, threads
 
     def _next_version(self) -> int:
         """One past the highest version number there is on disk or handed out already."""

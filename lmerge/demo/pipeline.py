@@ -146,18 +146,6 @@ def run_demo(
 
     metrics = {name: spec.metric for name, spec in load_task_catalog(catalog).items() if name in data}
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
-    results: list[MethodResult] = []
-    for name, config in STATIC.items():
-        step(f"{name} (configs/{config})")
-        row, evaluation = run_static(name, configs / config, merge_overrides)
-        if not results:
-            results.append(single_row(evaluation))
-        results.append(row)
-
-    for name, config in SWEEPS.items():
-        step(f"{name} (configs/{config}): ranked on validation, best scored on test")
-        results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
-
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
     step(f"the learners ({', '.join(LEARNERS)}), trainer.precision {learners_precision}")
@@ -184,7 +172,21 @@ def run_demo(
         learned[done.job.name] = (outcome, done.seconds)
         print(f"  {done.job.name}: learned in {done.seconds:.0f} s")
 
-    runner.run(learner_jobs, "learning", learner_done)
+    # The learners' processes take the cores; the static merges and sweeps run here meanwhile, on
+    # one thread, in what the learners leave idle (the end of the batch, where one learns alone).
+    results: list[MethodResult] = []
+    with runner.beside(learner_jobs, "learning", learner_done):
+        for name, config in STATIC.items():
+            step(f"{name} (configs/{config})")
+            row, evaluation = run_static(name, configs / config, merge_overrides)
+            if not results:
+                results.append(single_row(evaluation))
+            results.append(row)
+
+        for name, config in SWEEPS.items():
+            step(f"{name} (configs/{config}): ranked on validation, best scored on test")
+            results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
+
     for name, config in LEARNERS.items():
         outcome, seconds = learned[name]
         results.append(score_learned(name, Path(config).stem, outcome, learned_overrides, seconds))
