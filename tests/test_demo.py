@@ -358,7 +358,7 @@ def test_demo_learners_run_in_bf16_only_where_the_device_computes_it_natively(mo
     assert not native_bf16()
 
 
-def test_demo_jobs_run_beside_this_process_and_stop_with_it(tmp_path, monkeypatch):
+def test_demo_jobs_run_beside_this_process_which_works_once_a_core_is_idle(tmp_path, monkeypatch):
     import subprocess
     import sys
     import time
@@ -371,32 +371,69 @@ def test_demo_jobs_run_beside_this_process_and_stop_with_it(tmp_path, monkeypatc
 
     (tmp_path / "consoles").mkdir()
     runner = FitRunner(tmp_path / "logs", tmp_path / "consoles", 2, [])
-    help_job = Job("help", ["--help"], tmp_path / "consoles" / "help.log")
-    bad = Job("bad", ["merge", "--method", "no_such_method"], tmp_path / "consoles" / "bad.log")
     threads, done = torch.get_num_threads(), []
-    with runner.beside([help_job], "running", done.append):
-        assert torch.get_num_threads() == 1  # the cores are the jobs'
-    assert torch.get_num_threads() == threads and [d.job for d in done] == [help_job] and runner.peak_rss_mb > 0
-    # A job that fails is raised when the block ends, after its own work.
-    worked = []
+    bad = Job("bad", ["merge", "--method", "no_such_method"], tmp_path / "consoles" / "bad.log")
+    # A job that fails is raised at the block's next pace.
     with pytest.raises(LMergeError, match=r"^demo step bad: "):
-        with runner.beside([bad], "running", done.append):
-            worked.append(True)
-    assert worked and torch.get_num_threads() == threads
+        with runner.beside([bad], "running", done.append) as pace:
+            pace()
+    assert torch.get_num_threads() == threads
 
-    # When the block raises, the jobs still running are stopped (here, children that would sleep 60 s).
-    started = []
-    popen = subprocess.Popen
+    # Children that sleep as long as their argv says: on two workers, 6 s beside 0.5 s, then 0.5 s.
+    started, popen = [], subprocess.Popen
 
     def sleeper(command, **options):
-        started.append(popen([sys.executable, "-c", "import time; time.sleep(60)"], **options))
+        started.append(popen([sys.executable, "-c", f"import time; time.sleep({command[3]})"], **options))
         return started[-1]
 
     monkeypatch.setattr(jobs.subprocess, "Popen", sleeper)
+    timed = [
+        Job(name, [seconds], tmp_path / "consoles" / f"{name}.log")
+        for name, seconds in (("long", "6"), ("short", "0.5"), ("last", "0.5"))
+    ]
+    began = time.perf_counter()
+    with runner.beside(timed, "running", done.append) as pace:
+        pace()  # waits until a worker has nothing left to start: "last" has ended, "long" runs on
+        waited = time.perf_counter() - began
+        assert 0.9 < waited < 5.5 and torch.get_num_threads() == 1 and [d.job.name for d in done] == ["short", "last"]
+        while started[0].poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the runner's poll sees it end
+        pace()
+        assert torch.get_num_threads() == threads  # every job has ended: all threads again
+    assert [d.job.name for d in done] == ["short", "last", "long"] and runner.peak_rss_mb > 0
+
+    # When the block raises, the jobs still running are stopped.
+    started.clear()
+    sleepers = [Job(name, ["60"], tmp_path / "consoles" / f"{name}.log") for name in ("a", "b")]
     began = time.perf_counter()
     with pytest.raises(RuntimeError, match="the block failed"):
-        with runner.beside([help_job, bad], "running", done.append):
+        with runner.beside(sleepers, "running", done.append):
             while len(started) < 2:
                 time.sleep(0.05)
             raise RuntimeError("the block failed")
     assert time.perf_counter() - began < 30 and all(process.poll() is not None for process in started)
+    assert torch.get_num_threads() == threads
+
+
+def test_demo_fine_tunes_the_tasks_with_the_most_tokens_first(zoo, tmp_path):
+    from lmerge.demo.build import longest_first
+
+    manifests = {}
+    texts = {"short": "a", "long": "a b c d e f g h i j k l", "capped": " ".join(["word"] * 40)}
+    for task, text in texts.items():
+        train = tmp_path / task / "train.json"
+        train.parent.mkdir()
+        train.write_text(json.dumps([{"text": text, "label": "x"}, {"text": text, "label": "y"}]))
+        manifests[task] = {"files": {"train": str(train)}}
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        "tasks:\n"
+        + "".join(
+            f"  {task}:\n    dataset: {{path: json, data_files: {{train: {task}/train.json}}}}\n"
+            f"    label_names: [x, y]\n" + ("    max_length: 4\n" if task == "capped" else "")
+            for task in texts
+        )
+    )
+    # "capped" has the most words but is cut at 4 tokens: fewer than "long"'s.
+    assert longest_first(manifests, list(texts), catalog, zoo["bert"]) == ["long", "capped", "short"]

@@ -61,6 +61,27 @@ def prepare_data(
     return manifests, rebuilt
 
 
+def longest_first(manifests: dict[str, dict], tasks: list[str], catalog: Path, tokenizer: Path) -> list[str]:
+    """``tasks`` in the order to fine-tune them: most tokens per training example first (each text
+    cut at its task's ``max_length``). A step's time follows its batch's tokens, so with several
+    fits at a time the longest start first and the last to end is a short one (the "longest
+    processing time first" rule). On the demo (tokens per example: sentiment 26.6, spam 24.3,
+    langid 17.4, question 13.4) this is the order of the measured fine-tuning times (228, 183, 179,
+    131 s), which two at a time take 362 s, against 407 in the catalog's order."""
+    from transformers import AutoTokenizer
+
+    encode = AutoTokenizer.from_pretrained(str(tokenizer))
+    entries = load_catalog(catalog, require_adapter=False)
+
+    def tokens_per_example(task: str) -> float:
+        rows = json.loads(Path(manifests[task]["files"]["train"]).read_text())
+        max_length = entries[task].get("max_length")
+        ids = encode([row["text"] for row in rows], truncation=max_length is not None, max_length=max_length)
+        return sum(map(len, ids["input_ids"])) / max(len(rows), 1)
+
+    return sorted(tasks, key=tokens_per_example, reverse=True)
+
+
 def finetune_command(configs: Path, catalog: Path, task: str, base_model: Path, logs: Path) -> list[str]:
     """The ``lmerge fit`` arguments that fine-tune ``task``'s adapter (saved where the catalog says)."""
     return [

@@ -97,11 +97,13 @@ def run_jobs(
     threads: int,
     on_finish: Callable[[Finished], None] = lambda done: None,
     stop: threading.Event | None = None,
+    idle: threading.Event | None = None,
 ) -> float:
     """Run ``python -m lmerge <argv>`` of every job, ``workers`` at a time with ``threads`` threads
     each, in order (their logs' folders must exist); ``on_finish`` gets each as it ends well. The
     first that fails stops the others and raises one line naming it and its log; setting ``stop``
-    stops them all and returns. Returns the peak
+    stops them all and returns; ``idle`` is set once a worker has nothing left to start (and when
+    this returns or raises). Returns the peak
     memory (RSS, MB) of this process and its running jobs together, as sampled while they ran (0
     where ``/proc`` is not there)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -120,6 +122,8 @@ def run_jobs(
                     command = [sys.executable, "-m", "lmerge", *job.argv]
                     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[process] = (job, time.perf_counter())
+            if idle is not None and not pending and len(running) < workers:
+                idle.set()
             time.sleep(_POLL_SECONDS)
             peak = max(peak, _rss_mb(os.getpid()) + sum(_rss_mb(p.pid) for p in running))
             for process in [p for p in running if p.poll() is not None]:
@@ -133,6 +137,8 @@ def run_jobs(
                     )
                 on_finish(Finished(job, time.perf_counter() - started, output))
     finally:
+        if idle is not None:
+            idle.set()
         for process in running:
             process.terminate()
         for process in running:
@@ -156,6 +162,7 @@ class _Background:
 
     def __init__(self, jobs: list[Job], workers: int, threads: int, on_finish: Callable[[Finished], None]) -> None:
         self.stop = threading.Event()
+        self.idle = threading.Event()
         self.peak_rss_mb = 0.0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(jobs, workers, threads, on_finish), daemon=True)
@@ -163,7 +170,7 @@ class _Background:
 
     def _run(self, jobs: list[Job], workers: int, threads: int, on_finish: Callable[[Finished], None]) -> None:
         try:
-            self.peak_rss_mb = run_jobs(jobs, workers, threads, on_finish, self.stop)
+            self.peak_rss_mb = run_jobs(jobs, workers, threads, on_finish, self.stop, self.idle)
         except BaseException as exc:  # handed to the waiting thread
             self.error = exc
 
@@ -207,19 +214,32 @@ class FitRunner:
         self.peak_rss_mb = max(self.peak_rss_mb, peak)
 
     @contextlib.contextmanager
-    def beside(self, jobs: list[Job], doing: str, on_finish: Callable[[Finished], None]) -> Iterator[None]:
-        """Run ``jobs`` as :meth:`run` does while the ``with`` block works in this process, on one
-        thread (the cores are the jobs'; this process's work fills what they leave idle, such as
-        the end of a batch where one fit runs alone); leaving the block waits for the jobs, or, when
-        the block raises, stops them. ``on_finish`` runs on another thread."""
-        if not jobs:
-            yield
-            return
-        background = _Background(jobs, *self._plan(jobs, doing, ", beside the steps below"), on_finish)
+    def beside(
+        self, jobs: list[Job], doing: str, on_finish: Callable[[Finished], None]
+    ) -> Iterator[Callable[[], None]]:
+        """Run ``jobs`` as :meth:`run` does, on a thread of its own, while the ``with`` block does
+        this process's own work in the cores they leave idle: the block gets ``pace``, to call
+        before each of its steps, which waits until a worker has no job left to start (the end of
+        the batch, where the last jobs run alone), then gives this process one thread while jobs
+        still run and all of its threads once they have ended. Leaving the block waits for the
+        jobs; a job's failure is raised at the next ``pace`` or then; when the block raises, the jobs
+        are stopped. ``on_finish`` runs on the jobs' thread."""
         own_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        if not jobs:
+            yield lambda: None
+            return
+        background = _Background(
+            jobs, *self._plan(jobs, doing, ", this process's steps below once a core is idle"), on_finish
+        )
+
+        def pace() -> None:
+            background.idle.wait()
+            if background.error is not None:
+                raise background.error
+            torch.set_num_threads(1 if background.thread.is_alive() else own_threads)
+
         try:
-            yield
+            yield pace
         except BaseException:
             background.stop.set()
             background.thread.join()
