@@ -99,15 +99,16 @@ class LoraFinetune(LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         batch = batch[self.task]
-        # Counted only when splitting: for answer tokens it is a device sync.
-        terms = self.kind.loss_terms(batch) if self.hparams.micro_batches > 1 else 0
+        parts = self.kind.split(batch, self.hparams.micro_batches) if self.hparams.micro_batches > 1 else []
+        # Counted only when splitting (for answer tokens each count is a device sync); the batch's
+        # terms are its parts'.
+        counts = [self.kind.loss_terms(part) for part in parts]
+        terms = sum(counts)
         if terms:
             # Each part's mean loss weighted by its share of the batch's terms: the batch's mean loss.
-            shares = [
-                (part, self.kind.loss_terms(part) / terms)
-                for part in self.kind.split(batch, self.hparams.micro_batches)
-            ]
-            loss = sum(self._loss(part)[0] * share for part, share in shares if share)
+            loss = sum(
+                self._loss(part)[0] * (count / terms) for part, count in zip(parts, counts, strict=True) if count
+            )
         else:
             loss = self._loss(batch)[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
