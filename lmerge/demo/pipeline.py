@@ -149,11 +149,6 @@ def run_demo(
 
     runner.run(finetunes, "fine-tuning", finetune_done)
 
-    step("each adapter alone, and its head alone on the frozen base model (test split)")
-    alone = adapters_alone(catalog, list(data), output_dir, eval_batch_size)
-    for task, a in alone.items():
-        print(f"  {task}: adapter {a.single:.4f}, head alone {a.head_alone:.4f} ({a.metric})")
-
     metrics = {name: spec.metric for name, spec in load_task_catalog(catalog).items() if name in data}
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
@@ -182,12 +177,19 @@ def run_demo(
         learned[done.job.name] = (outcome, done.seconds)
         print(f"  {done.job.name}: learned in {done.seconds:.0f} s")
 
-    # The learners' processes take the cores; the static merges and sweeps run here in what they
-    # leave idle (the end of the batch, where one learns alone), then on every core. Run beside
-    # them from the start instead, on 2 cores the three compete: the first demo took 995 s, not
-    # about 975 one after the other.
+    # The learners' processes take the cores; the adapters alone, the static merges and sweeps run
+    # here in what they leave idle (the end of the batch, where one learns alone), then on every
+    # core. Run beside them from the start instead, on 2 cores the three compete: the first demo
+    # took 995 s, not about 975 one after the other.
     results: list[MethodResult] = []
+    scored: dict[str, MethodResult] = {}
     with runner.beside(learner_jobs, "learning", learner_done) as pace:
+        pace()
+        step("each adapter alone, and its head alone on the frozen base model (test split)")
+        alone = adapters_alone(catalog, list(data), output_dir, eval_batch_size)
+        for task, a in alone.items():
+            print(f"  {task}: adapter {a.single:.4f}, head alone {a.head_alone:.4f} ({a.metric})")
+
         for name, config in STATIC.items():
             pace()
             step(f"{name} (configs/{config})")
@@ -201,9 +203,15 @@ def run_demo(
             step(f"{name} (configs/{config}): ranked on validation, best scored on test")
             results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
 
-    for name, config in LEARNERS.items():
-        outcome, seconds = learned[name]
-        results.append(score_learned(name, Path(config).stem, outcome, learned_overrides, seconds))
+        # Those learned already are scored while the last ones learn.
+        for name in [name for name in LEARNERS if name in learned]:
+            pace()
+            scored[name] = _score(name, learned[name], learned_overrides)
+
+    for name in LEARNERS:
+        if name not in scored:
+            scored[name] = _score(name, learned[name], learned_overrides)
+    results.extend(scored[name] for name in LEARNERS)
 
     step("report")
     table = text_table(results, metrics)
@@ -245,6 +253,12 @@ class _Steps:
         elapsed = time.perf_counter() - self.started
         # No blank line between steps: the demo's console fits on one screen, progress bars aside.
         print(f"[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
+
+
+def _score(name: str, learned: tuple[dict, float], overrides: dict) -> MethodResult:
+    """Learner ``name``'s merge (its outcome and learning seconds) scored on the test split."""
+    outcome, seconds = learned
+    return score_learned(name, Path(LEARNERS[name]).stem, outcome, overrides, seconds)
 
 
 def _as_json(row: MethodResult) -> dict:
