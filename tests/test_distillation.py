@@ -96,3 +96,35 @@ def test_adamerging_distillation_term_is_the_kl_from_the_own_adapters_prediction
     assert float(by_hand) > 1e-5
     with pytest.raises(ConfigError, match=r"model.distillation_weight: must be >= 0, got -1"):
         AdaMerging(str(tasks), [own, other], distillation_weight=-1)
+
+
+def test_the_own_adapters_logits_are_kept_per_example_and_reused_in_any_batch(tasks):
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha"], targets="adapters")
+    learner.configure_model()
+    data = data_for(tasks, "train", names=("alpha",))
+    data.setup("fit")
+    batches = iter(data.train_dataloader().iterables["alpha"])
+    first, second = next(batches), next(batches)
+    passes = []
+    learner.model.register_forward_hook(lambda *_: passes.append(1))
+    learner.own_adapter_logits("alpha", first)
+    learner.own_adapter_logits("alpha", second)
+    assert len(passes) == 2
+    # The same examples in another batch: reversed, with more padding, one of them twice.
+    rows = [len(first["input_ids"]) - 1 - i for i in range(len(first["input_ids"]))] + [0]
+    width = first["input_ids"].shape[1] + 3
+    again = {
+        "input_ids": torch.nn.functional.pad(first["input_ids"][rows], (0, 3), value=0),
+        "attention_mask": torch.nn.functional.pad(first["attention_mask"][rows], (0, 3), value=0),
+        "labels": first["labels"][rows],
+    }
+    assert again["input_ids"].shape[1] == width
+    kept = learner.own_adapter_logits("alpha", again)
+    assert len(passes) == 2 and kept.shape[0] == len(rows)
+    learner.own_logits_seen.clear()
+    torch.testing.assert_close(kept, learner.own_adapter_logits("alpha", again), atol=1e-5, rtol=1e-4)
+    assert len(passes) == 3
+    # One example not seen before: the batch takes a pass.
+    learner.own_logits_seen["alpha"].pop(next(iter(learner.own_logits_seen["alpha"])))
+    learner.own_adapter_logits("alpha", again)
+    assert len(passes) == 4

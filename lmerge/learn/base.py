@@ -136,6 +136,8 @@ class MergeLearner(LightningModule):
             raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
         self.model: nn.Module | None = None
         self.heads = nn.ModuleDict()
+        # Task -> an example's tokens -> its own adapter's logits (see ``own_adapter_logits``).
+        self.own_logits_seen: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
         self.strict_loading = False
 
@@ -307,7 +309,22 @@ class MergeLearner(LightningModule):
         return self.fixed_coefficients(self.one_hot(self.adapter_for_task(task)))
 
     def own_adapter_logits(self, task: str, batch: Batch) -> torch.Tensor:
-        """The logits of ``task``'s own adapter alone on ``batch`` (no gradient): a distillation target."""
+        """The logits of ``task``'s own adapter alone on ``batch`` (no gradient): a distillation
+        target. Where they are one row per example (kinds with heads), each example's row is kept by
+        its tokens (``own_logits_seen``): the adapters are frozen, so a batch whose examples were all
+        seen before needs no pass (AdaMerging reads the test split's few hundred inputs per task
+        again every few dozen steps)."""
+        if not self.kind.has_head:
+            return self._own_adapter_pass(task, batch)
+        seen = self.own_logits_seen.setdefault(task, {})
+        keys = example_tokens(batch)
+        if all(key in seen for key in keys):
+            return torch.stack([seen[key] for key in keys])
+        logits = self._own_adapter_pass(task, batch)
+        seen.update(zip(keys, logits))
+        return logits
+
+    def _own_adapter_pass(self, task: str, batch: Batch) -> torch.Tensor:
         with torch.no_grad(), self.own_adapter_alone(task):
             return self.task_logits(task, batch)
 
@@ -332,3 +349,9 @@ class MergeLearner(LightningModule):
         if spec.adapter and spec.adapter in paths:
             return paths.index(spec.adapter)
         raise ConfigError(f"task {task}: none of the merged adapters is its own, so it has no single-task baseline")
+
+
+def example_tokens(batch: Batch) -> list[tuple[int, ...]]:
+    """Each example's input tokens, padding left out: what identifies it in any batch."""
+    ids, mask = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+    return [tuple(t for t, keep in zip(row, keep_row) if keep) for row, keep_row in zip(ids, mask)]
