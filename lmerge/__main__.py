@@ -108,7 +108,8 @@ def evaluate(
         split: Split to evaluate on.
         eval_subset: Evaluate on a deterministic subset, e.g. {enabled: true, max_samples: 500}.
         eval_batch_size: Batch size of evaluation.
-        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast on a GPU; CPU stays in float32).
+        eval_precision: 32-true, or bf16-mixed / 16-mixed (autocast; on a CPU, bf16 is faster where it computes
+            bf16 natively).
         eval_harness: lm-evaluation-harness tasks to evaluate on too, e.g. --eval_harness.tasks [arc_easy]
             (the fields of a merge config's eval_harness).
         output_dir: Root of all outputs.

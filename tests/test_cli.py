@@ -228,3 +228,5 @@ def test_demo_jobs_must_not_be_negative(capsys):
     assert capsys.readouterr().err.strip() == "lmerge: error: jobs: must be 0 (one per core) or more, got -1"
     assert main(["demo", "--learner_precision", "bf16"]) == 2
     assert capsys.readouterr().err.strip().startswith("lmerge: error: learner_precision: unknown precision 'bf16'")
+    assert main(["demo", "--ranking_precision", "fp16"]) == 2
+    assert capsys.readouterr().err.strip().startswith("lmerge: error: ranking_precision: unknown precision 'fp16'")

@@ -227,6 +227,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "fine-tuning" in out
+    assert "learning SuperMerge, AdaMerging, gradient CE, regret smooth-max:" in out  # the most steps first
     assert "- learned this run: AdaMerging, gradient CE, SuperMerge, regret smooth-max" in report
     again = run_demo(**settings)
     out = capsys.readouterr().out
@@ -339,17 +340,19 @@ def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path,
     assert second.log == tmp_path / "consoles" / "fit-b.log"
 
 
-def test_demo_learners_run_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+def test_demo_learners_and_sweep_rankings_run_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
     from lmerge.demo import jobs
     from lmerge.errors import ConfigError
 
     native_bf16 = jobs.native_bf16
     for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(jobs, "native_bf16", lambda native=native: native)
-        assert jobs.learner_precision("auto") == expected
-        assert jobs.learner_precision("32-true") == "32-true" and jobs.learner_precision("bf16-mixed") == "bf16-mixed"
-    with pytest.raises(ConfigError, match=r"^learner_precision: unknown precision 'bf16'.*bf16-mixed"):
-        jobs.learner_precision("bf16")
+        assert jobs.demo_precision("auto", "learner_precision") == expected
+        assert (
+            jobs.demo_precision("32-true", "x") == "32-true" and jobs.demo_precision("bf16-mixed", "x") == "bf16-mixed"
+        )
+    with pytest.raises(ConfigError, match=r"^ranking_precision: unknown precision 'bf16'.*bf16-mixed"):
+        jobs.demo_precision("bf16", "ranking_precision")
     monkeypatch.setattr(jobs.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(jobs.torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(jobs.torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)

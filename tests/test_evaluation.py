@@ -223,15 +223,25 @@ def test_seq2seq_label_tokens_match_peft(t5_tasks, tmp_path):
         assert abs(scores["merged"] - accuracy(merged, spec, data)) < 1e-6
 
 
-def test_mixed_precision_evaluation_on_cpu_stays_in_float32(tasks, tmp_path, capsys):
+def test_mixed_precision_evaluation_runs_under_autocast_on_cpu_too(tasks, tmp_path, capsys, monkeypatch):
     from lmerge.__main__ import main
 
     argv = ["evaluate", "--eval_tasks", "[alpha]", "--catalog", str(tasks), "--output_dir", str(tmp_path)]
+    outputs = []
+    forward = torch.nn.Linear.forward
+
+    def spy(self, x):  # noqa: ANN001, ANN202
+        out = forward(self, x)
+        outputs.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
     assert main(argv) == 0
-    full = capsys.readouterr().out
+    assert set(outputs) == {torch.float32}
+    capsys.readouterr()
+    outputs.clear()
     assert main([*argv, "--eval_precision", "bf16-mixed"]) == 0
-    mixed = capsys.readouterr()
-    assert mixed.out == full and "eval_precision bf16-mixed: on CPU evaluation computes in float32" in mixed.err
+    assert set(outputs) == {torch.bfloat16} and "float32" not in capsys.readouterr().err
     assert main([*argv, "--eval_precision", "64-true"]) == 2
     assert "eval_precision: unknown precision '64-true'" in capsys.readouterr().err
 

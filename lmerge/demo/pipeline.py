@@ -25,7 +25,7 @@ from lmerge.demo.build import (
     stale_adapters,
 )
 from lmerge.demo.figures import results_png
-from lmerge.demo.jobs import Finished, FitRunner, Job, learner_precision
+from lmerge.demo.jobs import Finished, FitRunner, Job, demo_precision
 from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import (
@@ -41,6 +41,7 @@ from lmerge.demo.sources import DemoSources
 from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, make_dirs, write_bytes_atomic, write_json_atomic
 from lmerge.tasks.spec import catalog_tasks
+from lmerge.yaml_files import read_yaml
 
 # Row label -> config, relative to the configs directory.
 STATIC = {
@@ -97,21 +98,24 @@ def run_demo(
     eval_batch_size: int = 32,
     min_label_examples: int | None = None,
     jobs: int = 0,
-    precision: str = "auto",
+    learner_precision: str = "auto",
+    ranking_precision: str = "auto",
 ) -> DemoOutcome:
     """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
     learner (e.g. ``--trainer.max_steps 5``), which run as ``jobs`` processes at a time (0: one per
     core, :mod:`lmerge.demo.jobs`). Adapters are fine-tuned again with ``retrain`` (or
     when their recipe changed), learners learn again with ``refit`` (or when any of their inputs
-    changed: :mod:`lmerge.demo.learned_cache`); the learners run at ``precision``
-    (:func:`~lmerge.demo.jobs.learner_precision`)."""
+    changed: :mod:`lmerge.demo.learned_cache`); the learners run at ``learner_precision``, the
+    sweeps rank their points (validation split) at ``ranking_precision``
+    (:func:`~lmerge.demo.jobs.demo_precision`), every test score in float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Every load of the headless base model reports the task head as missing weights: expected here.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     started = time.perf_counter()
-    learners_precision = learner_precision(precision)
+    learner_precision = demo_precision(learner_precision, "learner_precision")
+    ranking_precision = demo_precision(ranking_precision, "ranking_precision")
     load_at_start = os.getloadavg()
     steps = 5 + len(STATIC) + len(SWEEPS)
     step = _Steps(steps)
@@ -153,11 +157,11 @@ def run_demo(
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
-    step(f"the learners ({', '.join(LEARNERS)}), trainer.precision {learners_precision}")
+    step(f"the learners ({', '.join(LEARNERS)}), trainer.precision {learner_precision}")
     learned: dict[str, tuple[dict, float]] = {}
     learner_jobs: list[Job] = []
     caches: dict[str, LearnedCache] = {}
-    precision_args = ["--trainer.precision", learners_precision]
+    precision_args = ["--trainer.precision", learner_precision]
     for name, config in LEARNERS.items():
         key = learner_key(configs / config, [*precision_args, *fit_args], inputs)
         cache = LearnedCache(demo_dir / "learned" / f"{Path(config).stem}.json", key, root=output_dir)
@@ -170,6 +174,9 @@ def run_demo(
         command += ["--export.output_dir", str(output_dir), "--export.save", "none", "--export.eval_tasks", "null"]
         learner_jobs.append(runner.job(name, f"learner-{Path(config).stem}", command))
         caches[name] = cache
+
+    # The most steps first: the longest learner (SuperMerge) ends with the batch, not after it.
+    learner_jobs.sort(key=lambda job: -_max_steps(configs / LEARNERS[job.name]))
 
     def learner_done(done: Finished) -> None:
         outcome = learned_outcome(done.output, runner.log_dirs[done.job.name])
@@ -201,7 +208,10 @@ def run_demo(
         for name, config in SWEEPS.items():
             pace()
             step(f"{name} (configs/{config}): ranked on validation, best scored on test")
-            results.append(run_grid_sweep(name, configs / config, merge_overrides, {"split": "test"}))
+            ranked = {**merge_overrides, "eval_precision": ranking_precision}
+            results.append(
+                run_grid_sweep(name, configs / config, ranked, {"split": "test", "eval_precision": "32-true"})
+            )
 
         # Those learned already are scored while the last ones learn.
         for name in [name for name in LEARNERS if name in learned]:
@@ -230,7 +240,8 @@ def run_demo(
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
         "learned this run": ", ".join(caches) or "none (cached: their inputs were unchanged)",
-        "learners' trainer.precision": learners_precision,
+        "learners' trainer.precision": learner_precision,
+        "sweeps ranked in (test scores: 32-true)": ranking_precision,
         "wall time": f"{seconds:.0f} s (CPU time, user + system, its fits' processes included: {cpu_seconds:.0f} s)",
         "peak memory (RSS)": f"{peak_rss_mb:.0f} MB (with the fits that ran beside it)",
     }
@@ -253,6 +264,11 @@ class _Steps:
         elapsed = time.perf_counter() - self.started
         # No blank line between steps: the demo's console fits on one screen, progress bars aside.
         print(f"[{self.done}/{self.total}] {title}   ({elapsed:.0f} s so far)", flush=True)
+
+
+def _max_steps(config: Path) -> int:
+    """The ``trainer.max_steps`` a learner's config sets (0 where it sets none)."""
+    return int((read_yaml(config).get("trainer") or {}).get("max_steps") or 0)
 
 
 def _score(name: str, learned: tuple[dict, float], overrides: dict) -> MethodResult:

@@ -115,7 +115,7 @@ def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_over
     sweep = run_sweep(load_sweep_config(config, **overrides))
     if sweep.best is None or sweep.best_config is None:
         raise LMergeError(f"sweep {config}: no point was evaluated")
-    result = run_merge(load_merge_config(sweep.best_config, **overrides, **test_overrides))
+    result = run_merge(load_merge_config(sweep.best_config, **{**overrides, **test_overrides}))
     chosen = ", ".join(f"{k}={v}" for k, v in sorted(sweep.best["params"].items()) if k in sweep.swept)
     row = MethodResult.from_evaluation(
         f"{name} ({chosen})", "sweep", result.evaluation, time.perf_counter() - started, str(sweep.path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,10 +137,6 @@ class Evaluator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision not in PRECISIONS:
             raise ConfigError(f"eval_precision: {unknown_name('precision', precision, list(PRECISIONS))}")
-        if PRECISIONS[precision] is not None and self.device.type == "cpu":
-            # Half-precision autocast on CPU is slower and coarser: mixed precision is for accelerators.
-            warnings.warn(f"eval_precision {precision}: on CPU evaluation computes in float32", stacklevel=2)
-            precision = "32-true"
         self.precision = precision
         self.harness = HarnessSuite(harness, self.root, self.base_model, precision) if harness else None
         self._model: nn.Module | None = None

@@ -72,8 +72,8 @@ class MergeConfig:
     eval_batch_size: int = 32
     """Batch size of evaluation."""
     eval_precision: str = "32-true"
-    """Precision of evaluation: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` (autocast, on a GPU;
-    on CPU evaluation stays in float32)."""
+    """Precision of evaluation: ``32-true``, or ``bf16-mixed`` / ``16-mixed`` (autocast; on a CPU
+    bf16 is faster where it computes bf16 natively, AVX512-BF16 or AMX, and slower elsewhere)."""
     eval_harness: HarnessConfig | None = None
     """lm-evaluation-harness tasks to evaluate the merge on too (``pip install lmerge[harness]``),
     e.g. ``{tasks: [arc_easy, hellaswag], num_fewshot: 0, limit: 500, batch_size: 8}``: the merged
