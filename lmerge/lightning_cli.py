@@ -45,6 +45,7 @@ def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
             # trainer are built, so a bad checkpoint costs no loading.
             if self.config.get("subcommand"):
                 _check_checkpoint_args(self.config[self.config.subcommand])
+                _check_scheduler_args(self.config[self.config.subcommand])
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             try:
@@ -102,6 +103,16 @@ def _check_checkpoint_args(settings: Any) -> None:
         _check_checkpoint_file(Path(path))
     if settings.get("weights_only") is None:
         settings["weights_only"] = True
+
+
+def _check_scheduler_args(settings: Any) -> None:
+    """Lightning applies ``lr_scheduler`` only together with ``optimizer`` (which then replaces the
+    learner's own Adam) and drops it without a word otherwise: refused here instead."""
+    if settings.get("lr_scheduler") and not settings.get("optimizer"):
+        raise ConfigError(
+            "lr_scheduler: Lightning applies it only with an optimizer given too (e.g. --optimizer Adam "
+            "--optimizer.lr 0.01, which replaces the learner's own Adam and its model.lr); alone it would be ignored"
+        )
 
 
 def _check_checkpoint_file(path: Path) -> None:

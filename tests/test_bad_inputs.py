@@ -698,6 +698,18 @@ FIT_CASES = [
         "config.yaml: exists and is not a directory",
     ),
     (
+        "fit scheduler without optimizer",
+        lambda z, c, t: [
+            "--config",
+            fit_config(c, t),
+            "--lr_scheduler",
+            "CosineAnnealingLR",
+            "--lr_scheduler.T_max",
+            "5",
+        ],
+        "lr_scheduler: Lightning applies it only with an optimizer given too",
+    ),
+    (
         "fit missing checkpoint",
         lambda z, c, t: ["--config", fit_config(c, t), "--ckpt_path", t / "gone.ckpt"],
         "gone.ckpt: checkpoint file does not exist",
