@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -21,7 +21,7 @@ from lmerge.data import CatalogDataModule
 from lmerge.errors import ConfigError
 from lmerge.learn import AdaMerging, GradientCE, RegretSmoothMax, SuperMerge
 from lmerge.learn.base import resolve_model_dtype
-from lmerge.learn.callbacks import CoefficientLogger
+from lmerge.learn.callbacks import BestCoefficients, CoefficientLogger
 from lmerge.pipeline import export_learned_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -220,13 +220,16 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tasks, tmp_path):
     assert first.ne(straight).any()
 
 
-def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path):
+@pytest.mark.parametrize("average", [0.0, 0.8], ids=["plain", "averaged"])
+def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path, average):
     """A checkpoint after 3 of an epoch's 5 batches, resumed to 8 steps: the same coefficients,
-    bit for bit, as 8 steps in a row (the loaders skip the 3 batches, then go on into epoch 2)."""
+    bit for bit, as 8 steps in a row (the loaders skip the 3 batches, then go on into epoch 2);
+    with ``coefficient_average`` the checkpoint carries the average, which the merge ends with."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(steps, ckpt=None, callbacks=()):
-        learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], lr=0.05, init=0.5)
+        options = {"lr": 0.05, "init": 0.5, "coefficient_average": average}
+        learner = AdaMerging(str(tasks), ["alpha", "beta"], ["alpha", "beta"], **options)
         trainer = Trainer(
             max_steps=steps,
             logger=False,
@@ -246,6 +249,58 @@ def test_resume_mid_epoch_continues_the_same_trajectory(tasks, tmp_path):
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
     resumed = run(8, ckpt=tmp_path / "ckpt" / "last.ckpt")
     assert torch.equal(resumed, straight) and not torch.equal(first, straight)
+
+
+class RecordCoefficients(Callback):
+    """The raw coefficients as training steps start and end, and as validation reads them."""
+
+    def __init__(self) -> None:
+        self.starts, self.ends, self.validated = [], [], []
+
+    def on_train_batch_start(self, trainer, module, *args) -> None:  # noqa: ANN001
+        self.starts.append(module.coefficients.raw.detach().clone())
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:  # noqa: ANN001
+        self.ends.append(module.coefficients.raw.detach().clone())
+
+    def on_validation_batch_start(self, trainer, module, *args) -> None:  # noqa: ANN001
+        self.validated.append(module.coefficients.raw.detach().clone())
+
+
+@pytest.mark.parametrize("keep_best", [False, True], ids=["last", "best"])
+def test_validation_and_the_merge_read_the_coefficient_average(tasks, tmp_path, keep_best):
+    record = RecordCoefficients()
+    callbacks = [record, BestCoefficients("val/loss")] if keep_best else [record]
+    learner = SuperMerge(str(tasks), ["alpha", "beta"], variant="task_wise", lr=0.3, coefficient_average=0.5)
+    seed_everything(0, workers=True)
+    trainer = Trainer(
+        max_steps=4,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(learner, datamodule=data_for(tasks, "train"))
+    t1, t2, t3, t4 = record.ends
+    after_two = 0.5 * t1 + 0.5 * t2  # the average starts at the first step's coefficients
+    after_four = 0.5 * (0.5 * after_two + 0.5 * t3) + 0.5 * t4
+    validated = [v for i, v in enumerate(record.validated) if i == 0 or not torch.equal(v, record.validated[i - 1])]
+    assert len(validated) == 2
+    torch.testing.assert_close(validated[0], after_two)
+    torch.testing.assert_close(validated[1], after_four)
+    # Training went on from the trained coefficients, not from the average it validated.
+    assert torch.equal(record.starts[2], t2) and not torch.allclose(t2, after_two)
+    final = learner.coefficients.raw.detach()
+    if not keep_best:
+        torch.testing.assert_close(final, after_four)
+    else:
+        assert any(torch.allclose(final, v, atol=1e-6, rtol=0) for v in validated)  # kept as tanh values
+    with pytest.raises(ConfigError, match=r"model.coefficient_average: a decay in \[0, 1\), got 1.0"):
+        SuperMerge(str(tasks), ["alpha", "beta"], coefficient_average=1.0)
 
 
 FIT_CONFIG = """

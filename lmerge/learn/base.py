@@ -20,7 +20,7 @@ from torch import nn
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
-from lmerge.learn.callbacks import BestStepCoefficients, StepEarlyStopping
+from lmerge.learn.callbacks import BestStepCoefficients, KeepsBestCoefficients, StepEarlyStopping
 from lmerge.learn.coefficients import Coefficients
 from lmerge.learn.fused import attach, layer_groups
 from lmerge.learn.merged_linear import factor_dtype
@@ -74,6 +74,7 @@ class MergeLearner(LightningModule):
         restore_best_checkpoint: bool = False,
         rank_wise_decay: float = 0.0,
         rank_mixing_lr: float | None = None,
+        coefficient_average: float = 0.0,
     ) -> None:
         """
         Args:
@@ -104,6 +105,11 @@ class MergeLearner(LightningModule):
             rank_mixing_lr: With ``rank_wise``: also learn an ``R x R`` matrix per module that mixes its rank
                 directions (``B_cat (diag(c) + N) A_cat``, each ``B_i`` scaled; ``N`` from 0, unconstrained),
                 at this Adam learning rate; None: no mixing. Still an exact LoRA of rank ``R``.
+            coefficient_average: Decay of an exponential moving average of the coefficients' parameters, updated
+                after every optimizer step (0: none). Validation, and so ``BestCoefficients`` and early stopping,
+                reads the average, and the learned merge is the last average or the best validated one: it smooths
+                the jitter that small batches give each step's coefficients (Polyak averaging). Training goes on
+                from the coefficients themselves.
         """
         super().__init__()
         if not lr > 0:
@@ -124,6 +130,8 @@ class MergeLearner(LightningModule):
             raise ConfigError(f"model.tasks: tasks of different kinds cannot share one model ({shown})")
         self.kind = next(iter(self.task_specs.values())).task_kind
         self.group_names, self.group_layers, self.group_of = layer_groups(self.keys, granularity)
+        if not 0 <= coefficient_average < 1:
+            raise ConfigError(f"model.coefficient_average: a decay in [0, 1), got {coefficient_average}")
         if rank_mixing_lr is not None and not rank_mixing_lr > 0:
             raise ConfigError(
                 f"model.rank_mixing_lr: a positive learning rate with granularity rank_wise, got {rank_mixing_lr}"
@@ -136,6 +144,10 @@ class MergeLearner(LightningModule):
             raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
         self.model: nn.Module | None = None
         self.heads = nn.ModuleDict()
+        # The coefficients' parameters averaged over the steps, and the trained ones while validation
+        # runs on the average (see ``coefficient_average``).
+        self.averaged: list[torch.Tensor] | None = None
+        self._trained: list[torch.Tensor] | None = None
         # Task -> an example's tokens -> its own adapter's logits (see ``own_adapter_logits``).
         self.own_logits_seen: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
@@ -248,6 +260,45 @@ class MergeLearner(LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Inside the step, so callbacks (checkpoints, trajectories) only ever see projected coefficients.
         self.coefficients.project_()
+        self._update_average()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        decay = self.hparams.coefficient_average
+        if not decay:
+            return
+        params = [p.detach() for p in self.coefficients.parameters()]
+        if self.averaged is None:
+            self.averaged = [p.clone() for p in params]
+            return
+        for average, param in zip(self.averaged, params, strict=True):
+            average.lerp_(param, 1 - decay)
+
+    @torch.no_grad()
+    def _swap_in(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Set the coefficients' parameters to ``values``; returns the ones they had."""
+        params = list(self.coefficients.parameters())
+        before = [p.detach().clone() for p in params]
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)
+        return before
+
+    def on_validation_start(self) -> None:
+        if self.averaged is not None:
+            self._trained = self._swap_in(self.averaged)
+
+    def on_validation_end(self) -> None:
+        # After the callbacks' on_validation_end: they kept, or checked, the average.
+        if self._trained is not None:
+            self._swap_in(self._trained)
+            self._trained = None
+
+    def on_train_end(self) -> None:
+        # After the callbacks' on_train_end: one that kept the best validated coefficients restored
+        # them (an average already); otherwise the learned merge is the last average.
+        restored = any(isinstance(c, KeepsBestCoefficients) and c.best is not None for c in self.trainer.callbacks)
+        if self.averaged is not None and not restored:
+            self._swap_in(self.averaged)
 
     def configure_callbacks(self) -> list[Callback]:
         """The early stopping and best-coefficient restore on the training loss that the init
@@ -294,7 +345,18 @@ class MergeLearner(LightningModule):
     # ---- checkpoints and export ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The callbacks' state (early stopping, best coefficients) travels in the checkpoint too.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
+        if self._trained is not None:  # saved while validation runs on the average: the trained ones
+            names = [f"coefficients.{name}" for name, _ in self.coefficients.named_parameters()]
+            state.update(zip(names, self._trained, strict=True))
+        checkpoint["state_dict"] = state
+        if self.averaged is not None:
+            checkpoint["coefficient_average"] = [a.detach().clone() for a in self.averaged]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        average = checkpoint.get("coefficient_average")
+        if average is not None:
+            self.averaged = [a.to(self.device) for a in average]
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:

@@ -66,7 +66,7 @@ class CoefficientLogger(Callback):
         experiment.add_image("coefficients/heatmap", image, trainer.global_step)
 
 
-class _KeepBestCoefficients(Callback):
+class KeepsBestCoefficients(Callback):
     """Keeps the coefficients of the best value of ``monitor`` seen so far and restores them when
     training ends (before fit's end, where the merge export reads them); subclasses say when the
     value is read."""
@@ -96,7 +96,7 @@ class _KeepBestCoefficients(Callback):
         self.best = state_dict["best"]
 
 
-class BestCoefficients(_KeepBestCoefficients):
+class BestCoefficients(KeepsBestCoefficients):
     """Keeps the coefficients of the best value of ``monitor`` (checked at each validation end)
     and restores them when fit ends."""
 
@@ -108,7 +108,7 @@ class BestCoefficients(_KeepBestCoefficients):
             self._consider(trainer, pl_module)
 
 
-class BestStepCoefficients(_KeepBestCoefficients):
+class BestStepCoefficients(KeepsBestCoefficients):
     """Keeps the coefficients (as they are after the step) of the best value of ``monitor`` that a
     training step logged (checked after every step) and restores them when fit ends. A learner's
     ``restore_best_checkpoint`` adds one on ``train/loss``; not a subclass of ``BestCoefficients``,

@@ -87,6 +87,7 @@ class SuperMerge(MergeLearner):
         # Whatever stage training stopped in, the learned merge has every group on.
         if isinstance(self.coefficients, HierarchicalCoefficients):
             self.coefficients.set_stage(within=False)
+        super().on_train_end()
 
     def task_logits(self, task: str, batch: Batch) -> torch.Tensor:
         coefficients = self.coefficients
