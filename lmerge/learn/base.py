@@ -271,8 +271,15 @@ class MergeLearner(LightningModule):
         if self.averaged is None:
             self.averaged = [p.clone() for p in params]
             return
-        for average, param in zip(self.averaged, params, strict=True):
+        for average, param in zip(self._average_on_device(), params, strict=True):
             average.lerp_(param, 1 - decay)
+
+    def _average_on_device(self) -> list[torch.Tensor]:
+        """``averaged`` where the coefficients are: a checkpoint's is loaded before the strategy
+        moves the module to its device."""
+        params = list(self.coefficients.parameters())
+        self.averaged = [a.to(p.device, p.dtype) for a, p in zip(self.averaged, params, strict=True)]
+        return self.averaged
 
     @torch.no_grad()
     def _swap_in(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -285,7 +292,7 @@ class MergeLearner(LightningModule):
 
     def on_validation_start(self) -> None:
         if self.averaged is not None:
-            self._trained = self._swap_in(self.averaged)
+            self._trained = self._swap_in(self._average_on_device())
 
     def on_validation_end(self) -> None:
         # After the callbacks' on_validation_end: they kept, or checked, the average.
@@ -298,7 +305,7 @@ class MergeLearner(LightningModule):
         # them (an average already); otherwise the learned merge is the last average.
         restored = any(isinstance(c, KeepsBestCoefficients) and c.best is not None for c in self.trainer.callbacks)
         if self.averaged is not None and not restored:
-            self._swap_in(self.averaged)
+            self._swap_in(self._average_on_device())
 
     def configure_callbacks(self) -> list[Callback]:
         """The early stopping and best-coefficient restore on the training loss that the init
@@ -356,7 +363,7 @@ class MergeLearner(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         average = checkpoint.get("coefficient_average")
         if average is not None:
-            self.averaged = [a.to(self.device) for a in average]
+            self.averaged = list(average)
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:
