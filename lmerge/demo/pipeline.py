@@ -205,13 +205,12 @@ def run_demo(
                 results.append(single_row(evaluation))
             results.append(row)
 
+        ranked = {**merge_overrides, "eval_precision": ranking_precision}
+        on_test = {"split": "test", "eval_precision": "32-true"}
         for name, config in SWEEPS.items():
             pace()
             step(f"{name} (configs/{config}): ranked on validation, best scored on test")
-            ranked = {**merge_overrides, "eval_precision": ranking_precision}
-            results.append(
-                run_grid_sweep(name, configs / config, ranked, {"split": "test", "eval_precision": "32-true"})
-            )
+            results.append(run_grid_sweep(name, configs / config, ranked, on_test))
 
         # Those learned already are scored while the last ones learn.
         for name in [name for name in LEARNERS if name in learned]:

@@ -20,6 +20,7 @@ from torch import nn
 from lmerge.adapters.align import align_keys, check_compatible
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.errors import ConfigError
+from lmerge.learn.averaging import CoefficientAverage
 from lmerge.learn.callbacks import BestStepCoefficients, KeepsBestCoefficients, StepEarlyStopping
 from lmerge.learn.coefficients import Coefficients
 from lmerge.learn.fused import attach, layer_groups
@@ -144,10 +145,7 @@ class MergeLearner(LightningModule):
             raise ConfigError("model.base_model: the adapters do not name their base model; give its directory")
         self.model: nn.Module | None = None
         self.heads = nn.ModuleDict()
-        # The coefficients' parameters averaged over the steps, and the trained ones while validation
-        # runs on the average (see ``coefficient_average``).
-        self.averaged: list[torch.Tensor] | None = None
-        self._trained: list[torch.Tensor] | None = None
+        self.average = CoefficientAverage(coefficient_average) if coefficient_average else None
         # Task -> an example's tokens -> its own adapter's logits (see ``own_adapter_logits``).
         self.own_logits_seen: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
         # Checkpoints hold the coefficients only; the frozen model is rebuilt from its files.
@@ -260,52 +258,24 @@ class MergeLearner(LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Inside the step, so callbacks (checkpoints, trajectories) only ever see projected coefficients.
         self.coefficients.project_()
-        self._update_average()
-
-    @torch.no_grad()
-    def _update_average(self) -> None:
-        decay = self.hparams.coefficient_average
-        if not decay:
-            return
-        params = [p.detach() for p in self.coefficients.parameters()]
-        if self.averaged is None:
-            self.averaged = [p.clone() for p in params]
-            return
-        for average, param in zip(self._average_on_device(), params, strict=True):
-            average.lerp_(param, 1 - decay)
-
-    def _average_on_device(self) -> list[torch.Tensor]:
-        """``averaged`` where the coefficients are: a checkpoint's is loaded before the strategy
-        moves the module to its device."""
-        params = list(self.coefficients.parameters())
-        self.averaged = [a.to(p.device, p.dtype) for a, p in zip(self.averaged, params, strict=True)]
-        return self.averaged
-
-    @torch.no_grad()
-    def _swap_in(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Set the coefficients' parameters to ``values``; returns the ones they had."""
-        params = list(self.coefficients.parameters())
-        before = [p.detach().clone() for p in params]
-        for param, value in zip(params, values, strict=True):
-            param.copy_(value)
-        return before
+        if self.average is not None:
+            self.average.update(self.coefficients)
 
     def on_validation_start(self) -> None:
-        if self.averaged is not None:
-            self._trained = self._swap_in(self._average_on_device())
+        if self.average is not None:
+            self.average.swap_in(self.coefficients)
 
     def on_validation_end(self) -> None:
         # After the callbacks' on_validation_end: they kept, or checked, the average.
-        if self._trained is not None:
-            self._swap_in(self._trained)
-            self._trained = None
+        if self.average is not None:
+            self.average.swap_back(self.coefficients)
 
     def on_train_end(self) -> None:
         # After the callbacks' on_train_end: one that kept the best validated coefficients restored
         # them (an average already); otherwise the learned merge is the last average.
         restored = any(isinstance(c, KeepsBestCoefficients) and c.best is not None for c in self.trainer.callbacks)
-        if self.averaged is not None and not restored:
-            self._swap_in(self._average_on_device())
+        if self.average is not None and not restored:
+            self.average.apply(self.coefficients)
 
     def configure_callbacks(self) -> list[Callback]:
         """The early stopping and best-coefficient restore on the training loss that the init
@@ -353,17 +323,17 @@ class MergeLearner(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The callbacks' state (early stopping, best coefficients) travels in the checkpoint too.
         state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
-        if self._trained is not None:  # saved while validation runs on the average: the trained ones
+        average = self.average
+        if average is not None and average.trained is not None:  # saved while validation runs on the average
             names = [f"coefficients.{name}" for name, _ in self.coefficients.named_parameters()]
-            state.update(zip(names, self._trained, strict=True))
+            state.update(zip(names, average.trained, strict=True))
         checkpoint["state_dict"] = state
-        if self.averaged is not None:
-            checkpoint["coefficient_average"] = [a.detach().clone() for a in self.averaged]
+        if average is not None and average.values is not None:
+            checkpoint["coefficient_average"] = [a.detach().clone() for a in average.values]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        average = checkpoint.get("coefficient_average")
-        if average is not None:
-            self.averaged = list(average)
+        if self.average is not None and checkpoint.get("coefficient_average") is not None:
+            self.average.values = list(checkpoint["coefficient_average"])
 
     @contextlib.contextmanager
     def fixed_coefficients(self, values: list[list[float]]) -> Iterator[None]:
