@@ -3,9 +3,11 @@ the learners' own, and the export that turns what they learned into a merge."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -21,7 +23,18 @@ from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_inputs_outside, check_outpu
 from lmerge.pipeline import export_learned_merge
 from lmerge.tasks.spec import SPLITS, catalog_tasks
 
-__all__ = ["BestCoefficients", "BestStepCoefficients", "CoefficientLogger", "MergeExport", "StepEarlyStopping"]
+__all__ = [
+    "BestCoefficients",
+    "BestStepCoefficients",
+    "CoefficientLogger",
+    "MergeExport",
+    "StepEarlyStopping",
+    "ThreadBudget",
+]
+
+THREADS_FILE_ENV = "LMERGE_THREADS_FILE"
+"""An environment variable: where ``lmerge fit`` reads how many threads it may use now
+(:class:`ThreadBudget`; set by ``lmerge demo`` for the fits it runs side by side)."""
 
 
 class MergeExport(Callback):
@@ -62,3 +75,38 @@ class MergeExport(Callback):
         if not is_learner(pl_module) or trainer.interrupted:
             return
         self.bundle = export_learned_merge(pl_module, self.output_dir, self.save, self.eval_tasks, self.split)
+
+
+class ThreadBudget(Callback):
+    """Keeps torch's intra-op threads at the number the file ``path`` holds, read at a batch's
+    start at most once every ``every_seconds``: a process that runs several fits side by side
+    (``lmerge demo``) gives a fit the cores that the others leave idle when they end. A missing
+    or unreadable file changes nothing. ``lmerge fit`` adds it when ``LMERGE_THREADS_FILE`` names
+    the file."""
+
+    def __init__(self, path: str, every_seconds: float = 1.0) -> None:
+        self.path = Path(path)
+        self.every_seconds = every_seconds
+        self._next_read = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._follow()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self._follow()
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self._follow()
+
+    def _follow(self) -> None:
+        now = time.monotonic()
+        if now < self._next_read:
+            return
+        self._next_read = now + self.every_seconds
+        try:
+            threads = int(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        # Called here, on the thread that runs the fit: torch's thread count is per calling thread.
+        if threads >= 1 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import warnings
 import zipfile
@@ -28,7 +29,7 @@ def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lmerge.callbacks import CoefficientLogger, MergeExport
+    from lmerge.callbacks import THREADS_FILE_ENV, CoefficientLogger, MergeExport, ThreadBudget
     from lmerge.data import CatalogDataModule
 
     class LMergeCLI(LightningCLI):
@@ -49,10 +50,13 @@ def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             try:
-                return super().instantiate_trainer(**kwargs)
+                trainer = super().instantiate_trainer(**kwargs)
             except ValueError as exc:
                 # Lightning's refusal of a combination of settings (``strategy fsdp`` on a CPU, ...).
                 raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from None
+            if os.environ.get(THREADS_FILE_ENV):
+                trainer.callbacks.append(ThreadBudget(os.environ[THREADS_FILE_ENV]))
+            return trainer
 
     _check_config_files(argv)
     # The warning says args= and sys.argv both hold arguments, which is how lmerge always calls it.

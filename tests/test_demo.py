@@ -340,6 +340,90 @@ def test_demo_jobs_run_the_lmerge_command_and_a_failure_names_its_step(tmp_path,
     assert second.log == tmp_path / "consoles" / "fit-b.log"
 
 
+def test_demo_jobs_take_the_cores_of_those_that_ended_once_none_is_left_to_start(tmp_path, monkeypatch):
+    """Each job is told (LMERGE_THREADS_FILE) the threads it may use: its share while jobs wait to
+    start, then the cores that the ended ones and this process's own work leave."""
+    import subprocess
+    import sys
+
+    from lmerge.demo import jobs
+    from lmerge.demo.jobs import CoreShare, Job, run_jobs
+
+    share = CoreShare(tmp_path / "share" / "threads", tmp_path, cores=2)
+    assert share.threads_each(running=2, pending=True, threads=1) == 1
+    assert share.threads_each(running=1, pending=True, threads=1) == 1  # the next job starts soon
+    assert share.threads_each(running=1, pending=False, threads=1) == 2
+    share.own_work.set()  # this process works on one core beside them
+    assert share.threads_each(running=1, pending=False, threads=1) == 1
+    assert share.threads_each(running=2, pending=False, threads=1) == 1
+    share.own_work.clear()
+    assert CoreShare(share.path, tmp_path, cores=16).threads_each(running=3, pending=False, threads=4) == 5
+
+    # Children that sleep as long as their argv says, then print what the file grants them.
+    popen = subprocess.Popen
+    script = "import os, sys, time; time.sleep(float(sys.argv[1])); print(open(os.environ[sys.argv[2]]).read())"
+
+    def sleeper(command, **options):
+        return popen([sys.executable, "-c", script, command[3], jobs.THREADS_FILE_ENV], **options)
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", sleeper)
+    (tmp_path / "consoles").mkdir()
+    timed = [
+        Job(name, [seconds], tmp_path / "consoles" / f"{name}.log")
+        for name, seconds in (("long", "4"), ("short", "0.2"))
+    ]
+    done = []
+    run_jobs(timed, 2, 1, done.append, share=share)
+    assert [(d.job.name, d.output.strip()) for d in done] == [("short", "1"), ("long", "2")]
+
+    # While this process does its own steps, the one job left keeps one thread.
+    share.own_work.set()
+    done.clear()
+    run_jobs(timed, 2, 1, done.append, share=share)
+    assert [(d.job.name, d.output.strip()) for d in done] == [("short", "1"), ("long", "1")]
+
+
+def test_a_fit_follows_the_threads_its_file_grants(tasks, tmp_path, monkeypatch):
+    """``lmerge fit`` with LMERGE_THREADS_FILE set reads it as it trains (ThreadBudget); without
+    the variable no such callback is there."""
+    import torch
+
+    from lmerge.callbacks import ThreadBudget
+    from lmerge.lightning_cli import lightning
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {adapters: [alpha, beta], lr: 0.05}\n"
+        f"data: {{catalog: {tasks}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
+        "trainer: {max_steps: 2, enable_progress_bar: false, logger: false, enable_checkpointing: false}\n"
+        f"export: {{output_dir: {tmp_path / 'out'}}}\n"
+    )
+    threads = torch.get_num_threads()
+    granted = 1 if threads > 1 else 2
+    (tmp_path / "threads").write_text(f"{granted}\n")
+    try:
+        monkeypatch.setenv("LMERGE_THREADS_FILE", str(tmp_path / "threads"))
+        cli = lightning(["fit", "--config", str(config)])
+        assert [type(c) for c in cli.trainer.callbacks if isinstance(c, ThreadBudget)] == [ThreadBudget]
+        assert torch.get_num_threads() == granted
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.delenv("LMERGE_THREADS_FILE")
+    cli = lightning(["fit", "--config", str(config)])
+    assert not any(isinstance(c, ThreadBudget) for c in cli.trainer.callbacks)
+
+    # A file that is missing or holds no number changes nothing; it is read at most once a second.
+    budget = ThreadBudget(str(tmp_path / "missing"))
+    budget.on_train_batch_start()
+    assert torch.get_num_threads() == threads
+    (tmp_path / "bad").write_text("two")
+    budget = ThreadBudget(str(tmp_path / "bad"), every_seconds=60)
+    budget.on_validation_batch_start()
+    (tmp_path / "bad").write_text(f"{granted}")
+    budget.on_validation_batch_start()  # within the minute: not read again
+    assert torch.get_num_threads() == threads
+
+
 def test_demo_learners_and_sweep_rankings_run_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
     from lmerge.demo import jobs
     from lmerge.errors import ConfigError
