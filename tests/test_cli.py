@@ -211,14 +211,17 @@ def test_real_command_exit_code_and_debug(tmp_path):
 
 
 def test_the_demo_flags_its_messages_name_parse():
-    """The demo's console says ``--retrain true`` / ``--refit true`` (jsonargparse booleans take a value)."""
+    """The demo's console says ``--retrain true`` / ``--refit true`` / ``--rescore true`` (jsonargparse
+    booleans take a value)."""
     from lmerge.__main__ import build_parser
 
     sources = "".join((ROOT / "lmerge" / "demo" / name).read_text() for name in ("runs.py", "pipeline.py"))
     assert "--refit true to learn it again" in sources and "--retrain true to train it again" in sources
+    assert "--rescore true to score them again" in sources
     parser, _ = build_parser()
-    settings = parser.parse_args(["demo", "--refit", "true", "--retrain", "true", "--jobs", "3"])
+    settings = parser.parse_args(["demo", "--refit", "true", "--retrain", "true", "--rescore", "true", "--jobs", "3"])
     assert settings.demo.refit is True and settings.demo.retrain is True and settings.demo.jobs == 3
+    assert settings.demo.rescore is True
 
 
 def test_demo_jobs_must_not_be_negative(capsys):

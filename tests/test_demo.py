@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,14 +230,28 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert "fine-tuning" in out
     assert "learning SuperMerge, AdaMerging, gradient CE, regret smooth-max:" in out  # the most steps first
     assert "- learned this run: AdaMerging, gradient CE, SuperMerge, regret smooth-max" in report
-    again = run_demo(**settings)
+    assert "- scores reused (inputs unchanged): none" in report
+    again = run_demo(**settings, rescore=True)
     out = capsys.readouterr().out
     assert "cached adapter" in out
     # The learners' merges too: the same specs, scored again on the test split.
-    assert out.count("cached learned merge") == len(LEARNERS)
+    assert out.count("cached learned merge") == len(LEARNERS) and "cached scores reused" not in out
     assert [(r.name, r.scores) for r in again.results] == [(r.name, r.scores) for r in outcome.results]
     assert [r.detail for r in again.results[-len(LEARNERS) :]] == [r.detail for r in outcome.results[-len(LEARNERS) :]]
     assert "- learned this run: none (cached: their inputs were unchanged)" in again.report.read_text()
+
+    # A third run reuses every score (computed from the same inputs), but the one whose run bundle
+    # is gone: that merge runs and is scored again.
+    shutil.rmtree(again.results[1].detail)
+    third = run_demo(**settings)
+    out = capsys.readouterr().out
+    rows = 1 + len(STATIC) + len(SWEEPS) + len(LEARNERS)  # the adapters alone, and each method
+    assert f"  {rows - 1} cached scores reused (inputs unchanged; --rescore true to score them again)" in out
+    assert [r.as_record() for r in third.results if r.name != "uniform"] == [
+        r.as_record() for r in again.results if r.name != "uniform"
+    ]
+    assert third.results[1].scores == again.results[1].scores and Path(third.results[1].detail).is_dir()
+    assert "- scores reused (inputs unchanged): adapters alone, ties, " in third.report.read_text()
 
 
 # `lmerge demo` with the installed packages replaced by the sources written here (JSON, argv[1]).

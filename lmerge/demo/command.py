@@ -22,6 +22,7 @@ def demo(
     seed: int = 0,
     retrain: bool = False,
     refit: bool = False,
+    rescore: bool = False,
     eval_batch_size: int = 32,
     jobs: int = 0,
     learner_precision: str = "auto",
@@ -47,6 +48,8 @@ def demo(
         seed: Seed of the data splits.
         retrain: Fine-tune every adapter again, even if it is cached.
         refit: Learn every learner's merge again, even if one learned from the same inputs is cached.
+        rescore: Score every merge on the test split again, even if a score computed from the same
+            inputs is cached (<output_dir>/demo/scored).
         eval_batch_size: Batch size of evaluation.
         jobs: Fine-tunes and learners run as their own processes, this many at a time, the cores
             shared among them (a small model's fit keeps few cores busy); 0: one per core.
@@ -83,6 +86,7 @@ def demo(
         seed=seed,
         retrain=retrain,
         refit=refit,
+        rescore=rescore,
         eval_batch_size=eval_batch_size,
         jobs=jobs,
         learner_precision=learning,

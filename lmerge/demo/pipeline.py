@@ -4,12 +4,11 @@ through the code ``lmerge fit|merge|sweep`` use, so any step can be re-run by ha
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
 from lmerge.demo.report import text_table, verdict, write_report
 from lmerge.demo.runs import (
     MethodResult,
+    TaskAlone,
     adapters_alone,
     learned_outcome,
     run_grid_sweep,
@@ -37,7 +37,9 @@ from lmerge.demo.runs import (
     score_learned,
     single_row,
 )
+from lmerge.demo.scored_cache import ScoredCache
 from lmerge.demo.sources import DemoSources
+from lmerge.evaluation.baseline_key import file_digest
 from lmerge.evaluation.task_vectors import task_vector_stats
 from lmerge.outputs import link_atomic, make_dirs, write_bytes_atomic, write_json_atomic
 from lmerge.tasks.spec import catalog_tasks
@@ -94,6 +96,7 @@ def run_demo(
     seed: int = 0,
     retrain: bool = False,
     refit: bool = False,
+    rescore: bool = False,
     fit_args: Sequence[str] = (),
     eval_batch_size: int = 32,
     min_label_examples: int | None = None,
@@ -105,7 +108,9 @@ def run_demo(
     learner (e.g. ``--trainer.max_steps 5``), which run as ``jobs`` processes at a time (0: one per
     core, :mod:`lmerge.demo.jobs`). Adapters are fine-tuned again with ``retrain`` (or
     when their recipe changed), learners learn again with ``refit`` (or when any of their inputs
-    changed: :mod:`lmerge.demo.learned_cache`); the learners run at ``learner_precision``, the
+    changed: :mod:`lmerge.demo.learned_cache`), and merges are scored on test again with ``rescore``
+    (or when what they were computed from changed: :mod:`lmerge.demo.scored_cache`); the learners
+    run at ``learner_precision``, the
     sweeps rank their points (validation split) at ``ranking_precision``
     (:func:`~lmerge.demo.jobs.demo_precision`), every test score in float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,6 +162,7 @@ def run_demo(
     merge_overrides = {"catalog": str(catalog), "output_dir": str(output_dir), "eval_batch_size": eval_batch_size}
     learned_overrides = {**merge_overrides, "eval_tasks": list(metrics), "split": "test"}
     inputs = inputs_digest(catalog_tasks(str(catalog), list(data)), base_model)
+    scores = _Scores(ScoredCache(demo_dir / "scored", inputs, output_dir), rescore)
     step(f"the learners ({', '.join(LEARNERS)}), trainer.precision {learner_precision}")
     learned: dict[str, tuple[dict, float]] = {}
     learner_jobs: list[Job] = []
@@ -193,35 +199,40 @@ def run_demo(
     with runner.beside(learner_jobs, "learning", learner_done) as pace:
         pace()
         step("each adapter alone, and its head alone on the frozen base model (test split)")
-        alone = adapters_alone(catalog, list(data), output_dir, eval_batch_size)
+        alone = scores.alone(
+            {"kind": "alone", "tasks": list(data), "batch_size": eval_batch_size},
+            lambda: adapters_alone(catalog, list(data), output_dir, eval_batch_size),
+        )
         for task, a in alone.items():
             print(f"  {task}: adapter {a.single:.4f}, head alone {a.head_alone:.4f} ({a.metric})")
+        results.append(single_row(alone))
 
         for name, config in STATIC.items():
             pace()
             step(f"{name} (configs/{config})")
-            row, evaluation = run_static(name, configs / config, merge_overrides)
-            if not results:
-                results.append(single_row(evaluation))
-            results.append(row)
+            described = {"kind": "static", "config": read_yaml(configs / config), "overrides": merge_overrides}
+            results.append(scores.row(name, described, lambda: run_static(name, configs / config, merge_overrides)))
 
         ranked = {**merge_overrides, "eval_precision": ranking_precision}
         on_test = {"split": "test", "eval_precision": "32-true"}
         for name, config in SWEEPS.items():
             pace()
             step(f"{name} (configs/{config}): ranked on validation, best scored on test")
-            results.append(run_grid_sweep(name, configs / config, ranked, on_test))
+            described = {"kind": "sweep", "config": read_yaml(configs / config), "ranked": ranked, "test": on_test}
+            results.append(scores.row(name, described, lambda: run_grid_sweep(name, configs / config, ranked, on_test)))
 
         # Those learned already are scored while the last ones learn.
         for name in [name for name in LEARNERS if name in learned]:
             pace()
-            scored[name] = _score(name, learned[name], learned_overrides)
+            scored[name] = _score(name, learned[name], learned_overrides, scores)
 
     for name in LEARNERS:
         if name not in scored:
-            scored[name] = _score(name, learned[name], learned_overrides)
+            scored[name] = _score(name, learned[name], learned_overrides, scores)
     results.extend(scored[name] for name in LEARNERS)
 
+    if scores.reused:
+        print(f"  {len(scores.reused)} cached scores reused (inputs unchanged; --rescore true to score them again)")
     step("report")
     table = text_table(results, metrics)
     specs = load_task_catalog(catalog)
@@ -239,6 +250,7 @@ def run_demo(
         "load average (1 min) at start / end": f"{load_at_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "fine-tuned this run": ", ".join(to_train) or "none (cached)",
         "learned this run": ", ".join(caches) or "none (cached: their inputs were unchanged)",
+        "scores reused (inputs unchanged)": ", ".join(scores.reused) or "none",
         "learners' trainer.precision": learner_precision,
         "sweeps ranked in (test scores: 32-true)": ranking_precision,
         "wall time": f"{seconds:.0f} s (CPU time, user + system, its fits' processes included: {cpu_seconds:.0f} s)",
@@ -270,11 +282,46 @@ def _max_steps(config: Path) -> int:
     return int((read_yaml(config).get("trainer") or {}).get("max_steps") or 0)
 
 
-def _score(name: str, learned: tuple[dict, float], overrides: dict) -> MethodResult:
+def _score(name: str, learned: tuple[dict, float], overrides: dict, scores: _Scores) -> MethodResult:
     """Learner ``name``'s merge (its outcome and learning seconds) scored on the test split."""
     outcome, seconds = learned
-    return score_learned(name, Path(LEARNERS[name]).stem, outcome, overrides, seconds)
+    described = {"kind": "learned", "merge_spec": file_digest(Path(outcome["merge_spec"])), "overrides": overrides}
+    return scores.row(
+        name, described, lambda: score_learned(name, Path(LEARNERS[name]).stem, outcome, overrides, seconds)
+    )
+
+
+class _Scores:
+    """The demo's rows, each read from ``cache`` when it holds one for the same inputs (unless
+    ``rescore``), else computed and recorded; ``reused`` names those read."""
+
+    def __init__(self, cache: ScoredCache, rescore: bool) -> None:
+        self.cache = cache
+        self.rescore = rescore
+        self.reused: list[str] = []
+
+    def row(self, name: str, described: dict, compute: Callable[[], MethodResult]) -> MethodResult:
+        """Row ``name`` of the step ``described``: recorded, or ``compute``'s."""
+        key = self.cache.key(described)
+        record = None if self.rescore else self.cache.load(name, key)
+        if record is not None:
+            self.reused.append(name)
+            return MethodResult.from_record(record)
+        row = compute()
+        self.cache.save(name, key, row.as_record())
+        return row
+
+    def alone(self, described: dict, compute: Callable[[], dict[str, TaskAlone]]) -> dict[str, TaskAlone]:
+        """The adapters-alone table of the step ``described``: recorded, or ``compute``'s."""
+        key = self.cache.key(described)
+        record = None if self.rescore else self.cache.load("adapters alone", key)
+        if record is not None:
+            self.reused.append("adapters alone")
+            return {task: TaskAlone(**fields) for task, fields in record["tasks"].items()}
+        alone = compute()
+        self.cache.save("adapters alone", key, {"tasks": {task: vars(a) for task, a in alone.items()}})
+        return alone
 
 
 def _as_json(row: MethodResult) -> dict:
-    return json.loads(json.dumps({**vars(row), "average": row.average}, default=str))
+    return {**row.as_record(), "average": row.average}

@@ -3,6 +3,7 @@ and reduced to one row of the results table."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,15 @@ class MethodResult:
     @property
     def average(self) -> float:
         return sum(self.scores.values()) / len(self.scores)
+
+    def as_record(self) -> dict[str, Any]:
+        """Its fields as JSON values (paths as strings), as :meth:`from_record` reads them."""
+        return json.loads(json.dumps(vars(self), default=str))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> MethodResult:
+        """The row :meth:`as_record` wrote."""
+        return cls(**record)
 
     @classmethod
     def from_evaluation(cls, name: str, kind: str, evaluation: Evaluation, seconds: float, detail: str) -> MethodResult:
@@ -91,19 +101,18 @@ def adapters_alone(catalog: Path, tasks: list[str], output_root: Path, batch_siz
     return alone
 
 
-def single_row(evaluation: Evaluation) -> MethodResult:
+def single_row(alone: dict[str, TaskAlone]) -> MethodResult:
     """Each task's own adapter on its own task: the ceiling every merge is measured against."""
-    scores = {task: t["single"] for task, t in evaluation.tasks.items()}
+    scores = {task: a.single for task, a in alone.items()}
     return MethodResult("single-task adapters", "single", scores, 1.0, 0.0, 0.0, "each task's own adapter")
 
 
-def run_static(name: str, config: Path, overrides: dict[str, Any]) -> tuple[MethodResult, Evaluation]:
+def run_static(name: str, config: Path, overrides: dict[str, Any]) -> MethodResult:
     """``lmerge merge --config config`` with ``overrides`` (catalog, output root)."""
     started = time.perf_counter()
     result = run_merge(load_merge_config(config, **overrides))
-    row = MethodResult.from_evaluation(name, "static", result.evaluation, time.perf_counter() - started, "")
-    row.detail = str(result.run_dir)
-    return row, result.evaluation
+    seconds = time.perf_counter() - started
+    return MethodResult.from_evaluation(name, "static", result.evaluation, seconds, str(result.run_dir))
 
 
 def run_grid_sweep(name: str, config: Path, overrides: dict[str, Any], test_overrides: dict[str, Any]) -> MethodResult:
