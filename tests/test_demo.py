@@ -410,7 +410,8 @@ def test_a_fit_follows_the_threads_its_file_grants(tasks, tmp_path, monkeypatch)
     config.write_text(
         "model:\n  class_path: lmerge.learn.AdaMerging\n  init_args: {adapters: [alpha, beta], lr: 0.05}\n"
         f"data: {{catalog: {tasks}, tasks: [alpha, beta], fit_split: test, batch_size: 4}}\n"
-        "trainer: {max_steps: 2, enable_progress_bar: false, logger: false, enable_checkpointing: false}\n"
+        "trainer: {max_steps: 2, enable_progress_bar: false, logger: false, enable_checkpointing: false,"
+        f" default_root_dir: {tmp_path}}}\n"
         f"export: {{output_dir: {tmp_path / 'out'}}}\n"
     )
     threads = torch.get_num_threads()
