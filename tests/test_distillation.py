@@ -1,6 +1,6 @@
-"""Distillation targets: each task's merged predictions fitted to its own adapter's (SuperMerge
-``targets: adapters``, AdaMerging's ``distillation_weight``), for classification heads and for
-answer tokens, reading no label."""
+"""Distillation targets: each task's merged predictions fitted to its own adapter's (SuperMerge and
+regret smooth-max ``targets: adapters``, AdaMerging's ``distillation_weight``), for classification
+heads and for answer tokens, reading no label."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from test_learners import data_for, fit
 
 from lmerge.errors import ConfigError
-from lmerge.learn import AdaMerging, SuperMerge
+from lmerge.learn import AdaMerging, RegretSmoothMax, SuperMerge
 from lmerge.tasks.kinds._batches import IGNORE_INDEX, class_kl
 from lmerge.tasks.kinds._language_model import token_kl
 
@@ -58,6 +58,36 @@ def test_distilling_reads_no_label_and_is_zero_at_the_tasks_own_adapter(tasks, t
     assert objective(wrong) == pytest.approx(merged, rel=1e-6)
     with learner.fixed_coefficients(learner.one_hot(0)):
         assert objective(batch) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("tasks_of", [("alpha", "beta"), ("yes", "maybe")], ids=["bert_heads", "llama_tokens"])
+def test_distilled_regret_is_the_kl_over_the_own_adapters_prediction_entropy(tasks, tmp_path, tasks_of):
+    """``targets: adapters``: regret_t = KL(own || merged) / (H_t + eps), H_t the own adapter's mean
+    prediction entropy over the baseline batches; no label read, zero at the own adapter."""
+    own, other = tasks_of
+    learner = RegretSmoothMax(str(tasks), [own, other], [own], targets="adapters", baseline_batches=2, lr=0.05)
+    data = data_for(tasks, "train", names=(own,))
+    fit(learner, data, 1, tmp_path)
+    batches = iter(data.tasks[own].dataloader("train", batch_size=data.fit_batch_size))  # the baseline's
+    entropies = []
+    with torch.no_grad(), learner.own_adapter_alone(own):
+        for batch in (next(batches), next(batches)):
+            probs = learner.kind.predict(learner.task_logits(own, batch), batch)
+            entropies.append(float(-(probs * probs.log()).sum(-1).mean()))
+    assert learner.baselines[own] == pytest.approx(sum(entropies) / 2, rel=1e-4) and learner.baselines[own] > 0
+    learner.own_logits_seen.clear()
+    with torch.no_grad():
+        logits = learner.task_logits(own, batch)
+        kl = float(learner.kind.distillation_loss(logits, learner.own_adapter_logits(own, batch), batch))
+        objective = lambda b: float(learner.task_objective(own, learner.task_logits(own, b), b))  # noqa: E731
+        assert kl > 1e-5 and objective(batch) == pytest.approx(kl / (learner.baselines[own] + 1e-6), rel=1e-4)
+        labels = batch["labels"]
+        wrong = {**batch, "labels": torch.where(labels == IGNORE_INDEX, labels, (labels + 1) % 3)}
+        assert objective(wrong) == pytest.approx(objective(batch), rel=1e-6)
+        with learner.fixed_coefficients(learner.one_hot(0)):
+            assert objective(batch) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ConfigError, match=r"model.targets: labels or adapters, got 'soft'"):
+        RegretSmoothMax(str(tasks), [own, other], targets="soft")
 
 
 def test_labels_of_the_test_split_are_refused_but_its_inputs_may_be_distilled(tasks, tmp_path):

@@ -53,8 +53,16 @@ LEARNERS = [
     (SuperMerge, "validation", {}),
     (SuperMerge, "train", {"targets": "adapters"}),
     (RegretSmoothMax, "validation", {"baseline_batches": 2}),
+    (RegretSmoothMax, "train", {"baseline_batches": 2, "targets": "adapters"}),
 ]
-LEARNER_IDS = ["AdaMerging", "GradientCE", "SuperMerge", "SuperMerge-distilled", "RegretSmoothMax"]
+LEARNER_IDS = [
+    "AdaMerging",
+    "GradientCE",
+    "SuperMerge",
+    "SuperMerge-distilled",
+    "RegretSmoothMax",
+    "RegretSmoothMax-distilled",
+]
 
 
 @pytest.mark.parametrize("learner_class,split,options", LEARNERS, ids=LEARNER_IDS)
