@@ -81,9 +81,11 @@ def demo_precision(requested: str, key: str) -> str:
     where the device computes bf16 natively, else ``32-true``. Where the demo uses it, measured on
     the demo (AVX512-BF16): the learners, whose SuperMerge fit runs 1.25x faster per step with the
     same validation losses to three digits at every check (its coefficients barely feel bf16's
-    rounding of the frozen model's activations), and the sweeps' ranking on the validation split
-    (1.5x faster, scores within one example of float32's). Not the fine-tuner, whose LoRA factors
-    train and which is no faster in bf16 (25 steps behind float32's after 250), nor any test score."""
+    rounding of the frozen model's activations). The sweeps' ranking on the validation split is
+    1.5x faster in bf16 with scores within one example of float32's, but that one example can move
+    a max-min ranking's choice (Iso-C's lambda on the demo): the demo ranks in float32 unless asked.
+    Not the fine-tuner, whose LoRA factors train and which is no faster in bf16 (25 steps behind
+    float32's after 250), nor any test score."""
     if requested not in PRECISIONS:
         raise ConfigError(f"{key}: {unknown_name('precision', requested, PRECISIONS)}")
     if requested != "auto":

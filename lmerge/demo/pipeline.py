@@ -102,7 +102,7 @@ def run_demo(
     min_label_examples: int | None = None,
     jobs: int = 0,
     learner_precision: str = "auto",
-    ranking_precision: str = "auto",
+    ranking_precision: str = "32-true",
 ) -> DemoOutcome:
     """Run the whole demo; ``fit_args`` are extra ``lmerge fit`` flags for every fine-tune and
     learner (e.g. ``--trainer.max_steps 5``), which run as ``jobs`` processes at a time (0: one per
