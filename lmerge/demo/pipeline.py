@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import load_task_catalog
@@ -302,25 +303,34 @@ class _Scores:
 
     def row(self, name: str, described: dict, compute: Callable[[], MethodResult]) -> MethodResult:
         """Row ``name`` of the step ``described``: recorded, or ``compute``'s."""
+        return self._cached(name, described, compute, MethodResult.as_record, MethodResult.from_record)
+
+    def alone(self, described: dict, compute: Callable[[], dict[str, TaskAlone]]) -> dict[str, TaskAlone]:
+        """The adapters-alone table of the step ``described``: recorded, or ``compute``'s."""
+        return self._cached(
+            "adapters alone",
+            described,
+            compute,
+            lambda alone: {"tasks": {task: vars(a) for task, a in alone.items()}},
+            lambda record: {task: TaskAlone(**fields) for task, fields in record["tasks"].items()},
+        )
+
+    def _cached(
+        self,
+        name: str,
+        described: dict,
+        compute: Callable[[], Any],
+        to_record: Callable[[Any], dict],
+        from_record: Callable[[dict], Any],
+    ) -> Any:
         key = self.cache.key(described)
         record = None if self.rescore else self.cache.load(name, key)
         if record is not None:
             self.reused.append(name)
-            return MethodResult.from_record(record)
-        row = compute()
-        self.cache.save(name, key, row.as_record())
-        return row
-
-    def alone(self, described: dict, compute: Callable[[], dict[str, TaskAlone]]) -> dict[str, TaskAlone]:
-        """The adapters-alone table of the step ``described``: recorded, or ``compute``'s."""
-        key = self.cache.key(described)
-        record = None if self.rescore else self.cache.load("adapters alone", key)
-        if record is not None:
-            self.reused.append("adapters alone")
-            return {task: TaskAlone(**fields) for task, fields in record["tasks"].items()}
-        alone = compute()
-        self.cache.save("adapters alone", key, {"tasks": {task: vars(a) for task, a in alone.items()}})
-        return alone
+            return from_record(record)
+        value = compute()
+        self.cache.save(name, key, to_record(value))
+        return value
 
 
 def _as_json(row: MethodResult) -> dict:
