@@ -275,10 +275,40 @@ def write_grid_config(tasks, path: Path, out: Path, points: int) -> Path:
     return path
 
 
-def start_sweep(config: Path) -> subprocess.Popen:
+# Runs `lmerge sweep` with its first point held until every worker of the test has reached its own,
+# so that no worker can finish the whole grid before the others have started.
+_SWEEP_AT_A_BARRIER = """
+import os, sys, time
+from pathlib import Path
+from lmerge.__main__ import main
+from lmerge.sweep import run
+
+barrier, workers, config = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+merge, reached = run.merge_to_bundle, []
+
+def merge_after_the_barrier(*args, **kwargs):
+    if not reached:
+        reached.append(True)
+        (barrier / f"ready_{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(barrier.glob("ready_*"))) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return merge(*args, **kwargs)
+
+run.merge_to_bundle = merge_after_the_barrier
+sys.exit(main(["sweep", "--config", config]))
+"""
+
+
+def start_sweep(config: Path, barrier: Path | None = None, workers: int = 1) -> subprocess.Popen:
+    """`lmerge sweep --config config` in its own process; with ``barrier``, its first point waits for
+    ``workers`` processes to reach theirs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lmerge", "sweep", "--config", str(config)]
+    if barrier is not None:
+        command = [sys.executable, "-c", _SWEEP_AT_A_BARRIER, str(barrier), str(workers), str(config)]
     return subprocess.Popen(
-        [sys.executable, "-m", "lmerge", "sweep", "--config", str(config)],
+        command,
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -336,7 +366,9 @@ def test_killed_sweep_resumes_to_the_same_set(tasks, tmp_path):
 def test_two_processes_share_one_study_with_disjoint_points(tasks, tmp_path):
     out = tmp_path / "out"
     config = write_grid_config(tasks, tmp_path / "grid.yaml", out, points=8)
-    processes = [start_sweep(config) for _ in range(2)]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    processes = [start_sweep(config, barrier, workers=2) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
