@@ -19,6 +19,7 @@ from lmerge.learn.callbacks import (
     StepEarlyStopping,
     is_learner,
 )
+from lmerge.learn.teacher_cache import TeacherCache
 from lmerge.outputs import DEFAULT_OUTPUT_DIR, check_inputs_outside, check_output_root
 from lmerge.pipeline import export_learned_merge
 from lmerge.tasks.spec import SPLITS, catalog_tasks
@@ -29,6 +30,7 @@ __all__ = [
     "CoefficientLogger",
     "MergeExport",
     "StepEarlyStopping",
+    "TeacherCache",
     "ThreadBudget",
 ]
 

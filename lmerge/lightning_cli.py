@@ -22,14 +22,15 @@ LIGHTNING_VERBS = ("fit", "validate", "test")
 
 def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
     """``lmerge fit|validate|test``: LightningCLI over any learner (``model.class_path``) and the
-    catalog DataModule, with the coefficient logger and the merge export always on; the model
+    catalog DataModule, with the coefficient logger, the merge export and the distillation targets'
+    cache (``lmerge.callbacks.TeacherCache``, in the export's output folder) always on; the model
     summary only when ``verbose`` (or asked for with ``--trainer.enable_model_summary``). Returns
     the CLI (``cli.trainer`` holds the callbacks, e.g. where the export wrote)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lmerge.callbacks import THREADS_FILE_ENV, CoefficientLogger, MergeExport, ThreadBudget
+    from lmerge.callbacks import THREADS_FILE_ENV, CoefficientLogger, MergeExport, TeacherCache, ThreadBudget
     from lmerge.data import CatalogDataModule
 
     class LMergeCLI(LightningCLI):
@@ -39,6 +40,8 @@ def lightning(argv: list[str], verbose: bool = False) -> LightningCLI:
             parser.link_arguments("data.catalog", "model.init_args.catalog")
             parser.link_arguments("data.tasks", "model.init_args.tasks")
             parser.link_arguments("data.catalog", "export.catalog")
+            parser.add_lightning_class_args(TeacherCache, "teacher_cache")
+            parser.link_arguments("export.output_dir", "teacher_cache.output_dir")
 
         def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
             super().parse_arguments(parser, args)

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import lmerge.demo.learned_cache as learned_cache
-from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key, source_digest
+from lmerge.demo.learned_cache import LearnedCache, inputs_digest, learner_key
+from lmerge.evaluation.baseline_key import source_digest
 from lmerge.tasks.spec import catalog_tasks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,21 +21,17 @@ from typing import Any
 from lmerge.adapters.lora import LoraAdapter
 from lmerge.data import TaskSpec
 from lmerge.evaluation.baseline_key import (
+    COMPUTE_PACKAGES,
     adapter_fingerprint,
     config_digest,
     data_fingerprint,
-    file_digest,
     model_fingerprint,
     package_version,
+    source_digest,
     task_fields,
 )
 from lmerge.outputs import write_json_atomic
 from lmerge.yaml_files import read_yaml
-
-PACKAGES = ("torch", "transformers", "peft", "lightning")
-"""Packages whose versions enter the key: they compute the learner's steps."""
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-"""lmerge's package directory, whose Python files enter the key."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ def inputs_digest(tasks: list[TaskSpec], base_model: Path) -> str:
             },
             "base_model": model_fingerprint(str(base_model)),
             "source": source_digest(),
-            "packages": {name: package_version(name) for name in PACKAGES},
+            "packages": {name: package_version(name) for name in COMPUTE_PACKAGES},
         }
     )
 
@@ -91,9 +87,3 @@ def inputs_digest(tasks: list[TaskSpec], base_model: Path) -> str:
 def learner_key(config: Path, fit_args: Sequence[str], inputs: str) -> str:
     """The key of one learner: its config's settings and extra flags, and the :func:`inputs_digest`."""
     return config_digest({"config": read_yaml(config), "fit_args": list(fit_args), "inputs": inputs})
-
-
-def source_digest(root: Path = SOURCE_ROOT) -> str:
-    """A digest of the content of every Python file of lmerge: any change to the code changes it."""
-    files = sorted(root.rglob("*.py"))
-    return config_digest({str(path.relative_to(root)): file_digest(path) for path in files})

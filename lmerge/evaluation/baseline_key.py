@@ -26,6 +26,10 @@ from lmerge.data import TaskSpec
 from lmerge.data.subsets import max_samples_for, parse_eval_subset
 from lmerge.tasks.heads import head_paths
 
+COMPUTE_PACKAGES = ("torch", "transformers", "peft", "lightning")
+"""Packages whose versions enter the keys of learned results: they compute a learner's steps."""
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+"""lmerge's package directory, whose Python files enter those keys (:func:`source_digest`)."""
 SCORING_VERSION = 1
 """Bumped whenever a change to lmerge changes the number a baseline would get."""
 _HASHED_BYTES = 64 << 20
@@ -189,3 +193,9 @@ def package_version(package: str) -> str:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
+
+
+def source_digest(root: Path = SOURCE_ROOT) -> str:
+    """A digest of the content of every Python file of lmerge: any change to the code changes it."""
+    files = sorted(root.rglob("*.py"))
+    return config_digest({str(path.relative_to(root)): file_digest(path) for path in files})
