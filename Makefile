@@ -33,7 +33,7 @@ $(DEMO_STAMP): $(STAMP)
 	touch $(DEMO_STAMP)
 
 # Build the built-in benchmark and run every method on it (measured on 2 quiet CPU cores with
-# AVX512-BF16: 13.8 min the first time, fine-tuning 6 of them; 7.5 s again, with adapters, sweeps,
-# learned merges and scores cached; 6.1 min when the learners learn again).
+# AVX512-BF16: 13.1 min the first time, fine-tuning 5.6 of them; 9 s again, with adapters, sweeps,
+# learned merges and scores cached; 4.9 min when the learners learn again).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lmerge demo
