@@ -95,6 +95,13 @@ def test_rows_round_trip_and_inconsistent_offsets_read_as_none(tmp_path):
     assert read_rows(path) == {}
 
 
+def test_a_task_without_its_own_adapter_among_the_merged_ones_keeps_no_file(tasks, zoo, tmp_path):
+    learner = SuperMerge(str(tasks), ["alpha", str(zoo["bert_c"])], ["alpha", "beta"], lr=0.05)
+    fit(learner, data_for(tasks, "validation"), 2, tmp_path, callbacks=[TeacherCache(str(tmp_path))])
+    assert learner.coefficients.values() != SuperMerge(str(tasks), ["alpha", "beta"]).coefficients.values()
+    assert not list(tmp_path.glob("teacher_logits/beta-*"))
+
+
 def test_a_kind_without_heads_keeps_no_file(tasks, tmp_path):
     learner = SuperMerge(str(tasks), ["yes", "maybe"], ["yes"], targets="adapters", lr=0.05)
     fit(learner, data_for(tasks, "train", names=("yes",)), 2, tmp_path, callbacks=[TeacherCache(str(tmp_path))])

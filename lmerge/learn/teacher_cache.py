@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from lmerge.errors import ConfigError
 from lmerge.evaluation.baseline_key import (
     COMPUTE_PACKAGES,
     adapter_fingerprint,
@@ -61,9 +62,11 @@ class TeacherCache(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or not isinstance(pl_module, MergeLearner) or not pl_module.kind.has_head:
             return
+        # A task whose own adapter is not among the merged ones has no targets to keep.
+        owned = [task for task in pl_module.task_specs if _has_own_adapter(pl_module, task)]
         self.paths = {
             task: self.dirpath / f"{task}-{teacher_key(pl_module, task, trainer.precision)[:16]}.safetensors"
-            for task in pl_module.task_specs
+            for task in owned
         }
         for task, path in self.paths.items():
             rows = {key: row.to(pl_module.device) for key, row in read_rows(path).items()}
@@ -81,6 +84,14 @@ class TeacherCache(Callback):
             with file_lock(path.with_suffix(".lock"), root=self.root):
                 rows = {**read_rows(path), **{key: row.detach().cpu() for key, row in seen.items()}}
                 write_bytes_atomic(path, encode_rows(rows), root=self.root)
+
+
+def _has_own_adapter(learner: MergeLearner, task: str) -> bool:
+    try:
+        learner.adapter_for_task(task)
+    except ConfigError:
+        return False
+    return True
 
 
 def teacher_key(learner: MergeLearner, task: str, precision: str) -> str:
