@@ -42,9 +42,11 @@ Rows = dict[tuple[int, ...], torch.Tensor]
 
 
 class TeacherCache(Callback):
-    """Loads the learner's own-adapter logits from ``<output_dir>/teacher_logits/`` when the fit
-    starts, and adds the rows this fit computed when it ends (under a lock: fits running side by
-    side share a file). ``lmerge fit`` always adds it, with the export's ``output_dir``."""
+    """Distillation targets kept across fits, in ``<export.output_dir>/teacher_logits/``.
+
+    Loads the learner's own-adapter logits when the fit starts and adds the rows this fit computed
+    when it ends (under a lock: fits running side by side share a file). ``lmerge fit`` always
+    adds it, with the export's ``output_dir``."""
 
     def __init__(self, output_dir: str = DEFAULT_OUTPUT_DIR, enabled: bool = True) -> None:
         """
