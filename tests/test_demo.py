@@ -228,7 +228,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert list((tmp_path / "logs" / "lightning_logs").glob("version_*/events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "fine-tuning" in out
-    assert "learning SuperMerge, AdaMerging, gradient CE, regret smooth-max:" in out  # the most steps first
+    assert "learning SuperMerge, gradient CE, regret smooth-max, AdaMerging:" in out  # the most steps first
     assert "- learned this run: AdaMerging, gradient CE, SuperMerge, regret smooth-max" in report
     assert "- scores reused (inputs unchanged): none" in report
     again = run_demo(**settings, rescore=True)
