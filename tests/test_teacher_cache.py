@@ -12,7 +12,7 @@ from lmerge.__main__ import main
 from lmerge.callbacks import TeacherCache
 from lmerge.learn import SuperMerge
 from lmerge.learn.base import MergeLearner
-from lmerge.learn.teacher_cache import encode_rows, read_rows, teacher_key
+from lmerge.learn.teacher_cache import encode_rows, read_rows, teacher_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -58,18 +58,18 @@ def test_a_second_fit_reads_the_teachers_and_learns_the_same_coefficients(tasks,
 
 def test_the_key_follows_what_the_logits_depend_on(tasks, zoo):
     learner = SuperMerge(str(tasks), ["alpha", "beta"], ["alpha", "beta"], targets="adapters")
-    key = teacher_key(learner, "alpha", "bf16-mixed")
-    assert teacher_key(learner, "alpha", "bf16-mixed") == key
-    assert teacher_key(learner, "alpha", "32-true") != key
-    assert teacher_key(learner, "beta", "bf16-mixed") != key
+    key = teacher_keys(learner, "bf16-mixed")["alpha"]
+    assert teacher_keys(learner, "bf16-mixed")["alpha"] == key
+    assert teacher_keys(learner, "32-true")["alpha"] != key
+    assert teacher_keys(learner, "bf16-mixed")["beta"] != key
     other_adapters = SuperMerge(
         str(tasks), ["alpha", "beta", str(zoo["bert_c"])], ["alpha", "beta"], targets="adapters"
     )
-    assert teacher_key(other_adapters, "alpha", "bf16-mixed") != key
+    assert teacher_keys(other_adapters, "bf16-mixed")["alpha"] != key
     folded_differently = SuperMerge(
         str(tasks), ["alpha", "beta"], ["alpha", "beta"], targets="adapters", merge_impl="dense"
     )
-    assert teacher_key(folded_differently, "alpha", "bf16-mixed") != key
+    assert teacher_keys(folded_differently, "bf16-mixed")["alpha"] != key
 
 
 def test_a_bad_file_is_computed_again_and_written_anew(tasks, tmp_path, own_passes):

@@ -64,12 +64,8 @@ class TeacherCache(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or not isinstance(pl_module, MergeLearner) or not pl_module.kind.has_head:
             return
-        # A task whose own adapter is not among the merged ones has no targets to keep.
-        owned = [task for task in pl_module.task_specs if _has_own_adapter(pl_module, task)]
-        self.paths = {
-            task: self.dirpath / f"{task}-{teacher_key(pl_module, task, trainer.precision)[:16]}.safetensors"
-            for task in owned
-        }
+        keys = teacher_keys(pl_module, trainer.precision)
+        self.paths = {task: self.dirpath / f"{task}-{key[:16]}.safetensors" for task, key in keys.items()}
         for task, path in self.paths.items():
             rows = {key: row.to(pl_module.device) for key, row in read_rows(path).items()}
             pl_module.own_logits_seen.setdefault(task, {}).update(rows)
@@ -88,22 +84,14 @@ class TeacherCache(Callback):
                 write_bytes_atomic(path, encode_rows(rows), root=self.root)
 
 
-def _has_own_adapter(learner: MergeLearner, task: str) -> bool:
-    try:
-        learner.adapter_for_task(task)
-    except ConfigError:
-        return False
-    return True
-
-
-def teacher_key(learner: MergeLearner, task: str, precision: str) -> str:
-    """The digest of everything ``task``'s own-adapter logits depend on in ``learner`` (module doc)."""
+def teacher_keys(learner: MergeLearner, precision: str) -> dict[str, str]:
+    """Each task's key: the digest of everything its own-adapter logits depend on in ``learner``
+    (module doc). A task whose own adapter is not among the merged ones has no targets, so no key.
+    What every task shares (adapters, base model, source, packages) is fingerprinted once."""
     hparams = learner.hparams
-    return config_digest(
+    shared = config_digest(
         {
-            "task": task_fields(learner.task_specs[task]),
             "adapters": [adapter_fingerprint(adapter) for adapter in learner.adapters],
-            "own_adapter": learner.adapter_for_task(task),
             "base_model": model_fingerprint(str(learner.base_model_path)),
             "model": {name: hparams[name] for name in ("merge_mode", "merge_impl", "model_dtype")},
             "precision": str(precision),
@@ -112,6 +100,14 @@ def teacher_key(learner: MergeLearner, task: str, precision: str) -> str:
             "packages": {name: package_version(name) for name in COMPUTE_PACKAGES},
         }
     )
+    keys = {}
+    for task, spec in learner.task_specs.items():
+        try:
+            own = learner.adapter_for_task(task)
+        except ConfigError:
+            continue
+        keys[task] = config_digest({"task": task_fields(spec), "own_adapter": own, "shared": shared})
+    return keys
 
 
 def encode_rows(rows: Rows) -> bytes:
