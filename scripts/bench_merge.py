@@ -9,7 +9,8 @@ temporary directory. Every case then runs in its own process (this script with `
 which prints one JSON line: the wall time of the timed part only (imports and set-up
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
 of the work), its minor page faults (fresh memory, microseconds each in a virtual machine), the
-RSS right before it and the peak RSS during it (VmHWM, reset first).
+RSS right before it and the peak RSS during it (VmHWM, reset first). With ``--repeat``, the
+cases run in rounds, each case once per round, and a case's fastest run counts.
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
@@ -337,18 +338,34 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
 
 
 # ---- the parent: run every case in its own process and print the table -----------------------
-def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
-    """The fastest of ``repeat`` runs of one case, each in a fresh process."""
+def run_once(name: str, n: int, data: Path) -> dict[str, Any]:
+    """One run of one case in a fresh process."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TRANSFORMERS_VERBOSITY": "error"}
     command = [sys.executable, __file__, "--case", name, "--n", str(n), "--data", str(data)]
-    runs = []
+    child = subprocess.run(command, env=env, capture_output=True, text=True)
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
+        return {"case": name, "n": n, "error": lines[-1]}
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
+    """The fastest of ``repeat`` runs of one case, each in a fresh process."""
+    return measure_rounds([name], n, data, repeat)[0]
+
+
+def measure_rounds(names: list[str], n: int, data: Path, repeat: int) -> list[dict[str, Any]]:
+    """The fastest of ``repeat`` runs of each case, in rounds that run every case once: a busy
+    spell of a shared machine then slows all cases of a round alike, not one case's every run."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(repeat):
-        child = subprocess.run(command, env=env, capture_output=True, text=True)
-        if child.returncode != 0:
-            lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
-            return {"case": name, "n": n, "error": lines[-1]}
-        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    return min(runs, key=lambda run: run["seconds"])
+        for name in names:
+            if not runs[name] or "error" not in runs[name][-1]:
+                runs[name].append(run_once(name, n, data))
+    return [
+        next((run for run in runs[name] if "error" in run), None) or min(runs[name], key=lambda run: run["seconds"])
+        for name in names
+    ]
 
 
 LINEAR_SAVE = "lmerge:task_vector"
@@ -438,7 +455,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="adapter counts")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: see the module doc")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every case; a case's fastest run counts")
     parser.add_argument("--skip-slow-peers", action="store_true", help="skip PEFT's *_svd types")
     parser.add_argument("--slow-n", type=int, nargs="+", help="n for PEFT's *_svd types (default: max --n)")
     parser.add_argument("--scaling-layers", type=int, nargs="*", default=[], help="model depths for the scaling check")
@@ -465,13 +482,11 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         print(f"generated the model and {max(args.n)} adapters in {elapsed:.1f} s", flush=True)
         for n in args.n:
-            for name in names:
-                if CASES[name].slow and n not in slow_n:
-                    continue
-                result = measure(name, n, data, args.repeat)
+            measured = [name for name in names if not CASES[name].slow or n in slow_n]
+            for result in measure_rounds(measured, n, data, args.repeat):
                 results.append(result)
                 shown = result.get("error") or f"{result['seconds']:.3f} s, peak {result['peak_mb']:.0f} MB"
-                print(f"  n={n} {name}: {shown}", flush=True)
+                print(f"  n={n} {result['case']}: {shown}", flush=True)
         depths = scaling(data, args.scaling_layers, args.scaling_n, args.repeat) if args.scaling_layers else ""
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s\n")
     print(table(results))

@@ -166,11 +166,13 @@ def merge_modules(
     with _single_threaded_ops():
         pool = ThreadPoolExecutor(workers, thread_name_prefix="lmerge-merge")
         try:
-            # At most ``workers`` modules in flight: memory stays bounded.
+            # At most two modules per worker in flight: memory stays bounded, and while this
+            # thread reads the next module's factors or the caller writes a merged one, every
+            # worker still has a module queued (with one each, they wait on this thread's I/O).
             pending: deque[Future[MergedModule]] = deque()
             for args in loaded():
                 pending.append(pool.submit(job, *args))
-                if len(pending) == workers:
+                if len(pending) == 2 * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
