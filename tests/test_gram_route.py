@@ -10,7 +10,7 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 from lmerge.methods._bases import Basis, basis_of
-from lmerge.methods._lowrank import concatenated_svd, product_svd
+from lmerge.methods._lowrank import concatenated_svd, product_polar, product_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -183,3 +183,34 @@ def test_product_svd_on_both_routes(pair):
     torch.testing.assert_close(U @ torch.diag(svd.S[:rank]) @ Vh, B @ A)
     torch.testing.assert_close(U.T @ U, torch.eye(rank, dtype=torch.float64))
     torch.testing.assert_close(Vh @ Vh.T, torch.eye(rank, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "dtype", "tolerance"),
+    [
+        ("well conditioned", torch.float64, 1e-12),
+        ("well conditioned", torch.float32, 1e-5),
+        ("badly conditioned product", torch.float64, None),
+        ("rank deficient", torch.float64, None),
+        ("more rank than columns", torch.float64, None),
+    ],
+)
+def test_product_polar_from_gram_matrices_or_none(inputs, dtype, tolerance):
+    """Iso-C's route for a well-conditioned sum: B K A is the polar factor of B @ A and S its
+    singular values; anything it cannot do as exactly as a Gram basis is declined (None)."""
+    As, Bs = {
+        "well conditioned": lambda: factors(3),
+        "badly conditioned product": lambda: factors(30),
+        "rank deficient": lambda: duplicated(3),
+        "more rank than columns": lambda: ([torch.randn(40, 64) for _ in "AB"], [torch.randn(96, 40) for _ in "AB"]),
+    }[inputs]()
+    B, A = torch.cat(Bs, dim=1).to(dtype), torch.cat(As, dim=0).to(dtype)
+    found = product_polar(B, A)
+    if tolerance is None:
+        assert found is None
+        return
+    S, K = found
+    U, S_ref, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    R = A.shape[0]
+    assert relative_error((B @ K @ A).double(), U[:, :R] @ Vh[:R]) < tolerance
+    torch.testing.assert_close(S.double(), S_ref[:R], rtol=tolerance, atol=0)

@@ -123,6 +123,45 @@ def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     return FactoredSVD(Qb, P, S, Wh, Qa)
 
 
+def product_polar(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(S, K)``: the singular values of ``B @ A`` (``B`` [m, R], ``A`` [R, n]; descending) and
+    ``K`` [R, R] with ``B K A`` the orthogonal polar factor of ``B @ A``, from Gram matrices and
+    ``R x R`` work only; None unless ``B @ A`` has full rank ``R`` and is well conditioned.
+
+    With ``A^T = Qa Ca`` from ``A``'s Gram matrix (``Ca = diag(s) W^T``, ``Qa = A^T W diag(1/s)``,
+    never formed), ``B @ A = Y Qa^T`` for ``Y = B Ca^T``, whose Gram matrix is
+    ``H = Ca (B^T B) Ca^T = V diag(S^2) V^T``; so the polar factor is
+    ``Y V diag(1/S) V^T Qa^T = B K A``. Two eigendecompositions, where :func:`product_svd` takes
+    two and an SVD. ``B^T B`` is tried in the precisions of :data:`GRAM_TIERS`, and taken when
+    its rounding (about ``eps * ||B^T B||``, bounded by its largest row sum) reaches ``H`` as
+    at most the tier's condition bound times ``H``'s smallest eigenvalue: the same accuracy as a
+    basis from a Gram matrix."""
+    if A.shape[0] > min(B.shape[0], A.shape[1]):
+        return None
+    decomposed = gram_eigh(A.T)
+    if decomposed is None:
+        return None
+    s, W = decomposed
+    for dtype, condition in GRAM_TIERS.get(B.dtype, ()):
+        Bd, Ca = B.to(dtype), (s[:, None] * W.T).to(dtype)
+        G = Bd.T @ Bd
+        lam, V = torch.linalg.eigh(Ca @ G @ Ca.T)
+        largest = float(s[0]) ** 2 * float(G.abs().sum(dim=1).max())  # >= lambda_max(H)
+        if bool(lam[0] >= condition * largest) and largest > 0:
+            S, V = lam.flip(0).sqrt(), V.flip(1)
+            K = Ca.T @ (V / S) @ V.T @ (W / s).T.to(dtype)
+            return S.to(B.dtype), K.to(B.dtype)
+    return None
+
+
+def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` with ``B' A' = B K A`` (``K`` square): ``K`` goes into the factor on the
+    smaller of ``out`` and ``in``, so that the one GEMM is the smaller one."""
+    if B.shape[0] >= A.shape[1]:
+        return K @ A, B
+    return A, B @ K
+
+
 def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
     """:func:`product_svd` of every ``Bs[i] @ As[i]``, batched per group of equal shapes (for many
     small products: a third less time than one call each for Iso-CTS's ``R x r_i`` cores)."""

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import CoreSpace, numerical_rank, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import (
+    CoreSpace,
+    as_working,
+    lift_square,
+    numerical_rank,
+    product_polar,
+    rank_tolerance,
+    zero_factors,
+)
 from lmerge.methods._params import check_number, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -33,6 +41,12 @@ def iso_c(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-C: the SVD of the summed task vectors with a flat spectrum (the mean singular value), times lambda."""
+    As, Bs = as_working(As, Bs)
+    B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # sum_i delta_i = B @ A
+    full_rank = product_polar(B, A)
+    if full_rank is not None:  # a well-conditioned sum of rank R: its polar factor is all it takes
+        S, K = full_rank
+        return lift_square(B, K * (module_lambda(params, ctx, "lambda") * S.mean()), A)
     space = CoreSpace(As, Bs)
     P, S, Wh = torch.linalg.svd(space.summed(), full_matrices=False)
     rank = numerical_rank(S, rank_tolerance(S[0], (space.out, space.inp), space.dtype))
