@@ -30,7 +30,7 @@ to bracket its k-th largest magnitude: a larger sample costs more but narrows th
 so that fewer positions are merged twice."""
 _SAMPLE_ALL = 1 << 16
 """Task vectors with at most this many entries are sampled whole: their brackets are exact."""
-_EXACT_ENTRIES = 1 << 17
+_EXACT_ENTRIES = 1 << 20
 """Entries whose exact cuts are found together (:func:`_exact_cuts`): half a MiB of float32."""
 _Z = 4.0
 """Half-width of a bracket in standard deviations of the sample's rank: about one bracket in
@@ -145,24 +145,33 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
     """:func:`_exact_cuts` of all rows of ``x`` at once: one histogram of every row's magnitudes,
     then an exact selection among the entries of the bin that holds the k-th (all entries of a
     higher bin are larger: see :func:`_kth_largest`)."""
-    scaled = _magnitudes(x)
-    n, size = scaled.shape
-    scale = _BINS / scaled.amax(dim=1)
-    # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes to
-    # bin 0 (the clamp also takes inf * 0 = nan there), and the selection is among all its entries.
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
-    bins = scaled.mul_(scale.view(n, 1)).to(torch.int32).clamp_(0, _BINS - 1)
-    bins.add_(torch.arange(0, n * _BINS, _BINS, dtype=torch.int32).view(n, 1))
-    counts = torch.bincount(bins.view(-1), minlength=n * _BINS).view(n, _BINS)
-    at_or_above = counts.flip(1).cumsum(1).flip(1)
-    rows = torch.arange(n)
-    holding = (at_or_above >= k).sum(dim=1) - 1
-    above = (at_or_above - counts)[rows, holding]  # entries in higher bins, all larger
-    sizes = counts[rows, holding]
-    # Every row's entries in the bin holding its k-th largest, rows in order and each row's in flat
-    # order, then sorted by magnitude within each row (stable sorts): all rows in a few calls.
-    target = (holding + rows * _BINS).to(bins.dtype).view(n, 1)
-    row_of, where = (bins == target).nonzero(as_tuple=True)
+    n, size = x.shape
+    # Its temporaries are scratch: fresh, they would cost a page fault per 4 KiB (module doc of
+    # lmerge.methods._scratch), several times the arithmetic on them.
+    with (
+        scratch(x.numel(), _magnitude_dtype(x.dtype)) as scaled,
+        scratch(x.numel(), torch.int32) as bins,
+        scratch(x.numel(), torch.bool) as matches,
+    ):
+        scaled, bins, matches = scaled.view(n, size), bins.view(n, size), matches.view(n, size)
+        torch.abs(scaled.copy_(x), out=scaled)
+        scale = _BINS / scaled.amax(dim=1)
+        # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes
+        # to bin 0 (the clamp also takes inf * 0 = nan there), and the selection is among all its
+        # entries.
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
+        bins.copy_(scaled.mul_(scale.view(n, 1))).clamp_(0, _BINS - 1)  # the copy truncates
+        bins.add_(torch.arange(0, n * _BINS, _BINS, dtype=torch.int32).view(n, 1))
+        counts = torch.bincount(bins.view(-1), minlength=n * _BINS).view(n, _BINS)
+        at_or_above = counts.flip(1).cumsum(1).flip(1)
+        rows = torch.arange(n)
+        holding = (at_or_above >= k).sum(dim=1) - 1
+        above = (at_or_above - counts)[rows, holding]  # entries in higher bins, all larger
+        sizes = counts[rows, holding]
+        # Every row's entries in the bin holding its k-th largest, rows in order and each row's in
+        # flat order, then sorted by magnitude within each row (stable sorts): all rows in a few calls.
+        target = (holding + rows * _BINS).to(bins.dtype).view(n, 1)
+        row_of, where = torch.eq(bins, target, out=matches).nonzero(as_tuple=True)
     inside = _magnitudes(x[row_of, where])
     order = inside.argsort(stable=True)
     order = order[row_of[order].argsort(stable=True)]
@@ -221,8 +230,12 @@ def _brackets(deltas: TaskVectors, k: int) -> list[tuple[float, float]]:
 
 def _magnitudes(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` in float32 or float64 (half types are exact in float32, and histograms want it)."""
-    x = x.abs()
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x.abs().to(_magnitude_dtype(x.dtype))
+
+
+def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, else float32 (which holds every half-precision number exactly)."""
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 def _bracketed_merge(
