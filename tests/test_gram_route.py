@@ -10,7 +10,7 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 from lmerge.methods._bases import Basis, basis_of
-from lmerge.methods._lowrank import concatenated_svd, product_polar, product_svd
+from lmerge.methods._lowrank import concatenated_svd, product_polar, product_svd, small_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -214,3 +214,23 @@ def test_product_polar_from_gram_matrices_or_none(inputs, dtype, tolerance):
     R = A.shape[0]
     assert relative_error((B @ K @ A).double(), U[:, :R] @ Vh[:R]) < tolerance
     torch.testing.assert_close(S.double(), S_ref[:R], rtol=tolerance, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kappa", "dtype", "tolerance"),
+    [(5, torch.float32, 1e-5), (30, torch.float32, 1e-5), (50, torch.float64, 1e-12), (300, torch.float64, 1e-12)],
+)
+def test_small_svd_from_the_gram_matrix_or_lapack(kappa, dtype, tolerance, monkeypatch):
+    """A core's SVD, from its Gram matrix when well conditioned for the first tier (kappa 10 in
+    float32, 100 in float64) and from LAPACK otherwise: exact and orthonormal either way."""
+    x = conditioned(40, 40, kappa, seed=7).to(dtype)
+    lapack = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: lapack.append(1) or svd(*args, **kwargs))
+    P, S, Wh = small_svd(x)
+    assert bool(lapack) == (kappa > (10 if dtype == torch.float32 else 100))
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(x.double()), rtol=tolerance, atol=0)
+    assert relative_error(((P * S) @ Wh).double(), x.double()) < tolerance
+    eye = torch.eye(40, dtype=dtype)
+    assert float((P.T @ P - eye).abs().max()) < 10 * tolerance
+    assert float((Wh @ Wh.T - eye).abs().max()) < 10 * tolerance

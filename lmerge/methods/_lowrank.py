@@ -83,6 +83,23 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     return P @ Wh
 
 
+def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``x = P diag(S) Wh`` (descending) of a small matrix such as a core: from its
+    Gram matrix ``x^T x = W diag(S^2) W^T`` when ``x`` is tall or square and conditioned well
+    enough for the Gram's first tier (:data:`GRAM_TIERS`, in ``x``'s own precision), with
+    ``P = x W diag(1/S)``: an eigendecomposition costs half an SVD of its size (a float64 one of
+    float32 numbers would cost more than the float32 SVD, so there is no second tier); else
+    LAPACK's SVD."""
+    rows, cols = x.shape
+    tiers = GRAM_TIERS.get(x.dtype, ())
+    if 0 < cols <= rows and tiers and tiers[0][0] == x.dtype:
+        decomposed = well_conditioned_eigh(x.T @ x, tiers[0][1])
+        if decomposed is not None:
+            S, W = decomposed
+            return x @ (W / S), S, W.T
+    return torch.linalg.svd(x, full_matrices=False)
+
+
 @dataclass(frozen=True)
 class FactoredSVD:
     """The thin SVD ``B @ A = (Fb P) diag(S) (Wh Fa^T)`` of a product, kept factored: ``Fb``

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import CoreSpace, numerical_rank, polar, product_svds, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import (
+    CoreSpace,
+    numerical_rank,
+    polar,
+    product_svds,
+    rank_tolerance,
+    small_svd,
+    zero_factors,
+)
 from lmerge.methods._params import check_number, check_range, module_lambda
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -48,7 +56,7 @@ def iso_cts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-CTS: the sum's top common fraction of directions plus each task's own, flat spectrum, times lambda."""
     space = CoreSpace(As, Bs)
-    P, S, Wh = torch.linalg.svd(space.summed(), full_matrices=False)
+    P, S, Wh = small_svd(space.summed())
     tolerance = rank_tolerance(S[0], (space.out, space.inp), space.dtype)
     rank = numerical_rank(S, tolerance)
     if not rank:
