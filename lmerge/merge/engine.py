@@ -75,7 +75,7 @@ def _dense_in_core_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModu
     # so the method runs on the R x R cores M_i and U M V^T is an exact LoRA.
     space = CoreSpace(As, Bs)
     Pb, Pa = space.singular_bases()
-    merged = method.fn(TaskVectors.from_dense(space.cores(Pb, Pa)), params, ctx)
+    merged = method.fn(space.cores(Pb, Pa), params, ctx)
     A, B = space.lift_core(merged, Pb, Pa)
     return MergedModule(ctx.key, A=A, B=B)
 

@@ -248,12 +248,15 @@ class CoreSpace:
         Pa = None if self.row.singular else torch.linalg.svd(self.row.C, full_matrices=False)[0]
         return Pb, Pa
 
-    def cores(self, Pb: torch.Tensor | None, Pa: torch.Tensor | None) -> torch.Tensor:
-        """``[n, p, q]``: every ``Pb^T C_i Pa``, the cores in the bases ``Qb Pb`` and ``Qa Pa``
-        (None: the identity)."""
+    def cores(self, Pb: torch.Tensor | None, Pa: torch.Tensor | None) -> TaskVectors:
+        """Every ``Pb^T C_i Pa`` [p, q], the cores in the bases ``Qb Pb`` and ``Qa Pa`` (None: the
+        identity), as task vectors built a block at a time from their factors ``(Pb^T Cb_i)
+        (Pa^T Ca_i)^T``: the ``n x p x q`` stack never exists (at n = 32 and r = 16, 32 MiB)."""
         left = self.column.C if Pb is None else Pb.T @ self.column.C
         right = self.row.C if Pa is None else Pa.T @ self.row.C
-        return torch.stack([left[:, block] @ right[:, block].T for block in self.blocks])
+        return TaskVectors.from_factors(
+            [right[:, block].T for block in self.blocks], [left[:, block] for block in self.blocks]
+        )
 
     def lift(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A', B')`` with ``B' A' = Qb left right Qa^T`` (``left`` [p, k], ``right`` [k, q]), of
