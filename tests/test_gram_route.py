@@ -10,7 +10,7 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 from lmerge.methods._bases import Basis, basis_of
-from lmerge.methods._lowrank import concatenated_svd, product_polar, product_svd, small_svd
+from lmerge.methods._lowrank import concatenated_svd, polar, product_polar, product_svd, small_svd, thin_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -234,3 +234,25 @@ def test_small_svd_from_the_gram_matrix_or_lapack(kappa, dtype, tolerance, monke
     eye = torch.eye(40, dtype=dtype)
     assert float((P.T @ P - eye).abs().max()) < 10 * tolerance
     assert float((Wh @ Wh.T - eye).abs().max()) < 10 * tolerance
+
+
+def test_a_float32_svd_that_fails_to_converge_is_done_in_float64(monkeypatch):
+    """MKL's float32 divide-and-conquer SVD fails on some finite matrices with clustered singular
+    values (Iso-CTS met one at n = 32: a nearly orthonormal stack before its polar factor): the
+    float64 SVD takes over, and the result is the float32 rounding of it."""
+    x = conditioned(30, 30, 3, seed=8).float()
+    svd = torch.linalg.svd
+
+    def float32_fails(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    P, S, Wh = thin_svd(x)
+    assert P.dtype == S.dtype == Wh.dtype == torch.float32
+    assert relative_error(((P * S) @ Wh).double(), x.double()) < 1e-6
+    Q = polar(x)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(30), atol=1e-5, rtol=0)
+    with pytest.raises(torch.linalg.LinAlgError):  # a float64 failure, or non-finite input, stays one
+        thin_svd(torch.full((3, 3), math.nan))

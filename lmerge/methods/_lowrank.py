@@ -44,6 +44,20 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.qr(x, mode="reduced")
 
 
+def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LAPACK's thin SVD ``x = P diag(S) Wh`` (batched over leading dims). When the float32
+    divide-and-conquer SVD fails to converge on a finite matrix (MKL's does on some whose singular
+    values cluster, such as a nearly orthonormal stack of singular vectors before its polar
+    factor), the float64 one, rounded back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64 or not bool(torch.isfinite(x).all()):
+            raise
+        P, S, Wh = torch.linalg.svd(x.double(), full_matrices=False)
+        return P.to(x.dtype), S.to(x.dtype), Wh.to(x.dtype)
+
+
 def _batch(xs: list[torch.Tensor]) -> torch.Tensor:
     """The matrices ``xs`` (of one shape) stacked [g, m, k], each stored column-major: the layout
     LAPACK factors (a QR copies its input into it; from a row-major stack the copy is a transpose)."""
@@ -79,7 +93,7 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     if rows > cols:
         Q, R = thin_qr(x)
         return Q @ polar(R)
-    P, _, Wh = torch.linalg.svd(x, full_matrices=False)
+    P, _, Wh = thin_svd(x)
     return P @ Wh
 
 
@@ -97,7 +111,7 @@ def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         if decomposed is not None:
             S, W = decomposed
             return x @ (W / S), S, W.T
-    return torch.linalg.svd(x, full_matrices=False)
+    return thin_svd(x)
 
 
 @dataclass(frozen=True)
@@ -131,12 +145,12 @@ def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     if b is not None and a is not None:
         dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
         (sb, Wb), (sa, Wa) = [[t.to(dtype) for t in pair] for pair in (b, a)]
-        P, S, Wh = torch.linalg.svd((sb[:, None] * (Wb.T @ Wa)) * sa, full_matrices=False)
+        P, S, Wh = thin_svd((sb[:, None] * (Wb.T @ Wa)) * sa)
         P, Wh = (Wb / sb) @ P, Wh @ (Wa / sa).T
         return FactoredSVD(B, P.to(B.dtype), S.to(B.dtype), Wh.to(B.dtype), A.T)
     Qb, Rb = thin_qr(B)
     Qa, Ra = thin_qr(A.T)
-    P, S, Wh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    P, S, Wh = thin_svd(Rb @ Ra.T)
     return FactoredSVD(Qb, P, S, Wh, Qa)
 
 
@@ -186,7 +200,7 @@ def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[Factore
     for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
         Qb, Rb = thin_qr(_batch([Bs[i] for i in members]))
         Qa, Ra = thin_qr(_batch([As[i].T for i in members]))
-        P, S, Wh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
+        P, S, Wh = thin_svd(Rb @ Ra.mT)
         svds.update({i: FactoredSVD(Qb[j], P[j], S[j], Wh[j], Qa[j]) for j, i in enumerate(members)})
     return [svds[i] for i in range(len(Bs))]
 
@@ -244,8 +258,8 @@ class CoreSpace:
         Space merging, ``U = Qb Pb`` the left singular vectors of ``[B_1 ... B_n]`` and
         ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``; None for a basis that
         is one already (the Gram route's)."""
-        Pb = None if self.column.singular else torch.linalg.svd(self.column.C, full_matrices=False)[0]
-        Pa = None if self.row.singular else torch.linalg.svd(self.row.C, full_matrices=False)[0]
+        Pb = None if self.column.singular else thin_svd(self.column.C)[0]
+        Pa = None if self.row.singular else thin_svd(self.row.C)[0]
         return Pb, Pa
 
     def cores(self, Pb: torch.Tensor | None, Pa: torch.Tensor | None) -> TaskVectors:
@@ -360,7 +374,7 @@ def _concatenated_by_qr(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> Conca
     Qas, Ras = zip(*(thin_qr(A.T) for A in As), strict=True)
     # Z built transposed, [R, out] row-major: Z column-major, as its QR takes it.
     Qz, Rz = thin_qr(torch.cat([Ra @ B.T for B, Ra in zip(Bs, Ras, strict=True)]).T)
-    P = torch.linalg.svd(Rz, full_matrices=False)[0]
+    P = thin_svd(Rz)[0]
     ends = torch.tensor([Ra.shape[0] for Ra in Ras]).cumsum(0).tolist()
     lefts = [P.T @ Rz[:, end - Ra.shape[0] : end] for Ra, end in zip(Ras, ends, strict=True)]
     return ConcatenatedSVD(Qz, P, TaskVectors.from_factors([Qa.T for Qa in Qas], lefts))

@@ -26,6 +26,7 @@ from lmerge.methods._lowrank import (
     numerical_rank,
     product_polar,
     rank_tolerance,
+    thin_svd,
     zero_factors,
 )
 from lmerge.methods._params import check_number, module_lambda
@@ -48,7 +49,7 @@ def iso_c(
         S, K = full_rank
         return lift_square(B, K * (module_lambda(params, ctx, "lambda") * S.mean()), A)
     space = CoreSpace(As, Bs)
-    P, S, Wh = torch.linalg.svd(space.summed(), full_matrices=False)
+    P, S, Wh = thin_svd(space.summed())
     rank = numerical_rank(S, rank_tolerance(S[0], (space.out, space.inp), space.dtype))
     if not rank:
         return zero_factors(space.out, space.inp, space.dtype)
