@@ -10,7 +10,8 @@ which prints one JSON line: the wall time of the timed part only (imports and se
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
 of the work), its minor page faults (fresh memory, microseconds each in a virtual machine), the
 RSS right before it and the peak RSS during it (VmHWM, reset first). With ``--repeat``, the
-cases run in rounds, each case once per round, and a case's fastest run counts.
+cases run in rounds, each case once per round: a case's fastest run gives its seconds, and a
+ratio between two cases is the median of their rounds' ratios.
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
@@ -45,6 +46,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -356,16 +358,24 @@ def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
 
 def measure_rounds(names: list[str], n: int, data: Path, repeat: int) -> list[dict[str, Any]]:
     """The fastest of ``repeat`` runs of each case, in rounds that run every case once: a busy
-    spell of a shared machine then slows all cases of a round alike, not one case's every run."""
+    spell of a shared machine then slows all cases of a round alike, not one case's every run.
+    Each result keeps its every round's wall and CPU seconds (``rounds``), for paired ratios."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(repeat):
         for name in names:
             if not runs[name] or "error" not in runs[name][-1]:
                 runs[name].append(run_once(name, n, data))
-    return [
-        next((run for run in runs[name] if "error" in run), None) or min(runs[name], key=lambda run: run["seconds"])
-        for name in names
-    ]
+    results = []
+    for name in names:
+        failed = next((run for run in runs[name] if "error" in run), None)
+        if failed:
+            results.append(failed)
+            continue
+        fastest = min(runs[name], key=lambda run: run["seconds"])
+        rounds = {"seconds": [run["seconds"] for run in runs[name]]}
+        rounds["cpu_seconds"] = [run["cpu_seconds"] for run in runs[name]]
+        results.append({**fastest, "rounds": rounds})
+    return results
 
 
 LINEAR_SAVE = "lmerge:task_vector"
@@ -375,9 +385,13 @@ WEIGHT_TIES = "lmerge:ties"
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table; ratios are this case's seconds over the reference's (the
-    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
+    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n): with
+    several rounds, the median of the rounds' ratios, each of two runs in the same round (a
+    shared machine's busy spells slow a whole round; the fastest runs of two cases may come from
+    different spells)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     cpu = {(r["case"], r["n"]): r["cpu_seconds"] for r in results if "error" not in r}
+    rounds = {(r["case"], r["n"]): r["rounds"] for r in results if "rounds" in r}
     lines = [
         "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save "
         "| × ties | CPU × linear save | CPU × ties | PEFT peer | × peer |",
@@ -386,7 +400,12 @@ def table(results: list[dict[str, Any]]) -> str:
 
     def ratio(r: dict[str, Any], reference: str | None, digits: int = 2, by: str = "seconds") -> str:
         other = (seconds if by == "seconds" else cpu).get((reference, r["n"]))
-        return f"{r[by] / other:.{digits}f}" if other else ""
+        if not other:
+            return ""
+        mine, theirs = r.get("rounds", {}).get(by), rounds.get((reference, r["n"]), {}).get(by)
+        if mine and theirs and len(mine) == len(theirs) > 1:  # the median of the rounds' ratios
+            return f"{statistics.median(a / b for a, b in zip(mine, theirs, strict=True)):.{digits}f}"
+        return f"{r[by] / other:.{digits}f}"
 
     for r in results:
         if "error" in r:
