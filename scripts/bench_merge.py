@@ -10,9 +10,7 @@ which prints one JSON line: the wall time of the timed part only (imports and se
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
 of the work), its minor page faults (fresh memory, microseconds each in a virtual machine), the
 RSS right before it and the peak RSS during it (VmHWM, reset first). With ``--repeat``, the
-cases run in rounds, each case once per round, and a case's fastest run gives its seconds; the
-exact linear save runs right before each other case, and a ratio to it is the median over the
-rounds of the two runs' ratio.
+cases run in rounds, each case once per round, and a case's fastest run counts.
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
@@ -47,7 +45,6 @@ import math
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -359,31 +356,16 @@ def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
 
 def measure_rounds(names: list[str], n: int, data: Path, repeat: int) -> list[dict[str, Any]]:
     """The fastest of ``repeat`` runs of each case, in rounds that run every case once: a busy
-    spell of a shared machine then slows all cases of a round alike, not one case's every run.
-    When the exact linear save is among the cases, it runs right before each other case, and
-    that case's ratios to it (``linear_ratios``, wall and CPU, one per round) are of two runs
-    side by side."""
-    paired = LINEAR_SAVE in names and len(names) > 1
+    spell of a shared machine then slows all cases of a round alike, not one case's every run."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    ratios: dict[str, dict[str, list[float]]] = {name: {"seconds": [], "cpu_seconds": []} for name in names}
     for _ in range(repeat):
         for name in names:
-            if (paired and name == LINEAR_SAVE) or (runs[name] and "error" in runs[name][-1]):
-                continue
-            linear = run_once(LINEAR_SAVE, n, data) if paired else None
-            run = run_once(name, n, data)
-            runs[name].append(run)
-            if linear is not None:
-                runs[LINEAR_SAVE].append(linear)
-                if "error" not in run and "error" not in linear:
-                    for by in ("seconds", "cpu_seconds"):
-                        ratios[name][by].append(run[by] / linear[by])
-    results = []
-    for name in names:
-        failed = next((run for run in runs[name] if "error" in run), None)
-        fastest = failed or min(runs[name], key=lambda run: run["seconds"])
-        results.append({**fastest, "linear_ratios": ratios[name]} if ratios[name]["seconds"] else fastest)
-    return results
+            if not runs[name] or "error" not in runs[name][-1]:
+                runs[name].append(run_once(name, n, data))
+    return [
+        next((run for run in runs[name] if "error" in run), None) or min(runs[name], key=lambda run: run["seconds"])
+        for name in names
+    ]
 
 
 LINEAR_SAVE = "lmerge:task_vector"
@@ -393,9 +375,7 @@ WEIGHT_TIES = "lmerge:ties"
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table; ratios are this case's seconds over the reference's (the
-    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n); a ratio to
-    the linear save measured side by side is the median of its rounds' (a shared machine's busy
-    spells come and go: the fastest runs of two cases may come from different ones)."""
+    floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     cpu = {(r["case"], r["n"]): r["cpu_seconds"] for r in results if "error" not in r}
     lines = [
@@ -406,11 +386,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
     def ratio(r: dict[str, Any], reference: str | None, digits: int = 2, by: str = "seconds") -> str:
         other = (seconds if by == "seconds" else cpu).get((reference, r["n"]))
-        if not other:
-            return ""
-        if reference == LINEAR_SAVE and "linear_ratios" in r:  # runs side by side, their median
-            return f"{statistics.median(r['linear_ratios'][by]):.{digits}f}"
-        return f"{r[by] / other:.{digits}f}"
+        return f"{r[by] / other:.{digits}f}" if other else ""
 
     for r in results:
         if "error" in r:
