@@ -105,9 +105,9 @@ def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     float32 numbers would cost more than the float32 SVD, so there is no second tier); else
     LAPACK's SVD."""
     rows, cols = x.shape
-    tiers = GRAM_TIERS.get(x.dtype, ())
-    if 0 < cols <= rows and tiers and tiers[0][0] == x.dtype:
-        decomposed = well_conditioned_eigh(x.T @ x, tiers[0][1])
+    tiers = GRAM_TIERS.get(x.dtype)
+    if tiers and 0 < cols <= rows:
+        decomposed = well_conditioned_eigh(x.T @ x, tiers[0][1])  # the first tier: x's own precision
         if decomposed is not None:
             S, W = decomposed
             return x @ (W / S), S, W.T
@@ -173,14 +173,15 @@ def product_polar(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch
     if decomposed is None:
         return None
     s, W = decomposed
+    coordinates, inverse = s[:, None] * W.T, (W / s).T  # Ca and its inverse
     for dtype, condition in GRAM_TIERS.get(B.dtype, ()):
-        Bd, Ca = B.to(dtype), (s[:, None] * W.T).to(dtype)
+        Bd, Ca = B.to(dtype), coordinates.to(dtype)
         G = Bd.T @ Bd
         lam, V = torch.linalg.eigh(Ca @ G @ Ca.T)
         largest = float(s[0]) ** 2 * float(G.abs().sum(dim=1).max())  # >= lambda_max(H)
         if bool(lam[0] >= condition * largest) and largest > 0:
             S, V = lam.flip(0).sqrt(), V.flip(1)
-            K = Ca.T @ (V / S) @ V.T @ (W / s).T.to(dtype)
+            K = Ca.T @ (V / S) @ V.T @ inverse.to(dtype)
             return S.to(B.dtype), K.to(B.dtype)
     return None
 

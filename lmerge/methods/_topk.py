@@ -156,7 +156,7 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
         scratch(x.numel(), torch.bool) as matches,
     ):
         scaled, bins, matches = scaled.view(n, size), bins.view(n, size), matches.view(n, size)
-        torch.abs(scaled.copy_(x), out=scaled)
+        torch.abs(x if x.dtype == scaled.dtype else scaled.copy_(x), out=scaled)  # one pass, or a widening copy first
         scale = _BINS / scaled.amax(dim=1)
         # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes
         # to bin 0 (the clamp also takes inf * 0 = nan there), and the selection is among all its
