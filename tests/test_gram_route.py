@@ -10,7 +10,8 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 from lmerge.methods._bases import Basis, basis_of
-from lmerge.methods._lowrank import concatenated_svd, polar, product_polar, product_svd, small_svd, thin_svd
+from lmerge.methods._gram_product import gram_product_svd
+from lmerge.methods._lowrank import concatenated_svd, polar, product_svd, small_svd, thin_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -195,9 +196,10 @@ def test_product_svd_on_both_routes(pair):
         ("more rank than columns", torch.float64, None),
     ],
 )
-def test_product_polar_from_gram_matrices_or_none(inputs, dtype, tolerance):
-    """Iso-C's route for a well-conditioned sum: B K A is the polar factor of B @ A and S its
-    singular values; anything it cannot do as exactly as a Gram basis is declined (None)."""
+def test_product_svd_from_gram_matrices_or_none(inputs, dtype, tolerance):
+    """Iso-C's and Iso-CTS's route for a well-conditioned sum: U diag(S) (Qa V)^T is the SVD of
+    B @ A, U = B left(I) is orthonormal with U^T B its stack coordinates, and B K A is the polar
+    factor; anything it cannot do as exactly as a Gram basis is declined (None)."""
     As, Bs = {
         "well conditioned": lambda: factors(3),
         "badly conditioned product": lambda: factors(30),
@@ -205,15 +207,20 @@ def test_product_polar_from_gram_matrices_or_none(inputs, dtype, tolerance):
         "more rank than columns": lambda: ([torch.randn(40, 64) for _ in "AB"], [torch.randn(96, 40) for _ in "AB"]),
     }[inputs]()
     B, A = torch.cat(Bs, dim=1).to(dtype), torch.cat(As, dim=0).to(dtype)
-    found = product_polar(B, A)
+    svd = gram_product_svd(B, A)
     if tolerance is None:
-        assert found is None
+        assert svd is None
         return
-    S, K = found
-    U, S_ref, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    U_ref, S_ref, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
     R = A.shape[0]
-    assert relative_error((B @ K @ A).double(), U[:, :R] @ Vh[:R]) < tolerance
-    torch.testing.assert_close(S.double(), S_ref[:R], rtol=tolerance, atol=0)
+    torch.testing.assert_close(svd.S.double(), S_ref[:R], rtol=tolerance, atol=0)
+    assert relative_error((B @ svd.polar().to(dtype) @ A).double(), U_ref[:, :R] @ Vh[:R]) < tolerance
+    eye = torch.eye(R, dtype=svd.S.dtype)
+    U = (B @ svd.left(eye).to(dtype)).double()
+    assert float((U.T @ U - torch.eye(R, dtype=torch.float64)).abs().max()) < 10 * tolerance
+    assert relative_error(svd.stack_coordinates().double(), U.T @ B.double()) < 10 * tolerance
+    rebuilt = B @ svd.right(svd.left(svd.S[:, None] * svd.V.T)).to(dtype) @ A
+    assert relative_error(rebuilt.double(), B.double() @ A.double()) < tolerance
 
 
 @pytest.mark.parametrize(

@@ -101,3 +101,20 @@ def well_conditioned_eigh(
     if not bool(lam[0] >= condition * lam[-1]) or not bool(lam[-1] > 0):
         return None
     return lam.flip(0).sqrt(), W.flip(1)
+
+
+def well_conditioned_eighs(
+    Gs: list[torch.Tensor], condition: float = GRAM_CONDITION
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`well_conditioned_eigh` of every Gram matrix of ``Gs``, one batched call per size (a
+    small eigendecomposition costs less than its call); None if any is not well conditioned."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    sizes: dict[int, list[int]] = {}
+    for i, G in enumerate(Gs):
+        sizes.setdefault(G.shape[0], []).append(i)
+    for members in sizes.values():
+        lam, W = torch.linalg.eigh(torch.stack([Gs[i] for i in members]))
+        if not bool((lam[:, 0] >= condition * lam[:, -1]).all()) or not bool((lam[:, -1] > 0).all()):
+            return None
+        found.update({i: (lam[j].flip(0).sqrt(), W[j].flip(1)) for j, i in enumerate(members)})
+    return [found[i] for i in range(len(Gs))]

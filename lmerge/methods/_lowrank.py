@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh, well_conditioned_eighs
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -152,38 +152,6 @@ def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     Qa, Ra = thin_qr(A.T)
     P, S, Wh = thin_svd(Rb @ Ra.T)
     return FactoredSVD(Qb, P, S, Wh, Qa)
-
-
-def product_polar(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(S, K)``: the singular values of ``B @ A`` (``B`` [m, R], ``A`` [R, n]; descending) and
-    ``K`` [R, R] with ``B K A`` the orthogonal polar factor of ``B @ A``, from Gram matrices and
-    ``R x R`` work only; None unless ``B @ A`` has full rank ``R`` and is well conditioned.
-
-    With ``A^T = Qa Ca`` from ``A``'s Gram matrix (``Ca = diag(s) W^T``, ``Qa = A^T W diag(1/s)``,
-    never formed), ``B @ A = Y Qa^T`` for ``Y = B Ca^T``, whose Gram matrix is
-    ``H = Ca (B^T B) Ca^T = V diag(S^2) V^T``; so the polar factor is
-    ``Y V diag(1/S) V^T Qa^T = B K A``. Two eigendecompositions, where :func:`product_svd` takes
-    two and an SVD. ``B^T B`` is tried in the precisions of :data:`GRAM_TIERS`, and taken when
-    its rounding (about ``eps * ||B^T B||``, bounded by its largest row sum) reaches ``H`` as
-    at most the tier's condition bound times ``H``'s smallest eigenvalue: the same accuracy as a
-    basis from a Gram matrix."""
-    if A.shape[0] > min(B.shape[0], A.shape[1]):
-        return None
-    decomposed = gram_eigh(A.T)
-    if decomposed is None:
-        return None
-    s, W = decomposed
-    coordinates, inverse = s[:, None] * W.T, (W / s).T  # Ca and its inverse
-    for dtype, condition in GRAM_TIERS.get(B.dtype, ()):
-        Bd, Ca = B.to(dtype), coordinates.to(dtype)
-        G = Bd.T @ Bd
-        lam, V = torch.linalg.eigh(Ca @ G @ Ca.T)
-        largest = float(s[0]) ** 2 * float(G.abs().sum(dim=1).max())  # >= lambda_max(H)
-        if bool(lam[0] >= condition * largest) and largest > 0:
-            S, V = lam.flip(0).sqrt(), V.flip(1)
-            K = Ca.T @ (V / S) @ V.T @ inverse.to(dtype)
-            return S.to(B.dtype), K.to(B.dtype)
-    return None
 
 
 def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,13 +315,9 @@ def _concatenated_in(
     As: list[torch.Tensor], X: torch.Tensor, dtype: torch.dtype, condition: float
 ) -> ConcatenatedSVD | None:
     # A_i A_i^T = W_i diag(d_i^2) W_i^T: L_i = W_i diag(d_i), Q_i = A_i^T W_i diag(1/d_i) (never formed).
-    rows = []
-    for A in As:
-        Ad = A.to(dtype)
-        decomposed = well_conditioned_eigh(Ad @ Ad.T, condition)
-        if decomposed is None:
-            return None
-        rows.append(decomposed)
+    rows = well_conditioned_eighs([Ad @ Ad.T for Ad in (A.to(dtype) for A in As)], condition)
+    if rows is None:
+        return None
     Xd = X.to(dtype)
     L = torch.block_diag(*[W * d for d, W in rows])
     # Z = X L, so Z^T Z = L^T (X^T X) L; U = Z W diag(1/s) = X (L W diag(1/s)) and U^T Z = diag(s) W^T.

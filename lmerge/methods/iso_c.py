@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
+from lmerge.methods._gram_product import gram_product_svd
 from lmerge.methods._lowrank import (
     CoreSpace,
     as_working,
     lift_square,
     numerical_rank,
-    product_polar,
     rank_tolerance,
     thin_svd,
     zero_factors,
@@ -44,10 +44,10 @@ def iso_c(
     """Iso-C: the SVD of the summed task vectors with a flat spectrum (the mean singular value), times lambda."""
     As, Bs = as_working(As, Bs)
     B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # sum_i delta_i = B @ A
-    full_rank = product_polar(B, A)
-    if full_rank is not None:  # a well-conditioned sum of rank R: its polar factor is all it takes
-        S, K = full_rank
-        return lift_square(B, K * (module_lambda(params, ctx, "lambda") * S.mean()), A)
+    svd = gram_product_svd(B, A)
+    if svd is not None:  # a well-conditioned sum of rank R: its polar factor is all it takes
+        K = svd.polar() * (module_lambda(params, ctx, "lambda") * svd.S.mean())
+        return lift_square(B, K.to(B.dtype), A)
     space = CoreSpace(As, Bs)
     P, S, Wh = thin_svd(space.summed())
     rank = numerical_rank(S, rank_tolerance(S[0], (space.out, space.inp), space.dtype))

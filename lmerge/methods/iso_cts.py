@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 
+from lmerge.methods._gram_product import GramProductSVD, gram_product_svd
 from lmerge.methods._lowrank import (
     CoreSpace,
+    as_working,
+    lift_square,
     numerical_rank,
     polar,
     product_svds,
@@ -55,7 +58,42 @@ def iso_cts(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-CTS: the sum's top common fraction of directions plus each task's own, flat spectrum, times lambda."""
-    space = CoreSpace(As, Bs)
+    As, Bs = as_working(As, Bs)
+    B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # sum_i delta_i = B @ A
+    svd = gram_product_svd(B, A)
+    if svd is not None:
+        return _from_gram_product(svd, B, A, [A_i.shape[0] for A_i in As], params, ctx)
+    return _in_core_space(CoreSpace(As, Bs), params, ctx)
+
+
+def _from_gram_product(
+    svd: GramProductSVD, B: torch.Tensor, A: torch.Tensor, ranks: list[int], params: dict[str, Any], ctx: ModuleContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iso-CTS of a well-conditioned sum of full rank R, whose left singular vectors ``U`` are a
+    basis of every task's columns: the common subspace is ``U``'s first ``c`` columns, so a task
+    projected off it is its coordinates past the ``c``-th, and the merged left factor in the
+    coordinates of ``U`` is ``blockdiag(I_c, polar(task-specific))``."""
+    R = A.shape[0]
+    tolerance = rank_tolerance(svd.S[0], (B.shape[0], A.shape[1]), B.dtype)
+    common, per_task = split_sizes(R, params["common"], len(ranks))
+    left = svd.stack_coordinates()
+    blocks = [slice(end - r, end) for r, end in zip(ranks, torch.tensor(ranks).cumsum(0).tolist(), strict=True)]
+    specific, Ss, Vhs = _task_specific(
+        [left[common:, block] for block in blocks], [svd.Ca[:, block].T for block in blocks], per_task, tolerance
+    )
+    merged_left = torch.zeros(R, common + specific.shape[1], dtype=left.dtype)
+    merged_left[:common, :common].fill_diagonal_(1.0)
+    merged_left[common:, common:] = specific
+    level = module_lambda(params, ctx, "lambda") * torch.cat([svd.S[:common], *Ss]).mean()
+    K_left = svd.left(merged_left * level)
+    K_right = svd.right(polar(torch.cat([svd.V.T[:common], *Vhs], dim=0).T).T)
+    if K_left.shape[1] == R:  # as wide as the stacks: one GEMM, on the smaller side
+        return lift_square(B, (K_left @ K_right).to(B.dtype), A)
+    return K_right.to(A.dtype) @ A, B @ K_left.to(B.dtype)
+
+
+def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iso-CTS in core space: any sum, of any rank and conditioning."""
     P, S, Wh = small_svd(space.summed())
     tolerance = rank_tolerance(S[0], (space.out, space.inp), space.dtype)
     rank = numerical_rank(S, tolerance)
@@ -63,17 +101,28 @@ def iso_cts(
         return zero_factors(space.out, space.inp, space.dtype)
     common, per_task = split_sizes(rank, params["common"], space.n)
     Uc = P[:, :common]
-    Us, Ss, Vhs = [], [S[:common]], [Wh[:common]]
     # Task i's core with the common left subspace projected out: (I - Uc Uc^T) C_i.
     projected = [left - Uc @ (Uc.T @ left) for left in map(space.left, range(space.n))]
-    for svd in product_svds(projected, [space.right(i).T for i in range(space.n)]):
+    specific, Ss, Vhs = _task_specific(projected, [space.right(i).T for i in range(space.n)], per_task, tolerance)
+    # The task-specific directions are orthogonal to the common ones, so the polar factor of
+    # [Uc, specific] is [Uc, polar(specific)].
+    U = torch.cat([Uc, specific], dim=1)
+    level = module_lambda(params, ctx, "lambda") * torch.cat([S[:common], *Ss]).mean()
+    return space.lift(U * level, polar(torch.cat([Wh[:common], *Vhs], dim=0).T).T)
+
+
+def _task_specific(
+    projected: list[torch.Tensor], rights: list[torch.Tensor], per_task: int, tolerance: float
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Each task's top ``per_task`` directions of ``projected[i] @ rights[i]`` (its task vector
+    off the common subspace; fewer where its rank is lower): the polar factor of their left
+    singular vectors side by side (the SVD of a block of ``n * per_task`` columns only), and
+    per task the singular values and right singular vectors (rows)."""
+    Us, Ss, Vhs = [], [], []
+    for svd in product_svds(projected, rights) if per_task else []:
         kept = min(per_task, numerical_rank(svd.S, tolerance))
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
         Vhs.append(svd.Vh(kept))
-    specific = torch.cat(Us, dim=1)
-    # The task-specific directions are orthogonal to the common ones, so the polar factor of
-    # [Uc, specific] is [Uc, polar(specific)]: the SVD of a block of n * per_task columns only.
-    U = torch.cat([Uc, polar(specific)], dim=1) if specific.shape[1] else Uc
-    level = module_lambda(params, ctx, "lambda") * torch.cat(Ss).mean()
-    return space.lift(U * level, polar(torch.cat(Vhs, dim=0).T).T)
+    specific = torch.cat(Us, dim=1) if Us else projected[0][:, :0]
+    return (polar(specific) if specific.shape[1] else specific), Ss, Vhs
