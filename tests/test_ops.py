@@ -155,6 +155,17 @@ def test_merge_top_k_with_fewer_nonzero_entries_than_k_keeps_them_all():
     assert torch.equal(merged, deltas.sum(dim=0))
 
 
+def test_positions_equal_are_torch_s_eq_and_nonzero():
+    """The numpy route of the exact cuts' bin matching gives torch's own positions, in order."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 5, (6, 1000), generator=g, dtype=torch.int32)
+    target = torch.randint(0, 5, (6, 1), generator=g, dtype=torch.int32)
+    matches = torch.empty(6, 1000, dtype=torch.bool)
+    found = _topk._positions_equal(values, target, matches)
+    assert found.dtype == torch.int64
+    assert torch.equal(found, torch.eq(values, target).view(-1).nonzero().view(-1))
+
+
 def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
     # A tiny sample and no margin: the brackets miss often, and the module is merged again.
     monkeypatch.setattr(_topk, "_SAMPLE_ALL", 0)
