@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
+import lmerge.methods.iso_cts as iso_cts_module
 from lmerge.methods._bases import Basis, basis_of
 from lmerge.methods._gram_product import gram_product_svd
 from lmerge.methods._lowrank import concatenated_svd, polar, product_svd, small_svd, thin_svd
@@ -123,6 +124,20 @@ def test_every_merge_stays_exact_on_both_routes(name, inputs):
         reference = _reference(name, params, As, Bs, deltas, KEY)
         error = relative_error(merged_delta(method, As, Bs, {**params, **space}, KEY), reference)
         assert error < 1e-10, (params, error)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "gram"), [("well conditioned", True), ("past it", False), ("a duplicate adapter", False)]
+)
+def test_iso_cts_takes_the_sum_s_gram_svd_only_when_it_exists(inputs, gram, monkeypatch):
+    """Iso-CTS of a well-conditioned full-rank sum runs on the sum's SVD from Gram matrices; any
+    other sum in core space (exactness on both: the test above)."""
+    routes = []
+    in_core_space = iso_cts_module._in_core_space
+    monkeypatch.setattr(iso_cts_module, "_in_core_space", lambda *args: routes.append("core") or in_core_space(*args))
+    As, Bs = INPUTS[inputs]()
+    merged_delta("iso_cts", As, Bs, {}, KEY)
+    assert routes == ([] if gram else ["core"])
 
 
 # Methods whose result is continuous in the factors: a float32 rounding cannot flip a TIES sign

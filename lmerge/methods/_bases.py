@@ -80,13 +80,14 @@ def gram_basis(X: torch.Tensor) -> Basis | None:
 
 
 def gram_eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(s, W)``: ``X``'s singular values, descending, and right singular vectors, from ``X^T X``;
-    None unless ``X`` [m, R] has ``R <= m`` and is conditioned well enough (:data:`GRAM_TIERS`)."""
-    if X.shape[1] > X.shape[0] or not X.shape[1]:
+    """``(s, W)``: ``X``'s singular values, descending, and right singular vectors, from ``X^T X``
+    (batched over leading dims); None unless ``X`` [..., m, R] has ``R <= m`` and every matrix of
+    the batch is conditioned well enough (:data:`GRAM_TIERS`)."""
+    if X.shape[-1] > X.shape[-2] or not X.shape[-1]:
         return None
     for dtype, condition in GRAM_TIERS.get(X.dtype, ()):
         Xd = X.to(dtype)
-        decomposed = well_conditioned_eigh(Xd.T @ Xd, condition)
+        decomposed = well_conditioned_eigh(Xd.mT @ Xd, condition)
         if decomposed is not None:
             return decomposed
     return None
@@ -95,26 +96,12 @@ def gram_eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 def well_conditioned_eigh(
     G: torch.Tensor, condition: float = GRAM_CONDITION
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(sqrt(lambda), W)`` of a Gram matrix ``G = W diag(lambda) W^T``, descending; None unless
-    ``lambda_min >= condition * lambda_max > 0`` (NaN fails too)."""
+    """``(sqrt(lambda), W)`` of a Gram matrix ``G = W diag(lambda) W^T``, descending (batched over
+    leading dims: one LAPACK call each, but one torch call, where a small eigendecomposition costs
+    less than its call); None unless ``lambda_min >= condition * lambda_max > 0`` for every
+    matrix (NaN fails too)."""
     lam, W = torch.linalg.eigh(G)
-    if not bool(lam[0] >= condition * lam[-1]) or not bool(lam[-1] > 0):
+    smallest, largest = lam[..., 0], lam[..., -1]
+    if not bool(((smallest >= condition * largest) & (largest > 0)).all()):
         return None
-    return lam.flip(0).sqrt(), W.flip(1)
-
-
-def well_conditioned_eighs(
-    Gs: list[torch.Tensor], condition: float = GRAM_CONDITION
-) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """:func:`well_conditioned_eigh` of every Gram matrix of ``Gs``, one batched call per size (a
-    small eigendecomposition costs less than its call); None if any is not well conditioned."""
-    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    sizes: dict[int, list[int]] = {}
-    for i, G in enumerate(Gs):
-        sizes.setdefault(G.shape[0], []).append(i)
-    for members in sizes.values():
-        lam, W = torch.linalg.eigh(torch.stack([Gs[i] for i in members]))
-        if not bool((lam[:, 0] >= condition * lam[:, -1]).all()) or not bool((lam[:, -1] > 0).all()):
-            return None
-        found.update({i: (lam[j].flip(0).sqrt(), W[j].flip(1)) for j, i in enumerate(members)})
-    return [found[i] for i in range(len(Gs))]
+    return lam.flip(-1).sqrt(), W.flip(-1)

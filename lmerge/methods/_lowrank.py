@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh, well_conditioned_eighs
+from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -141,17 +141,7 @@ def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     small ``Rb @ Ra^T``. The bases come from the factors' Gram matrices when both are well
     conditioned (:mod:`~lmerge.methods._bases`: ``Qb = B Wb diag(1/sb)``, ``Rb = diag(sb) Wb^T``,
     never formed), else from thin QRs."""
-    b, a = gram_eigh(B), gram_eigh(A.T)
-    if b is not None and a is not None:
-        dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
-        (sb, Wb), (sa, Wa) = [[t.to(dtype) for t in pair] for pair in (b, a)]
-        P, S, Wh = thin_svd((sb[:, None] * (Wb.T @ Wa)) * sa)
-        P, Wh = (Wb / sb) @ P, Wh @ (Wa / sa).T
-        return FactoredSVD(B, P.to(B.dtype), S.to(B.dtype), Wh.to(B.dtype), A.T)
-    Qb, Rb = thin_qr(B)
-    Qa, Ra = thin_qr(A.T)
-    P, S, Wh = thin_svd(Rb @ Ra.T)
-    return FactoredSVD(Qb, P, S, Wh, Qa)
+    return product_svds([B], [A])[0]
 
 
 def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,15 +153,36 @@ def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torc
 
 
 def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
-    """:func:`product_svd` of every ``Bs[i] @ As[i]``, batched per group of equal shapes (for many
-    small products: a third less time than one call each for Iso-CTS's ``R x r_i`` cores)."""
+    """:func:`product_svd` of every ``Bs[i] @ As[i]``, batched per group of equal shapes: a few
+    torch calls per group, where TSV's and Iso-CTS's many small products would take dozens each
+    (whose dispatch, under the interpreter lock, also keeps the merge's threads from running side
+    by side)."""
     svds: dict[int, FactoredSVD] = {}
     for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
-        Qb, Rb = thin_qr(_batch([Bs[i] for i in members]))
-        Qa, Ra = thin_qr(_batch([As[i].T for i in members]))
-        P, S, Wh = thin_svd(Rb @ Ra.mT)
-        svds.update({i: FactoredSVD(Qb[j], P[j], S[j], Wh[j], Qa[j]) for j, i in enumerate(members)})
+        group_B, group_A = [Bs[i] for i in members], [As[i] for i in members]
+        found = _product_svds_by_gram(group_B, group_A) or _product_svds_by_qr(group_B, group_A)
+        svds.update(zip(members, found, strict=True))
     return [svds[i] for i in range(len(Bs))]
+
+
+def _product_svds_by_gram(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD] | None:
+    # One shape: B = Qb Rb and A^T = Qa Ra from the Gram matrices, kept implicit (product_svd).
+    b, a = gram_eigh(torch.stack(Bs)), gram_eigh(torch.stack(As).mT)
+    if b is None or a is None:
+        return None
+    dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
+    (sb, Wb), (sa, Wa) = [[t.to(dtype) for t in pair] for pair in (b, a)]
+    P, S, Wh = thin_svd((sb[..., :, None] * (Wb.mT @ Wa)) * sa[..., None, :])
+    P, Wh = (Wb / sb[..., None, :]) @ P, Wh @ (Wa / sa[..., None, :]).mT
+    P, S, Wh = (t.to(Bs[0].dtype) for t in (P, S, Wh))
+    return [FactoredSVD(B, P[j], S[j], Wh[j], A.T) for j, (B, A) in enumerate(zip(Bs, As, strict=True))]
+
+
+def _product_svds_by_qr(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
+    Qb, Rb = thin_qr(_batch(Bs))
+    Qa, Ra = thin_qr(_batch([A.T for A in As]))
+    P, S, Wh = thin_svd(Rb @ Ra.mT)
+    return [FactoredSVD(Qb[j], P[j], S[j], Wh[j], Qa[j]) for j in range(len(Bs))]
 
 
 def _groups(keys: list[Any]) -> list[list[int]]:
@@ -315,7 +326,7 @@ def _concatenated_in(
     As: list[torch.Tensor], X: torch.Tensor, dtype: torch.dtype, condition: float
 ) -> ConcatenatedSVD | None:
     # A_i A_i^T = W_i diag(d_i^2) W_i^T: L_i = W_i diag(d_i), Q_i = A_i^T W_i diag(1/d_i) (never formed).
-    rows = well_conditioned_eighs([Ad @ Ad.T for Ad in (A.to(dtype) for A in As)], condition)
+    rows = _row_eighs(As, dtype, condition)
     if rows is None:
         return None
     Xd = X.to(dtype)
@@ -332,6 +343,21 @@ def _concatenated_in(
         for A, (d, Wi), end in zip(As, rows, ends, strict=True)
     ]
     return ConcatenatedSVD(X, (L @ (W / s)).to(X.dtype), TaskVectors.from_factors(As, lefts))
+
+
+def _row_eighs(
+    As: list[torch.Tensor], dtype: torch.dtype, condition: float
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`~lmerge.methods._bases.well_conditioned_eigh` of every ``A_i A_i^T`` in ``dtype``,
+    one batched call per rank; None if any is not well conditioned."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for members in _groups([A.shape for A in As]):
+        stack = torch.stack([As[i] for i in members]).to(dtype)
+        decomposed = well_conditioned_eigh(stack @ stack.mT, condition)
+        if decomposed is None:
+            return None
+        found.update({i: (decomposed[0][j], decomposed[1][j]) for j, i in enumerate(members)})
+    return [found[i] for i in range(len(As))]
 
 
 def _concatenated_by_qr(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> ConcatenatedSVD:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import as_working, numerical_rank, polar, product_svd, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import as_working, numerical_rank, polar, product_svds, rank_tolerance, zero_factors
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -49,8 +49,7 @@ def tsv(
     out, inp = Bs[0].shape[0], As[0].shape[1]
     keep = params["keep"] if params["keep"] is not None else 1.0 / len(As)
     Us, Ss, Vhs = [], [], []
-    for A, B in zip(As, Bs, strict=True):
-        svd = product_svd(B, A)
+    for A, svd in zip(As, product_svds(Bs, As), strict=True):
         kept = min(max(1, int(keep * A.shape[0])), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype)))
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
