@@ -185,7 +185,8 @@ def test_product_svd_on_both_routes(pair):
     """The SVD of B @ A from the factors' Gram matrices, or from thin QRs when one factor is rank
     deficient or badly conditioned: the same singular values and an exact, orthonormal SVD."""
     g = torch.Generator().manual_seed(6)
-    B, A = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(5, 30, generator=g, dtype=torch.float64)
+    # Long enough factors for the Gram route (32 rows per unit of rank).
+    B, A = torch.randn(200, 5, generator=g, dtype=torch.float64), torch.randn(5, 180, generator=g, dtype=torch.float64)
     if pair == "rank deficient B":
         B[:, 4] = B[:, 0]
     if pair == "badly scaled A":

@@ -152,6 +152,11 @@ def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torc
     return A, B @ K
 
 
+_GRAM_ROWS_PER_RANK = 32
+"""A product's factors take the Gram route (:func:`product_svds`) from this many rows (of ``B``,
+columns of ``A``) per unit of rank on: below, batched Householder QRs take less time."""
+
+
 def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
     """:func:`product_svd` of every ``Bs[i] @ As[i]``, batched per group of equal shapes: a few
     torch calls per group, where TSV's and Iso-CTS's many small products would take dozens each
@@ -160,8 +165,11 @@ def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[Factore
     svds: dict[int, FactoredSVD] = {}
     for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
         group_B, group_A = [Bs[i] for i in members], [As[i] for i in members]
-        found = _product_svds_by_gram(group_B, group_A) or _product_svds_by_qr(group_B, group_A)
-        svds.update(zip(members, found, strict=True))
+        (m, r), n = group_B[0].shape, group_A[0].shape[1]
+        # The Gram route's eigendecompositions cost more than Householder QRs of short factors
+        # (at r = 16, up to about 500 rows; such as Iso-CTS's cores).
+        gram = _product_svds_by_gram(group_B, group_A) if min(m, n) >= _GRAM_ROWS_PER_RANK * r else None
+        svds.update(zip(members, gram or _product_svds_by_qr(group_B, group_A), strict=True))
     return [svds[i] for i in range(len(Bs))]
 
 
