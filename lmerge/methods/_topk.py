@@ -151,12 +151,15 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
     n, size = x.shape
     # Its temporaries are scratch: fresh, they would cost a page fault per 4 KiB (module doc of
     # lmerge.methods._scratch), several times the arithmetic on them.
-    with (
-        scratch(x.numel(), _magnitude_dtype(x.dtype)) as scaled,
-        scratch(x.numel(), torch.int32) as bins,
-        scratch(x.numel(), torch.bool) as matches,
-    ):
-        scaled, bins, matches = scaled.view(n, size), bins.view(n, size), matches.view(n, size)
+    with ExitStack() as buffers:
+        scaled = buffers.enter_context(scratch(x.numel(), _magnitude_dtype(x.dtype))).view(n, size)
+        # float32 magnitudes become their bins in place (each entry converted where it lies): a
+        # buffer less to keep in cache; float64 ones are twice as wide as their bins.
+        if scaled.dtype == torch.float32:
+            bins = scaled.view(torch.int32)
+        else:
+            bins = buffers.enter_context(scratch(x.numel(), torch.int32)).view(n, size)
+        matches = buffers.enter_context(scratch(x.numel(), torch.bool)).view(n, size)
         torch.abs(x if x.dtype == scaled.dtype else scaled.copy_(x), out=scaled)  # one pass, or a widening copy first
         scale = _BINS / scaled.amax(dim=1)
         # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes
