@@ -188,13 +188,16 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
     equals = torch.zeros(n, dtype=torch.int64).index_add_(0, row_of, equal.long())
     # Of the entries at exactly the k-th largest, the first k - greater (>= 1) in flat order are kept.
     tied = k - above - greater
+    # Each k-th largest's next smaller number in x's dtype (all rows at once; 0's is unused).
+    belows = (values.to(x.dtype).view(_BITS[x.dtype]) - 1).view(x.dtype).tolist()
     cuts = []
-    for i, (value, keep, count) in enumerate(zip(values.tolist(), tied.tolist(), equals.tolist(), strict=True)):
+    rows_data = zip(values.tolist(), belows, tied.tolist(), equals.tolist(), strict=True)
+    for i, (value, below, keep, count) in enumerate(rows_data):
         if value == 0:  # fewer than k nonzero entries: keep them all
             cuts.append(Cut(size, -1.0, -1.0))
             continue
         index = size if count == keep else int(where[equal & (row_of == i)][keep - 1]) + 1
-        cuts.append(Cut(index, _below(value, x.dtype), value))
+        cuts.append(Cut(index, below, value))
     return cuts
 
 
