@@ -24,7 +24,7 @@ from lmerge.methods._bases import GRAM_TIERS, gram_eigh
 
 @dataclass(frozen=True)
 class GramProductSVD:
-    """``B @ A = U diag(S) (Qa V)^T`` (module doc) in a Gram tier's precision: ``S`` [R]
+    """``B @ A = U diag(S) (Qa V)^T`` (module doc) in the factors' precision: ``S`` [R]
     descending, ``V`` [R, R], ``Ca`` [R, R] (``A^T = Qa Ca``), ``Ca_inv_t`` its inverse
     transposed, ``gram`` ``B^T B``."""
 
@@ -72,5 +72,9 @@ def gram_product_svd(B: torch.Tensor, A: torch.Tensor) -> GramProductSVD | None:
         lam, V = torch.linalg.eigh(Ca @ G @ Ca.T)
         largest = float(s[0]) ** 2 * float(G.abs().sum(dim=1).max())  # >= lambda_max(H)
         if bool(lam[0] >= condition * largest) and largest > 0:
-            return GramProductSVD(lam.flip(0).sqrt(), V.flip(1), Ca, inverse.to(dtype), G)
+            # Rounded to the factors' precision once decomposed: what follows is R x R products
+            # of well-conditioned matrices, which a float64 tier would make several times slower
+            # (at R = 512, most of the merge).
+            parts = lam.flip(0).sqrt(), V.flip(1), Ca, inverse.to(dtype), G
+            return GramProductSVD(*(part.to(B.dtype) for part in parts))
     return None

@@ -344,12 +344,10 @@ def _concatenated_in(
     if decomposed is None:
         return None
     s, W = decomposed
-    coordinates = s[:, None] * W.T
+    # U^T delta_i = (U^T Z)_i L_i^{-1} A_i with L^{-1} = blockdiag(diag(1/d_i) W_i^T): one GEMM for all.
+    lefts = ((s[:, None] * W.T) @ torch.block_diag(*[(Wi / d).T for d, Wi in rows])).to(X.dtype)
     ends = torch.tensor([A.shape[0] for A in As]).cumsum(0).tolist()
-    lefts = [
-        ((coordinates[:, end - A.shape[0] : end] / d) @ Wi.T).to(X.dtype)
-        for A, (d, Wi), end in zip(As, rows, ends, strict=True)
-    ]
+    lefts = [lefts[:, end - A.shape[0] : end] for A, end in zip(As, ends, strict=True)]
     return ConcatenatedSVD(X, (L @ (W / s)).to(X.dtype), TaskVectors.from_factors(As, lefts))
 
 
