@@ -46,8 +46,7 @@ def iso_c(
     B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)  # sum_i delta_i = B @ A
     svd = gram_product_svd(B, A)
     if svd is not None:  # a well-conditioned sum of rank R: its polar factor is all it takes
-        K = svd.polar() * (module_lambda(params, ctx, "lambda") * svd.S.mean())
-        return lift_square(B, K.to(B.dtype), A)
+        return lift_square(B, svd.polar() * (module_lambda(params, ctx, "lambda") * svd.S.mean()), A)
     space = CoreSpace(As, Bs)
     P, S, Wh = thin_svd(space.summed())
     rank = numerical_rank(S, rank_tolerance(S[0], (space.out, space.inp), space.dtype))

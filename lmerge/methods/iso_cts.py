@@ -1,11 +1,12 @@
 """``iso_cts``: Iso-CTS, isotropic merging in common and task-specific subspaces, exactly in low rank.
 
 Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
-Subspaces", ICML 2025. Of the summed task vectors' SVD (rank ``D``, computed in core space), the
-top ``c`` singular directions span the common subspace; each task's task vector, projected off
-the common left singular vectors, gives its top ``d`` directions; all ``c + n d = D`` left and
-right singular vectors are orthogonalized together (polar factors), every singular value is
-replaced by the mean of the kept ones, times ``lambda``: a LoRA of rank ``D <= sum_i r_i``.
+Subspaces", ICML 2025. Of the summed task vectors' SVD (rank ``D``, computed from the factor
+stacks' Gram matrices when the sum is well conditioned, else in core space), the top ``c``
+singular directions span the common subspace; each task's task vector, projected off the common
+left singular vectors, gives its top ``d`` directions; all ``c + n d = D`` left and right
+singular vectors are orthogonalized together (polar factors), every singular value is replaced
+by the mean of the kept ones, times ``lambda``: a LoRA of rank ``D <= sum_i r_i``.
 
 Choices, following the authors' code (``iso_cts`` in github.com/danielm1405/iso-merging,
 ``src/utils/iso.py``): ``D`` is the summed update's numerical rank (the authors work with a full
@@ -88,8 +89,8 @@ def _from_gram_product(
     K_left = svd.left(merged_left * level)
     K_right = svd.right(polar(torch.cat([svd.V.T[:common], *Vhs], dim=0).T).T)
     if K_left.shape[1] == R:  # as wide as the stacks: one GEMM, on the smaller side
-        return lift_square(B, (K_left @ K_right).to(B.dtype), A)
-    return K_right.to(A.dtype) @ A, B @ K_left.to(B.dtype)
+        return lift_square(B, K_left @ K_right, A)
+    return K_right @ A, B @ K_left
 
 
 def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:
