@@ -20,6 +20,7 @@ row-major); and many small factorizations of one shape are batched (:func:`produ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -62,6 +63,12 @@ def _batch(xs: list[torch.Tensor]) -> torch.Tensor:
     """The matrices ``xs`` (of one shape) stacked [g, m, k], each stored column-major: the layout
     LAPACK factors (a QR copies its input into it; from a row-major stack the copy is a transpose)."""
     return torch.stack([x.mT for x in xs]).mT
+
+
+def rank_blocks(ranks: list[int]) -> list[slice]:
+    """Each adapter's columns (rows) in a factor stack of adapters of ``ranks``, side by side."""
+    ends = list(accumulate(ranks))
+    return [slice(end - rank, end) for rank, end in zip(ranks, ends, strict=True)]
 
 
 def rank_tolerance(largest: float | torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:
@@ -221,8 +228,7 @@ class CoreSpace:
         self.n = len(As)
         self.column = basis_of(torch.cat(Bs, dim=1))  # row-major: as the saved B' it needs no copy
         self.row = basis_of(torch.cat(As, dim=0).T)
-        ends = torch.tensor([A.shape[0] for A in As]).cumsum(0).tolist()
-        self.blocks = [slice(end - A.shape[0], end) for A, end in zip(As, ends, strict=True)]
+        self.blocks = rank_blocks([A.shape[0] for A in As])
 
     @property
     def R(self) -> int:
@@ -346,8 +352,7 @@ def _concatenated_in(
     s, W = decomposed
     # U^T delta_i = (U^T Z)_i L_i^{-1} A_i with L^{-1} = blockdiag(diag(1/d_i) W_i^T): one GEMM for all.
     lefts = ((s[:, None] * W.T) @ torch.block_diag(*[(Wi / d).T for d, Wi in rows])).to(X.dtype)
-    ends = torch.tensor([A.shape[0] for A in As]).cumsum(0).tolist()
-    lefts = [lefts[:, end - A.shape[0] : end] for A, end in zip(As, ends, strict=True)]
+    lefts = [lefts[:, block] for block in rank_blocks([A.shape[0] for A in As])]
     return ConcatenatedSVD(X, (L @ (W / s)).to(X.dtype), TaskVectors.from_factors(As, lefts))
 
 
@@ -372,8 +377,7 @@ def _concatenated_by_qr(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> Conca
     # Z built transposed, [R, out] row-major: Z column-major, as its QR takes it.
     Qz, Rz = thin_qr(torch.cat([Ra @ B.T for B, Ra in zip(Bs, Ras, strict=True)]).T)
     P = thin_svd(Rz)[0]
-    ends = torch.tensor([Ra.shape[0] for Ra in Ras]).cumsum(0).tolist()
-    lefts = [P.T @ Rz[:, end - Ra.shape[0] : end] for Ra, end in zip(Ras, ends, strict=True)]
+    lefts = [P.T @ Rz[:, block] for block in rank_blocks([Ra.shape[0] for Ra in Ras])]
     return ConcatenatedSVD(Qz, P, TaskVectors.from_factors([Qa.T for Qa in Qas], lefts))
 
 

@@ -34,7 +34,8 @@ _SAMPLE_ALL = 1 << 16
 _EXACT_ENTRIES = 1 << 20
 """Entries whose exact cuts are found together (:func:`_exact_cuts`): all eight tasks of a KnOTS
 module of 128 x 1024 right factors in one call (each call is dozens of torch calls, a third of
-the time for one task's 131072 entries); its scratch is 9 MiB."""
+the time for one task's 131072 entries); its scratch is 5 MiB (float32 magnitudes, their bins
+in place, and a bool mask)."""
 _Z = 4.0
 """Half-width of a bracket in standard deviations of the sample's rank: about one bracket in
 15000 misses, and then the module is merged again with a bracket that cannot miss."""
@@ -188,8 +189,7 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
     equals = torch.zeros(n, dtype=torch.int64).index_add_(0, row_of, equal.long())
     # Of the entries at exactly the k-th largest, the first k - greater (>= 1) in flat order are kept.
     tied = k - above - greater
-    # Each k-th largest's next smaller number in x's dtype (all rows at once; 0's is unused).
-    belows = (values.to(x.dtype).view(_BITS[x.dtype]) - 1).view(x.dtype).tolist()
+    belows = _below_each(values, x.dtype)  # a row whose k-th largest is 0 does not use its own
     cuts = []
     rows_data = zip(values.tolist(), belows, tied.tolist(), equals.tolist(), strict=True)
     for i, (value, below, keep, count) in enumerate(rows_data):
@@ -362,8 +362,12 @@ _BITS = {
 
 def _below(value: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` number below ``value`` (a positive, finite ``dtype`` number)."""
-    bits = torch.tensor(value, dtype=dtype).view(_BITS[dtype])
-    return float((bits - 1).view(dtype))
+    return _below_each(torch.tensor([value], dtype=dtype), dtype)[0]
+
+
+def _below_each(values: torch.Tensor, dtype: torch.dtype) -> list[float]:
+    """:func:`_below` of each of the 1-D ``values`` (``dtype`` numbers), in one call."""
+    return (values.to(dtype).view(_BITS[dtype]) - 1).view(dtype).tolist()
 
 
 def _shrink_(x: torch.Tensor, lambd: float) -> torch.Tensor:

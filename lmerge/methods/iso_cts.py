@@ -33,6 +33,7 @@ from lmerge.methods._lowrank import (
     numerical_rank,
     polar,
     product_svds,
+    rank_blocks,
     rank_tolerance,
     small_svd,
     zero_factors,
@@ -78,7 +79,7 @@ def _from_gram_product(
     tolerance = rank_tolerance(svd.S[0], (B.shape[0], A.shape[1]), B.dtype)
     common, per_task = split_sizes(R, params["common"], len(ranks))
     left = svd.stack_coordinates()
-    blocks = [slice(end - r, end) for r, end in zip(ranks, torch.tensor(ranks).cumsum(0).tolist(), strict=True)]
+    blocks = rank_blocks(ranks)
     specific, Ss, Vhs = _task_specific(
         [left[common:, block] for block in blocks], [svd.Ca[:, block].T for block in blocks], per_task, tolerance
     )
