@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from lmerge.methods import _dare, _signs, _topk
+from lmerge.methods import _cuts, _dare, _signs, _topk
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -66,10 +66,13 @@ def test_task_vectors_from_factors_are_the_products(ranks):
     torch.testing.assert_close(blocks, torch.stack([B @ A for A, B in zip(As, Bs)]))
     dense = torch.stack([B @ A for A, B in zip(As, Bs)])
     rows, cols = torch.meshgrid(torch.arange(70), torch.arange(50), indexing="ij")
-    on_lattice = (rows % 8 == cols % 8).reshape(-1)
-    sample = deltas.lattice(8)
-    assert sample.shape == (3, int(on_lattice.sum()))
-    torch.testing.assert_close(sample.sort(dim=1).values, dense.reshape(3, -1)[:, on_lattice].sort(dim=1).values)
+    on_lattice = ((rows % 8 == cols % 8) & (rows < 64) & (cols < 48)).reshape(-1)  # whole multiples of 8
+    expected = dense.reshape(3, -1)[:, on_lattice].sort(dim=1).values
+    torch.testing.assert_close(deltas.lattice(8).sort(dim=1).values, expected)
+    equal_ranks = TaskVectors.from_factors(As[:1] * 2, Bs[:1] * 2)
+    torch.testing.assert_close(equal_ranks.lattice(8).sort(dim=1).values, expected[:1].expand(2, -1))
+    assert torch.equal(TaskVectors.from_dense(dense).lattice(8).sort(dim=1).values, expected)
+    assert TaskVectors.from_dense(dense[:, :5]).lattice(8).shape == (3, 5 * 50 // 5)  # e = 5 rows
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64, 33), (300, 257)])
@@ -161,18 +164,18 @@ def test_positions_equal_are_torch_s_eq_and_nonzero():
     values = torch.randint(0, 5, (6, 1000), generator=g, dtype=torch.int32)
     target = torch.randint(0, 5, (6, 1), generator=g, dtype=torch.int32)
     matches = torch.empty(6, 1000, dtype=torch.bool)
-    found = _topk._positions_equal(values, target, matches)
+    found = _cuts._positions_equal(values, target, matches)
     assert found.dtype == torch.int64
     assert torch.equal(found, torch.eq(values, target).view(-1).nonzero().view(-1))
 
 
 def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
-    # A tiny sample and no margin: the brackets miss often, and the module is merged again.
+    # A tiny sample and no margin: the brackets miss often, and the task vectors are scanned again.
     monkeypatch.setattr(_topk, "_SAMPLE_ALL", 0)
     monkeypatch.setattr(_topk, "_Z", 0.0)
-    passes = []
-    bracketed_merge = _topk._bracketed_merge
-    monkeypatch.setattr(_topk, "_bracketed_merge", lambda *args: passes.append(1) or bracketed_merge(*args))
+    scans = []
+    scan = _topk._scan
+    monkeypatch.setattr(_topk, "_scan", lambda *args: scans.append(1) or scan(*args))
     g = torch.Generator().manual_seed(7)
     merges = 0
     for seed in range(5):
@@ -181,7 +184,20 @@ def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):
             merged = _topk.merge_top_k(TaskVectors.from_dense(deltas, 800), keep, lambda b: b.sum(dim=0))
             assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
             merges += 1
-    assert len(passes) > merges  # some merges did take the second pass
+    assert len(scans) > merges  # some merges did take the second scan
+
+
+@pytest.mark.parametrize("values", ["normal", "few distinct"])
+@pytest.mark.parametrize("keep", [0.03, 0.2, 0.6])
+def test_merge_top_k_of_large_task_vectors_in_one_block(values, keep):
+    """Cut by one histogram of the block (ties in flat order when few values occur)."""
+    g = torch.Generator().manual_seed(8)
+    if values == "normal":
+        deltas = torch.randn(3, 256, 300, generator=g) * torch.rand(3, 256, 1, generator=g)
+    else:
+        deltas = torch.randint(-6, 7, (3, 256, 300), generator=g).float()
+    merged = _topk.merge_top_k(TaskVectors.from_dense(deltas), keep, lambda b: b.sum(dim=0))
+    assert torch.equal(merged, _reference_pruned_sum(deltas, keep))
 
 
 def test_dare_is_deterministic_per_key_and_seed():

@@ -8,7 +8,7 @@ elementwise step on a block runs while it is in cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -81,37 +81,44 @@ class TaskVectors:
         """``[out, in]`` made of ``fn(block, start)`` for each block of rows: ``block`` [n, rows, in]
         holds those rows of every task vector and ``start`` is its first entry's flat index."""
         merged = torch.empty(self.shape, dtype=self.dtype)
+        for block, start in self.blocks():
+            row = start // self.shape[1]
+            merged[row : row + block.shape[1]] = fn(block, start)
+        return merged
+
+    def blocks(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """Each block of rows ``[n, rows, in]`` in turn (scratch, valid until the next), with its
+        first entry's flat index."""
         cols = self.shape[1]
         with scratch(self.block_numel, self.dtype) as buffer:
             for rows in self._blocks():
                 block = buffer[: self.n * (rows.stop - rows.start) * cols].view(self.n, -1, cols)
                 self._rows_into(rows, block)
-                merged[rows] = fn(block, rows.start * cols)
-        return merged
+                yield block, rows.start * cols
 
     def lattice(self, every: int) -> torch.Tensor:
-        """``[n, m]``: the entries ``(row, col)`` with ``row % every == col % every`` of every task
-        vector, about ``numel / every`` each. Every row and every column is sampled, in equal
-        shares, so the sample is nearly as good as one drawn at random; and it is ``every`` small
-        GEMMs, not a gather of single entries."""
+        """``[n, m]``: the entries ``(row, col)`` with ``row % e == col % e`` of every task vector
+        (``e = min(every, out, in)``), in the first whole multiples of ``e`` rows and columns:
+        about ``numel / e`` each. Every row and every column is sampled, in equal shares, so the
+        sample is nearly as good as one drawn at random; and it is one batched GEMM per task
+        vector (one for all when the ranks are equal) of the factors' rows and columns regrouped
+        by their remainder, not a gather of single entries."""
         rows, cols = self.shape
-        parts = [
-            (slice(o, None, every), slice(o, None, every), len(range(o, rows, every)) * len(range(o, cols, every)))
-            for o in range(min(every, rows, cols))
-        ]
-        out = torch.empty(self.n, sum(size for _, _, size in parts), dtype=self.dtype)
-        start = 0
-        for row_slice, col_slice, size in parts:
-            piece = out[:, start : start + size].view(self.n, -1, len(range(cols)[col_slice]))
-            if self._dense is not None:
-                piece.copy_(self._dense[:, row_slice, col_slice])
-            elif self._stacked is not None:
-                torch.bmm(self._stacked[1][:, row_slice], self._stacked[0][:, :, col_slice], out=piece)
-            else:
-                for i, (A, B) in enumerate(zip(*self._factors, strict=True)):
-                    torch.mm(B[row_slice], A[:, col_slice], out=piece[i])
-            start += size
-        return out
+        e = min(every, rows, cols)
+        rows, cols = rows - rows % e, cols - cols % e
+        if self._dense is not None:
+            grid = self._dense[:, :rows, :cols].reshape(self.n, rows // e, e, cols // e, e)
+            return grid.diagonal(dim1=2, dim2=4).reshape(self.n, -1)
+
+        def by_remainder(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            # [..., e, rows / e, cols / e]: group o multiplies B's rows o, o + e, ... by A's columns o, o + e, ...
+            Bg = B[..., :rows, :].unflatten(-2, (rows // e, e)).transpose(-3, -2)
+            Ag = A[..., :cols].unflatten(-1, (cols // e, e)).movedim(-1, -3)
+            return Bg @ Ag
+
+        if self._stacked is not None:
+            return by_remainder(*self._stacked).reshape(self.n, -1)
+        return torch.stack([by_remainder(A, B) for A, B in zip(*self._factors, strict=True)]).reshape(self.n, -1)
 
     def _rows_into(self, rows: slice, out: torch.Tensor) -> None:
         if self._dense is not None:
