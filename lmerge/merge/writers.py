@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
-from lmerge.outputs.tensor_stream import StreamedTensors
+from lmerge.outputs.tensor_stream import StreamedTensors, header_room
 from lmerge.tasks.heads import has_head, read_head, write_head
 
 # Task types whose head belongs to each task (saved per adapter), so the full-weights save
@@ -47,6 +47,10 @@ def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch
     return V.T.contiguous(), (U * S).contiguous(), error
 
 
+_METADATA = {"format": "pt"}
+"""The safetensors metadata of a saved LoRA, as PEFT writes it."""
+
+
 class LoraWriter:
     """Collects merged modules and writes a PEFT LoRA adapter whose scaling is 1 everywhere."""
 
@@ -56,10 +60,23 @@ class LoraWriter:
         self.adapters = adapters
         self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
         self.svd_niter = svd_niter
-        # Each module's factors go to disk as they come (``work``: the bundle being built).
-        self.tensors = StreamedTensors(work / f"{WEIGHTS_FILE}.part", root=work)
+        # Each module's factors go to disk as they come (``work``: the bundle being built), after
+        # room for the header of every module the adapters have, at the largest rank it can get.
+        room = header_room(self._largest_factors(), _METADATA)
+        self.tensors = StreamedTensors(work / WEIGHTS_FILE, root=work, room=room, metadata=_METADATA)
         self.ranks: dict[str, int] = {}
         self.svd_errors: dict[str, float] = {}
+
+    def _largest_factors(self) -> dict[str, tuple[torch.dtype, list[int]]]:
+        """Every module's factors at the largest rank a merge can give them: the adapters' ranks
+        summed (a linear or low-rank merge) or the truncated SVD's rank (a dense one)."""
+        largest = {}
+        for key in dict.fromkeys(key for adapter in self.adapters for key in adapter.module_keys):
+            shapes = [adapter.shapes[key] for adapter in self.adapters if key in adapter.shapes]
+            rank = max(self.rank, sum(shape.rank for shape in shapes))
+            largest[f"{PEFT_PREFIX}{key}.lora_A.weight"] = (self.adapters[0].dtype, [rank, shapes[0].in_features])
+            largest[f"{PEFT_PREFIX}{key}.lora_B.weight"] = (self.adapters[0].dtype, [shapes[0].out_features, rank])
+        return largest
 
     def prepare(self, module: MergedModule) -> MergedModule:
         """A dense merge with its truncated SVD added (run in the merge's worker threads)."""
@@ -99,7 +116,7 @@ class LoraWriter:
             # PEFT would demand one classifier inside the adapter; each task's head is in heads/.
             config["task_type"] = None
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        self.tensors.finish(out / WEIGHTS_FILE, metadata={"format": "pt"})
+        self.tensors.finish()
         files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]
         info: dict[str, Any] = {"format": self.format, "rank": rank, "files": files}
         # 0 when every module is saved as merged (factor, linear and low-rank merges, dense ones in core space).
