@@ -12,7 +12,7 @@ from test_lowrank import CASES, _method_and_params, _reference, merged_delta, re
 import lmerge.methods.iso_cts as iso_cts_module
 from lmerge.methods._bases import Basis, basis_of
 from lmerge.methods._gram_product import gram_product_svd
-from lmerge.methods._lowrank import concatenated_svd, polar, product_svd, small_svd, thin_svd
+from lmerge.methods._lowrank import concatenated_svd, polar, product_svds, small_svd, thin_svd
 
 KEY = "model.layers.0.mlp.up_proj"
 
@@ -191,7 +191,7 @@ def test_product_svd_on_both_routes(pair):
         B[:, 4] = B[:, 0]
     if pair == "badly scaled A":
         A[2] *= 1e-6
-    svd = product_svd(B, A)
+    (svd,) = product_svds([B], [A])
     assert (svd.Fb is B) == (pair == "well conditioned")
     rank = 4 if pair == "rank deficient B" else 5
     U, Vh = svd.U(rank), svd.Vh(rank)

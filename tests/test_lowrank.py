@@ -21,7 +21,7 @@ from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
 from lmerge.methods._bases import Basis
-from lmerge.methods._lowrank import CoreSpace, polar, product_svd, product_svds
+from lmerge.methods._lowrank import CoreSpace, polar, product_svds
 from lmerge.methods._scratch import release, scratch
 
 EPS = torch.finfo(torch.float64).eps
@@ -298,7 +298,7 @@ def test_more_rank_than_rows_or_columns(name, shape):
 
 def test_product_svd_is_the_svd_of_the_product():
     As, Bs = _random_factors((5,), 30, 20)
-    svd_of = product_svd(Bs[0], As[0])
+    (svd_of,) = product_svds([Bs[0]], [As[0]])
     U, S, Vh = svd(Bs[0] @ As[0])
     torch.testing.assert_close(svd_of.S, S[:5], rtol=1e-12, atol=0)
     torch.testing.assert_close(svd_of.U(5) @ torch.diag(svd_of.S) @ svd_of.Vh(5), Bs[0] @ As[0])

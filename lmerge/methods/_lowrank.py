@@ -142,15 +142,6 @@ class FactoredSVD:
         return self.Wh[:k] @ self.Fa.T
 
 
-def product_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
-    """The thin SVD of ``B @ A`` (``B`` [m, r], ``A`` [r, n]) from its factors, in
-    ``O((m + n) r^2)``: orthonormal bases ``B = Qb Rb`` and ``A^T = Qa Ra``, then the SVD of the
-    small ``Rb @ Ra^T``. The bases come from the factors' Gram matrices when both are well
-    conditioned (:mod:`~lmerge.methods._bases`: ``Qb = B Wb diag(1/sb)``, ``Rb = diag(sb) Wb^T``,
-    never formed), else from thin QRs."""
-    return product_svds([B], [A])[0]
-
-
 def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A', B')`` with ``B' A' = B K A`` (``K`` square): ``K`` goes into the factor on the
     smaller of ``out`` and ``in``, so that the one GEMM is the smaller one."""
@@ -165,10 +156,14 @@ columns of ``A``) per unit of rank on: below, batched Householder QRs take less 
 
 
 def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
-    """:func:`product_svd` of every ``Bs[i] @ As[i]``, batched per group of equal shapes: a few
-    torch calls per group, where TSV's and Iso-CTS's many small products would take dozens each
-    (whose dispatch, under the interpreter lock, also keeps the merge's threads from running side
-    by side)."""
+    """The thin SVD of every ``Bs[i] @ As[i]`` (``B`` [m, r], ``A`` [r, n]) from its factors, in
+    ``O((m + n) r^2)``: orthonormal bases ``B = Qb Rb`` and ``A^T = Qa Ra``, then the SVD of the
+    small ``Rb @ Ra^T``. The bases come from the factors' Gram matrices when both are well
+    conditioned and long enough (:mod:`~lmerge.methods._bases`: ``Qb = B Wb diag(1/sb)``,
+    ``Rb = diag(sb) Wb^T``, never formed), else from thin QRs. Batched per group of equal
+    shapes: a few torch calls per group, where TSV's and Iso-CTS's many small products would take
+    dozens each (whose dispatch, under the interpreter lock, also keeps the merge's threads from
+    running side by side)."""
     svds: dict[int, FactoredSVD] = {}
     for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
         group_B, group_A = [Bs[i] for i in members], [As[i] for i in members]
@@ -181,7 +176,7 @@ def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[Factore
 
 
 def _product_svds_by_gram(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD] | None:
-    # One shape: B = Qb Rb and A^T = Qa Ra from the Gram matrices, kept implicit (product_svd).
+    # One shape: B = Qb Rb and A^T = Qa Ra from the Gram matrices, kept implicit (product_svds).
     b, a = gram_eigh(torch.stack(Bs)), gram_eigh(torch.stack(As).mT)
     if b is None or a is None:
         return None

@@ -2,7 +2,7 @@
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
 Per task, the SVD ``delta_i = U_i S_i V_i^T``, computed from the LoRA factors
-(:func:`~lmerge.methods._lowrank.product_svd`); its top ``k_i`` singular triplets are kept; all
+(:func:`~lmerge.methods._lowrank.product_svds`); its top ``k_i`` singular triplets are kept; all
 tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` into ``V_cat``
 [in, K], each replaced by its orthogonal polar factor (Procrustes: the nearest matrix with
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
