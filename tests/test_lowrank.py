@@ -108,25 +108,26 @@ def iso_cts_reference(deltas, common: float, lam: float) -> torch.Tensor:
     return lam * flat * orthogonalized(torch.cat(Us, 1)) @ orthogonalized(torch.cat(Vhs, 0))
 
 
-def knots_components(deltas, ranks) -> tuple[torch.Tensor, torch.Tensor]:
+def knots_components(deltas) -> tuple[torch.Tensor, torch.Tensor]:
     """U and the per-task S V_i^T of the SVD of the task vectors side by side ([out, n in]),
-    the first min(out, sum r_i) components (the others have zero singular values)."""
-    U, S, Vh = svd(torch.cat(list(deltas), dim=1))
-    kept = min(deltas[0].shape[0], sum(ranks))
+    its components of nonzero singular value (the authors drop s <= 1e-5)."""
+    concatenated = torch.cat(list(deltas), dim=1)
+    U, S, Vh = svd(concatenated)
+    kept = rank_of(S, concatenated.shape)
     inp = deltas[0].shape[1]
     SV = torch.stack([S[:kept, None] * Vh[:kept, i * inp : (i + 1) * inp] for i in range(len(deltas))])
     return U[:, :kept], SV
 
 
-def knots_ties_reference(deltas, ranks, k: float, lam: float) -> torch.Tensor:
-    U, SV = knots_components(deltas, ranks)
+def knots_ties_reference(deltas, k: float, lam: float) -> torch.Tensor:
+    U, SV = knots_components(deltas)
     return U @ PEFT.ties(
         list(SV), torch.full((len(SV),), lam, dtype=torch.float64), density=k / 100, majority_sign_method="total"
     )
 
 
-def knots_dare_reference(deltas, ranks, drop_rate: float, seed: int, key: str, lam: float) -> torch.Tensor:
-    U, SV = knots_components(deltas, ranks)
+def knots_dare_reference(deltas, drop_rate: float, seed: int, key: str, lam: float) -> torch.Tensor:
+    U, SV = knots_components(deltas)
     dropped = _dare.dare(SV, drop_rate, seed, key)
     return lam * U @ PEFT.disjoint_merge(dropped, PEFT.calculate_majority_sign_mask(dropped, method="total"))
 
@@ -168,8 +169,8 @@ def low_rank_reference(name: str, deltas, ranks, params, key) -> torch.Tensor:
         "tsv": lambda: tsv_reference(deltas, ranks, params["keep"] or 1 / n, lam),
         "iso_c": lambda: iso_c_reference(deltas, lam),
         "iso_cts": lambda: iso_cts_reference(deltas, params["common"], lam),
-        "knots_ties": lambda: knots_ties_reference(deltas, ranks, params["k"], lam),
-        "knots_dare": lambda: knots_dare_reference(deltas, ranks, params["drop_rate"], params["seed"], key, lam),
+        "knots_ties": lambda: knots_ties_reference(deltas, params["k"], lam),
+        "knots_dare": lambda: knots_dare_reference(deltas, params["drop_rate"], params["seed"], key, lam),
     }
     return references[name]()
 
@@ -281,10 +282,11 @@ def _random_factors(ranks, out, inp, seed=0, dtype=torch.float64):
     return As, Bs
 
 
-@pytest.mark.parametrize("shape", [(9, 40), (40, 7), (6, 6)])
+@pytest.mark.parametrize("shape", [(9, 40), (40, 7), (6, 6), (40, 3)])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_more_rank_than_rows_or_columns(name, shape):
-    """sum r_i above out or in: bases of min(dim, R) columns, results of rank <= R still exact."""
+    """sum r_i above out or in: bases of min(dim, R) columns, results of rank <= R still exact
+    (with in = 3 below every r_i, KnOTS's concatenation has rank 9 < min(out, R) = 12)."""
     method, params = _method_and_params(name)
     As, Bs = _random_factors((4, 5, 3), *shape, seed=1)
     deltas = torch.stack([B @ A for A, B in zip(As, Bs)])
@@ -294,6 +296,18 @@ def test_more_rank_than_rows_or_columns(name, shape):
 
 
 # ---------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("name", ["knots_ties", "knots_dare"])
+def test_knots_of_an_all_zero_adapter_is_the_merge_without_it(name):
+    """Its zero columns leave the concatenation's rank as it was, so they add no component (whose
+    zero rows would add entries to TIES's top-k count), and its own S V_i^T is zero."""
+    As, Bs = _random_factors((4, 6, 4), 30, 20, seed=2)
+    key = "model.layers.1.mlp.up_proj"
+    params = {"drop_rate": 0.0} if name == "knots_dare" else {}
+    without = merged_delta(name, As[1:], Bs[1:], params, key)
+    with_zero = merged_delta(name, As, [torch.zeros_like(Bs[0]), *Bs[1:]], params, key)
+    assert relative_error(with_zero, without) < 1e-12
 
 
 def test_product_svd_is_the_svd_of_the_product():

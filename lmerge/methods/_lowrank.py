@@ -293,8 +293,9 @@ class ConcatenatedSVD:
     """The SVD of the task vectors side by side, ``[delta_1 ... delta_n] = U S [V_1^T ... V_n^T]``
     with ``U = F T`` [out, K] (``F`` [out, w] tall, ``T`` [w, K] small), and ``SV`` the per-task
     right factors scaled by the shared singular values, ``S V_i^T = U^T delta_i`` [K, in]
-    (KnOTS's), as task vectors built a block of rows at a time from their own factors;
-    ``K <= min(out, sum_i r_i)``."""
+    (KnOTS's), as task vectors built a block of rows at a time from their own factors; ``K``
+    the concatenation's numerical rank (its components of zero singular value left out), at most
+    ``min(out, sum_i r_i)``."""
 
     F: torch.Tensor
     T: torch.Tensor
@@ -370,8 +371,13 @@ def _concatenated_by_qr(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> Conca
     # A_i^T = Qa_i Ra_i (thin QR): L_i = Ra_i^T; Z = Qz Rz, U = Qz P with P from the SVD of Rz.
     Qas, Ras = zip(*(thin_qr(A.T) for A in As), strict=True)
     # Z built transposed, [R, out] row-major: Z column-major, as its QR takes it.
-    Qz, Rz = thin_qr(torch.cat([Ra @ B.T for B, Ra in zip(Bs, Ras, strict=True)]).T)
-    P = thin_svd(Rz)[0]
+    Z_t = torch.cat([Ra @ B.T for B, Ra in zip(Bs, Ras, strict=True)])
+    Qz, Rz = thin_qr(Z_t.T)
+    P, S, _ = thin_svd(Rz)
+    # Only the components of nonzero singular values (at least one, a zero row if all are zero):
+    # a stack short of full rank (a zero or duplicate adapter) would add rows of zeros to every
+    # S V_i^T, and so entries to the count of a top-k.
+    P = P[:, : max(1, numerical_rank(S, rank_tolerance(S[0], tuple(Z_t.shape), S.dtype)))]
     lefts = [P.T @ Rz[:, block] for block in rank_blocks([Ra.shape[0] for Ra in Ras])]
     return ConcatenatedSVD(Qz, P, TaskVectors.from_factors([Qa.T for Qa in Qas], lefts))
 

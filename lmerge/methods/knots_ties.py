@@ -14,7 +14,10 @@ Choices, following the authors' code (github.com/gstoica27/KnOTS, ``task_merger.
 the mean over the agreeing nonzero entries (their ``mean`` merging type), times ``lambda``. Where
 theirs differs: the top-k is per module (theirs is over the whole model's flattened vectors) and
 counts exactly ``int(k% * entries)`` as lmerge's ``ties`` (theirs keeps ties at the threshold);
-no singular value is dropped (theirs drops ``s <= 1e-5``; a zero ``s`` makes a zero row anyway).
+components of zero singular value are left out, as theirs drops ``s <= 1e-5``, but by numpy's
+relative rank rule (their threshold is absolute): a zero or duplicate adapter would otherwise add
+rows of zeros to every ``S V_i^T`` and so change the count of entries ``k%`` is taken of (with
+the rule, an all-zero adapter changes nothing).
 ``k`` defaults to 20 (their ViT setting) and ``lambda`` to 1.0 (their linear search's default,
 which their evaluation tunes on validation data).
 """
