@@ -449,6 +449,20 @@ def test_zero_task_vectors_merge_to_a_zero_rank_one_lora():
         assert A.shape[0] >= 1 and not (B @ A).any()
 
 
+@pytest.mark.parametrize("a_scale, b_scale", [(1.0, 2.0**64), (1.0, 2.0**-84), (2.0**-70, 2.0**50)])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_factors_far_from_unit_scale_merge_as_at_unit_scale(name, a_scale, b_scale):
+    """Finite float32 factors whose squares overflow (an eigendecomposition would stop) or
+    underflow (a Gram matrix rounded to zero merged Iso-CTS wrong): the engine brings them to
+    unit scale by powers of two and scales the merge back, so it is the unit-scale merge scaled."""
+    method, params = _method_and_params(name)
+    As, Bs = _random_factors((4, 5, 3), 40, 30, seed=3, dtype=torch.float32)
+    key = "model.layers.1.mlp.up_proj"
+    at_unit = merged_delta(method, [A.clone() for A in As], [B.clone() for B in Bs], params, key)
+    scaled = merged_delta(method, [A * a_scale for A in As], [B * b_scale for B in Bs], params, key)
+    assert relative_error(scaled.double() / (a_scale * b_scale), at_unit.double()) < 1e-6
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the most elements of any tensor an operation produces while active."""
 
@@ -548,6 +562,38 @@ def test_saved_merge_is_exact_and_reloads_through_peft(zoo, families, tmp_path, 
         assert saved.shapes[key].rank <= sum(A.shape[0] for A in As)
         # Merged in float32 from the files through QR and SVD, saved in float32: float32 precision.
         assert relative_error(loaded[key], _reference(name, {}, As, Bs, deltas, key)) < 1e-4
+
+
+def test_adapters_far_from_unit_scale_merge_through_the_command_line(zoo, families, tmp_path):
+    """Finite float32 adapters whose B's squares overflow float32 (Iso-CTS stopped with a LAPACK
+    error) or underflow it (its merge was wrong, without a word): merged as at unit scale."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lmerge.__main__ import main
+
+    def merged(scale: float) -> LoraAdapter:
+        copies = []
+        for name in families["llama"]["names"]:
+            copy = tmp_path / f"{name}_{scale:g}"
+            shutil.copytree(zoo[name], copy)
+            weights = copy / "adapter_model.safetensors"
+            tensors = load_file(str(weights))
+            save_file({k: t * scale if ".lora_B." in k else t for k, t in tensors.items()}, str(weights))
+            copies.append(str(copy))
+        out = tmp_path / f"out_{scale:g}"
+        args = ["merge", "--adapters", f"[{','.join(copies)}]", "--method", "iso_cts", "--output_dir", str(out)]
+        assert main(args) == 0
+        return LoraAdapter(next(out.rglob("adapter_config.json")).parent)
+
+    unit = merged(1.0)
+    for scale in (2.0**64, 2.0**-84):
+        far = merged(scale)
+        for key in unit.module_keys:
+            A, B = far.factors(key)
+            A1, B1 = unit.factors(key)
+            assert relative_error((B.double() @ A.double()) / scale, B1.double() @ A1.double()) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["iso_cts", "knots_ties", "tsv", "ties:core"])

@@ -31,6 +31,7 @@ from lmerge.merge.policies import LambdaFn
 from lmerge.methods._lowrank import CoreSpace
 from lmerge.methods._scratch import release as release_scratch
 from lmerge.methods._task_vectors import TaskVectors
+from lmerge.methods._unit_scale import unit_scale
 from lmerge.methods.registry import Kind, MergeMethod, ModuleContext, Space
 
 
@@ -63,6 +64,23 @@ def _combine_linear(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
     return MergedModule(ctx.key, A=torch.cat(As, dim=0), B=B)
 
 
+def _at_unit_scale(combine: Callable[..., MergedModule]) -> Callable[..., MergedModule]:
+    """``combine`` on the factors brought to unit scale by powers of two, its merged factors scaled
+    back (:mod:`lmerge.methods._unit_scale`): for the routes that square the factor stacks."""
+
+    def run(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
+        a, b = unit_scale(As), unit_scale(Bs)
+        if a == b == 1.0:
+            return combine(method, As, Bs, params, ctx)
+        # The factors are fresh tensors, this merge's own (scaled_factors).
+        torch._foreach_mul_(As, a)
+        torch._foreach_mul_(Bs, b)
+        module = combine(method, As, Bs, params, ctx)
+        return MergedModule(module.key, A=module.A / a, B=module.B / b)
+
+    return run
+
+
 def _dense_in_weight_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModule:
     delta = method.fn(TaskVectors.from_factors(As, Bs), params, ctx)
     # Its scratch buffers served many blocks; their memory goes to the next [out, in] results.
@@ -82,7 +100,7 @@ def _dense_in_core_space(method: MergeMethod, As, Bs, params, ctx) -> MergedModu
 
 DENSE_SPACES: dict[Space, Callable[..., MergedModule]] = {
     Space.WEIGHT: _dense_in_weight_space,
-    Space.CORE: _dense_in_core_space,
+    Space.CORE: _at_unit_scale(_dense_in_core_space),
 }
 
 
@@ -102,7 +120,7 @@ COMBINERS: dict[Kind, Callable[..., MergedModule]] = {
     Kind.FACTORS: _combine_factors,
     Kind.LINEAR: _combine_linear,
     Kind.DENSE: _combine_dense,
-    Kind.LOW_RANK: _combine_low_rank,
+    Kind.LOW_RANK: _at_unit_scale(_combine_low_rank),
 }
 
 
