@@ -9,8 +9,11 @@ temporary directory. Every case then runs in its own process (this script with `
 which prints one JSON line: the wall time of the timed part only (imports and set-up
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
 of the work), its minor page faults (fresh memory, microseconds each in a virtual machine), the
-RSS right before it and the peak RSS during it (VmHWM, reset first). With ``--repeat``, the
-cases run in rounds, each case once per round, and a case's fastest run counts.
+RSS right before it and the peak RSS during it (VmHWM, reset first, after freed heap is given
+back), and how much of the RSS growth is library code paged in by the process's first call of it
+(``RssFile``: shared, clean pages of mapped files, 9 MB for the linear save, 15-20 MB for a merge
+that calls LAPACK; the rest is memory the merge allocated). With ``--repeat``, the cases run in
+rounds, each case once per round, and a case's fastest run counts.
 
 - ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
   model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
@@ -218,12 +221,24 @@ def memory_mb(field: str) -> float:
 
 
 def reset_peak_rss() -> None:
-    """Reset the peak-RSS mark (Linux >= 4.0) so that ``VmHWM`` covers only what follows.
+    """Give freed heap back to the OS (glibc's ``malloc_trim``), then reset the peak-RSS mark
+    (Linux >= 4.0) so that ``VmHWM`` covers only what follows.
 
     ``ru_maxrss`` cannot be reset, and in a child it starts at the parent's peak (the kernel
     keeps the pre-exec memory's high-water mark), so it would show the parent's model.
     """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def file_backed_mb() -> float:
+    """``RssFile``: this process's resident pages that are mapped files (the libraries' code)."""
+    return memory_mb("RssFile")
 
 
 def prepare_floor(adapters: list[Path], stacked: bool = False) -> Callable[[], None]:
@@ -312,8 +327,8 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         fn = prepare_lmerge(case, adapters, out)
     else:
         fn = prepare_peft(case, adapters, out)
-    baseline = memory_mb("VmRSS")
     reset_peak_rss()
+    baseline, file_before = memory_mb("VmRSS"), file_backed_mb()
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu_started = time.process_time()
     started = time.perf_counter()
@@ -321,7 +336,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    peak = memory_mb("VmHWM")
+    peak, file_grown = memory_mb("VmHWM"), file_backed_mb() - file_before
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
     return {
@@ -332,6 +347,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
         "page_faults": faults,
         "baseline_mb": baseline,
         "peak_mb": peak,
+        "file_backed_mb": file_grown,
         "saved_mb": saved,
         "torch_threads": torch.get_num_threads(),
     }
@@ -379,9 +395,9 @@ def table(results: list[dict[str, Any]]) -> str:
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     cpu = {(r["case"], r["n"]): r["cpu_seconds"] for r in results if "error" not in r}
     lines = [
-        "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | × floor | × stacked floor | × linear save "
-        "| × ties | CPU × linear save | CPU × ties | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | of it library code MB | × floor | × stacked floor "
+        "| × linear save | × ties | CPU × linear save | CPU × ties | PEFT peer | × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
 
     def ratio(r: dict[str, Any], reference: str | None, digits: int = 2, by: str = "seconds") -> str:
@@ -390,7 +406,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} | | | | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} |" + " |" * 12)
             continue
         peer = CASES[r["case"]].peer
         cells = [
@@ -400,6 +416,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['cpu_seconds']:.2f}",
             f"{r['peak_mb']:.0f}",
             f"{r['peak_mb'] - r['baseline_mb']:+.0f}",
+            f"{r['file_backed_mb']:.0f}",
             ratio(r, FLOOR),
             ratio(r, STACKED_FLOOR),
             ratio(r, LINEAR_SAVE),
