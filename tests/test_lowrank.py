@@ -295,6 +295,31 @@ def test_more_rank_than_rows_or_columns(name, shape):
     assert relative_error(merged_delta(method, As, Bs, params, key), reference) < 1e-10
 
 
+@pytest.mark.filterwarnings("ignore:The density 1.0")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_seeded_random_shapes_and_ranks_match_the_reference(name):
+    """Random module shapes, adapter counts, unequal ranks (some above out or in) and scales,
+    each with a random one of the method's parameter cases, against the dense reference."""
+    import random
+
+    method, space = _method_and_params(name)
+    rng = random.Random(f"lowrank-{name}")
+    for case in range(25):
+        n = rng.choice([1, 2, 3, 5])
+        out, inp = rng.choice([3, 8, 17, 40]), rng.choice([3, 9, 24, 50])
+        ranks = [rng.choice([1, 2, 4, 8]) for _ in range(n)]
+        As, Bs = _random_factors(ranks, out, inp, seed=case)
+        Bs = [B * 10.0 ** rng.uniform(-1.5, 1.5) for B in Bs]
+        deltas = torch.stack([B @ A for A, B in zip(As, Bs)])
+        params = rng.choice(CASES[name])
+        key = "model.layers.1.mlp.up_proj"
+        reference = _reference(name, params, As, Bs, deltas, key)
+        merged = merged_delta(method, As, Bs, {**params, **space}, key)
+        # A one-entry core that DARE drops merges to zero: then the merge must be zero too.
+        error = relative_error(merged, reference) if reference.any() else float(merged.norm())
+        assert error < 1e-9, (case, n, out, inp, ranks, params, error)
+
+
 # ---------------------------------------------------------------- properties
 
 
