@@ -283,7 +283,7 @@ def prepare_lmerge(case: Case, adapters: list[Path], out: Path) -> Callable[[], 
         adapters=[str(path) for path in adapters],
         method=case.method,
         method_params=case.params(len(adapters)),
-        save=SaveConfig(format=case.save, rank=RANK),
+        save=SaveConfig(format=case.save),  # dense merges at the default rank (RANK), the rest exactly
         output_dir=str(out),
     )
     return lambda: run_merge(config)

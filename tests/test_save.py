@@ -139,6 +139,29 @@ def test_dense_default_rank_records_svd_error(zoo, tmp_path):
     assert all(0 < e < 1 for e in errors.values())
 
 
+@pytest.mark.parametrize("method, params", [("task_vector", {}), ("tsv", {}), ("ties", {"space": "core"})])
+def test_a_rank_below_a_factor_merge_saves_its_best_approximation_of_that_rank(zoo, tmp_path, method, params):
+    """save.rank below the rank of a merge that comes as factors: its best approximation of that
+    rank (the truncated SVD of the exact merge), computed from the factors, the error recorded
+    (not Iso-C: its flat spectrum has no one best approximation of a lower rank)."""
+    adapters = [str(zoo[n]) for n in LLAMA]
+    exact = run_merge(MergeConfig(adapters, method, method_params=params, output_dir=str(tmp_path / "exact")))
+    cut = run_merge(
+        MergeConfig(adapters, method, method_params=params, save=SaveConfig(rank=3), output_dir=str(tmp_path / "cut"))
+    )
+    whole, saved = LoraAdapter(exact.run_dir), LoraAdapter(cut.run_dir)
+    errors = cut.saved["svd_relative_error"]
+    assert cut.saved["svd_rank"] == 3 and "svd_relative_error" not in exact.saved
+    for key in whole.module_keys:
+        assert whole.shapes[key].rank > 3 and saved.shapes[key].rank == 3
+        A, B = whole.factors(key)
+        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        A3, B3 = saved.factors(key)
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        assert float((B3.double() @ A3.double() - best).norm() / best.norm()) < 1e-5
+        assert errors[key] == pytest.approx(float(S[3:].norm() / S.norm()), rel=1e-4)
+
+
 def test_truncated_svd_error_is_the_true_error_and_near_the_best():
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(300, 64, generator=g))

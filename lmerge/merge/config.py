@@ -20,10 +20,15 @@ class SaveConfig:
     """How a merge is saved."""
 
     format: Literal["lora", "full", "none"] = "lora"
-    """``lora``: a PEFT adapter (exact for factor and linear methods, truncated SVD for dense
-    ones); ``full``: the base model with the merge added to its weights; ``none``: metadata only."""
+    """``lora``: a PEFT adapter (exact for factor, linear and low-rank methods, truncated SVD for
+    dense ones); ``full``: the base model with the merge added to its weights; ``none``: metadata
+    only."""
     rank: int | None = None
-    """Rank of the saved LoRA for dense methods (ties, dare, ...); default: the largest input rank."""
+    """Rank of the saved LoRA: a dense method's merge (ties, dare, ... in weight space) is saved as
+    its truncated SVD of this rank (default: the largest input rank); a merge that comes as LoRA
+    factors (linear and low-rank methods, dense ones in core space) is saved exactly, or, when this
+    is lower than its rank, as its best approximation of this rank, computed exactly from its
+    factors. The truncation errors go to merge_metadata.json."""
     base_model: str | None = None
     """Base model directory for ``format: full``; default: the adapters' ``base_model_name_or_path``."""
 

@@ -1,6 +1,6 @@
 """Write a merge: as a PEFT LoRA adapter (exact for factor, linear and low-rank methods and dense
-ones in core space, truncated SVD for dense ones in weight space), as full merged weights, or not
-at all. Task heads travel alongside."""
+ones in core space unless a lower rank is asked for, truncated SVD for dense ones in weight
+space), as full merged weights, or not at all. Task heads travel alongside."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
+from lmerge.methods._lowrank import product_svds
+from lmerge.methods._unit_scale import unit_scale
 from lmerge.outputs.tensor_stream import StreamedTensors, header_room
 from lmerge.tasks.heads import has_head, read_head, write_head
 
@@ -47,6 +49,19 @@ def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch
     return V.T.contiguous(), (U * S).contiguous(), error
 
 
+def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A' [k, in], B' [out, k], relative Frobenius error)`` with ``B' @ A'`` the best rank-``k``
+    approximation of ``B @ A`` (``k = min(rank, its rank bound)``), exactly, from the SVD of the
+    product computed from its factors (:func:`~lmerge.methods._lowrank.product_svds`, on the
+    factors brought to unit scale, :mod:`~lmerge.methods._unit_scale`): no dense product."""
+    a, b = unit_scale([A]), unit_scale([B])
+    svd = product_svds([B * b], [A * a])[0]
+    k = min(rank, svd.S.numel())
+    total = float(svd.S.square().sum())
+    error = max(total - float(svd.S[:k].square().sum()), 0.0) ** 0.5 / total**0.5 if total > 0 else 0.0
+    return svd.Vh(k) / a, svd.U(k) * (svd.S[:k] / b), error
+
+
 _METADATA = {"format": "pt"}
 """The safetensors metadata of a saved LoRA, as PEFT writes it."""
 
@@ -59,6 +74,8 @@ class LoraWriter:
     def __init__(self, adapters: list[LoraAdapter], rank: int | None, work: Path, svd_niter: int = 1) -> None:
         self.adapters = adapters
         self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
+        # A merge that comes as factors is saved as it is unless a lower rank was asked for.
+        self.factor_rank = rank
         self.svd_niter = svd_niter
         # Each module's factors go to disk as they come (``work``: the bundle being built), after
         # room for the header of every module the adapters have, at the largest rank it can get.
@@ -79,10 +96,14 @@ class LoraWriter:
         return largest
 
     def prepare(self, module: MergedModule) -> MergedModule:
-        """A dense merge with its truncated SVD added (run in the merge's worker threads)."""
-        if module.A is not None:
+        """A dense merge with its truncated SVD added, or factors of more than an asked-for rank
+        truncated exactly (run in the merge's worker threads)."""
+        if module.A is None:
+            A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
+        elif self.factor_rank is not None and module.A.shape[0] > self.factor_rank:
+            A, B, error = truncated_factors(module.A, module.B, self.factor_rank)
+        else:
             return module
-        A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
         return dataclasses.replace(module, A=A, B=B, svd_error=error)
 
     def add(self, module: MergedModule) -> None:
@@ -119,7 +140,8 @@ class LoraWriter:
         self.tensors.finish()
         files = [CONFIG_FILE, WEIGHTS_FILE, *write_heads(self.adapters, out)]
         info: dict[str, Any] = {"format": self.format, "rank": rank, "files": files}
-        # 0 when every module is saved as merged (factor, linear and low-rank merges, dense ones in core space).
+        # 0 when every module is saved as merged (factor, linear and low-rank merges, dense ones in
+        # core space, none of them truncated to save.rank).
         info["relative_error_max"] = max(self.svd_errors.values(), default=0.0)
         if self.svd_errors:
             info["svd_rank"] = self.rank
