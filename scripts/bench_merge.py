@@ -15,9 +15,11 @@ back), and how much of the RSS growth is library code paged in by the process's 
 that calls LAPACK; the rest is memory the merge allocated). With ``--repeat``, the cases run in
 rounds, each case once per round, and a case's fastest run counts.
 
-- ``lmerge:<method>[:core][:full]``: one ``run_merge`` call (load, merge, save as a LoRA or full
-  model); ``:core`` runs a dense method in core space. The exact low-rank methods (tsv, iso_c,
-  iso_cts, knots_ties, knots_dare) and ties/dare in core space save exact LoRAs; the table gives
+- ``lmerge:<method>[:core][:full][:r<rank>]``: one ``run_merge`` call (load, merge, save as a
+  LoRA or full model); ``:core`` runs a dense method in core space, ``:r16`` saves at
+  ``save.rank`` 16 (``lmerge:task_vector:r16``: the sum's best rank-16 approximation, computed
+  from the factors, against PEFT's ``svd`` type, a dense SVD of it). The exact low-rank methods
+  (tsv, iso_c, iso_cts, knots_ties, knots_dare) and ties/dare in core space save exact LoRAs; the table gives
   each case's time over the exact linear save (``lmerge:task_vector``), over weight-space
   ``lmerge:ties`` and over its PEFT peer at the same n, in wall seconds and (steadier on a shared
   machine) in CPU seconds. ``--n 8 16 32`` shows how each grows with the number of adapters.
@@ -35,9 +37,8 @@ RSS should stay flat as the model grows, since modules are merged one at a time.
 
 PEFT's ``*_svd`` types take one to two minutes each (a full SVD per module), so they run only
 at the n values of ``--slow-n`` (default: the largest ``--n``), or not at all with
-``--skip-slow-peers``. The default cases leave out PEFT's plain ``svd`` (no lmerge row is
-compared with it) and the lmerge methods weighted, uniform_delta, uniform_scalar_delta and
-weighted_delta; name them in ``--cases`` to run them.
+``--skip-slow-peers``. The default cases leave out the lmerge methods weighted, uniform_delta,
+uniform_scalar_delta and weighted_delta; name them in ``--cases`` to run them.
 """
 
 from __future__ import annotations
@@ -77,13 +78,19 @@ class Case:
     peer: str | None = None
     slow: bool = False
     default: bool = True
+    rank: int | None = None
+    """``save.rank`` (None: unset, so dense merges are saved at the largest input rank, RANK)."""
 
 
-def _lmerge(method: str, peer: str | None, save: str = "lora", default: bool = True, **params: Any) -> Case:
-    """An lmerge case with fixed method parameters (a dense method in core space is ``<method>:core``)."""
+def _lmerge(
+    method: str, peer: str | None, save: str = "lora", default: bool = True, rank: int | None = None, **params: Any
+) -> Case:
+    """An lmerge case with fixed method parameters (a dense method in core space is
+    ``<method>:core``, one saved at ``save.rank`` r is ``<method>:r<r>``)."""
     space = f":{params['space']}" if params.get("space", "weight") != "weight" else ""
-    suffix = "" if save == "lora" else f":{save}"
-    return Case(f"lmerge:{method}{space}{suffix}", method, lambda n: dict(params), save, peer, default=default)
+    suffix = ("" if save == "lora" else f":{save}") + ("" if rank is None else f":r{rank}")
+    name = f"lmerge:{method}{space}{suffix}"
+    return Case(name, method, lambda n: dict(params), save, peer, default=default, rank=rank)
 
 
 def _peft(combination: str, default: bool = True) -> Case:
@@ -99,6 +106,7 @@ CASES = {
         _lmerge("uniform", "peft:linear"),
         _lmerge("task_vector", "peft:cat"),
         _lmerge("task_vector", None, save="full"),
+        _lmerge("task_vector", "peft:svd", rank=RANK),  # the sum's best rank-16 approximation
         Case(
             "lmerge:weighted_delta_n",
             "weighted_delta_n",
@@ -129,7 +137,7 @@ CASES = {
         _lmerge("weighted_delta", "peft:cat", default=False),
         _peft("cat"),
         _peft("linear"),
-        _peft("svd", default=False),  # no lmerge row is compared with it
+        _peft("svd"),
         _peft("ties_svd"),
         _peft("dare_ties_svd"),
         _peft("magnitude_prune_svd"),
@@ -283,7 +291,7 @@ def prepare_lmerge(case: Case, adapters: list[Path], out: Path) -> Callable[[], 
         adapters=[str(path) for path in adapters],
         method=case.method,
         method_params=case.params(len(adapters)),
-        save=SaveConfig(format=case.save),  # dense merges at the default rank (RANK), the rest exactly
+        save=SaveConfig(format=case.save, rank=case.rank),
         output_dir=str(out),
     )
     return lambda: run_merge(config)
