@@ -162,6 +162,26 @@ def test_a_rank_below_a_factor_merge_saves_its_best_approximation_of_that_rank(z
         assert errors[key] == pytest.approx(float(S[3:].norm() / S.norm()), rel=1e-4)
 
 
+def test_a_linear_merge_at_a_lower_rank_is_peft_svd_combination(zoo, tmp_path):
+    """task_vector at save.rank 3: the same merged weights as PEFT's ``add_weighted_adapter`` of
+    ``combination_type="svd"`` at ``svd_rank`` 3 (a dense SVD of the summed deltas), from factors."""
+    adapters = [str(zoo[n]) for n in LLAMA]
+    result = run_merge(MergeConfig(adapters, "task_vector", save=SaveConfig(rank=3), output_dir=str(tmp_path)))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo["llama"]), adapters[0], adapter_name="a")
+    model.load_adapter(adapters[1], adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "svd", combination_type="svd", svd_rank=3)
+    model.set_adapter("svd")
+    expected = model.merge_and_unload().state_dict()
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo["llama"]), result.run_dir)
+    merged = ours.merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(zoo["llama"]).state_dict()
+    changed = [name for name in expected if not torch.equal(expected[name], base[name])]
+    assert changed
+    for name in changed:  # each module's update, to float32 SVD precision (2e-5 at most here)
+        update, reference = merged[name] - base[name], expected[name] - base[name]
+        assert float((update - reference).norm() / reference.norm()) < 1e-4, name
+
+
 def test_truncated_svd_error_is_the_true_error_and_near_the_best():
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(300, 64, generator=g))
