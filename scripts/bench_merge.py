@@ -221,7 +221,8 @@ def deepen(source: Path, root: Path, n_adapters: int, layers: int) -> None:
 
 # ---- one case, in the child process ----------------------------------------------------------
 def memory_mb(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in MB."""
+    """``VmRSS`` (resident now), ``VmHWM`` (peak resident) or ``RssFile`` (resident pages of mapped
+    files: the libraries' code) of this process in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
@@ -242,11 +243,6 @@ def reset_peak_rss() -> None:
     except (OSError, AttributeError):
         pass
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def file_backed_mb() -> float:
-    """``RssFile``: this process's resident pages that are mapped files (the libraries' code)."""
-    return memory_mb("RssFile")
 
 
 def prepare_floor(adapters: list[Path], stacked: bool = False) -> Callable[[], None]:
@@ -336,7 +332,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
     else:
         fn = prepare_peft(case, adapters, out)
     reset_peak_rss()
-    baseline, file_before = memory_mb("VmRSS"), file_backed_mb()
+    baseline, file_before = memory_mb("VmRSS"), memory_mb("RssFile")
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu_started = time.process_time()
     started = time.perf_counter()
@@ -344,7 +340,7 @@ def run_case(name: str, n: int, data: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    peak, file_grown = memory_mb("VmHWM"), file_backed_mb() - file_before
+    peak, file_grown = memory_mb("VmHWM"), memory_mb("RssFile") - file_before
     saved = sum(path.stat().st_size for path in out.rglob("*.safetensors")) / 2**20
     shutil.rmtree(out)
     return {
