@@ -1,10 +1,11 @@
 """Benchmark lmerge's merges against PEFT's ``add_weighted_adapter`` and the dense-delta floor.
 
     .venv/bin/python scripts/bench_merge.py --n 2 4 8 [--cases ...] [--repeat 1] [--skip-slow-peers]
-        [--slow-n 8] [--scaling-layers 4 8 16] [--out results.json]
+        [--slow-n 8] [--scaling-layers 4 8 16] [--shape llama-105m] [--out results.json]
 
-A Llama-shaped random model (hidden 1024, intermediate 2816, 8 layers) and n random LoRA
-adapters (r=16 on q, k, v, o, gate, up, down: 56 modules) are generated once per run in a
+A Llama-shaped random model (``--shape``: by default hidden 1024, intermediate 2816, 8 layers;
+``llama3-8b``: Llama-3-8B's layer shapes, two of its 32 layers) and n random LoRA adapters (r=16
+on q, k, v, o, gate, up, down: 56 modules, 14 at ``llama3-8b``) are generated once per run in a
 temporary directory. Every case then runs in its own process (this script with ``--case``),
 which prints one JSON line: the wall time of the timed part only (imports and set-up
 excluded), its CPU time (user + system, all threads: on a shared machine the steadier measure
@@ -59,12 +60,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 1024, 2816, 8, 16, 256
+VOCAB = 256
 RANK, ALPHA = 16, 32
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSITY = 0.2
 FLOOR = "floor"
 STACKED_FLOOR = "floor:stacked"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a Llama-shaped model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+
+    def module_shapes(self) -> list[tuple[int, int]]:
+        """``(out, in)`` of one layer's q, k, v, o, gate, up and down projections."""
+        kv = self.kv_heads * self.hidden // self.heads
+        h, i = self.hidden, self.intermediate
+        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+SHAPES = {
+    "llama-105m": Shape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16),
+    # Llama-3-8B's q and o (4096 x 4096), k and v (1024 x 4096: grouped-query attention) and MLP
+    # (14336 wide), in two of its 32 layers: 14 modules as a user merges them, with a 1.7 GB base.
+    "llama3-8b": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8),
+}
+"""The model shapes ``--shape`` offers."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +173,8 @@ CASES = {
 
 
 # ---- data ------------------------------------------------------------------------------------
-def generate(root: Path, n_adapters: int) -> None:
-    """Save the random base model to ``root/base`` and ``n_adapters`` random LoRA adapters
+def generate(root: Path, n_adapters: int, shape: Shape) -> None:
+    """Save the random base model of ``shape`` to ``root/base`` and ``n_adapters`` random LoRA adapters
     (non-zero A and B, one seed each) to ``root/adapters/t<i>``."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -160,11 +187,11 @@ def generate(root: Path, n_adapters: int) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
         max_position_embeddings=512,
     )
     model = LlamaForCausalLM(config)
@@ -175,7 +202,7 @@ def generate(root: Path, n_adapters: int) -> None:
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT still calls
         peft_model = get_peft_model(model, lora)
     layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
-    assert len(layers) == LAYERS * len(TARGETS)
+    assert len(layers) == shape.layers * len(TARGETS)
     for i in range(n_adapters):
         generator = torch.Generator().manual_seed(i)
         with torch.no_grad():
@@ -434,9 +461,11 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def delta_sizes_mb(n: int, layers: int = LAYERS) -> tuple[float, float]:
-    """float32 MB of the n dense deltas of the largest module, and of every module."""
-    shapes = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 3
+def delta_sizes_mb(n: int, shape: Shape, layers: int | None = None) -> tuple[float, float]:
+    """float32 MB of the n dense deltas of the largest module, and of every module (of ``layers``
+    layers, default the shape's)."""
+    shapes = shape.module_shapes()
+    layers = shape.layers if layers is None else layers
     largest = max(rows * cols for rows, cols in shapes)
     every = layers * sum(rows * cols for rows, cols in shapes)
     return n * largest * 4 / 2**20, n * every * 4 / 2**20
@@ -445,7 +474,7 @@ def delta_sizes_mb(n: int, layers: int = LAYERS) -> tuple[float, float]:
 SCALING_CASES = ("lmerge:task_vector", "lmerge:ties")
 
 
-def scaling(data: Path, depths: list[int], n: int, repeat: int) -> str:
+def scaling(data: Path, depths: list[int], n: int, repeat: int, shape: Shape) -> str:
     """Merge n adapters of models of each depth in ``depths``; the table of time and peak RSS.
 
     The merge is held in memory until it is written, so the peak may grow by the saved size
@@ -457,7 +486,7 @@ def scaling(data: Path, depths: list[int], n: int, repeat: int) -> str:
     for layers in depths:
         root = data / f"layers{layers}"
         deepen(data, root, n, layers)
-        every = delta_sizes_mb(n, layers)[1]
+        every = delta_sizes_mb(n, shape, layers)[1]
         for name in SCALING_CASES:
             r = measure(name, n, root, repeat)
             if "error" in r:
@@ -481,6 +510,7 @@ def main() -> None:
     parser.add_argument("--slow-n", type=int, nargs="+", help="n for PEFT's *_svd types (default: max --n)")
     parser.add_argument("--scaling-layers", type=int, nargs="*", default=[], help="model depths for the scaling check")
     parser.add_argument("--scaling-n", type=int, default=4, help="adapters merged in the scaling check")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-105m", help="the model's dimensions")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -493,13 +523,15 @@ def main() -> None:
 
     names = args.cases or [name for name, case in CASES.items() if case.default]
     slow_n = set() if args.skip_slow_peers else set(args.slow_n or [max(args.n)])
+    shape = SHAPES[args.shape]
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     print("machine: {cpus} CPUs, torch {torch}, {torch_threads} torch threads".format(**machine))
+    print(f"model: {args.shape} ({shape})")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         data = Path(tmp)
         started = time.perf_counter()
-        generate(data, max(args.n + ([args.scaling_n] if args.scaling_layers else [])))
+        generate(data, max(args.n + ([args.scaling_n] if args.scaling_layers else [])), shape)
         elapsed = time.perf_counter() - started
         print(f"generated the model and {max(args.n)} adapters in {elapsed:.1f} s", flush=True)
         for n in args.n:
@@ -508,16 +540,16 @@ def main() -> None:
                 results.append(result)
                 shown = result.get("error") or f"{result['seconds']:.3f} s, peak {result['peak_mb']:.0f} MB"
                 print(f"  n={n} {result['case']}: {shown}", flush=True)
-        depths = scaling(data, args.scaling_layers, args.scaling_n, args.repeat) if args.scaling_layers else ""
+        depths = scaling(data, args.scaling_layers, args.scaling_n, args.repeat, shape) if args.scaling_layers else ""
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s\n")
     print(table(results))
     for n in args.n:
-        module, every = delta_sizes_mb(n)
+        module, every = delta_sizes_mb(n, shape)
         print(f"n={n}: dense deltas of the largest module {module:.0f} MB, of all modules {every:.0f} MB")
     if depths:
         print(f"\nScaling with the model's depth:\n\n{depths}")
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"machine": machine, "shape": args.shape, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
