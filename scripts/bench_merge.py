@@ -14,7 +14,8 @@ RSS right before it and the peak RSS during it (VmHWM, reset first, after freed 
 back), and how much of the RSS growth is library code paged in by the process's first call of it
 (``RssFile``: shared, clean pages of mapped files, 9 MB for the linear save, 15-20 MB for a merge
 that calls LAPACK; the rest is memory the merge allocated). With ``--repeat``, the cases run in
-rounds, each case once per round, and a case's fastest run counts.
+rounds, each case once per round: a case's fastest run gives its times, and its run of median
+allocated memory (RSS growth less library code) its memory columns.
 
 - ``lmerge:<method>[:core][:full][:r<rank>]``: one ``run_merge`` call (load, merge, save as a
   LoRA or full model); ``:core`` runs a dense method in core space, ``:r16`` saves at
@@ -397,22 +398,34 @@ def run_once(name: str, n: int, data: Path) -> dict[str, Any]:
 
 
 def measure(name: str, n: int, data: Path, repeat: int) -> dict[str, Any]:
-    """The fastest of ``repeat`` runs of one case, each in a fresh process."""
+    """``repeat`` runs of one case, each in a fresh process, summed up as :func:`summary`."""
     return measure_rounds([name], n, data, repeat)[0]
 
 
 def measure_rounds(names: list[str], n: int, data: Path, repeat: int) -> list[dict[str, Any]]:
-    """The fastest of ``repeat`` runs of each case, in rounds that run every case once: a busy
+    """``repeat`` runs of each case (:func:`summary`), in rounds that run every case once: a busy
     spell of a shared machine then slows all cases of a round alike, not one case's every run."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(repeat):
         for name in names:
             if not runs[name] or "error" not in runs[name][-1]:
                 runs[name].append(run_once(name, n, data))
-    return [
-        next((run for run in runs[name] if "error" in run), None) or min(runs[name], key=lambda run: run["seconds"])
-        for name in names
-    ]
+    return [next((run for run in runs[name] if "error" in run), None) or summary(runs[name]) for name in names]
+
+
+MEMORY_FIELDS = ("baseline_mb", "peak_mb", "file_backed_mb")
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest run, with the memory fields of the run of median allocated memory (its RSS
+    growth less library code). The fastest run is the one the machine's other load slowed least;
+    the memory a fresh process reaches varies from run to run by several MB either way (10 at
+    Llama-3-8B's shapes, whichever run is fastest), which the median steadies (of an even
+    number of runs, the lower middle one)."""
+    fastest = min(runs, key=lambda run: run["seconds"])
+    by_memory = sorted(runs, key=lambda run: run["peak_mb"] - run["baseline_mb"] - run["file_backed_mb"])
+    median = by_memory[(len(by_memory) - 1) // 2]
+    return {**fastest, **{field: median[field] for field in MEMORY_FIELDS}}
 
 
 LINEAR_SAVE = "lmerge:task_vector"
@@ -505,7 +518,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="adapter counts")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: see the module doc")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of every case; a case's fastest run counts")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every case: the fastest run's times, the median run's memory"
+    )
     parser.add_argument("--skip-slow-peers", action="store_true", help="skip PEFT's *_svd types")
     parser.add_argument("--slow-n", type=int, nargs="+", help="n for PEFT's *_svd types (default: max --n)")
     parser.add_argument("--scaling-layers", type=int, nargs="*", default=[], help="model depths for the scaling check")
