@@ -45,8 +45,7 @@ def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch
     U, S, V = torch.svd_lowrank(delta, q=min(rank + _OVERSAMPLE, *delta.shape), niter=niter)
     U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2).
-    error = max(total - float(S.square().sum()), 0.0) ** 0.5 / total**0.5
-    return V.T.contiguous(), (U * S).contiguous(), error
+    return V.T.contiguous(), (U * S).contiguous(), _relative_error(total, float(S.square().sum()))
 
 
 def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -57,9 +56,14 @@ def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torc
     a, b = unit_scale([A]), unit_scale([B])
     svd = product_svds([B * b], [A * a])[0]
     k = min(rank, svd.S.numel())
-    total = float(svd.S.square().sum())
-    error = max(total - float(svd.S[:k].square().sum()), 0.0) ** 0.5 / total**0.5 if total > 0 else 0.0
+    error = _relative_error(float(svd.S.square().sum()), float(svd.S[:k].square().sum()))
     return svd.Vh(k) / a, svd.U(k) * (svd.S[:k] / b), error
+
+
+def _relative_error(total: float, kept: float) -> float:
+    """The relative Frobenius error of a projection that keeps ``kept`` of a matrix's squared norm
+    ``total``: ``sqrt(total - kept) / sqrt(total)`` (0 for a zero matrix)."""
+    return max(total - kept, 0.0) ** 0.5 / total**0.5 if total > 0 else 0.0
 
 
 _METADATA = {"format": "pt"}
