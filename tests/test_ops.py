@@ -241,7 +241,10 @@ def test_dare_keeps_dtype_and_device():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype):
+@pytest.mark.parametrize("chunk", [1 << 18, 100, 5])
+def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype, chunk, monkeypatch):
+    # Hash bits drawn a chunk at a time (``_CHUNK`` entries, not a divisor of a block) or whole.
+    monkeypatch.setattr(_dare, "_CHUNK", chunk)
     deltas = (torch.randn(3, 50, 37, generator=torch.Generator().manual_seed(8)) + 5).to(dtype)
     keep = _dare.dare_mask(deltas.shape, 0.7, 3, "layers.2.v_proj")
     mask = _dare.DareMask(0.7, 3, "layers.2.v_proj")

@@ -26,6 +26,10 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+_CHUNK = 1 << 18
+"""Entries whose hash bits :meth:`DareMask.apply_` draws at a time: its two int32 buffers take 1 MiB
+each, where a whole block's (a few million entries at an 8B model's MLP shapes) would take tens
+of MiB per merging thread, for a few calls less."""
 _GOLDEN = _int32(0x9E3779B1)
 _MIX = (_int32(0x7FEB352D), _int32(0x846CA68B))
 
@@ -59,12 +63,17 @@ class DareMask:
         """``block`` [n, rows, in] (rows of the task vectors from flat index ``start``) with the
         dropped entries zeroed in place; not rescaled."""
         n, size = block.shape[0], block[0].numel()
-        with scratch(n * size, torch.int32) as bits, scratch(n * size, torch.int32) as shifted:
-            keep = self._keep_bits(n, size, start, bits, shifted).view(block.shape)
-            if block.dtype == torch.float32 and block.is_contiguous():
-                block.view(torch.int32).bitwise_and_(keep)  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
-            else:
-                block.mul_(keep.neg_())
+        flat = block.view(n, size)
+        width = max(1, min(size, _CHUNK // n))
+        with scratch(n * width, torch.int32) as bits, scratch(n * width, torch.int32) as shifted:
+            for begin in range(0, size, width):
+                part = flat[:, begin : begin + width]
+                used = part.numel()
+                keep = self._keep_bits(n, part.shape[1], start + begin, bits[:used], shifted[:used])
+                if part.dtype == torch.float32:
+                    part.view(torch.int32).bitwise_and_(keep)  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
+                else:
+                    part.mul_(keep.neg_())
         return block
 
     def _keep_bits(self, n: int, size: int, start: int, bits: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
