@@ -101,10 +101,14 @@ def test_topk_mask_edge_cases_keep_exactly_k(x, keep):
     assert torch.equal(_topk.topk_mask(x, keep), _reference_topk(x, keep))
 
 
-def test_topk_mask_matches_torch_topk_on_a_big_tensor():
-    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("rows", [1024, 1100])  # one block, or sampled and scanned
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_mask_matches_torch_topk_on_a_big_tensor(rows, dtype):
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    before = x.clone()
     k = int(0.2 * x.numel())
     mask = _topk.topk_mask(x, 0.2)
+    assert torch.equal(x, before)  # its sample is a copy, binned in place
     top = torch.topk(x.abs().reshape(-1), k).indices
     expected = torch.zeros(x.numel(), dtype=torch.bool)
     expected[top] = True

@@ -202,6 +202,11 @@ def magnitudes(x: torch.Tensor) -> torch.Tensor:
     return x.abs().to(magnitude_dtype(x.dtype))
 
 
+def magnitudes_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`magnitudes` of ``x``, in place when ``x`` is already float32 or float64."""
+    return x.abs_() if x.dtype == magnitude_dtype(x.dtype) else magnitudes(x)
+
+
 def magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64, else float32 (which holds every half-precision number exactly)."""
     return dtype if dtype == torch.float64 else torch.float32

@@ -96,18 +96,18 @@ class TaskVectors:
                 yield block, rows.start * cols
 
     def lattice(self, every: int) -> torch.Tensor:
-        """``[n, m]``: the entries ``(row, col)`` with ``row % e == col % e`` of every task vector
-        (``e = min(every, out, in)``), in the first whole multiples of ``e`` rows and columns:
-        about ``numel / e`` each. Every row and every column is sampled, in equal shares, so the
-        sample is nearly as good as one drawn at random; and it is one batched GEMM per task
-        vector of the factors' rows and columns regrouped by their remainder, not a gather of
-        single entries."""
+        """``[n, m]``, a new tensor (the caller's to overwrite): the entries ``(row, col)`` with
+        ``row % e == col % e`` of every task vector (``e = min(every, out, in)``), in the first
+        whole multiples of ``e`` rows and columns: about ``numel / e`` each. Every row and every
+        column is sampled, in equal shares, so the sample is nearly as good as one drawn at
+        random; and it is one batched GEMM per task vector of the factors' rows and columns
+        regrouped by their remainder, not a gather of single entries."""
         rows, cols = self.shape
         e = min(every, rows, cols)
         rows, cols = rows - rows % e, cols - cols % e
         if self._dense is not None:
             grid = self._dense[:, :rows, :cols].reshape(self.n, rows // e, e, cols // e, e)
-            return grid.diagonal(dim1=2, dim2=4).reshape(self.n, -1)
+            return grid.diagonal(dim1=2, dim2=4).clone(memory_format=torch.contiguous_format).reshape(self.n, -1)
 
         def by_remainder(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
             # [..., e, rows / e, cols / e]: group o multiplies B's rows o, o + e, ... by A's columns o, o + e, ...

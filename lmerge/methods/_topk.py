@@ -32,7 +32,7 @@ from lmerge.methods._cuts import (
     exact_cuts,
     exactly,
     magnitude_dtype,
-    magnitudes,
+    magnitudes_,
     shrink_,
 )
 from lmerge.methods._scratch import scratch
@@ -113,7 +113,7 @@ def _scanned_cuts(deltas: TaskVectors, k: int) -> list[Cut]:
     scan of every block; where a bracket missed, a second scan with it widened to all that lies
     beyond (which cannot miss) and the others narrowed to the entries at their exact cut."""
     every = 1 if deltas.numel <= _SAMPLE_ALL else _SAMPLE_EVERY
-    brackets = _brackets(magnitudes(deltas.lattice(every)), k, deltas.numel, exact=every == 1)
+    brackets = _brackets(magnitudes_(deltas.lattice(every)), k, deltas.numel, exact=every == 1)
     for _ in range(2):
         found = _scan(deltas, k, brackets)
         if all(isinstance(cut, Cut) for cut in found):
@@ -153,8 +153,8 @@ def _merge_with_cuts(deltas: TaskVectors, cuts: list[Cut], fn: Callable[[torch.T
 def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tuple[float, float]]:
     """Per task vector of ``numel`` entries ``(low, high)`` such that its k-th largest magnitude
     very likely lies in ``(low, high]``, from one histogram of the magnitudes ``sample`` [n, m]
-    (``exact``: the sample is everything): the k-th largest's rank in a sample of m is
-    ``k * m / numel``, give or take ``_Z`` binomial standard deviations, widened to whole
+    (``exact``: the sample is everything; overwritten): the k-th largest's rank in a sample of m
+    is ``k * m / numel``, give or take ``_Z`` binomial standard deviations, widened to whole
     histogram bins."""
     n, m = sample.shape
     expected = k * m / numel
@@ -163,8 +163,12 @@ def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tup
     scale = BINS / sample.amax(dim=1)
     binnable = torch.isfinite(scale) & (scale > 0)
     scale = torch.where(binnable, scale, 0.0)
-    # The clamp also keeps the bins of a task vector that cannot be binned (inf * 0 is nan) valid.
-    bins = (sample * scale.view(n, 1)).to(torch.int32).clamp_(0, BINS - 1)
+    # The bins take the sample's place where they are as wide (a weight-space sample of an 8B
+    # model's MLP module is 117 MB at n = 8). The clamp also keeps the bins of a task vector that
+    # cannot be binned (inf * 0 is nan) valid.
+    scaled = sample.mul_(scale.view(n, 1))
+    bins = scaled.view(torch.int32) if scaled.dtype == torch.float32 else torch.empty_like(scaled, dtype=torch.int32)
+    bins.copy_(scaled).clamp_(0, BINS - 1)  # the copy truncates
     bins.add_(torch.arange(0, n * BINS, BINS, dtype=torch.int32).view(n, 1))
     counts = torch.bincount(bins.view(-1), minlength=n * BINS).view(n, BINS)
     at_or_above = counts.flip(1).cumsum(1).flip(1)
