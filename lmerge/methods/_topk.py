@@ -152,10 +152,10 @@ def _merge_with_cuts(deltas: TaskVectors, cuts: list[Cut], fn: Callable[[torch.T
 
 def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tuple[float, float]]:
     """Per task vector of ``numel`` entries ``(low, high)`` such that its k-th largest magnitude
-    very likely lies in ``(low, high]``, from one histogram of the magnitudes ``sample`` [n, m]
-    (``exact``: the sample is everything; overwritten): the k-th largest's rank in a sample of m
-    is ``k * m / numel``, give or take ``_Z`` binomial standard deviations, widened to whole
-    histogram bins."""
+    very likely lies in ``(low, high]``, from one histogram of the magnitudes ``sample`` [n, m],
+    which it overwrites (``exact``: the sample is everything): the k-th largest's rank in a
+    sample of m is ``k * m / numel``, give or take ``_Z`` binomial standard deviations, widened to
+    whole histogram bins."""
     n, m = sample.shape
     expected = k * m / numel
     spread = 0.0 if exact else _Z * math.sqrt(expected * (1 - k / numel))
