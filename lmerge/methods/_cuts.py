@@ -86,14 +86,8 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
             bins = buffers.enter_context(scratch(x.numel(), torch.int32)).view(n, size)
         matches = buffers.enter_context(scratch(x.numel(), torch.bool)).view(n, size)
         torch.abs(x if x.dtype == scaled.dtype else scaled.copy_(x), out=scaled)  # one pass, or a widening copy first
-        scale = BINS / scaled.amax(dim=1)
-        # A row of zeros, with a denormal maximum or with inf/nan cannot be binned: all of it goes
-        # to bin 0 (the clamp also takes inf * 0 = nan there), and the selection is among all its
-        # entries.
-        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
-        bins.copy_(scaled.mul_(scale.view(n, 1))).clamp_(0, BINS - 1)  # the copy truncates
-        bins.add_(torch.arange(0, n * BINS, BINS, dtype=torch.int32).view(n, 1))
-        counts = torch.bincount(bins.view(-1), minlength=n * BINS).view(n, BINS)
+        # A row that cannot be binned goes to bin 0 whole: the selection is among all its entries.
+        counts = histogram_(scaled, bins)[1]
         at_or_above = counts.flip(1).cumsum(1).flip(1)
         rows = torch.arange(n)
         holding = (at_or_above >= k).sum(dim=1) - 1
@@ -123,6 +117,22 @@ def _exact_cuts_of(x: torch.Tensor, k: int) -> list[Cut]:
         index = size if count == keep else int(where[equal & (row_of == i)][keep - 1]) + 1
         cuts.append(Cut(index, before, value))
     return cuts
+
+
+def histogram_(magnitudes: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, counts)``: each row of ``magnitudes`` [n, m] (float32 or float64, overwritten
+    by ``magnitudes * scale``) counted in :data:`BINS` equal bins from 0 to its maximum, entry
+    ``x`` in bin ``trunc(x * scale)``; ``bins`` (int32 [n, m], which may be ``magnitudes``'
+    own memory viewed as int32: each entry is converted where it lies) gets each entry's bin
+    plus ``BINS`` times its row. A row of zeros, with a denormal maximum or with inf/nan cannot
+    be binned: its scale is 0 and all of it goes to bin 0 (the clamp also takes inf * 0 = nan
+    there)."""
+    n = magnitudes.shape[0]
+    scale = BINS / magnitudes.amax(dim=1)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
+    bins.copy_(magnitudes.mul_(scale.view(n, 1))).clamp_(0, BINS - 1)  # the copy truncates
+    bins.add_(torch.arange(0, n * BINS, BINS, dtype=torch.int32).view(n, 1))
+    return scale, torch.bincount(bins.view(-1), minlength=n * BINS).view(n, BINS)
 
 
 def _positions_equal(values: torch.Tensor, target: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:

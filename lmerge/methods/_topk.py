@@ -25,12 +25,12 @@ from contextlib import ExitStack
 import torch
 
 from lmerge.methods._cuts import (
-    BINS,
     KEEP_ALL,
     BracketScan,
     Cut,
     exact_cuts,
     exactly,
+    histogram_,
     magnitude_dtype,
     magnitudes_,
     shrink_,
@@ -160,17 +160,11 @@ def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tup
     expected = k * m / numel
     spread = 0.0 if exact else _Z * math.sqrt(expected * (1 - k / numel))
     top, bottom = math.floor(expected - spread) - 1, math.ceil(expected + spread) + 1
-    scale = BINS / sample.amax(dim=1)
-    binnable = torch.isfinite(scale) & (scale > 0)
-    scale = torch.where(binnable, scale, 0.0)
     # The bins take the sample's place where they are as wide (a weight-space sample of an 8B
-    # model's MLP module is 117 MB at n = 8). The clamp also keeps the bins of a task vector that
-    # cannot be binned (inf * 0 is nan) valid.
-    scaled = sample.mul_(scale.view(n, 1))
-    bins = scaled.view(torch.int32) if scaled.dtype == torch.float32 else torch.empty_like(scaled, dtype=torch.int32)
-    bins.copy_(scaled).clamp_(0, BINS - 1)  # the copy truncates
-    bins.add_(torch.arange(0, n * BINS, BINS, dtype=torch.int32).view(n, 1))
-    counts = torch.bincount(bins.view(-1), minlength=n * BINS).view(n, BINS)
+    # model's MLP module is 117 MB at n = 8).
+    bins = sample.view(torch.int32) if sample.dtype == torch.float32 else torch.empty_like(sample, dtype=torch.int32)
+    scale, counts = histogram_(sample, bins)
+    binnable = scale > 0
     at_or_above = counts.flip(1).cumsum(1).flip(1)
     # The bins that hold the top-th and bottom-th largest sampled entries, and one bin of margin
     # on each side (x * scale rounds, so a bin's edges are fuzzy).
