@@ -162,15 +162,27 @@ def test_merge_top_k_with_fewer_nonzero_entries_than_k_keeps_them_all():
     assert torch.equal(merged, deltas.sum(dim=0))
 
 
-def test_positions_equal_are_torch_s_eq_and_nonzero():
-    """The numpy route of the exact cuts' bin matching gives torch's own positions, in order."""
-    g = torch.Generator().manual_seed(3)
-    values = torch.randint(0, 5, (6, 1000), generator=g, dtype=torch.int32)
-    target = torch.randint(0, 5, (6, 1), generator=g, dtype=torch.int32)
-    matches = torch.empty(6, 1000, dtype=torch.bool)
-    found = _cuts._positions_equal(values, target, matches)
-    assert found.dtype == torch.int64
-    assert torch.equal(found, torch.eq(values, target).view(-1).nonzero().view(-1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_exact_cuts_keep_the_first_ties_in_flat_order(dtype):
+    """The partition's cut against a stable sort: rows of few distinct magnitudes (ties on both
+    sides of the k-th largest's place), a row of distinct ones and a row with fewer than k nonzero."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-3, 4, (5, 997), generator=g).to(dtype)
+    x[3] = torch.randn(997, generator=g).to(dtype)
+    x[4] = 0.0
+    x[4, 5:9] = torch.tensor([1.0, -2.0, 2.0, 0.5])
+    for k in (1, 50, 400, 996):
+        for row, cut in zip(x, _cuts.exact_cuts(x, k), strict=True):
+            magnitudes = _cuts.magnitudes(row)  # float64 stays float64: the cut's bounds are in it
+            order = magnitudes.argsort(descending=True, stable=True)
+            kept = torch.zeros(row.numel(), dtype=torch.bool)
+            kept[order[:k]] = True
+            positions = torch.arange(row.numel())
+            by_cut = torch.where(positions < cut.index, magnitudes > cut.before, magnitudes > cut.after)
+            if int((magnitudes > 0).sum()) < k:  # everything nonzero is kept, and zeros change no merge
+                assert cut == _cuts.KEEP_ALL
+                continue
+            assert torch.equal(by_cut, kept), (k, cut)
 
 
 def test_merge_top_k_stays_exact_when_the_sample_misses(monkeypatch):

@@ -5,8 +5,8 @@ entries survive, and among entries tied at the k-th largest magnitude the first 
 order (a stable sort's order). No sort (:mod:`~lmerge.methods._cuts`):
 
 - Task vectors that fit in one block together (a low-rank method's cores or per-task right
-  factors) get their exact cuts from one histogram of the block, and are cut and merged in it:
-  the block is built once.
+  factors) get their exact cuts from a partition of the block's magnitudes, and are cut and
+  merged in it: the block is built once.
 - Larger ones are sampled on a lattice, which brackets each one's k-th largest magnitude; a scan
   of every block counts the entries over each bracket and gathers the few inside it, which give
   the exact cuts; then each block is built again, cut and merged. The second build (a GEMM of
@@ -94,8 +94,10 @@ def _merge_in_one_block(
     deltas: TaskVectors, k: int, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, list[Cut]]:
     """The merge of task vectors that :meth:`TaskVectors.merge` hands over in one block: each
-    one's exact cut from the block's histogram, applied in place, then ``fn``. A sample and a
-    scan would cost about as much here."""
+    one's exact cut from a partition of the block's magnitudes, applied in place, then ``fn``. A
+    sample and a scan cost more here (measured: brackets from a sample of the block, then a
+    :class:`~lmerge.methods._cuts.BracketScan`, took 2.6-3.5 ms for a million entries in 8 rows,
+    the partition 1.9-2.3 ms)."""
     cuts: list[Cut] = []
 
     def merge_block(block: torch.Tensor, start: int) -> torch.Tensor:
