@@ -257,7 +257,7 @@ def test_dare_keeps_dtype_and_device():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [1 << 18, 100])
+@pytest.mark.parametrize("chunk", [1 << 18, 100, 5])
 def test_dare_masks_applied_block_by_block_are_the_dense_masks(dtype, chunk, monkeypatch):
     # Hash bits drawn a chunk at a time (``_CHUNK`` entries, not a divisor of a block) or whole.
     monkeypatch.setattr(_dare, "_CHUNK", chunk)
