@@ -27,8 +27,6 @@ import torch
 
 from lmerge.methods._scratch import scratch
 
-BINS = 4096
-"""Histogram bins per task vector (:func:`histogram_`), for a sample's order statistics."""
 _EXACT_ENTRIES = 1 << 20
 """Entries whose exact cuts :func:`exact_cuts` finds together; its scratch is 5 MiB (float32
 magnitudes, partitioned in place, and a bool mask)."""
@@ -114,22 +112,6 @@ def _row_counts(flags: np.ndarray) -> list[int]:
     return [int(np.count_nonzero(row)) for row in flags]
 
 
-def histogram_(magnitudes: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, counts)``: each row of ``magnitudes`` [n, m] (float32 or float64, overwritten
-    by ``magnitudes * scale``) counted in :data:`BINS` equal bins from 0 to its maximum, entry
-    ``x`` in bin ``trunc(x * scale)``; ``bins`` (int32 [n, m], which may be ``magnitudes``'
-    own memory viewed as int32: each entry is converted where it lies) gets each entry's bin
-    plus ``BINS`` times its row. A row of zeros, with a denormal maximum or with inf/nan cannot
-    be binned: its scale is 0 and all of it goes to bin 0 (the clamp also takes inf * 0 = nan
-    there)."""
-    n = magnitudes.shape[0]
-    scale = BINS / magnitudes.amax(dim=1)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
-    bins.copy_(magnitudes.mul_(scale.view(n, 1))).clamp_(0, BINS - 1)  # the copy truncates
-    bins.add_(torch.arange(0, n * BINS, BINS, dtype=torch.int32).view(n, 1))
-    return scale, torch.bincount(bins.view(-1), minlength=n * BINS).view(n, BINS)
-
-
 class BracketScan:
     """Each task vector's entries over its bracket ``(low, high]`` counted and those inside it
     gathered (magnitude and flat index), block by block, then its exact :class:`Cut` from them.
@@ -191,7 +173,7 @@ class BracketScan:
 
 
 def magnitudes(x: torch.Tensor) -> torch.Tensor:
-    """``|x|`` in float32 or float64 (half types are exact in float32, and histograms want it)."""
+    """``|x|`` in float32 or float64 (half types are exact in float32, and numpy has no bfloat16)."""
     return x.abs().to(magnitude_dtype(x.dtype))
 
 

@@ -30,7 +30,6 @@ from lmerge.methods._cuts import (
     Cut,
     exact_cuts,
     exactly,
-    histogram_,
     magnitude_dtype,
     magnitudes_,
     shrink_,
@@ -46,6 +45,8 @@ _SAMPLE_ALL = 1 << 16
 _Z = 4.0
 """Half-width of a bracket in standard deviations of the sample's rank: about one bracket in
 15000 misses, and then the task vectors are scanned again."""
+_BINS = 4096
+"""Histogram bins per task vector, for a sample's order statistics (:func:`_brackets`)."""
 
 
 def merge_top_k(deltas: TaskVectors, keep_fraction: float, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -165,7 +166,7 @@ def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tup
     # The bins take the sample's place where they are as wide (a weight-space sample of an 8B
     # model's MLP module is 117 MB at n = 8).
     bins = sample.view(torch.int32) if sample.dtype == torch.float32 else torch.empty_like(sample, dtype=torch.int32)
-    scale, counts = histogram_(sample, bins)
+    scale, counts = _histogram_(sample, bins)
     binnable = scale > 0
     at_or_above = counts.flip(1).cumsum(1).flip(1)
     # The bins that hold the top-th and bottom-th largest sampled entries, and one bin of margin
@@ -179,3 +180,19 @@ def _brackets(sample: torch.Tensor, k: int, numel: int, exact: bool) -> list[tup
         else:
             brackets.append((float(lows[i]) if bottom <= m else 0.0, float(highs[i]) if top >= 1 else math.inf))
     return brackets
+
+
+def _histogram_(magnitudes: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, counts)``: each row of ``magnitudes`` [n, m] (float32 or float64, overwritten
+    by ``magnitudes * scale``) counted in :data:`_BINS` equal bins from 0 to its maximum, entry
+    ``x`` in bin ``trunc(x * scale)``; ``bins`` (int32 [n, m], which may be ``magnitudes``'
+    own memory viewed as int32: each entry is converted where it lies) gets each entry's bin
+    plus ``_BINS`` times its row. A row of zeros, with a denormal maximum or with inf/nan cannot
+    be binned: its scale is 0 and all of it goes to bin 0 (the clamp also takes inf * 0 = nan
+    there)."""
+    n = magnitudes.shape[0]
+    scale = _BINS / magnitudes.amax(dim=1)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 0.0)
+    bins.copy_(magnitudes.mul_(scale.view(n, 1))).clamp_(0, _BINS - 1)  # the copy truncates
+    bins.add_(torch.arange(0, n * _BINS, _BINS, dtype=torch.int32).view(n, 1))
+    return scale, torch.bincount(bins.view(-1), minlength=n * _BINS).view(n, _BINS)
