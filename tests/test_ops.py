@@ -3,6 +3,7 @@ disjoint mean."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -231,6 +232,22 @@ def test_dare_masks_are_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     here = _dare.dare_mask((4, 16), 0.5, 7, "a.b.3.q").int().tolist()
     assert out.stdout.strip() == str(here)
+
+
+@pytest.mark.parametrize(
+    ("shape", "drop_rate", "seed", "key", "digest", "kept"),
+    [
+        ((3, 40, 50), 0.37, 9, "model.layers.4.self_attn.o_proj", "b64775dbb734383a", 3769),
+        ((2, 1000), 0.999, 0, "k", "a672312a54c7b0e1", 1),
+        ((2, 1000), 0.001, 2**40 + 3, "k", "53ea7a4f53582203", 1998),
+        ((5, 7), 0.5, 7, "a.b.3.q", "2398f6c32e4e8804", 10),
+    ],
+)
+def test_dare_masks_are_those_of_earlier_versions(shape, drop_rate, seed, key, digest, kept):
+    # Digests of the masks lmerge drew at 18e80e6: a DARE merge stays reproducible across versions.
+    keep = _dare.dare_mask(shape, drop_rate, seed, key)
+    assert int(keep.sum()) == kept
+    assert hashlib.sha256(keep.numpy().tobytes()).hexdigest()[:16] == digest
 
 
 def test_dare_drops_at_the_rate_and_rescales_the_rest():

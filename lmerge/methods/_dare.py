@@ -31,6 +31,7 @@ _CHUNK = 1 << 18
 each, where a whole block's (a few million entries at an 8B model's MLP shapes) would take tens
 of MiB per merging thread, for a few calls less."""
 _GOLDEN = _int32(0x9E3779B1)
+_INT32_MAX = (1 << 31) - 1
 _MIX = (_int32(0x7FEB352D), _int32(0x846CA68B))
 
 
@@ -48,7 +49,9 @@ class DareMask:
 
     def __init__(self, drop_rate: float, seed: int, key: str) -> None:
         self.drop_rate = drop_rate
-        self._bound = round((1.0 - drop_rate) * 2**31) - 2**30  # kept iff (hash >> 1) < bound
+        # Kept iff the hash, a signed int32 (uniform over its 2**32 values), is below this: then
+        # 2 round((1 - p) 2**31) of them are kept, exact to 2**-31; for p = 0 it is above them all.
+        self._threshold = 2 * round((1.0 - drop_rate) * 2**31) - 2**31
         self._seed = _splitmix64(_splitmix64(seed & _M64) ^ zlib.crc32(key.encode("utf-8")))
         self._starts: list[int] = []  # c_i, drawn as task vectors are met
         self._ramp = torch.empty(0, dtype=torch.int32)
@@ -56,30 +59,38 @@ class DareMask:
     def keep(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The boolean keep-mask of the task vectors stacked as ``shape`` ([n, ...])."""
         n, size = shape[0], math.prod(shape[1:])
+        if self._keeps_all:
+            return torch.ones(shape, dtype=torch.bool)
         with scratch(n * size, torch.int32) as bits, scratch(n * size, torch.int32) as shifted:
-            return self._keep_bits(n, size, 0, bits, shifted).view(shape).bool()
+            return self._hashes(n, size, 0, bits, shifted).lt(self._threshold).view(shape)
 
     def apply_(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """``block`` [n, rows, in] (rows of the task vectors from flat index ``start``) with the
         dropped entries zeroed in place; not rescaled."""
         n, size = block.shape[0], block[0].numel()
+        if self._keeps_all:
+            return block
         flat = block.view(n, size)
         width = max(1, min(size, _CHUNK // n))
         with scratch(n * width, torch.int32) as bits, scratch(n * width, torch.int32) as shifted:
             for begin in range(0, size, width):
                 part = flat[:, begin : begin + width]
                 used = part.numel()
-                keep = self._keep_bits(n, part.shape[1], start + begin, bits[:used], shifted[:used])
+                hashes = self._hashes(n, part.shape[1], start + begin, bits[:used], shifted[:used])
+                keep = torch.lt(hashes, self._threshold, out=hashes)  # 1 where kept, 0 where dropped
                 if part.dtype == torch.float32:
-                    part.view(torch.int32).bitwise_and_(keep)  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
+                    part.view(torch.int32).bitwise_and_(keep.neg_())  # kept: x & ~0 == x; dropped: all bits 0 == +0.0
                 else:
-                    part.mul_(keep.neg_())
+                    part.mul_(keep)
         return block
 
-    def _keep_bits(self, n: int, size: int, start: int, bits: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-        """[n, size] int32 in ``bits`` (``shifted``: scratch of the same size): -1 (all bits set)
-        where kept, 0 where dropped, for the flat entries ``start .. start + size`` of each of n
-        task vectors."""
+    @property
+    def _keeps_all(self) -> bool:
+        return self._threshold > _INT32_MAX
+
+    def _hashes(self, n: int, size: int, start: int, bits: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+        """[n, size] int32 in ``bits`` (``shifted``: scratch of the same size): the hashes of the
+        flat entries ``start .. start + size`` of each of n task vectors."""
         while len(self._starts) < n:
             self._starts.append(_splitmix64(self._seed ^ len(self._starts)))
         if self._ramp.numel() < size:
@@ -89,8 +100,7 @@ class DareMask:
         shifted = shifted.view(n, size)
         for shift, mix in zip((16, 15), _MIX, strict=True):
             x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=shifted)).mul_(mix)
-        # (hash >> 1) - bound cannot overflow; its sign bit, spread by >> 31, is the keep mask.
-        return x.bitwise_right_shift_(1).sub_(self._bound).bitwise_right_shift_(31)
+        return x
 
 
 def dare_mask(shape: torch.Size | tuple[int, ...], drop_rate: float, seed: int, key: str) -> torch.Tensor:
