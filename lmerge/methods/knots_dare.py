@@ -8,7 +8,8 @@ each task's ``S V_i^T`` [K, in] (drop entries at ``drop_rate``, rescale the rest
 Choices, following the authors' code (github.com/gstoica27/KnOTS, ``configs/*knots_dare_ties*``
 with ``task_merger.py`` ``SVDMerger``): their KnOTS-DARE is DARE followed by TIES at ``topK``
 100 (sign election and the mean over the agreeing entries, no trim), so no ``k`` here;
-``drop_rate`` defaults to their 0.8. The drop masks are lmerge's DARE masks (seeded per module,
+``drop_rate`` defaults to 0.8, their Llama-3-8B config's (their ViT-B and ViT-L configs drop
+0.1). The drop masks are lmerge's DARE masks (seeded per module,
 the same in any process; theirs come from ``torch.manual_seed``); ``lambda`` defaults to 1.0,
 tuned on validation data in their evaluation.
 """

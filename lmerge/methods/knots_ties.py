@@ -13,13 +13,16 @@ Choices, following the authors' code (github.com/gstoica27/KnOTS, ``task_merger.
 ``diag(s) @ V``), its sign election is the sign of the sum of the trimmed entries and the merge
 the mean over the agreeing nonzero entries (their ``mean`` merging type), times ``lambda``. Where
 theirs differs: the top-k is per module (theirs is over the whole model's flattened vectors) and
-counts exactly ``int(k% * entries)`` as lmerge's ``ties`` (theirs keeps ties at the threshold);
+keeps exactly ``int(k% * entries)`` as lmerge's ``ties`` (theirs, ``topk_values_mask``, keeps the
+``int(k% * entries) + 1`` largest and every entry tied with the last); an entry whose trimmed
+values sum to exactly 0 elects +1, as PEFT's (theirs, the sign most other entries elected);
 components of zero singular value are left out, as theirs drops ``s <= 1e-5``, but by numpy's
 relative rank rule (their threshold is absolute): a zero or duplicate adapter would otherwise add
 rows of zeros to every ``S V_i^T`` and so change the count of entries ``k%`` is taken of (with
 the rule, an all-zero adapter changes nothing).
-``k`` defaults to 20 (their ViT setting) and ``lambda`` to 1.0 (their linear search's default,
-which their evaluation tunes on validation data).
+``k`` defaults to 20 (their ViT-B and ViT-L configs; their Llama-3-8B config trims nothing,
+``topK`` 100) and ``lambda`` to 1.0 (their linear search's default, which their evaluation tunes
+on validation data).
 """
 
 from __future__ import annotations
