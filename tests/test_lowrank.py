@@ -67,12 +67,14 @@ def orthogonalized(x: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def tsv_reference(deltas, ranks, keep: float, lam: float) -> torch.Tensor:
-    """TSV-M: per task SVD, top int(keep * r_i) (>= 1) triplets, concatenate, orthogonalize U and V."""
+def tsv_reference(deltas, ranks, keep: float | None, lam: float) -> torch.Tensor:
+    """TSV-M: per task SVD, top int(min(out, in) / n) (the authors' count; with ``keep``,
+    int(keep * r_i)) triplets, at least 1, concatenate, orthogonalize U and V."""
     Us, Ss, Vhs = [], [], []
     for delta, rank in zip(deltas, ranks, strict=True):
         U, S, Vh = svd(delta)
-        kept = min(max(1, int(keep * rank)), rank_of(S, delta.shape))
+        wanted = int(min(delta.shape) * (1 / len(deltas))) if keep is None else int(keep * rank)
+        kept = min(max(1, wanted), rank_of(S, delta.shape))
         Us.append(U[:, :kept])
         Ss.append(S[:kept])
         Vhs.append(Vh[:kept])
@@ -164,9 +166,9 @@ def core_space_reference(name: str, deltas, As, Bs, params, key) -> torch.Tensor
 
 
 def low_rank_reference(name: str, deltas, ranks, params, key) -> torch.Tensor:
-    n, lam = len(deltas), params["lambda"]
+    lam = params["lambda"]
     references = {
-        "tsv": lambda: tsv_reference(deltas, ranks, params["keep"] or 1 / n, lam),
+        "tsv": lambda: tsv_reference(deltas, ranks, params["keep"], lam),
         "iso_c": lambda: iso_c_reference(deltas, lam),
         "iso_cts": lambda: iso_cts_reference(deltas, params["common"], lam),
         "knots_ties": lambda: knots_ties_reference(deltas, params["k"], lam),
@@ -453,8 +455,10 @@ def test_tsv_of_orthogonal_task_vectors_with_keep_1_is_their_sum():
         start += r
     total = sum(B @ A for A, B in zip(As, Bs))
     assert relative_error(merged_delta("tsv", As, Bs, {"keep": 1.0}, "x"), total) < 1e-12
-    # The default keeps int(r_i / 3), at least 1, of each: a different, smaller merge.
-    assert relative_error(merged_delta("tsv", As, Bs, {}, "x"), total) > 0.1
+    # The default, the authors' int(min(out, in) / n) = 16 of each, keeps every direction too.
+    assert relative_error(merged_delta("tsv", As, Bs, {}, "x"), total) < 1e-12
+    # int(r_i / 3), at least 1, of each: a different, smaller merge.
+    assert relative_error(merged_delta("tsv", As, Bs, {"keep": 1 / 3}, "x"), total) > 0.1
 
 
 def test_policy_lambda_scales_every_low_rank_result():

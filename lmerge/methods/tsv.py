@@ -12,12 +12,14 @@ summed (with every direction kept).
 Choices, following the authors' code (``compute_and_sum_svd_mem_reduction`` in
 github.com/danielm1405/iso-merging, ``src/utils/TSVM_utils.py``):
 
-- ``k_i = int(keep * r_i)`` (rounded down, as the authors' ``int``), at least 1, and never
-  beyond the numerical rank of ``delta_i`` (directions of a zero singular value are arbitrary).
-  ``keep`` defaults to ``1 / n``. The authors take the fraction of a full task matrix's
-  ``min(out, in)`` directions; a LoRA task vector has only ``r_i``, so the fraction is of ``r_i``
-  (``keep: 1`` keeps every direction, which is what the authors' count gives a LoRA of rank
-  ``r_i <= min(out, in) / n``, and what Core Space merging's TSV does).
+- By default, the authors' count: ``k_i = int(min(out, in) * (1 / n))`` (their
+  ``int(s.shape[0] * sv_reduction)``), at least 1, and never beyond the numerical rank of
+  ``delta_i``: directions of a zero singular value are arbitrary, and with them in the
+  concatenation its polar factor would depend on them. For a LoRA of rank
+  ``r_i <= min(out, in) / n`` that keeps every direction, as Core Space merging's TSV on the
+  cores does (``int(R / n)`` of each task's ``R x R`` core). A ``keep`` given is a fraction of
+  the adapter's own rank instead: ``k_i = int(keep * r_i)`` (rounded down, as the authors'
+  ``int``), at least 1, with the same bound (``keep: 0.25`` keeps 4 of rank 16).
 - No normalisation of the singular values; ``lambda`` (default 1.0, the paper's value) scales
   the result. The authors' evaluation picks it in 0.1 .. 3.0 on validation data.
 """
@@ -44,13 +46,14 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
 def tsv(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TSV-M: each task's top keep (default 1/n) singular directions, orthogonalized together, times lambda."""
+    """TSV-M: each task's top singular directions (the authors' 1/n of min(out, in), or a
+    fraction keep of its rank), orthogonalized together, times lambda."""
     As, Bs = as_working(As, Bs)
     out, inp = Bs[0].shape[0], As[0].shape[1]
-    keep = params["keep"] if params["keep"] is not None else 1.0 / len(As)
     Us, Ss, Vhs = [], [], []
     for A, svd in zip(As, product_svds(Bs, As), strict=True):
-        kept = min(max(1, int(keep * A.shape[0])), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype)))
+        wanted = int(min(out, inp) * (1.0 / len(As))) if params["keep"] is None else int(params["keep"] * A.shape[0])
+        kept = min(max(1, wanted), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype)))
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
         Vhs.append(svd.Vh(kept))
