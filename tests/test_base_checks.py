@@ -223,3 +223,54 @@ def test_adapter_config_nan_written_by_json_is_refused(zoo, tmp_path):
     assert '"lora_alpha": NaN' in (path / "adapter_config.json").read_text()
     with pytest.raises(Exception, match="lora_alpha: expected a finite number, got nan"):
         LoraAdapter(path)
+
+
+def half_with_magnitude_in_b(tensors):
+    """float16, with lora_B 2^10 times larger and lora_A 2^10 times smaller: the same update."""
+    for key in tensors:
+        tensors[key] = (tensors[key] * (1024.0 if "lora_B" in key else 1 / 1024)).half()
+
+
+def merged_adapter(out: Path) -> LoraAdapter:
+    """The one LoRA a merge saved under ``out``."""
+    (path,) = {weights.parent for weights in out.rglob("adapter_model.safetensors")}
+    return LoraAdapter(path)
+
+
+def saved_update(out: Path, key: str) -> torch.Tensor:
+    adapter = merged_adapter(out)
+    A, B = adapter.factors(key)
+    return adapter.scaling(key) * B.double() @ A.double()
+
+
+def test_a_float16_merge_that_float16_holds_is_saved_with_its_factors_balanced(zoo, tmp_path, capsys):
+    """A weight of 64 puts lora_B's entries beyond float16's 65504 while the update stays small:
+    the factors are saved balanced by powers of two, the update exactly the one asked for."""
+    adapter = edited(zoo, tmp_path, "big_b", half_with_magnitude_in_b)
+    source = LoraAdapter(adapter)
+    A, B = source.factors(QUERY0)
+    assert float((B * source.scaling(QUERY0) * 64).abs().max()) > 65504
+    out = tmp_path / "out"
+    code = main(
+        [
+            "merge",
+            *args(adapter, method="weighted_delta_n", **{"method_params.weights": "[64.0]"}),
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    saved = merged_adapter(out)
+    assert saved.dtype == torch.float16
+    expected = 64 * source.scaling(QUERY0) * B.double() @ A.double()
+    assert torch.allclose(saved_update(out, QUERY0), expected, rtol=2e-3, atol=1e-3 * float(expected.abs().max()))
+    saved_A, saved_B = saved.factors(QUERY0)
+    assert float(saved_B.abs().max()) < 65504 and float(saved_A.abs().max()) > 2**-10
+
+
+@pytest.mark.parametrize("order", [("half", "single"), ("single", "half")])
+def test_the_saved_dtype_is_the_widest_of_the_adapters_whatever_their_order(zoo, tmp_path, order):
+    paths = {"half": edited(zoo, tmp_path, "half", half), "single": copy_adapter(zoo, "bert_a", tmp_path / "single")}
+    out = tmp_path / "out"
+    assert main(["merge", *args(*[paths[name] for name in order]), "--output_dir", str(out)]) == 0
+    assert merged_adapter(out).dtype == torch.float32

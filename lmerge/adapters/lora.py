@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -260,6 +261,12 @@ def _belongs_to(tensor: str, modules: tuple[str, ...]) -> bool:
     return any(tensor.startswith(f"{module}.") or f".{module}." in f".{tensor}" for module in modules if module)
 
 
+def saved_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
+    """The dtype a LoRA merged from ``adapters`` is saved in: the widest of theirs, in any order
+    (torch's promotion: float16 with bfloat16 gives float32)."""
+    return functools.reduce(torch.promote_types, [adapter.dtype for adapter in adapters])
+
+
 def module_factors(adapters: list[LoraAdapter], key: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every adapter's ``(A, B)`` of module ``key`` (float32, fresh), all checked finite at once."""
     pairs = [adapter.factors(key, check=False) for adapter in adapters]
@@ -268,6 +275,20 @@ def module_factors(adapters: list[LoraAdapter], key: str) -> tuple[list[torch.Te
         for adapter, A, B in zip(adapters, As, Bs, strict=True):
             adapter.check_finite(key, [A], [B])
     return As, Bs
+
+
+_PRODUCT_BLOCK = 1 << 20
+"""Entries of ``B @ A`` :func:`product_within` computes at a time (4 MiB of float32)."""
+
+
+def product_within(A: torch.Tensor, B: torch.Tensor, limit: float) -> bool:
+    """Whether every entry of ``B @ A`` (finite factors) is within ``limit`` in magnitude: from the
+    bound ``sum_k max|B[:, k]| max|A[k, :]|``, and only where that bound is over it, from the
+    product itself, a block of rows at a time (never all of it at once)."""
+    if float((B.abs().amax(dim=0) * A.abs().amax(dim=1)).sum()) <= limit:
+        return True
+    rows = max(1, _PRODUCT_BLOCK // max(1, A.shape[1]))
+    return all(float((block @ A).abs().amax()) <= limit for block in B.split(rows))
 
 
 def first_nonfinite(tensors: list[torch.Tensor], limit: float = math.inf) -> int | None:

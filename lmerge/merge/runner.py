@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmerge.adapters.align import align_keys, check_base, check_compatible
-from lmerge.adapters.lora import LoraAdapter, first_nonfinite
+from lmerge.adapters.lora import LoraAdapter, first_nonfinite, product_within, saved_dtype
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, MethodError
 from lmerge.evaluation.baseline_key import config_digest
@@ -230,9 +230,9 @@ def _check_layers(where: str, named: set[int], keys: list[str]) -> None:
 
 
 def _largest_saved(fmt: str, adapters: list[LoraAdapter]) -> float:
-    """The largest magnitude the merge can be saved with: a LoRA is saved in the adapters' dtype
-    (float16's is 65504), full weights in float32."""
-    dtype = adapters[0].dtype if fmt == "lora" else torch.float32
+    """The largest magnitude the merge can be saved with: a LoRA is saved in the adapters' widest
+    dtype (float16's is 65504), full weights in float32."""
+    dtype = saved_dtype(adapters) if fmt == "lora" else torch.float32
     return float(torch.finfo(dtype).max)
 
 
@@ -248,8 +248,12 @@ def _checked(prepare: Callable[[MergedModule], MergedModule], limit: float) -> C
 
 
 def _check_finite(module: MergedModule, limit: float) -> MergedModule:
-    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one batched reduction)."""
-    if first_nonfinite([t for t in (module.A, module.B, module.delta) if t is not None], limit) is not None:
+    """``module``, unless it holds NaN/Inf or numbers beyond ``limit`` (one batched reduction),
+    or its factors' product, the update a LoRA applies, does."""
+    tensors = [t for t in (module.A, module.B, module.delta) if t is not None]
+    if first_nonfinite(tensors, limit) is not None or (
+        math.isfinite(limit) and module.A is not None and not product_within(module.A, module.B, limit)
+    ):
         bound = "NaN or Inf" if math.isinf(limit) else f"NaN, Inf or beyond {limit:.4g}, the range it is saved in"
         raise MethodError(f"merged module {module.key}: the result overflows ({bound}); lower lambda or the weights")
     return module

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter
+from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, saved_dtype
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
 from lmerge.methods._lowrank import product_svds
@@ -60,6 +60,19 @@ def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torc
     return svd.Vh(k) / a, svd.U(k) * (svd.S[:k] / b), error
 
 
+def balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` with ``B' A' = B A`` exactly: each rank component's row of ``A`` and column of
+    ``B`` scaled by reciprocal powers of two to about the same largest magnitude (their geometric
+    mean), so that a float16 save (five exponent bits) holds factors whose product it holds, where
+    a merge's factors may carry all of a component's magnitude on one side (an SVD's ``U S``).
+    Balanced factors come back as they are (their exponents differ by at most one)."""
+    largest_a, largest_b = A.abs().amax(dim=1), B.abs().amax(dim=0)
+    shift = ((torch.frexp(largest_a)[1] - torch.frexp(largest_b)[1]) / 2).round()  # half to even
+    shift = torch.where((largest_a > 0) & (largest_b > 0), shift, 0.0)  # a zero component stays as it is
+    scale = torch.pow(2.0, shift.to(A.dtype))
+    return A / scale[:, None], B * scale
+
+
 def _relative_error(total: float, kept: float) -> float:
     """The relative Frobenius error of a projection that keeps ``kept`` of a matrix's squared norm
     ``total``: ``sqrt(total - kept) / sqrt(total)`` (0 for a zero matrix)."""
@@ -77,6 +90,7 @@ class LoraWriter:
 
     def __init__(self, adapters: list[LoraAdapter], rank: int | None, work: Path, svd_niter: int = 1) -> None:
         self.adapters = adapters
+        self.dtype = saved_dtype(adapters)
         self.rank = rank or max(a.shapes[k].rank for a in adapters for k in a.module_keys)
         # A merge that comes as factors is saved as it is unless a lower rank was asked for.
         self.factor_rank = rank
@@ -95,18 +109,22 @@ class LoraWriter:
         for key in dict.fromkeys(key for adapter in self.adapters for key in adapter.module_keys):
             shapes = [adapter.shapes[key] for adapter in self.adapters if key in adapter.shapes]
             rank = max(self.rank, sum(shape.rank for shape in shapes))
-            largest[f"{PEFT_PREFIX}{key}.lora_A.weight"] = (self.adapters[0].dtype, [rank, shapes[0].in_features])
-            largest[f"{PEFT_PREFIX}{key}.lora_B.weight"] = (self.adapters[0].dtype, [shapes[0].out_features, rank])
+            largest[f"{PEFT_PREFIX}{key}.lora_A.weight"] = (self.dtype, [rank, shapes[0].in_features])
+            largest[f"{PEFT_PREFIX}{key}.lora_B.weight"] = (self.dtype, [shapes[0].out_features, rank])
         return largest
 
     def prepare(self, module: MergedModule) -> MergedModule:
         """A dense merge with its truncated SVD added, or factors of more than an asked-for rank
-        truncated exactly (run in the merge's worker threads)."""
+        truncated exactly; for a float16 save, :func:`balanced` (run in the merge's worker threads)."""
         if module.A is None:
             A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
         elif self.factor_rank is not None and module.A.shape[0] > self.factor_rank:
             A, B, error = truncated_factors(module.A, module.B, self.factor_rank)
         else:
+            A, B, error = module.A, module.B, module.svd_error
+        if self.dtype == torch.float16:
+            A, B = balanced(A, B)
+        elif A is module.A:
             return module
         return dataclasses.replace(module, A=A, B=B, svd_error=error)
 
@@ -115,9 +133,8 @@ class LoraWriter:
         A, B = module.A, module.B
         if module.svd_error is not None:
             self.svd_errors[module.key] = module.svd_error
-        dtype = self.adapters[0].dtype
-        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_A.weight", A.to(dtype))
-        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_B.weight", B.to(dtype))
+        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_A.weight", A.to(self.dtype))
+        self.tensors.add(f"{PEFT_PREFIX}{module.key}.lora_B.weight", B.to(self.dtype))
         self.ranks[module.key] = A.shape[0]
 
     def write(self, out: Path) -> dict[str, Any]:
