@@ -62,9 +62,11 @@ def rank_of(S: torch.Tensor, shape: tuple[int, ...], largest: torch.Tensor | Non
 
 
 def orthogonalized(x: torch.Tensor) -> torch.Tensor:
-    """The authors' orthogonalization: u @ v of the thin SVD."""
-    u, _, vh = svd(x)
-    return u @ vh
+    """The authors' orthogonalization, u @ v of the thin SVD, over x's numerical rank (the
+    partial isometry of a rank-deficient x, whose other singular vectors are arbitrary)."""
+    u, S, vh = svd(x)
+    rank = rank_of(S, x.shape)
+    return u[:, :rank] @ vh[:rank]
 
 
 def tsv_reference(deltas, ranks, keep: float | None, lam: float) -> torch.Tensor:

@@ -127,13 +127,13 @@ NO_IDENTITY = {
 }
 # Methods for which identical adapters are not a fixed point.
 NO_FIXED_POINT = {
-    "tsv": "the polar factor of n equal bases is not unique",
     "iso_c": "flattens the spectrum",
     "iso_cts": "flattens the spectrum",
 }
 
 # Identical adapters are a fixed point (three of them, two for weighted_delta).
 FIXED_POINT_PARAMS: dict[str, dict[str, Any]] = {
+    "tsv": {"keep": 1.0},  # the polar factors of n equal bases are partial isometries: their mean
     "knots_ties": {"k": 100.0},
     "knots_dare": {"drop_rate": 0.0},
     "uniform": {},

@@ -87,7 +87,13 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
     the Gram matrix ``x^T x = W diag(S^2) W^T`` when a tall ``x`` is well conditioned (as the
     bases are, :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes
-    through its thin QR first, so the SVD is of a square matrix of its width."""
+    through its thin QR first, so the SVD is of a square matrix of its width.
+
+    Of an ``x`` short of full rank (numerically: :func:`rank_tolerance`), the partial isometry
+    on its range: the components of zero singular value are left out. Their singular vectors are
+    arbitrary, and the nearest orthonormal matrix would raise them to 1: TSV's ``U`` of two equal
+    adapters would then hold as many arbitrary directions as real ones (with the partial
+    isometry, it is their mean)."""
     rows, cols = x.shape
     if rows < cols:
         return polar(x.T).T
@@ -99,9 +105,16 @@ def polar(x: torch.Tensor) -> torch.Tensor:
         return x @ ((W / S) @ W.T).to(x.dtype)
     if rows > cols:
         Q, R = thin_qr(x)
-        return Q @ polar(R)
-    P, _, Wh = thin_svd(x)
-    return P @ Wh
+        return Q @ _square_polar(R, rows)
+    return _square_polar(x, rows)
+
+
+def _square_polar(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`polar` of a square ``x``, the triangular factor of a matrix of ``rows`` rows (or that
+    matrix itself), by its SVD, over its numerical rank."""
+    P, S, Wh = thin_svd(x)
+    rank = numerical_rank(S, rank_tolerance(S[0], (rows, x.shape[1]), S.dtype)) if S.numel() else 0
+    return P[:, :rank] @ Wh[:rank]
 
 
 def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

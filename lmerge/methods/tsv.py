@@ -7,7 +7,8 @@ tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` i
 [in, K], each replaced by its orthogonal polar factor (Procrustes: the nearest matrix with
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
 LoRA of rank ``K <= sum_i r_i``. Task vectors that are already mutually orthogonal come back
-summed (with every direction kept).
+summed (with every direction kept), equal ones as one: the polar factor of a concatenation short
+of full rank is its partial isometry (:func:`~lmerge.methods._lowrank.polar`).
 
 Choices, following the authors' code (``compute_and_sum_svd_mem_reduction`` in
 github.com/danielm1405/iso-merging, ``src/utils/TSVM_utils.py``):
