@@ -341,6 +341,23 @@ MERGE_CASES = [
         "layer 7 is not in the adapters (layers 0-1)",
     ),
     (
+        "policy layer that is not a whole number",
+        lambda z, t: [
+            "--adapters",
+            f"[{z['bert_a']}]",
+            "--method",
+            "ties",
+            "--lambda_policy",
+            "{type: per_layer, overrides: {0.5: 3.0}}",
+        ],
+        "lambda_policy.overrides: 0.5 is not a layer index",
+    ),
+    (
+        "policy value that is a bool",
+        lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--lambda_policy", "{value: true}"],
+        "lambda_policy.value: expected a number, got True",
+    ),
+    (
         "policy on method without lambda",
         lambda z, t: [
             "--adapters",

@@ -136,6 +136,15 @@ def test_legacy_keys_and_flag_still_work(zoo, tmp_path, capsys):
     code, out, err = run(["merge", "--config", params, "--lambda", "0.6", "--output_dir", tmp_path], capsys)
     assert code == 0, err
     assert "task_vector_lambda=0.6" in out and "--lambda is deprecated" in err
+    both = tmp_path / "both.yaml"
+    both.write_text(f"adapters: [{zoo['bert_a']}]\nmethod: task_vector\nlambda: 0.7\nmethod_params: {{lambda: 2.0}}\n")
+    code, out, err = run(["merge", "--config", both, "--output_dir", tmp_path / "both"], capsys)
+    assert code == 2 and not (tmp_path / "both").exists()
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("both.yaml: lambda: 0.7 conflicts with method_params.lambda: 2.0; keep method_params.lambda only")
+    )
 
 
 def test_common_mode_reports_what_it_left_out(zoo, tmp_path, capsys):

@@ -132,7 +132,13 @@ def migrate_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
         warnings.warn(f"{source}: key {old!r} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
         value = data.pop(old)
         if old == "lambda":
-            data["method_params"] = {**(data.get("method_params") or {}), "lambda": value}
+            given = data.get("method_params") or {}
+            if isinstance(given, dict) and "lambda" in given and given["lambda"] != value:
+                raise ConfigError(
+                    f"{source}: lambda: {value!r} conflicts with method_params.lambda: {given['lambda']!r}; "
+                    "keep method_params.lambda only"
+                )
+            data["method_params"] = {**given, "lambda": value}
         elif old == "params":
             data["method_params"] = {**value, **(data.get("method_params") or {})}
         else:

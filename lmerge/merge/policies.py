@@ -21,6 +21,8 @@ LambdaFn = Callable[[int | None], float | None]
 
 
 def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool):  # YAML's true is no lambda, though float(True) is 1.0
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -40,14 +42,20 @@ def _per_layer(spec: Mapping[str, Any], base: float) -> LambdaFn:
     raw = spec.get("overrides") or {}
     if not isinstance(raw, Mapping):
         raise ConfigError("lambda_policy.overrides: expected a mapping {layer index: value}")
-    overrides: dict[int, float] = {}
-    for layer, value in raw.items():
-        try:
-            index = int(layer)
-        except (TypeError, ValueError):
-            raise ConfigError(f"lambda_policy.overrides: {layer!r} is not a layer index") from None
-        overrides[index] = _number(f"lambda_policy.overrides.{layer}", value)
+    overrides = {
+        _layer_index(layer): _number(f"lambda_policy.overrides.{layer}", value) for layer, value in raw.items()
+    }
     return lambda layer: overrides.get(layer, default) if layer is not None else default
+
+
+def _layer_index(key: Any) -> int:
+    """A layer index given as a key of ``overrides``: a whole number, or its digits (never a
+    float or a bool, which ``int`` would truncate or take as 0 and 1)."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    raise ConfigError(f"lambda_policy.overrides: {key!r} is not a layer index")
 
 
 POLICIES: dict[str, Callable[[Mapping[str, Any], float], LambdaFn]] = {
@@ -91,4 +99,5 @@ def build_policy(spec: str | Mapping[str, Any] | None, method: MergeMethod, para
 def overridden_layers(spec: str | Mapping[str, Any] | None) -> set[int]:
     """Layer indices a policy names explicitly (to check they exist in the adapters)."""
     spec = policy_spec(spec)
-    return {int(layer) for layer in (spec.get("overrides") or {})}
+    overrides = spec.get("overrides") or {}
+    return {_layer_index(layer) for layer in overrides} if isinstance(overrides, Mapping) else set()

@@ -149,7 +149,7 @@ def register(
             name=name,
             kind=kind,
             fn=fn,
-            description=fn.__doc__.strip().splitlines()[0],
+            description=" ".join(fn.__doc__.split("\n\n")[0].split()),  # its first paragraph, on one line
             defaults={**(defaults or {}), **KIND_DEFAULTS.get(kind, {})},
             required=tuple(required),
             validate=validate,

@@ -47,8 +47,8 @@ def _validate(params: dict[str, Any], n_adapters: int) -> None:
 def tsv(
     As: list[torch.Tensor], Bs: list[torch.Tensor], params: dict[str, Any], ctx: ModuleContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TSV-M: each task's top singular directions (the authors' 1/n of min(out, in), or a
-    fraction keep of its rank), orthogonalized together, times lambda."""
+    """TSV-M: each task's top singular directions (by default the authors' count), orthogonalized
+    together, times lambda."""
     As, Bs = as_working(As, Bs)
     out, inp = Bs[0].shape[0], As[0].shape[1]
     Us, Ss, Vhs = [], [], []
