@@ -353,6 +353,20 @@ MERGE_CASES = [
         "lambda_policy.overrides: 0.5 is not a layer index",
     ),
     (
+        "policy value beside another lambda, which it would override",
+        lambda z, t: [
+            "--adapters",
+            f"[{z['bert_a']}]",
+            "--method",
+            "ties",
+            "--method_params.lambda",
+            "0.3",
+            "--lambda_policy",
+            "{value: 1.3}",
+        ],
+        "lambda_policy.value: sets lambda for every layer, so method_params.lambda (0.3) would be ignored",
+    ),
+    (
         "policy value that is a bool",
         lambda z, t: ["--adapters", f"[{z['bert_a']}]", "--method", "ties", "--lambda_policy", "{value: true}"],
         "lambda_policy.value: expected a number, got True",

@@ -199,6 +199,27 @@ def test_per_layer_policy_and_transform(zoo, tmp_path, capsys):
     assert all(n.norm() > 0 for n in norms)
 
 
+def test_tags_name_the_lambda_used_and_tell_policies_and_transforms_apart(zoo, tmp_path, capsys):
+    """The tag names the merge: a scalar policy's value is its lambda; per-layer policies and
+    transforms that differ give different tags (their evaluations would share files otherwise)."""
+    adapters = f"[{zoo['bert_a']},{zoo['bert_b']}]"
+    tags = []
+    for extra in (
+        ["--lambda_policy", "{value: 1.3}"],
+        ["--lambda_policy", "{type: per_layer, default: 0.1}"],
+        ["--lambda_policy", "{type: per_layer, default: 3.0}"],
+        ["--transforms", "[{name: layer_l2_normalize, params: {target_norm: 2.0}}]"],
+        [],
+    ):
+        argv = ["merge", "--adapters", adapters, "--method", "iso_c", *extra, "--save.format", "none"]
+        code, out, err = run([*argv, "--output_dir", tmp_path], capsys)
+        assert code == 0, err
+        tags.append(out.split("merged 2 adapters with ")[1].split()[0])
+    assert tags[0] == "iso_c_lambda=1.3" and tags[-1] == "iso_c"
+    assert tags[1].startswith("iso_c_lambda_policy=") and tags[3].startswith("iso_c_transforms=")
+    assert len(set(tags)) == 5
+
+
 def test_real_command_exit_code_and_debug(tmp_path):
     command = [
         sys.executable,

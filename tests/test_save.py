@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from lmerge.adapters import LoraAdapter
 from lmerge.merge.config import MergeConfig, SaveConfig
-from lmerge.merge.writers import truncated_svd
+from lmerge.merge.writers import truncated_factors, truncated_svd
 from lmerge.pipeline import run_merge
 
 LLAMA = ("llama_a", "llama_b")  # ranks 4 and 8
@@ -194,6 +194,21 @@ def test_truncated_svd_error_is_the_true_error_and_near_the_best():
     singular = torch.linalg.svdvals(delta)
     best = float(singular[8:].norm() / singular.norm())
     assert best <= true_error < best * 1.01
+
+
+def test_an_exact_truncation_reports_an_error_near_zero():
+    """At or above a matrix's rank the truncation is exact: the error reported is the residual's
+    (float32 rounding, about 1e-7), not the rounding of ||delta||^2 - ||B A||^2 magnified by a
+    square root (about 3e-4)."""
+    g = torch.Generator().manual_seed(1)
+    B0, A0 = torch.randn(300, 6, generator=g), torch.randn(6, 200, generator=g)
+    A, B, error = truncated_svd(B0 @ A0, 8)
+    assert error < 1e-5 and error == pytest.approx(float((B0 @ A0 - B @ A).norm() / (B0 @ A0).norm()), abs=1e-7)
+    A, B, error = truncated_factors(A0, B0, 6)
+    assert error == 0.0
+    A, B, error = truncated_factors(A0, B0, 5)
+    singular = torch.linalg.svdvals((B0 @ A0).double())
+    assert error == pytest.approx(float(singular[5:].norm() / singular.norm()), rel=1e-5)
 
 
 def test_full_save_matches_lora_save(zoo, tmp_path):

@@ -85,13 +85,33 @@ def policy_spec(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return spec
 
 
-def build_policy(spec: str | Mapping[str, Any] | None, method: MergeMethod, params: Mapping[str, Any]) -> LambdaFn:
-    """Per-layer lambda function for ``method`` with its normalized ``params``."""
+def build_policy(
+    spec: str | Mapping[str, Any] | None,
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    given: Mapping[str, Any] | None = None,
+) -> LambdaFn:
+    """Per-layer lambda function for ``method`` with its normalized ``params``; ``given``, the
+    parameters the config set: a policy that sets every layer's lambda itself (a scalar
+    ``value``, a per-layer ``default``) refuses another lambda given there, which it would ignore
+    (a sweep over it would sweep nothing)."""
     spec = policy_spec(spec)
     if method.lambda_param is None:
         if set(spec) != {"type"} or spec["type"] != "scalar":
             raise ConfigError(f"lambda_policy: method {method.name!r} has no lambda parameter to set")
         return lambda layer: None
+    own = "value" if spec["type"] == "scalar" else "default"
+    given = given or {}
+    if (
+        spec.get(own) is not None
+        and method.lambda_param in given
+        and _number(f"method_params.{method.lambda_param}", given[method.lambda_param])
+        != _number(f"lambda_policy.{own}", spec[own])
+    ):
+        raise ConfigError(
+            f"lambda_policy.{own}: sets {method.lambda_param} for every layer, so method_params."
+            f"{method.lambda_param} ({given[method.lambda_param]!r}) would be ignored; give one of them"
+        )
     base = _number(f"method_params.{method.lambda_param}", params[method.lambda_param])
     return POLICIES[spec["type"]](spec, base)
 

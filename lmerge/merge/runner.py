@@ -87,9 +87,13 @@ def prepare_merge(config: MergeConfig) -> PreparedMerge:
         raise MethodError(f"method {method.name!r} cannot be saved; use save.format none")
     adapters = resolve_adapters(config.adapters, config.catalog)
     params = method.normalize_params(config.method_params, len(adapters))
-    lambda_fn = build_policy(config.lambda_policy, method, params)
+    lambda_fn = build_policy(config.lambda_policy, method, params, given=config.method_params)
     transforms = parse_transforms(config.transforms)
-    tag = safe_component(config.tag, "tag") if config.tag else merge_tag(method, params)
+    tag = (
+        safe_component(config.tag, "tag")
+        if config.tag
+        else merge_tag(method, params, policy_spec(config.lambda_policy), config.transforms)
+    )
     check_compatible(adapters)
     keys, dropped = align_keys(adapters, config.merge_mode)
     unchecked = check_base(adapters, config.save.base_model)
@@ -204,14 +208,25 @@ def evaluator_for(config: MergeConfig, adapters: list[LoraAdapter], baselines: b
     return evaluator
 
 
-def merge_tag(method: MergeMethod, params: dict[str, Any]) -> str:
+def merge_tag(
+    method: MergeMethod,
+    params: dict[str, Any],
+    lambda_policy: dict[str, Any] | None = None,
+    transforms: list[Any] | None = None,
+) -> str:
     """A readable, stable name for a merge: the method and the parameters that differ from
     its defaults (``ties_k=50.0``, ``ties_space=core``); list-valued parameters and other
-    strings enter as a short hash."""
+    strings enter as a short hash, as do a lambda policy other than the method's own lambda
+    everywhere and any transforms (so that different merges get different names)."""
+    params = dict(params)
+    if lambda_policy and lambda_policy.get("type") == "scalar" and lambda_policy.get("value") is not None:
+        params[method.lambda_param] = float(lambda_policy["value"])  # the lambda the merge used
+        lambda_policy = None
+    extras = {"lambda_policy": lambda_policy if lambda_policy and lambda_policy != {"type": "scalar"} else None}
+    extras["transforms"] = transforms or None
     parts = [method.name]
-    for name in sorted(params):
-        value = params[name]
-        if name in method.defaults and value == method.defaults[name]:
+    for name, value in [*sorted(params.items()), *extras.items()]:
+        if name in method.defaults and value == method.defaults[name] or name in extras and value is None:
             continue
         if isinstance(value, bool | int | float) or value is None or _WORD.fullmatch(str(value)):
             parts.append(f"{name}={value}")

@@ -44,8 +44,24 @@ def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch
         return delta.new_zeros(rank, delta.shape[1]), delta.new_zeros(delta.shape[0], rank), 0.0
     U, S, V = torch.svd_lowrank(delta, q=min(rank + _OVERSAMPLE, *delta.shape), niter=niter)
     U, S, V = U[:, :rank], S[:rank], V[:, :rank]
-    # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2).
-    return V.T.contiguous(), (U * S).contiguous(), _relative_error(total, float(S.square().sum()))
+    A, B = V.T.contiguous(), (U * S).contiguous()
+    # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2); where
+    # that difference is within the rounding of its terms (a small error), the residual itself.
+    error = _relative_error(total, float(S.square().sum()))
+    return A, B, error if error > _SUBTRACTED_ERROR else _residual_error(delta, A, B, total)
+
+
+_SUBTRACTED_ERROR = 1e-2
+"""Below this, a relative error from ``||delta||^2 - ||B A||^2`` (float32 sums, rounded to about
+``1e-7`` of ``||delta||^2`` each) is mostly rounding: its square root magnifies it to ``3e-4``."""
+
+
+def _residual_error(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, total: float) -> float:
+    """``||delta - B A|| / ||delta||`` (Frobenius, ``total`` the squared norm of ``delta``),
+    computed a block of rows at a time: never a second ``[out, in]`` matrix."""
+    rows = max(1, (1 << 20) // max(1, delta.shape[1]))
+    residual = sum(float((part - b @ A).square().sum()) for part, b in zip(delta.split(rows), B.split(rows)))
+    return (residual / total) ** 0.5
 
 
 def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -56,7 +72,10 @@ def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torc
     a, b = unit_scale([A]), unit_scale([B])
     svd = product_svds([B * b], [A * a])[0]
     k = min(rank, svd.S.numel())
-    error = _relative_error(float(svd.S.square().sum()), float(svd.S[:k].square().sum()))
+    # The dropped singular values themselves: no difference of two nearly equal sums.
+    squares = svd.S.double().square()
+    total = float(squares.sum())
+    error = float(squares[k:].sum() / total) ** 0.5 if total > 0 else 0.0
     return svd.Vh(k) / a, svd.U(k) * (svd.S[:k] / b), error
 
 
@@ -254,6 +273,8 @@ def _load_base(path: str, task_type: str | None) -> tuple[torch.nn.Module, str]:
     from lmerge.tasks.models import trust_remote_code
 
     auto = getattr(transformers, _AUTO_CLASSES.get(task_type or "", "AutoModel"))
+    # Its loading and shard-writing bars would come before a one-line error, or after the summary.
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code())
     except (OSError, ValueError) as exc:
