@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lmerge.data import load_task_catalog
-from lmerge.merge.config import MergeConfig
+from lmerge.merge.config import MergeConfig, SaveConfig
 from lmerge.pipeline import run_merge
 
 
@@ -34,14 +35,20 @@ def set_head(model, head):
     model.classifier.bias.data.copy_(state["classifier.bias"])
 
 
-def test_merge_with_evaluation_matches_peft(zoo, tasks, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "params", "rank"),
+    # A dense merge saved at rank 1, its truncated SVD: the score is the saved adapter's.
+    [("task_vector", {"lambda": 0.5}, None), ("ties", {"k": 60.0}, 1)],
+)
+def test_merge_with_evaluation_matches_peft(zoo, tasks, tmp_path, method, params, rank):
     config = MergeConfig(
         adapters=["alpha", "beta"],
         catalog=str(tasks),
-        method="task_vector",
-        method_params={"lambda": 0.5},
+        method=method,
+        method_params=params,
         eval_tasks=["alpha", "beta"],
         output_dir=str(tmp_path),
+        save=SaveConfig(rank=rank),
     )
     result = run_merge(config)
     tokenizer = AutoTokenizer.from_pretrained(zoo["bert"])

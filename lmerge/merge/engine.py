@@ -38,8 +38,8 @@ from lmerge.methods.registry import Kind, MergeMethod, ModuleContext, Space
 @dataclass
 class MergedModule:
     """The merge of one module: LoRA factors with scaling 1 (``A`` [R, in], ``B`` [out, R])
-    or a dense delta [out, in], or both once a writer has prepared it (``svd_error``: the
-    factors' relative Frobenius error when they approximate the delta)."""
+    or a dense delta [out, in]; a LoRA writer's ``prepare`` replaces a delta with its truncated
+    SVD, which is then the merge (``svd_error``: its relative Frobenius error)."""
 
     key: str
     A: torch.Tensor | None = None

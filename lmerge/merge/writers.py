@@ -133,8 +133,9 @@ class LoraWriter:
         return largest
 
     def prepare(self, module: MergedModule) -> MergedModule:
-        """A dense merge with its truncated SVD added, or factors of more than an asked-for rank
-        truncated exactly; for a float16 save, :func:`balanced` (run in the merge's worker threads)."""
+        """A dense merge replaced by its truncated SVD (an evaluation beside the save then scores
+        what is saved), or factors of more than an asked-for rank truncated exactly; for a
+        float16 save, :func:`balanced` (run in the merge's worker threads)."""
         if module.A is None:
             A, B, error = truncated_svd(module.delta, self.rank, self.svd_niter)
         elif self.factor_rank is not None and module.A.shape[0] > self.factor_rank:
@@ -145,7 +146,7 @@ class LoraWriter:
             A, B = balanced(A, B)
         elif A is module.A:
             return module
-        return dataclasses.replace(module, A=A, B=B, svd_error=error)
+        return dataclasses.replace(module, A=A, B=B, delta=None, svd_error=error)
 
     def add(self, module: MergedModule) -> None:
         module = self.prepare(module)
