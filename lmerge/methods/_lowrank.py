@@ -97,16 +97,26 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     rows, cols = x.shape
     if rows < cols:
         return polar(x.T).T
-    # A square x has no QR to save: its SVD costs about what the Gram route's eigendecomposition
-    # and GEMMs do.
-    decomposed = gram_eigh(x) if rows > cols else None
-    if decomposed is not None:
-        S, W = decomposed
-        return x @ ((W / S) @ W.T).to(x.dtype)
+    right = polar_right(x)
+    if right is not None:
+        return x @ right
     if rows > cols:
         Q, R = thin_qr(x)
         return Q @ _square_polar(R, rows)
     return _square_polar(x, rows)
+
+
+def polar_right(x: torch.Tensor) -> torch.Tensor | None:
+    """The small ``M = W diag(1/S) W^T`` with ``polar(x) = x @ M``, from the Gram matrix of a tall,
+    well-conditioned ``x`` (None for any other ``x``): a caller that multiplies the polar factor
+    by more small matrices keeps ``x`` as its tall factor, one GEMM fewer. A square ``x`` has no
+    QR to save, and its SVD costs about what the Gram route's eigendecomposition and GEMMs do."""
+    rows, cols = x.shape
+    decomposed = gram_eigh(x) if rows > cols else None
+    if decomposed is None:
+        return None
+    S, W = decomposed
+    return ((W / S) @ W.T).to(x.dtype)
 
 
 def _square_polar(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -31,7 +31,16 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import as_working, numerical_rank, polar, product_svds, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import (
+    as_working,
+    lift_square,
+    numerical_rank,
+    polar,
+    polar_right,
+    product_svds,
+    rank_tolerance,
+    zero_factors,
+)
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
 from lmerge.methods.registry import Kind, ModuleContext, register
 
@@ -58,9 +67,13 @@ def tsv(
         Us.append(svd.U(kept))
         Ss.append(svd.S[:kept])
         Vhs.append(svd.Vh(kept))
-    S = torch.cat(Ss)
+    S = torch.cat(Ss) * module_lambda(params, ctx, "lambda")
     if not S.numel():
         return zero_factors(out, inp, As[0].dtype)
-    U = polar(torch.cat(Us, dim=1))
-    Vh = polar(torch.cat(Vhs, dim=0).T).T
-    return Vh, U * (module_lambda(params, ctx, "lambda") * S)
+    U, Vh = torch.cat(Us, dim=1), torch.cat(Vhs, dim=0)
+    right_U, right_V = polar_right(U), polar_right(Vh.T)
+    if right_U is not None and right_V is not None:
+        # polar(U) S polar(V)^T = U (M_U S M_V^T) Vh: the small core goes into one factor, the
+        # concatenation on the larger side is the other (one GEMM, as a linear save's).
+        return lift_square(U, (right_U * S) @ right_V.T, Vh)
+    return polar(Vh.T).T, polar(U) * S
