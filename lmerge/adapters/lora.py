@@ -278,17 +278,23 @@ def module_factors(adapters: list[LoraAdapter], key: str) -> tuple[list[torch.Te
 
 
 _PRODUCT_BLOCK = 1 << 20
-"""Entries of ``B @ A`` :func:`product_within` computes at a time (4 MiB of float32)."""
+"""Entries of ``B @ A`` :func:`product_rows` computes at a time (4 MiB of float32)."""
+
+
+def product_rows(A: torch.Tensor, B: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``B @ A`` a block of rows at a time, each with the rows it holds: never all of it at once."""
+    rows = max(1, _PRODUCT_BLOCK // max(1, A.shape[1]))
+    for start in range(0, B.shape[0], rows):
+        yield slice(start, start + rows), B[start : start + rows] @ A
 
 
 def product_within(A: torch.Tensor, B: torch.Tensor, limit: float) -> bool:
     """Whether every entry of ``B @ A`` (finite factors) is within ``limit`` in magnitude: from the
     bound ``sum_k max|B[:, k]| max|A[k, :]|``, and only where that bound is over it, from the
-    product itself, a block of rows at a time (never all of it at once)."""
+    product itself (:func:`product_rows`)."""
     if float((B.abs().amax(dim=0) * A.abs().amax(dim=1)).sum()) <= limit:
         return True
-    rows = max(1, _PRODUCT_BLOCK // max(1, A.shape[1]))
-    return all(float((block @ A).abs().amax()) <= limit for block in B.split(rows))
+    return all(float(block.abs().amax()) <= limit for _, block in product_rows(A, B))
 
 
 def first_nonfinite(tensors: list[torch.Tensor], limit: float = math.inf) -> int | None:

@@ -12,7 +12,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmerge.adapters.lora import CONFIG_FILE, HEADS_DIR, PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, saved_dtype
+from lmerge.adapters.lora import (
+    CONFIG_FILE,
+    HEADS_DIR,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    LoraAdapter,
+    product_rows,
+    saved_dtype,
+)
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
 from lmerge.methods._lowrank import product_svds
@@ -58,9 +66,8 @@ _SUBTRACTED_ERROR = 1e-2
 
 def _residual_error(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, total: float) -> float:
     """``||delta - B A|| / ||delta||`` (Frobenius, ``total`` the squared norm of ``delta``),
-    computed a block of rows at a time: never a second ``[out, in]`` matrix."""
-    rows = max(1, (1 << 20) // max(1, delta.shape[1]))
-    residual = sum(float((part - b @ A).square().sum()) for part, b in zip(delta.split(rows), B.split(rows)))
+    computed a block of rows at a time (:func:`product_rows`): never a second ``[out, in]`` matrix."""
+    residual = sum(float((delta[rows] - block).square().sum()) for rows, block in product_rows(A, B))
     return (residual / total) ** 0.5
 
 
