@@ -161,10 +161,16 @@ DENSE_REFERENCES = {
 def core_space_reference(name: str, deltas, As, Bs, params, key) -> torch.Tensor:
     """Core Space merging: U, V the singular vectors of the factor stacks, the dense method on the
     cores U^T delta_i V, then U M V^T."""
-    U = svd(torch.cat(Bs, dim=1))[0]
-    V = svd(torch.cat(As, dim=0))[2].T
+    U, Sb, _ = svd(torch.cat(Bs, dim=1))
+    _, Sa, Vh = svd(torch.cat(As, dim=0))
+    # The singular vectors of nonzero singular values (numpy's rank rule).
+    U, V = U[:, : max(1, _numerical_rank(Sb, torch.cat(Bs, dim=1)))], Vh[: max(1, _numerical_rank(Sa, torch.cat(As)))].T
     cores = torch.stack([U.T @ delta @ V for delta in deltas])
     return U @ DENSE_REFERENCES[name](cores, params, key) @ V.T
+
+
+def _numerical_rank(S: torch.Tensor, x: torch.Tensor) -> int:
+    return int((S > S[0] * max(x.shape) * torch.finfo(x.dtype).eps).sum())
 
 
 def low_rank_reference(name: str, deltas, ranks, params, key) -> torch.Tensor:
@@ -337,6 +343,38 @@ def test_knots_of_an_all_zero_adapter_is_the_merge_without_it(name):
     without = merged_delta(name, As[1:], Bs[1:], params, key)
     with_zero = merged_delta(name, As, [torch.zeros_like(Bs[0]), *Bs[1:]], params, key)
     assert relative_error(with_zero, without) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
+def test_iso_of_task_vectors_that_cancel_is_zero(name, dtype):
+    """Of a + (-a) the sum's rounding noise is not taken for directions (its rank tolerance is at
+    the tasks' scale), so that Iso-CTS has no task-specific directions to add either; with a third
+    adapter b, the merge is b's alone (Iso-CTS with every direction common: no task-specific ones)."""
+    As, Bs = _random_factors((4, 6), 300, 200, seed=3, dtype=dtype)
+    key = "model.layers.1.mlp.up_proj"
+    params = {"common": 1.0} if name == "iso_cts" else {}
+    assert not merged_delta(name, [As[0], As[0]], [Bs[0], -Bs[0]], params, key).any()
+    merged = merged_delta(name, [As[0], As[0], As[1]], [Bs[0], -Bs[0], Bs[1]], params, key)
+    assert relative_error(merged, merged_delta(name, As[1:], Bs[1:], params, key)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+def test_core_space_merge_ignores_an_all_zero_adapter_and_a_duplicate_of_one(name):
+    """As in weight space, an adapter whose factors are both zero adds nothing, and an adapter
+    merged with itself is its own merge: the stacks' singular vectors of zero singular value are
+    left out, which would add rows and columns of zeros to every core and so entries to a top-k
+    count (of a duplicate, its k% would keep 4k% of the adapter's core). The zero adapter comes
+    last, so that DARE draws the same masks for the others."""
+    As, Bs = _random_factors((4, 6), 30, 20, seed=2)
+    key = "model.layers.1.mlp.up_proj"
+    params = {"space": "core", **({"drop_rate": 0.3} if name == "dare_ties" else {})}
+    zeros = [torch.zeros(3, 20, dtype=As[0].dtype)], [torch.zeros(30, 3, dtype=Bs[0].dtype)]
+    with_zero = merged_delta(name, As + zeros[0], Bs + zeros[1], params, key)
+    assert relative_error(with_zero, merged_delta(name, As, Bs, params, key)) < 1e-12
+    if name == "ties":
+        twice = merged_delta(name, As[:1] * 2, Bs[:1] * 2, params, key)
+        assert relative_error(twice, merged_delta(name, As[:1], Bs[:1], params, key)) < 1e-10
 
 
 def test_product_svd_is_the_svd_of_the_product():

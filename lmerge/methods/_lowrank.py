@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, basis_of, gram_eigh, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, gram_eigh, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -265,14 +265,30 @@ class CoreSpace:
         """The core of ``sum_i delta_i``: ``Cb @ Ca^T``."""
         return self.column.C @ self.row.C.T
 
+    def sum_tolerance(self, largest: float | torch.Tensor) -> float:
+        """:func:`rank_tolerance` for the sum of the task vectors, whose largest singular value is
+        ``largest``, taken at no less than the largest task vector's scale (its Frobenius norm, an
+        upper bound of its top singular value): the rounding error of a sum goes with its terms,
+        so that where they cancel, exactly or in part, the remainder is not taken for directions."""
+        largest_task = max(float((self.left(i) @ self.right(i).T).norm()) for i in range(self.n))
+        return rank_tolerance(max(float(largest), largest_task), (self.out, self.inp), self.dtype)
+
     def singular_bases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(Pb [p, p], Pa [q, q])``: the rotations that take the bases to the SVD bases of Core
+        """``(Pb [p, p'], Pa [q, q'])``: the rotations that take the bases to the SVD bases of Core
         Space merging, ``U = Qb Pb`` the left singular vectors of ``[B_1 ... B_n]`` and
-        ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``; None for a basis that
-        is one already (the Gram route's)."""
-        Pb = None if self.column.singular else thin_svd(self.column.C)[0]
-        Pa = None if self.row.singular else thin_svd(self.row.C)[0]
-        return Pb, Pa
+        ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``, of the stacks' numerical
+        ranks ``p' <= p`` and ``q' <= q`` (at least 1); None for a basis that is one already (the
+        Gram route's, of full rank). Singular vectors of a zero singular value would add rows or
+        columns of zeros to every core: a zero or duplicate adapter would change the count of
+        entries a top-k keeps, where in weight space it changes nothing."""
+        return self._singular_rotation(self.column), self._singular_rotation(self.row)
+
+    def _singular_rotation(self, basis: Basis) -> torch.Tensor | None:
+        if basis.singular:
+            return None
+        P, S, _ = thin_svd(basis.C)
+        stack = (basis.F.shape[0], basis.C.shape[1])
+        return P[:, : max(1, numerical_rank(S, rank_tolerance(S[0], stack, S.dtype)))]
 
     def cores(self, Pb: torch.Tensor | None, Pa: torch.Tensor | None) -> TaskVectors:
         """Every ``Pb^T C_i Pa`` [p, q], the cores in the bases ``Qb Pb`` and ``Qa Pa`` (None: the

@@ -7,10 +7,11 @@ replaced by their mean: ``lambda * mean(S) U V^T``, a LoRA of the sum's rank.
 
 Choices, following the authors' code (``iso_c`` in github.com/danielm1405/iso-merging,
 ``src/utils/iso.py``): the task vectors are summed, not averaged, before the SVD; the mean is
-over the sum's nonzero singular values, those above its numerical rank's tolerance (the
-authors' dense SVD also averages the ``min(out, in) - rank`` zeros of a low-rank sum and raises
-their arbitrary singular vectors to that mean, which a LoRA sum cannot mean); ``lambda``
-defaults to 1.0, and the authors' evaluation picks it in 0.1 .. 3.0 on validation data.
+over the sum's nonzero singular values, those above its numerical rank's tolerance, taken at the
+largest task vector's scale so that task vectors that cancel sum to zero (the authors' dense SVD
+also averages the ``min(out, in) - rank`` zeros of a low-rank sum and raises their arbitrary
+singular vectors to that mean, which a LoRA sum cannot mean); ``lambda`` defaults to 1.0, and
+the authors' evaluation picks it in 0.1 .. 3.0 on validation data.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from lmerge.methods._lowrank import (
     as_working,
     lift_square,
     numerical_rank,
-    rank_tolerance,
     thin_svd,
     zero_factors,
 )
@@ -49,7 +49,7 @@ def iso_c(
         return lift_square(B, svd.polar() * (module_lambda(params, ctx, "lambda") * svd.S.mean()), A)
     space = CoreSpace(As, Bs)
     P, S, Wh = thin_svd(space.summed())
-    rank = numerical_rank(S, rank_tolerance(S[0], (space.out, space.inp), space.dtype))
+    rank = numerical_rank(S, space.sum_tolerance(S[0]))
     if not rank:
         return zero_factors(space.out, space.inp, space.dtype)
     level = module_lambda(params, ctx, "lambda") * S[:rank].mean()

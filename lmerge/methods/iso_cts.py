@@ -9,14 +9,16 @@ singular vectors are orthogonalized together (polar factors), every singular val
 by the mean of the kept ones, times ``lambda``: a LoRA of rank ``D <= sum_i r_i``.
 
 Choices, following the authors' code (``iso_cts`` in github.com/danielm1405/iso-merging,
-``src/utils/iso.py``): ``D`` is the summed update's numerical rank (the authors work with a full
-matrix's ``min(out, in)``); ``c = int(D * common)`` (``common`` defaults to the authors' 0.8),
-then ``d = round((D - c) / n)`` (Python's ``round``, as theirs) and ``c = D - n d`` so that the
-task-specific share divides evenly; ``d`` is capped at ``D // n`` (the authors' rule can
-overshoot ``D`` when ``n > D - c``) and each task's at the numerical rank of its projected task
-vector (directions of a zero singular value are arbitrary). The mean runs over the kept singular
-values, the common ones of the sum and each task's projected ones. ``lambda`` defaults to 1.0;
-the authors' evaluation picks it in 0.1 .. 3.0 on validation data.
+``src/utils/iso.py``): ``D`` is the summed update's numerical rank, its tolerance taken at the
+largest task vector's scale (the authors work with a full matrix's ``min(out, in)``; of task
+vectors that cancel, ``D`` is 0 and so is the merge, where theirs would take the sum's rounding
+noise for its common directions and add every task's own); ``c = int(D * common)`` (``common``
+defaults to the authors' 0.8), then ``d = round((D - c) / n)`` (Python's ``round``, as theirs)
+and ``c = D - n d`` so that the task-specific share divides evenly; ``d`` is capped at
+``D // n`` (the authors' rule can overshoot ``D`` when ``n > D - c``) and each task's at the numerical
+rank of its projected task vector (directions of a zero singular value are arbitrary). The mean
+runs over the kept singular values, the common ones of the sum and each task's projected ones.
+``lambda`` defaults to 1.0; the authors' evaluation picks it in 0.1 .. 3.0 on validation data.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _from_gram_product(
 def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-CTS in core space: any sum, of any rank and conditioning."""
     P, S, Wh = small_svd(space.summed())
-    tolerance = rank_tolerance(S[0], (space.out, space.inp), space.dtype)
+    tolerance = space.sum_tolerance(S[0])
     rank = numerical_rank(S, tolerance)
     if not rank:
         return zero_factors(space.out, space.inp, space.dtype)

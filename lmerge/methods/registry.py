@@ -41,12 +41,14 @@ class Space(str, enum.Enum):
     """Where a dense method runs: on the task vectors or on their cores in core space.
 
     In core space the method is lmerge's own, as in weight space; Core Space merging's code
-    (github.com/apanariello4/core-space-merging, ``task_merger.py``) differs in three choices:
+    (github.com/apanariello4/core-space-merging, ``task_merger.py``) differs in four choices:
     its DARE sums the dropped cores where ``dare`` takes their mean (``lambda`` times n gives
     their sum), its DARE-TIES also trims to a top-k after the drop where ``dare_ties`` is PEFT's
     (drop, elect signs, disjoint mean), and its top-k (TIES's ``topk_values_mask``) keeps the
     ``int(k% * numel) + 1`` largest magnitudes and every entry tied with the last, where ``ties``
-    keeps exactly ``int(k% * numel)`` (PEFT's count).
+    keeps exactly ``int(k% * numel)`` (PEFT's count); and its bases are every singular vector of
+    the factor stacks, where lmerge's leave out those of zero singular value (of a stack short of
+    rank: a zero or duplicate adapter, which then changes no top-k count).
     """
 
     WEIGHT = "weight"
