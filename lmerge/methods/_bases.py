@@ -99,7 +99,13 @@ def well_conditioned_eigh(
     """``(sqrt(lambda), W)`` of a Gram matrix ``G = W diag(lambda) W^T``, descending (batched over
     leading dims: one LAPACK call each, but one torch call, where a small eigendecomposition costs
     less than its call); None unless ``lambda_min >= condition * lambda_max > 0`` for every
-    matrix (NaN fails too)."""
+    matrix (NaN fails too). Diagonal entries lie between the extreme eigenvalues, so a diagonal
+    that spreads wider than ``condition`` allows fails without the eigendecomposition: the float32
+    tier of a badly conditioned stack then costs a GEMM, not also an eigendecomposition as long
+    as the float64 tier's."""
+    diagonal = G.diagonal(dim1=-2, dim2=-1)
+    if not bool((diagonal.amin(dim=-1) >= condition * diagonal.amax(dim=-1)).all()):
+        return None
     lam, W = torch.linalg.eigh(G)
     smallest, largest = lam[..., 0], lam[..., -1]
     if not bool(((smallest >= condition * largest) & (largest > 0)).all()):

@@ -69,9 +69,12 @@ def gram_product_svd(B: torch.Tensor, A: torch.Tensor) -> GramProductSVD | None:
     for dtype, condition in GRAM_TIERS.get(B.dtype, ()):
         Bd, Ca = B.to(dtype), coordinates.to(dtype)
         G = Bd.T @ Bd
-        lam, V = torch.linalg.eigh(Ca @ G @ Ca.T)
+        H = Ca @ G @ Ca.T
         largest = float(s[0]) ** 2 * float(G.abs().sum(dim=1).max())  # >= lambda_max(H)
-        if bool(lam[0] >= condition * largest) and largest > 0:
+        if not bool(H.diagonal().min() >= condition * largest) or not largest > 0:
+            continue  # lambda_min(H) <= its smallest diagonal entry: this tier fails, found without eigh
+        lam, V = torch.linalg.eigh(H)
+        if bool(lam[0] >= condition * largest):
             # Rounded to the factors' precision once decomposed: what follows is R x R products
             # of well-conditioned matrices, which a float64 tier would make several times slower
             # (at R = 512, most of the merge).
