@@ -359,19 +359,23 @@ def test_iso_of_task_vectors_that_cancel_is_zero(name, dtype):
     assert relative_error(merged, merged_delta(name, As[1:], Bs[1:], params, key)) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare"])
 def test_core_space_merge_ignores_an_all_zero_adapter_and_a_duplicate_of_one(name):
-    """As in weight space, an adapter whose factors are both zero adds nothing, and an adapter
-    merged with itself is its own merge: the stacks' singular vectors of zero singular value are
-    left out, which would add rows and columns of zeros to every core and so entries to a top-k
+    """As in weight space, an adapter of a zero update adds nothing, and an adapter merged with
+    itself is its own merge: the zero adapter's factors are left out of the stacks (PEFT's
+    initial A would turn every core), and so are the stacks' singular vectors of zero singular
+    value, which would add rows and columns of zeros to every core and so entries to a top-k
     count (of a duplicate, its k% would keep 4k% of the adapter's core). The zero adapter comes
-    last, so that DARE draws the same masks for the others."""
-    As, Bs = _random_factors((4, 6), 30, 20, seed=2)
+    last, so that DARE draws the same masks for the others (whose mean it then takes over one
+    more adapter, as in weight space)."""
+    As, Bs = _random_factors((4, 6, 3), 30, 20, seed=2)
     key = "model.layers.1.mlp.up_proj"
-    params = {"space": "core", **({"drop_rate": 0.3} if name == "dare_ties" else {})}
-    zeros = [torch.zeros(3, 20, dtype=As[0].dtype)], [torch.zeros(30, 3, dtype=Bs[0].dtype)]
-    with_zero = merged_delta(name, As + zeros[0], Bs + zeros[1], params, key)
-    assert relative_error(with_zero, merged_delta(name, As, Bs, params, key)) < 1e-12
+    params = {"space": "core", **({"drop_rate": 0.3} if name.startswith("dare") else {})}
+    without = merged_delta(name, As[:2], Bs[:2], params, key) * (2 / 3 if name == "dare" else 1)
+    # Both factors zero, or only B (PEFT's initialization: A is random).
+    for zero_A in (torch.zeros_like(As[2]), As[2]):
+        with_zero = merged_delta(name, [*As[:2], zero_A], [*Bs[:2], torch.zeros_like(Bs[2])], params, key)
+        assert relative_error(with_zero, without) < 1e-12
     if name == "ties":
         twice = merged_delta(name, As[:1] * 2, Bs[:1] * 2, params, key)
         assert relative_error(twice, merged_delta(name, As[:1], Bs[:1], params, key)) < 1e-10

@@ -237,6 +237,11 @@ class CoreSpace:
     ``delta_i = Qb C_i Qa^T`` with the core ``C_i = Cb_i Ca_i^T`` [p, q] made of the two stacks'
     coordinate blocks of adapter i: every ``[out, in]`` computation becomes a ``p x q`` one.
     Results come back as LoRA factors through :meth:`lift`.
+
+    An adapter whose update is zero (a factor all zeros, such as PEFT's ``B`` at initialization)
+    is left out of the stacks, and its core is zero: its other factor would add directions that
+    no task vector has, which turn every core (a merge such as TIES is not invariant under a
+    rotation of them) and add rows or columns of zeros to them.
     """
 
     def __init__(self, As: list[torch.Tensor], Bs: list[torch.Tensor]) -> None:
@@ -244,13 +249,18 @@ class CoreSpace:
         self.out, self.inp = Bs[0].shape[0], As[0].shape[1]
         self.dtype = As[0].dtype
         self.n = len(As)
-        self.column = basis_of(torch.cat(Bs, dim=1))  # row-major: as the saved B' it needs no copy
-        self.row = basis_of(torch.cat(As, dim=0).T)
-        self.blocks = rank_blocks([A.shape[0] for A in As])
+        zero = [not (bool(A.any()) and bool(B.any())) for A, B in zip(As, Bs, strict=True)]
+        if all(zero):  # a zero merge; its bases are those of the factors as they are
+            zero = [False] * self.n
+        kept = [i for i in range(self.n) if not zero[i]]
+        # Row-major [B_1 ... B_n]: as the saved B' it needs no copy.
+        self.column = basis_of(torch.cat([Bs[i] for i in kept], dim=1))
+        self.row = basis_of(torch.cat([As[i] for i in kept], dim=0).T)
+        self.blocks = rank_blocks([0 if zero[i] else A.shape[0] for i, A in enumerate(As)])
 
     @property
     def R(self) -> int:
-        """``sum_i r_i``, the rank bound of every result."""
+        """``sum_i r_i`` over the adapters of a nonzero update, the rank bound of every result."""
         return self.column.C.shape[1]
 
     def left(self, i: int) -> torch.Tensor:

@@ -47,8 +47,11 @@ class Space(str, enum.Enum):
     (drop, elect signs, disjoint mean), and its top-k (TIES's ``topk_values_mask``) keeps the
     ``int(k% * numel) + 1`` largest magnitudes and every entry tied with the last, where ``ties``
     keeps exactly ``int(k% * numel)`` (PEFT's count); and its bases are every singular vector of
-    the factor stacks, where lmerge's leave out those of zero singular value (of a stack short of
-    rank: a zero or duplicate adapter, which then changes no top-k count).
+    the factor stacks, where lmerge's leave out those of zero singular value (a stack short of
+    rank, such as one holding an adapter twice) and the factors of an adapter whose update is zero
+    (such as PEFT's initial ``B = 0``). Either would add directions no task vector has, which
+    change a top-k's count or turn the cores: TIES of an adapter with itself, or with a zero one,
+    would not be its own TIES as in weight space.
     """
 
     WEIGHT = "weight"
