@@ -135,11 +135,6 @@ def scaled_factors(
     return As, Bs
 
 
-def factor_norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """Frobenius norm of ``B @ A`` without building it: ``||BA||^2 = sum((B^T B) * (A A^T))``."""
-    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
-
-
 def merge_modules(
     adapters: list[LoraAdapter],
     keys: list[str],

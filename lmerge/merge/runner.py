@@ -24,11 +24,12 @@ from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import index_entry, plan_views, results_name
 from lmerge.layers import layer_index
 from lmerge.merge.config import MergeConfig
-from lmerge.merge.engine import MergedModule, factor_norm, merge_modules, scaled_factors
+from lmerge.merge.engine import MergedModule, merge_modules, scaled_factors
 from lmerge.merge.policies import build_policy, overridden_layers, policy_spec
 from lmerge.merge.transforms import parse_transforms
 from lmerge.merge.writers import writer_for
 from lmerge.methods import MergeMethod, get_method
+from lmerge.methods._lowrank import factor_norm
 from lmerge.outputs import (
     check_folder,
     check_inputs_outside,

@@ -82,6 +82,11 @@ def numerical_rank(S: torch.Tensor, tolerance: float) -> int:
     return int((S > tolerance).sum())
 
 
+def factor_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Frobenius norm of ``B @ A`` without building it: ``||BA||^2 = sum((B^T B) * (A A^T))``."""
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``P @ W^T`` of ``x = P diag(S) W^T`` (thin SVD): the nearest
     matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
@@ -280,7 +285,7 @@ class CoreSpace:
         ``largest``, taken at no less than the largest task vector's scale (its Frobenius norm, an
         upper bound of its top singular value): the rounding error of a sum goes with its terms,
         so that where they cancel, exactly or in part, the remainder is not taken for directions."""
-        largest_task = max(float((self.left(i) @ self.right(i).T).norm()) for i in range(self.n))
+        largest_task = max(factor_norm(self.right(i).T, self.left(i)) for i in range(self.n))
         return rank_tolerance(max(float(largest), largest_task), (self.out, self.inp), self.dtype)
 
     def singular_bases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
