@@ -381,6 +381,16 @@ def test_core_space_merge_ignores_an_all_zero_adapter_and_a_duplicate_of_one(nam
         assert relative_error(twice, merged_delta(name, As[:1], Bs[:1], params, key)) < 1e-10
 
 
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts", "tsv"])
+def test_an_untrained_adapter_changes_no_svd_merge(name):
+    """PEFT's initial adapter (B = 0, A random) has no directions: the sum, each task's SVD and
+    Iso-CTS's share of task-specific directions per task are those of the others."""
+    As, Bs = _random_factors((4, 6, 3), 30, 20, seed=5)
+    key = "model.layers.1.mlp.up_proj"
+    with_untrained = merged_delta(name, As, [*Bs[:2], torch.zeros_like(Bs[2])], {}, key)
+    assert relative_error(with_untrained, merged_delta(name, As[:2], Bs[:2], {}, key)) < 1e-12
+
+
 def test_product_svd_is_the_svd_of_the_product():
     As, Bs = _random_factors((5,), 30, 20)
     (svd_of,) = product_svds([Bs[0]], [As[0]])

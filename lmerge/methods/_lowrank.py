@@ -258,6 +258,7 @@ class CoreSpace:
         if all(zero):  # a zero merge; its bases are those of the factors as they are
             zero = [False] * self.n
         kept = [i for i in range(self.n) if not zero[i]]
+        self.tasks = len(kept)  # adapters of a nonzero update here (all n, when none has)
         # Row-major [B_1 ... B_n]: as the saved B' it needs no copy.
         self.column = basis_of(torch.cat([Bs[i] for i in kept], dim=1))
         self.row = basis_of(torch.cat([As[i] for i in kept], dim=0).T)

@@ -13,7 +13,9 @@ Choices, following the authors' code (``iso_cts`` in github.com/danielm1405/iso-
 largest task vector's scale (the authors work with a full matrix's ``min(out, in)``; of task
 vectors that cancel, ``D`` is 0 and so is the merge, where theirs would take the sum's rounding
 noise for its common directions and add every task's own); ``c = int(D * common)`` (``common``
-defaults to the authors' 0.8), then ``d = round((D - c) / n)`` (Python's ``round``, as theirs)
+defaults to the authors' 0.8), then ``d = round((D - c) / n)`` (Python's ``round``, as theirs;
+``n`` counts the tasks of a nonzero update in the module: an untrained adapter, PEFT's
+``B = 0``, takes no share, where theirs would give it directions of a zero singular value)
 and ``c = D - n d`` so that the task-specific share divides evenly; ``d`` is capped at
 ``D // n`` (the authors' rule can overshoot ``D`` when ``n > D - c``) and each task's at the numerical
 rank of its projected task vector (directions of a zero singular value are arbitrary). The mean
@@ -103,7 +105,7 @@ def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext)
     rank = numerical_rank(S, tolerance)
     if not rank:
         return zero_factors(space.out, space.inp, space.dtype)
-    common, per_task = split_sizes(rank, params["common"], space.n)
+    common, per_task = split_sizes(rank, params["common"], space.tasks)
     Uc = P[:, :common]
     # Task i's core with the common left subspace projected out: (I - Uc Uc^T) C_i.
     projected = [left - Uc @ (Uc.T @ left) for left in map(space.left, range(space.n))]
