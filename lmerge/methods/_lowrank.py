@@ -295,8 +295,8 @@ class CoreSpace:
         ``V = Qa Pa`` the right singular vectors of ``[A_1; ...; A_n]``, of the stacks' numerical
         ranks ``p' <= p`` and ``q' <= q`` (at least 1); None for a basis that is one already (the
         Gram route's, of full rank). Singular vectors of a zero singular value would add rows or
-        columns of zeros to every core: a zero or duplicate adapter would change the count of
-        entries a top-k keeps, where in weight space it changes nothing."""
+        columns of zeros to every core: an adapter given twice would change the count of entries
+        a top-k keeps, where in weight space TIES of an adapter with itself is its own."""
         return self._singular_rotation(self.column), self._singular_rotation(self.row)
 
     def _singular_rotation(self, basis: Basis) -> torch.Tensor | None:

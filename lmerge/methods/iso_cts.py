@@ -15,11 +15,11 @@ vectors that cancel, ``D`` is 0 and so is the merge, where theirs would take the
 noise for its common directions and add every task's own); ``c = int(D * common)`` (``common``
 defaults to the authors' 0.8), then ``d = round((D - c) / n)`` (Python's ``round``, as theirs;
 ``n`` counts the tasks of a nonzero update in the module: an untrained adapter, PEFT's
-``B = 0``, takes no share, where theirs would give it directions of a zero singular value)
-and ``c = D - n d`` so that the task-specific share divides evenly; ``d`` is capped at
-``D // n`` (the authors' rule can overshoot ``D`` when ``n > D - c``) and each task's at the numerical
-rank of its projected task vector (directions of a zero singular value are arbitrary). The mean
-runs over the kept singular values, the common ones of the sum and each task's projected ones.
+``B = 0``, takes no share, where theirs would give it directions of a zero singular value) and
+``c = D - n d`` so that the task-specific share divides evenly; ``d`` is capped at ``D // n``
+(the authors' rule can overshoot ``D`` when ``n > D - c``) and each task's at the numerical rank
+of its projected task vector (directions of a zero singular value are arbitrary). The mean runs
+over the kept singular values, the common ones of the sum and each task's projected ones.
 ``lambda`` defaults to 1.0; the authors' evaluation picks it in 0.1 .. 3.0 on validation data.
 """
 
