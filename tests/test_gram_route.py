@@ -12,7 +12,8 @@ from test_lowrank import CASES, _method_and_params, _reference, merged_delta, re
 import lmerge.methods.iso_cts as iso_cts_module
 from lmerge.methods._bases import Basis, basis_of
 from lmerge.methods._gram_product import gram_product_svd
-from lmerge.methods._lowrank import concatenated_svd, polar, product_svds, small_svd, thin_svd
+from lmerge.methods._lowrank import concatenated_svd, product_svds, small_svd, thin_svd
+from lmerge.methods._polar import polar
 
 KEY = "model.layers.0.mlp.up_proj"
 

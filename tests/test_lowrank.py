@@ -21,7 +21,8 @@ from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
 from lmerge.methods._bases import Basis
-from lmerge.methods._lowrank import CoreSpace, polar, product_svds
+from lmerge.methods._lowrank import CoreSpace, product_svds
+from lmerge.methods._polar import polar
 from lmerge.methods._scratch import release, scratch
 
 EPS = torch.finfo(torch.float64).eps

@@ -1,5 +1,6 @@
 """Exact low-rank algebra on LoRA factors: bases of factor stacks, the SVD of a product ``B @ A``
-from its factors, core space, polar factors. Nothing here builds an ``[out, in]`` matrix.
+from its factors, core space (polar factors: :mod:`~lmerge.methods._polar`). Nothing here builds
+an ``[out, in]`` matrix.
 
 A module's task vectors are ``delta_i = B_i @ A_i`` (``B_i`` [out, r_i] with the scaling folded
 in, ``A_i`` [r_i, in]); ``R = sum_i r_i``. Every big operation is an orthonormal basis of an
@@ -85,51 +86,6 @@ def numerical_rank(S: torch.Tensor, tolerance: float) -> int:
 def factor_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     """Frobenius norm of ``B @ A`` without building it: ``||BA||^2 = sum((B^T B) * (A A^T))``."""
     return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
-
-
-def polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``P @ W^T`` of ``x = P diag(S) W^T`` (thin SVD): the nearest
-    matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
-    the Gram matrix ``x^T x = W diag(S^2) W^T`` when a tall ``x`` is well conditioned (as the
-    bases are, :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes
-    through its thin QR first, so the SVD is of a square matrix of its width.
-
-    Of an ``x`` short of full rank (numerically: :func:`rank_tolerance`), the partial isometry
-    on its range: the components of zero singular value are left out. Their singular vectors are
-    arbitrary, and the nearest orthonormal matrix would raise them to 1: TSV's ``U`` of two equal
-    adapters would then hold as many arbitrary directions as real ones (with the partial
-    isometry, it is their mean)."""
-    rows, cols = x.shape
-    if rows < cols:
-        return polar(x.T).T
-    right = polar_right(x)
-    if right is not None:
-        return x @ right
-    if rows > cols:
-        Q, R = thin_qr(x)
-        return Q @ _square_polar(R, rows)
-    return _square_polar(x, rows)
-
-
-def polar_right(x: torch.Tensor) -> torch.Tensor | None:
-    """The small ``M = W diag(1/S) W^T`` with ``polar(x) = x @ M``, from the Gram matrix of a tall,
-    well-conditioned ``x`` (None for any other ``x``): a caller that multiplies the polar factor
-    by more small matrices keeps ``x`` as its tall factor, one GEMM fewer. A square ``x`` has no
-    QR to save, and its SVD costs about what the Gram route's eigendecomposition and GEMMs do."""
-    rows, cols = x.shape
-    decomposed = gram_eigh(x) if rows > cols else None
-    if decomposed is None:
-        return None
-    S, W = decomposed
-    return ((W / S) @ W.T).to(x.dtype)
-
-
-def _square_polar(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """:func:`polar` of a square ``x``, the triangular factor of a matrix of ``rows`` rows (or that
-    matrix itself), by its SVD, over its numerical rank."""
-    P, S, Wh = thin_svd(x)
-    rank = numerical_rank(S, rank_tolerance(S[0], (rows, x.shape[1]), S.dtype)) if S.numel() else 0
-    return P[:, :rank] @ Wh[:rank]
 
 
 def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,15 +210,13 @@ class CoreSpace:
         self.out, self.inp = Bs[0].shape[0], As[0].shape[1]
         self.dtype = As[0].dtype
         self.n = len(As)
-        zero = [not (bool(A.any()) and bool(B.any())) for A, B in zip(As, Bs, strict=True)]
-        if all(zero):  # a zero merge; its bases are those of the factors as they are
-            zero = [False] * self.n
-        kept = [i for i in range(self.n) if not zero[i]]
+        # Of a zero merge (no adapter of a nonzero update), the bases of the factors as they are.
+        kept = [i for i, (A, B) in enumerate(zip(As, Bs, strict=True)) if A.any() and B.any()] or range(self.n)
         self.tasks = len(kept)  # adapters of a nonzero update here (all n, when none has)
         # Row-major [B_1 ... B_n]: as the saved B' it needs no copy.
         self.column = basis_of(torch.cat([Bs[i] for i in kept], dim=1))
         self.row = basis_of(torch.cat([As[i] for i in kept], dim=0).T)
-        self.blocks = rank_blocks([0 if zero[i] else A.shape[0] for i, A in enumerate(As)])
+        self.blocks = rank_blocks([A.shape[0] if i in kept else 0 for i, A in enumerate(As)])
 
     @property
     def R(self) -> int:

@@ -35,7 +35,6 @@ from lmerge.methods._lowrank import (
     as_working,
     lift_square,
     numerical_rank,
-    polar,
     product_svds,
     rank_blocks,
     rank_tolerance,
@@ -43,6 +42,7 @@ from lmerge.methods._lowrank import (
     zero_factors,
 )
 from lmerge.methods._params import check_number, check_range, module_lambda
+from lmerge.methods._polar import polar
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

@@ -8,7 +8,7 @@ tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` i
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
 LoRA of rank ``K <= sum_i r_i``. Task vectors that are already mutually orthogonal come back
 summed (with every direction kept), equal ones as one: the polar factor of a concatenation short
-of full rank is its partial isometry (:func:`~lmerge.methods._lowrank.polar`).
+of full rank is its partial isometry (:func:`~lmerge.methods._polar.polar`).
 
 Choices, following the authors' code (``compute_and_sum_svd_mem_reduction`` in
 github.com/danielm1405/iso-merging, ``src/utils/TSVM_utils.py``):
@@ -31,17 +31,9 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import (
-    as_working,
-    lift_square,
-    numerical_rank,
-    polar,
-    polar_right,
-    product_svds,
-    rank_tolerance,
-    zero_factors,
-)
+from lmerge.methods._lowrank import as_working, lift_square, numerical_rank, product_svds, rank_tolerance, zero_factors
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
+from lmerge.methods._polar import polar_given, polar_right
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -76,4 +68,4 @@ def tsv(
         # polar(U) S polar(V)^T = U (M_U S M_V^T) Vh: the small core goes into one factor, the
         # concatenation on the larger side is the other (one GEMM, as a linear save's).
         return lift_square(U, (right_U * S) @ right_V.T, Vh)
-    return polar(Vh.T).T, polar(U) * S
+    return polar_given(Vh.T, right_V).T, polar_given(U, right_U) * S

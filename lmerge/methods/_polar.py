@@ -1,0 +1,61 @@
+"""Orthogonal polar factors (Procrustes), of tall factor stacks and of small matrices, never of
+an ``[out, in]`` one: from the Gram matrix when it is well conditioned, else by thin QR and SVD."""
+
+from __future__ import annotations
+
+import torch
+
+from lmerge.methods._bases import gram_eigh
+from lmerge.methods._lowrank import numerical_rank, rank_tolerance, thin_qr, thin_svd
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``P @ W^T`` of ``x = P diag(S) W^T`` (thin SVD): the nearest
+    matrix with orthonormal columns (rows, when ``x`` is wide) to ``x``, as in Procrustes. From
+    the Gram matrix ``x^T x = W diag(S^2) W^T`` when a tall ``x`` is well conditioned (as the
+    bases are, :mod:`~lmerge.methods._bases`): ``x (W diag(1/S) W^T)``; else a tall ``x`` goes
+    through its thin QR first, so the SVD is of a square matrix of its width.
+
+    Of an ``x`` short of full rank (numerically: :func:`~lmerge.methods._lowrank.rank_tolerance`),
+    the partial isometry on its range: the components of zero singular value are left out. Their
+    singular vectors are arbitrary, and the nearest orthonormal matrix would raise them to 1:
+    TSV's ``U`` of two equal adapters would then hold as many arbitrary directions as real ones
+    (with the partial isometry, it is their mean)."""
+    if x.shape[0] < x.shape[1]:
+        return polar(x.T).T
+    return polar_given(x, polar_right(x))
+
+
+def polar_given(x: torch.Tensor, right: torch.Tensor | None) -> torch.Tensor:
+    """:func:`polar` of ``x`` for a caller that has tried ``right = polar_right(x)`` already: not
+    tried again (None: by QR and SVD, or, for a wide ``x``, as :func:`polar` does)."""
+    rows, cols = x.shape
+    if right is not None:
+        return x @ right
+    if rows < cols:
+        return polar(x)
+    if rows > cols:
+        Q, R = thin_qr(x)
+        return Q @ _square_polar(R, rows)
+    return _square_polar(x, rows)
+
+
+def polar_right(x: torch.Tensor) -> torch.Tensor | None:
+    """The small ``M = W diag(1/S) W^T`` with ``polar(x) = x @ M``, from the Gram matrix of a tall,
+    well-conditioned ``x`` (None for any other ``x``): a caller that multiplies the polar factor
+    by more small matrices keeps ``x`` as its tall factor, one GEMM fewer. A square ``x`` has no
+    QR to save, and its SVD costs about what the Gram route's eigendecomposition and GEMMs do."""
+    rows, cols = x.shape
+    decomposed = gram_eigh(x) if rows > cols else None
+    if decomposed is None:
+        return None
+    S, W = decomposed
+    return ((W / S) @ W.T).to(x.dtype)
+
+
+def _square_polar(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`polar` of a square ``x``, the triangular factor of a matrix of ``rows`` rows (or that
+    matrix itself), by its SVD, over its numerical rank."""
+    P, S, Wh = thin_svd(x)
+    rank = numerical_rank(S, rank_tolerance(S[0], (rows, x.shape[1]), S.dtype)) if S.numel() else 0
+    return P[:, :rank] @ Wh[:rank]
