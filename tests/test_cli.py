@@ -161,7 +161,7 @@ def test_common_mode_reports_what_it_left_out(zoo, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    assert "left out 10 module(s) only 'llama_a' has" in err
+    assert "left out 10 module(s) of 'llama_a' that not every adapter has" in err
     assert "over 4 modules" in out
 
 
