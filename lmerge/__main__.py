@@ -55,8 +55,9 @@ def merge(config: MergeConfig) -> None:
     result = run_merge(config)
     meta = result.metadata
     for name, keys in meta["dropped_keys"].items():
-        shared_by_some = f"left out {len(keys)} module(s) of {name!r} that not every adapter has"
-        _note(f"merge_mode common: {shared_by_some}, e.g. {keys[0]}")
+        _note(
+            f"merge_mode common: left out {len(keys)} module(s) of {name!r} that not every adapter has, e.g. {keys[0]}"
+        )
     saved = result.saved
     detail = f"saved {saved['format']}"
     if "rank" in saved:
