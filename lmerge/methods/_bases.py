@@ -79,15 +79,20 @@ def gram_basis(X: torch.Tensor) -> Basis | None:
     return Basis(X, (W / s).to(X.dtype), (s[:, None] * W.T).to(X.dtype), singular=True)
 
 
-def gram_eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def gram_eigh(X: torch.Tensor, small: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(s, W)``: ``X``'s singular values, descending, and right singular vectors, from ``X^T X``
     (batched over leading dims); None unless ``X`` [..., m, R] has ``R <= m`` and every matrix of
-    the batch is conditioned well enough (:data:`GRAM_TIERS`)."""
-    if X.shape[-1] > X.shape[-2] or not X.shape[-1]:
+    the batch is conditioned well enough (:data:`GRAM_TIERS`). Given ``small`` [..., R, K], those
+    of ``X @ small``, never formed: its Gram matrix is ``small^T (X^T X) small``."""
+    columns = X.shape[-1] if small is None else small.shape[-1]
+    if columns > X.shape[-2] or not columns:
         return None
     for dtype, condition in GRAM_TIERS.get(X.dtype, ()):
         Xd = X.to(dtype)
-        decomposed = well_conditioned_eigh(Xd.mT @ Xd, condition)
+        G = Xd.mT @ Xd
+        if small is not None:
+            G = small.to(dtype).mT @ G @ small.to(dtype)
+        decomposed = well_conditioned_eigh(G, condition)
         if decomposed is not None:
             return decomposed
     return None

@@ -52,20 +52,26 @@ def tsv(
     together, times lambda."""
     As, Bs = as_working(As, Bs)
     out, inp = Bs[0].shape[0], As[0].shape[1]
-    Us, Ss, Vhs = [], [], []
-    for A, svd in zip(As, product_svds(Bs, As), strict=True):
+    svds = product_svds(Bs, As)
+    kept = []
+    for A, svd in zip(As, svds, strict=True):
         wanted = int(min(out, inp) * (1.0 / len(As))) if params["keep"] is None else int(params["keep"] * A.shape[0])
-        kept = min(max(1, wanted), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype)))
-        Us.append(svd.U(kept))
-        Ss.append(svd.S[:kept])
-        Vhs.append(svd.Vh(kept))
-    S = torch.cat(Ss) * module_lambda(params, ctx, "lambda")
+        kept.append(min(max(1, wanted), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype))))
+    S = torch.cat([svd.S[:k] for svd, k in zip(svds, kept, strict=True)]) * module_lambda(params, ctx, "lambda")
     if not S.numel():
         return zero_factors(out, inp, As[0].dtype)
-    U, Vh = torch.cat(Us, dim=1), torch.cat(Vhs, dim=0)
-    right_U, right_V = polar_right(U), polar_right(Vh.T)
-    if right_U is not None and right_V is not None:
-        # polar(U) S polar(V)^T = U (M_U S M_V^T) Vh: the small core goes into one factor, the
-        # concatenation on the larger side is the other (one GEMM, as a linear save's).
-        return lift_square(U, (right_U * S) @ right_V.T, Vh)
-    return polar_given(Vh.T, right_V).T, polar_given(U, right_U) * S
+    # U_cat = [Fb_1 P_1 ... Fb_n P_n] = F_U D_U and V_cat^T = D_V F_V^T with block-diagonal D_U, D_V:
+    # on the Gram route the tall stacks are [B_1 ... B_n] and [A_1; ...; A_n] themselves, and
+    # U_cat and V_cat are never formed (their Gram matrices are D^T (F^T F) D).
+    F_U, F_Vt = torch.cat([svd.Fb for svd in svds], dim=1), torch.cat([svd.Fa.T for svd in svds], dim=0)
+    D_U = torch.block_diag(*[svd.P[:, :k] for svd, k in zip(svds, kept, strict=True)])
+    D_V = torch.block_diag(*[svd.Wh[:k] for svd, k in zip(svds, kept, strict=True)])
+    right_U, right_V = polar_right(F_U, D_U), polar_right(F_Vt.T, D_V.T)
+    if right_U is None or right_V is None:
+        U, Vh = F_U @ D_U, D_V @ F_Vt
+        return polar_given(Vh.T, right_V).T, polar_given(U, right_U) * S
+    # polar(U_cat) S polar(V_cat)^T = F_U (D_U M_U S M_V^T D_V) F_V^T.
+    left, right = D_U @ (right_U * S), right_V.T @ D_V
+    if left.shape[1] == min(left.shape[0], right.shape[1]):  # no rank to save: one GEMM, as a linear save's
+        return lift_square(F_U, left @ right, F_Vt)
+    return right @ F_Vt, F_U @ left
