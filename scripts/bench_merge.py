@@ -15,7 +15,9 @@ back), and how much of the RSS growth is library code paged in by the process's 
 (``RssFile``: shared, clean pages of mapped files, 9 MB for the linear save, 15-20 MB for a merge
 that calls LAPACK; the rest is memory the merge allocated). With ``--repeat``, the cases run in
 rounds, each case once per round: a case's fastest run gives its times, and its run of median
-allocated memory (RSS growth less library code) its memory columns.
+allocated memory (RSS growth less library code) its memory columns. Its ratio to the linear save
+is also given paired by round, the median over rounds of its time over the linear save's in the
+same round: the fastest runs of two cases may come from different spells of the machine's load.
 
 - ``lmerge:<method>[:core][:full][:r<rank>]``: one ``run_merge`` call (load, merge, save as a
   LoRA or full model); ``:core`` runs a dense method in core space, ``:r16`` saves at
@@ -425,7 +427,19 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     fastest = min(runs, key=lambda run: run["seconds"])
     by_memory = sorted(runs, key=lambda run: run["peak_mb"] - run["baseline_mb"] - run["file_backed_mb"])
     median = by_memory[(len(by_memory) - 1) // 2]
-    return {**fastest, **{field: median[field] for field in MEMORY_FIELDS}}
+    rounds = [run["seconds"] for run in runs]
+    return {**fastest, **{field: median[field] for field in MEMORY_FIELDS}, "round_seconds": rounds}
+
+
+def median_round_ratio(case: dict[str, Any], reference: dict[str, Any]) -> float | None:
+    """The median over rounds of ``case``'s seconds over ``reference``'s in the same round (the
+    lower middle one of an even count): a ratio of runs side by side, which a busy spell of the
+    machine slows alike, where the fastest runs of two cases may come from different spells."""
+    pairs = list(zip(case.get("round_seconds", []), reference.get("round_seconds", []), strict=False))
+    if not pairs:
+        return None
+    ratios = sorted(seconds / other for seconds, other in pairs)
+    return ratios[(len(ratios) - 1) // 2]
 
 
 LINEAR_SAVE = "lmerge:task_vector"
@@ -438,11 +452,18 @@ def table(results: list[dict[str, Any]]) -> str:
     floors, the exact linear save, weight-space ties and the PEFT peer, at the same n)."""
     seconds = {(r["case"], r["n"]): r["seconds"] for r in results if "error" not in r}
     cpu = {(r["case"], r["n"]): r["cpu_seconds"] for r in results if "error" not in r}
+    by_case = {(r["case"], r["n"]): r for r in results if "error" not in r}
     lines = [
         "| case | n | seconds | CPU s | peak RSS MB | Δ RSS MB | of it library code MB | × floor | × stacked floor "
-        "| × linear save | × ties | CPU × linear save | CPU × ties | PEFT peer | × peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| × linear save | × linear save, median of rounds | × ties | CPU × linear save | CPU × ties | PEFT peer "
+        "| × peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+
+    def round_ratio(r: dict[str, Any]) -> str:
+        reference = by_case.get((LINEAR_SAVE, r["n"]))
+        paired = median_round_ratio(r, reference) if reference else None
+        return f"{paired:.2f}" if paired is not None else ""
 
     def ratio(r: dict[str, Any], reference: str | None, digits: int = 2, by: str = "seconds") -> str:
         other = (seconds if by == "seconds" else cpu).get((reference, r["n"]))
@@ -450,7 +471,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} |" + " |" * 12)
+            lines.append(f"| {r['case']} | {r['n']} | error: {r['error'][:100]} |" + " |" * 13)
             continue
         peer = CASES[r["case"]].peer
         cells = [
@@ -464,6 +485,7 @@ def table(results: list[dict[str, Any]]) -> str:
             ratio(r, FLOOR),
             ratio(r, STACKED_FLOOR),
             ratio(r, LINEAR_SAVE),
+            round_ratio(r),
             ratio(r, WEIGHT_TIES, 3),
             ratio(r, LINEAR_SAVE, by="cpu_seconds"),
             ratio(r, WEIGHT_TIES, 3, by="cpu_seconds"),
