@@ -22,7 +22,7 @@ from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
 from lmerge.methods._bases import Basis
 from lmerge.methods._lowrank import CoreSpace, product_svds
-from lmerge.methods._polar import polar
+from lmerge.methods._polar import polar, polar_rows_extending
 from lmerge.methods._scratch import release, scratch
 
 EPS = torch.finfo(torch.float64).eps
@@ -454,6 +454,35 @@ def test_polar_factor_is_orthonormal_and_nearest():
         gram = p.T @ p if shape[0] >= shape[1] else p @ p.T
         torch.testing.assert_close(gram, torch.eye(small, dtype=torch.float64))
         torch.testing.assert_close(p, orthogonalized(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("common", "extra", "width"), [(20, 6, 26), (20, 6, 40), (3, 8, 30), (0, 4, 9)])
+def test_polar_of_orthonormal_rows_extended_by_more_is_the_svd_one(common, extra, width, dtype):
+    """Iso-CTS's right directions: orthonormal rows, then rows leaning on them, whose polar factor
+    comes from a small eigendecomposition; the same as the SVD's, float32 within its rounding."""
+    g = torch.Generator().manual_seed(common + extra + width)
+    basis = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0].T
+    C = basis[:common]
+    T = (
+        0.5 * torch.randn(extra, common, generator=g, dtype=torch.float64) @ C
+        + torch.randn(extra, width - common, generator=g, dtype=torch.float64)
+        @ basis[common:]
+        / (width - common) ** 0.5
+    )
+    reference = polar(torch.cat([C, T]).T).T
+    rows = polar_rows_extending(C.to(dtype), T.to(dtype))
+    assert rows is not None and rows.dtype == dtype
+    assert relative_error(rows.double(), reference) < (1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def test_polar_of_extended_rows_declines_dependent_rows():
+    """A task row inside the common rows' span (the polar factor is then a partial isometry, the
+    SVD's to compute) and no rows at all both leave the polar factor to :func:`polar`."""
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    C = basis.T[:5]
+    assert polar_rows_extending(C, 0.3 * C[:1] + 0.7 * C[1:2]) is None
+    assert polar_rows_extending(C, C[:0]) is None
 
 
 def test_core_space_is_exact_and_a_linear_merge_in_it_is_the_weight_space_one():

@@ -61,3 +61,48 @@ def _square_polar(x: torch.Tensor, rows: int) -> torch.Tensor:
     P, S, Wh = thin_svd(x)
     rank = numerical_rank(S, rank_tolerance(S[0], (rows, x.shape[1]), S.dtype)) if S.numel() else 0
     return P[:, :rank] @ Wh[:rank]
+
+
+EXTENDED_CONDITION = {torch.float64: 1e-5, torch.float32: 1e-8}
+"""Per dtype of its rows, :func:`polar_rows_extending` needs ``lambda_min >= condition *
+lambda_max`` of ``X X^T``: its float64 eigendecomposition then errs by about ``2e-16 /
+condition``, 2e-11 for float64 rows (``kappa(X) <= 316``) and 2e-8 for float32 ones (``kappa <=
+1e4``, within float32's own rounding, and well inside the numerical rank's tolerance)."""
+
+
+def polar_rows_extending(C: torch.Tensor, T: torch.Tensor) -> torch.Tensor | None:
+    """The orthogonal polar factor (orthonormal rows) of ``X = [C; T]`` whose first rows ``C``
+    [c, k] are orthonormal already (Iso-CTS's common right singular vectors, then the tasks' own
+    ``T`` [t, k]), from a ``2t``-square eigendecomposition instead of the SVD of ``X``.
+
+    ``X X^T = I + N`` with ``N = [[0, E^T], [E, T T^T - I]]`` (``E = T C^T``) of rank at most
+    ``2t``: with ``E^T = Qe Re`` (thin QR), ``N = Q N' Q^T`` for the orthonormal ``Q =
+    blockdiag(Qe, I_t)`` and ``N' = [[0, Re], [Re^T, T T^T - I]]``. So from ``I + N' = W diag(mu)
+    W^T`` (float64), ``(X X^T)^{-1/2} = I + Q (W diag(mu^{-1/2}) W^T - I) Q^T``, and the polar
+    factor ``(X X^T)^{-1/2} X`` adds to ``X`` the rows ``Q Z`` with ``Z = (W diag(mu^{-1/2}) W^T -
+    I) [Qe^T C; T]``. None unless ``X`` is conditioned well enough (:data:`EXTENDED_CONDITION`):
+    of dependent rows its polar factor is a partial isometry, which :func:`polar` computes."""
+    c, t = C.shape[0], T.shape[0]
+    if not t:
+        return None
+    Cd, Td = C.double(), T.double()
+    # C's rows are orthonormal only to C's precision (float32: ~1e-7), and the eigendecomposition
+    # below takes C C^T as I exactly, an error amplified by kappa(X)^2: first orthonormalize them
+    # to second order, C <- (I - D / 2) C with D = C C^T - I, a change within C's own rounding.
+    D = Cd @ Cd.T
+    D.diagonal().sub_(1.0)
+    Cd = Cd - 0.5 * (D @ Cd)
+    Qe, Re = thin_qr((Td @ Cd.T).T)
+    w = Re.shape[0]
+    N = torch.zeros(w + t, w + t, dtype=torch.float64)
+    N[:w, w:], N[w:, :w], N[w:, w:] = Re, Re.T, Td @ Td.T
+    N[:w, :w].diagonal().fill_(1.0)
+    mu, W = torch.linalg.eigh(N)
+    # The eigenvalues of X X^T off Q's span are 1.
+    largest = max(float(mu[-1]), 1.0) if c > w else float(mu[-1])
+    if not float(mu[0]) >= EXTENDED_CONDITION.get(C.dtype, 1e-5) * largest:
+        return None
+    correction = (W * mu.rsqrt()) @ W.T
+    correction.diagonal().sub_(1.0)
+    Z = correction @ torch.cat([Qe.T @ Cd, Td])
+    return torch.cat([Cd + Qe @ Z[:w], Td + Z[w:]]).to(C.dtype)

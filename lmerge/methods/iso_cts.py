@@ -42,7 +42,7 @@ from lmerge.methods._lowrank import (
     zero_factors,
 )
 from lmerge.methods._params import check_number, check_range, module_lambda
-from lmerge.methods._polar import polar
+from lmerge.methods._polar import polar, polar_rows_extending
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -92,10 +92,19 @@ def _from_gram_product(
     merged_left[common:, common:] = specific
     level = module_lambda(params, ctx, "lambda") * torch.cat([svd.S[:common], *Ss]).mean()
     K_left = svd.left(merged_left * level)
-    K_right = svd.right(polar(torch.cat([svd.V.T[:common], *Vhs], dim=0).T).T)
+    K_right = svd.right(_right_directions(svd.V.T[:common], Vhs))
     if K_left.shape[1] == R:  # as wide as the stacks: one GEMM, on the smaller side
         return lift_square(B, K_left @ K_right, A)
     return K_right @ A, B @ K_left
+
+
+def _right_directions(common: torch.Tensor, Vhs: list[torch.Tensor]) -> torch.Tensor:
+    """The polar factor (orthonormal rows) of the orthonormal rows ``common`` and the tasks'
+    ``Vhs`` below them (:func:`~lmerge.methods._polar.polar_rows_extending`, or an SVD where it
+    declines)."""
+    specific = torch.cat(Vhs, dim=0) if Vhs else common[:0]
+    rows = polar_rows_extending(common, specific)
+    return polar(torch.cat([common, specific], dim=0).T).T if rows is None else rows
 
 
 def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +123,7 @@ def _in_core_space(space: CoreSpace, params: dict[str, Any], ctx: ModuleContext)
     # [Uc, specific] is [Uc, polar(specific)].
     U = torch.cat([Uc, specific], dim=1)
     level = module_lambda(params, ctx, "lambda") * torch.cat([S[:common], *Ss]).mean()
-    return space.lift(U * level, polar(torch.cat([Wh[:common], *Vhs], dim=0).T).T)
+    return space.lift(U * level, _right_directions(Wh[:common], Vhs))
 
 
 def _task_specific(
