@@ -10,9 +10,10 @@ import torch
 from test_lowrank import CASES, _method_and_params, _reference, merged_delta, relative_error
 
 import lmerge.methods.iso_cts as iso_cts_module
+import lmerge.methods.tsv as tsv_module
 from lmerge.methods._bases import Basis, basis_of
 from lmerge.methods._gram_product import gram_product_svd
-from lmerge.methods._lowrank import concatenated_svd, product_svds, small_svd, thin_svd
+from lmerge.methods._lowrank import concatenated_svd, product_cores, product_svds, small_svd, thin_svd
 from lmerge.methods._polar import polar
 
 KEY = "model.layers.0.mlp.up_proj"
@@ -276,3 +277,36 @@ def test_a_float32_svd_that_fails_to_converge_is_done_in_float64(monkeypatch):
     torch.testing.assert_close(Q.T @ Q, torch.eye(30), atol=1e-5, rtol=0)
     with pytest.raises(torch.linalg.LinAlgError):  # a float64 failure, or non-finite input, stays one
         thin_svd(torch.full((3, 3), math.nan))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kappa", [3, 30, 90])
+def test_tsv_keeping_every_direction_takes_no_per_task_svd(kappa, dtype):
+    """Factors long enough for the Gram route, each task keeping all its directions: TSV from the
+    tasks' bases and cores alone (``tsv._every_direction``), against the dense reference of the
+    same numbers, directly and through the method."""
+    As, Bs = factors(kappa, ranks=(2, 3, 2, 3), out=160, inp=128, seed=5)
+    As, Bs = [A.to(dtype) for A in As], [B.to(dtype) for B in Bs]
+    deltas = torch.stack([B.double() @ A.double() for A, B in zip(As, Bs)])
+    reference = _reference("tsv", {"lambda": 0.7}, [A.double() for A in As], [B.double() for B in Bs], deltas, KEY)
+    tolerance = 1e-10 if dtype == torch.float64 else 5e-5
+    merged = tsv_module._every_direction(Bs, As, 0.7)
+    assert merged is not None
+    assert relative_error((merged[1] @ merged[0]).double(), reference) < tolerance
+    method, _ = _method_and_params("tsv")
+    assert relative_error(merged_delta(method, As, Bs, {"lambda": 0.7}, KEY).double(), reference) < tolerance
+
+
+def test_a_product_is_certain_of_full_rank_only_when_its_bases_say_so():
+    """``product_cores``' certificate: the product's smallest singular value is at least its
+    bases' smallest ones multiplied, against the rank tolerance at its largest. Float32 factors of
+    condition 90 each over 1100 rows pass the Gram route, but 1 / 90^2 is under 1100 * eps32:
+    no certainty, so TSV takes the tasks' SVDs (where the rank is decided); condition 3 is certain."""
+    for kappa, certain in ((3, True), (90, False)):
+        B = conditioned(1100, 2, kappa, seed=1).float()
+        A = conditioned(1100, 2, kappa, seed=2).T.float()
+        (core,) = product_cores([B], [A])
+        assert core.full_rank is certain
+        other_B, other_A = conditioned(1100, 2, 3, seed=3).float(), conditioned(1100, 2, 3, seed=4).T.float()
+        merged = tsv_module._every_direction([B, other_B], [A, other_A], 1.0)
+        assert (merged is not None) is certain

@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._lowrank import as_working, lift_square, numerical_rank, product_svds, rank_tolerance, zero_factors
+from lmerge.methods._lowrank import (
+    as_working,
+    lift_square,
+    numerical_rank,
+    product_cores,
+    product_svds,
+    rank_tolerance,
+    zero_factors,
+)
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
 from lmerge.methods._polar import polar_given, polar_right
 from lmerge.methods.registry import Kind, ModuleContext, register
@@ -52,12 +60,21 @@ def tsv(
     together, times lambda."""
     As, Bs = as_working(As, Bs)
     out, inp = Bs[0].shape[0], As[0].shape[1]
+    ranks = [A.shape[0] for A in As]
+    wanted = [
+        int(min(out, inp) * (1.0 / len(As))) if params["keep"] is None else int(params["keep"] * r) for r in ranks
+    ]
+    scale = module_lambda(params, ctx, "lambda")
+    if all(max(1, w) >= r for w, r in zip(wanted, ranks, strict=True)):
+        merged = _every_direction(Bs, As, scale)
+        if merged is not None:
+            return merged
     svds = product_svds(Bs, As)
-    kept = []
-    for A, svd in zip(As, svds, strict=True):
-        wanted = int(min(out, inp) * (1.0 / len(As))) if params["keep"] is None else int(params["keep"] * A.shape[0])
-        kept.append(min(max(1, wanted), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), A.dtype))))
-    S = torch.cat([svd.S[:k] for svd, k in zip(svds, kept, strict=True)]) * module_lambda(params, ctx, "lambda")
+    kept = [
+        min(max(1, w), numerical_rank(svd.S, rank_tolerance(svd.S[0], (out, inp), As[0].dtype)))
+        for w, svd in zip(wanted, svds, strict=True)
+    ]
+    S = torch.cat([svd.S[:k] for svd, k in zip(svds, kept, strict=True)]) * scale
     if not S.numel():
         return zero_factors(out, inp, As[0].dtype)
     # U_cat = [Fb_1 P_1 ... Fb_n P_n] = F_U D_U and V_cat^T = D_V F_V^T with block-diagonal D_U, D_V:
@@ -75,3 +92,24 @@ def tsv(
     if left.shape[1] == min(left.shape[0], right.shape[1]):  # no rank to save: one GEMM, as a linear save's
         return lift_square(F_U, left @ right, F_Vt)
     return right @ F_Vt, F_U @ left
+
+
+def _every_direction(
+    Bs: list[torch.Tensor], As: list[torch.Tensor], scale: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """TSV where every task keeps all its directions, without the tasks' SVDs: with each
+    ``delta_i = Qb_i C_i Qa_i^T`` in orthonormal bases of its factors (:func:`product_cores`) and
+    ``C_i = P_i S_i W_i^T`` (its SVD), ``U_cat = Qb_stack blockdiag(P_i)`` with ``blockdiag(P_i)``
+    orthogonal, so ``polar(U_cat) = polar(Qb_stack) blockdiag(P_i)`` (the same for ``V``), and the
+    merge is ``polar(Qb_stack) blockdiag(C_i) polar(Qa_stack)^T``. None unless every task is of
+    full rank for certain and both polar factors come from Gram matrices."""
+    cores = product_cores(Bs, As)
+    if cores is None or not all(core.full_rank for core in cores):
+        return None
+    B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    Tb, Ta = torch.block_diag(*[core.Tb for core in cores]), torch.block_diag(*[core.Ta for core in cores])
+    right_U, right_V = polar_right(B, Tb), polar_right(A.T, Ta)
+    if right_U is None or right_V is None:
+        return None
+    C = torch.block_diag(*[core.C for core in cores]) * scale
+    return lift_square(B, (Tb @ right_U) @ C @ (Ta @ right_V).T, A)
