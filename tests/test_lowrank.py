@@ -21,7 +21,7 @@ from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
 from lmerge.methods._bases import Basis
-from lmerge.methods._lowrank import CoreSpace, product_svds
+from lmerge.methods._lowrank import CoreSpace, _nonzero, product_svds
 from lmerge.methods._polar import polar, polar_rows_extending
 from lmerge.methods._scratch import release, scratch
 
@@ -483,6 +483,15 @@ def test_polar_of_extended_rows_declines_dependent_rows():
     C = basis.T[:5]
     assert polar_rows_extending(C, 0.3 * C[:1] + 0.7 * C[1:2]) is None
     assert polar_rows_extending(C, C[:0]) is None
+
+
+def test_a_factor_is_zero_only_when_every_entry_is():
+    """Core space leaves out adapters of a zero factor, found from the factors' norms: a float32
+    norm that underflows to zero, or a NaN one, is looked at entry by entry."""
+    tiny = torch.full((4, 5), 1e-30)
+    assert float(torch._foreach_norm([tiny])[0]) == 0.0
+    factors = [torch.zeros(3, 2), tiny, torch.ones(2), torch.tensor([float("nan"), 0.0]), torch.zeros(0)]
+    assert _nonzero(factors) == [False, True, True, True, False]
 
 
 def test_core_space_is_exact_and_a_linear_merge_in_it_is_the_weight_space_one():
