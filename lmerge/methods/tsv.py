@@ -8,7 +8,10 @@ tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` i
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
 LoRA of rank ``K <= sum_i r_i``. Task vectors that are already mutually orthogonal come back
 summed (with every direction kept), equal ones as one: the polar factor of a concatenation short
-of full rank is its partial isometry (:func:`~lmerge.methods._polar.polar`).
+of full rank is its partial isometry (:func:`~lmerge.methods._polar.polar`). Where every task
+keeps all its directions (by default, for LoRA ranks up to ``min(out, in) / n``), the polar
+factors of ``U_cat`` and ``V_cat`` come from the tasks' bases alone, without their SVDs
+(:func:`_every_direction`).
 
 Choices, following the authors' code (``compute_and_sum_svd_mem_reduction`` in
 github.com/danielm1405/iso-merging, ``src/utils/TSVM_utils.py``):
@@ -98,7 +101,8 @@ def _every_direction(
     Bs: list[torch.Tensor], As: list[torch.Tensor], scale: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """TSV where every task keeps all its directions, without the tasks' SVDs: with each
-    ``delta_i = Qb_i C_i Qa_i^T`` in orthonormal bases of its factors (:func:`product_cores`) and
+    ``delta_i = Qb_i C_i Qa_i^T`` in orthonormal bases of its factors
+    (:func:`~lmerge.methods._lowrank.product_cores`) and
     ``C_i = P_i S_i W_i^T`` (its SVD), ``U_cat = Qb_stack blockdiag(P_i)`` with ``blockdiag(P_i)``
     orthogonal, so ``polar(U_cat) = polar(Qb_stack) blockdiag(P_i)`` (the same for ``V``), and the
     merge is ``polar(Qb_stack) blockdiag(C_i) polar(Qa_stack)^T``. None unless every task is of
