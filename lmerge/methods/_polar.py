@@ -92,12 +92,13 @@ def polar_rows_extending(C: torch.Tensor, T: torch.Tensor) -> torch.Tensor | Non
     D = Cd @ Cd.T
     D.diagonal().sub_(1.0)
     Cd = Cd - 0.5 * (D @ Cd)
-    Qe, Re = thin_qr((Td @ Cd.T).T)
+    Qe, Re = thin_qr(Cd @ Td.T)  # E^T = C T^T
     w = Re.shape[0]
-    N = torch.zeros(w + t, w + t, dtype=torch.float64)
-    N[:w, w:], N[w:, :w], N[w:, w:] = Re, Re.T, Td @ Td.T
-    N[:w, :w].diagonal().fill_(1.0)
-    mu, W = torch.linalg.eigh(N)
+    # I + N', which is X X^T in the coordinates of Q.
+    gram = torch.zeros(w + t, w + t, dtype=torch.float64)
+    gram[:w, w:], gram[w:, :w], gram[w:, w:] = Re, Re.T, Td @ Td.T
+    gram[:w, :w].diagonal().fill_(1.0)
+    mu, W = torch.linalg.eigh(gram)
     # The eigenvalues of X X^T off Q's span are 1.
     largest = max(float(mu[-1]), 1.0) if c > w else float(mu[-1])
     if not float(mu[0]) >= EXTENDED_CONDITION.get(C.dtype, 1e-5) * largest:
