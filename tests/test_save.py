@@ -182,6 +182,18 @@ def test_a_linear_merge_at_a_lower_rank_is_peft_svd_combination(zoo, tmp_path):
         assert float((update - reference).norm() / reference.norm()) < 1e-4, name
 
 
+def test_truncated_svd_is_the_same_whatever_the_global_random_state():
+    """The randomized SVD draws its test matrix from its own seeded generator: a flat spectrum's
+    top directions (a DARE merge's) depend on the draw, and the same merge must save the same LoRA."""
+    delta = torch.randn(60, 50, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    first = truncated_svd(delta, 8)
+    torch.manual_seed(2)
+    torch.randn(100)
+    second = truncated_svd(delta, 8)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]) and first[2] == second[2]
+
+
 def test_truncated_svd_error_is_the_true_error_and_near_the_best():
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(300, 64, generator=g))

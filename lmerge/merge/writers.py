@@ -43,16 +43,29 @@ the same for any small number of columns (it is memory bound), so a generous ove
 one power iteration matches two iterations with few columns at two thirds of the passes."""
 
 
+_SKETCH_SEED = 0
+"""Seed of the randomized SVD's Gaussian test matrix, drawn from a generator of its own: the same
+merge saves the same LoRA in every run and whichever worker thread saves it. (``torch.svd_lowrank``
+draws from the global RNG: a DARE merge saved at rank 32 scored 80.8% and 81.7% on the demo in
+two runs of the same command, its flat spectrum's top directions being a matter of the draw.)"""
+
+
 def truncated_svd(delta: torch.Tensor, rank: int, niter: int = 1) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [k, in], B [out, k], relative Frobenius error)`` with ``B @ A`` the best rank-``k``
-    approximation found by a randomized SVD (a few GEMMs, not a full decomposition)."""
+    approximation found by a randomized SVD (Halko et al.'s range finder with ``niter`` power
+    iterations, each step orthonormalized: a few GEMMs, not a full decomposition)."""
     rank = min(rank, *delta.shape)
     total = float(delta.square().sum())
     if total == 0.0:
         return delta.new_zeros(rank, delta.shape[1]), delta.new_zeros(delta.shape[0], rank), 0.0
-    U, S, V = torch.svd_lowrank(delta, q=min(rank + _OVERSAMPLE, *delta.shape), niter=niter)
-    U, S, V = U[:, :rank], S[:rank], V[:, :rank]
-    A, B = V.T.contiguous(), (U * S).contiguous()
+    columns = min(rank + _OVERSAMPLE, *delta.shape)
+    sketch = torch.randn(delta.shape[1], columns, generator=torch.Generator().manual_seed(_SKETCH_SEED))
+    Q = torch.linalg.qr(delta @ sketch.to(delta.dtype)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(delta @ torch.linalg.qr(delta.T @ Q).Q).Q
+    P, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)
+    P, S, Vh = P[:, :rank], S[:rank], Vh[:rank]
+    A, B = Vh.contiguous(), ((Q @ P) * S).contiguous()
     # B A = U_k U_k^T delta, a projection, so ||delta - B A||^2 = ||delta||^2 - sum(S_k^2); where
     # that difference is within the rounding of its terms (a small error), the residual itself.
     error = _relative_error(total, float(S.square().sum()))
