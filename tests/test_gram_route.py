@@ -13,8 +13,9 @@ import lmerge.methods.iso_cts as iso_cts_module
 import lmerge.methods.tsv as tsv_module
 from lmerge.methods._bases import Basis, basis_of
 from lmerge.methods._gram_product import gram_product_svd
-from lmerge.methods._lowrank import concatenated_svd, product_cores, product_svds, small_svd, thin_svd
+from lmerge.methods._lowrank import concatenated_svd, small_svd, thin_svd
 from lmerge.methods._polar import polar
+from lmerge.methods._products import product_cores, product_svds
 
 KEY = "model.layers.0.mlp.up_proj"
 

@@ -21,8 +21,9 @@ from lmerge.layers import layer_index
 from lmerge.merge.engine import COMBINERS
 from lmerge.methods import METHODS, Kind, ModuleContext, _dare, get_method
 from lmerge.methods._bases import Basis
-from lmerge.methods._lowrank import CoreSpace, _nonzero, product_svds
+from lmerge.methods._lowrank import CoreSpace, _nonzero
 from lmerge.methods._polar import polar, polar_rows_extending
+from lmerge.methods._products import product_svds
 from lmerge.methods._scratch import release, scratch
 
 EPS = torch.finfo(torch.float64).eps

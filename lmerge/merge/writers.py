@@ -23,7 +23,7 @@ from lmerge.adapters.lora import (
 )
 from lmerge.errors import AdapterError, OutputError
 from lmerge.merge.engine import MergedModule
-from lmerge.methods._lowrank import product_svds
+from lmerge.methods._products import product_svds
 from lmerge.methods._unit_scale import unit_scale
 from lmerge.outputs.tensor_stream import StreamedTensors, header_room
 from lmerge.tasks.heads import has_head, read_head, write_head
@@ -87,7 +87,7 @@ def _residual_error(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, total
 def truncated_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A' [k, in], B' [out, k], relative Frobenius error)`` with ``B' @ A'`` the best rank-``k``
     approximation of ``B @ A`` (``k = min(rank, its rank bound)``), exactly, from the SVD of the
-    product computed from its factors (:func:`~lmerge.methods._lowrank.product_svds`, on the
+    product computed from its factors (:func:`~lmerge.methods._products.product_svds`, on the
     factors brought to unit scale, :mod:`~lmerge.methods._unit_scale`): no dense product."""
     a, b = unit_scale([A]), unit_scale([B])
     svd = product_svds([B * b], [A * a])[0]

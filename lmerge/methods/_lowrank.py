@@ -15,7 +15,8 @@ the basis is already the stack's singular vectors), any other one's from Househo
 result whose core is as wide as a basis keeps the basis's tall factor, the stack itself on the
 Gram route, as its own (one lift GEMM, on the smaller of ``out`` and ``in``, instead of two: the
 stacks are laid out as the saved factors are, ``[B_1 ... B_n]`` and ``[A_1; ...; A_n]``
-row-major); and many small factorizations of one shape are batched (:func:`product_svds`).
+row-major); and many small factorizations of one shape are batched
+(:func:`~lmerge.methods._products.product_svds`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, gram_eigh, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -58,12 +59,6 @@ def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             raise
         P, S, Wh = torch.linalg.svd(x.double(), full_matrices=False)
         return P.to(x.dtype), S.to(x.dtype), Wh.to(x.dtype)
-
-
-def _batch(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The matrices ``xs`` (of one shape) stacked [g, m, k], each stored column-major: the layout
-    LAPACK factors (a QR copies its input into it; from a row-major stack the copy is a transpose)."""
-    return torch.stack([x.mT for x in xs]).mT
 
 
 def rank_blocks(ranks: list[int]) -> list[slice]:
@@ -105,125 +100,12 @@ def small_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return thin_svd(x)
 
 
-@dataclass(frozen=True)
-class FactoredSVD:
-    """The thin SVD ``B @ A = (Fb P) diag(S) (Wh Fa^T)`` of a product, kept factored: ``Fb``
-    [m, p] and ``Fa`` [n, q] tall (orthonormal bases, or ``B`` and ``A^T`` themselves with the
-    bases' small factors folded into ``P`` [p, s] and ``Wh`` [s, q]); singular values descending."""
-
-    Fb: torch.Tensor
-    P: torch.Tensor
-    S: torch.Tensor
-    Wh: torch.Tensor
-    Fa: torch.Tensor
-
-    def U(self, k: int) -> torch.Tensor:
-        """The top ``k`` left singular vectors [m, k]."""
-        return self.Fb @ self.P[:, :k]
-
-    def Vh(self, k: int) -> torch.Tensor:
-        """The top ``k`` right singular vectors as rows [k, n]."""
-        return self.Wh[:k] @ self.Fa.T
-
-
 def lift_square(B: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A', B')`` with ``B' A' = B K A`` (``K`` square): ``K`` goes into the factor on the
     smaller of ``out`` and ``in``, so that the one GEMM is the smaller one."""
     if B.shape[0] >= A.shape[1]:
         return K @ A, B
     return A, B @ K
-
-
-_GRAM_ROWS_PER_RANK = 32
-"""A product's factors take the Gram route (:func:`product_svds`) from this many rows (of ``B``,
-columns of ``A``) per unit of rank on: below, batched Householder QRs take less time (the Gram
-route's eigendecompositions cost more than Householder QRs of short factors: at r = 16, up to
-about 500 rows, such as Iso-CTS's cores)."""
-
-
-def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
-    """The thin SVD of every ``Bs[i] @ As[i]`` (``B`` [m, r], ``A`` [r, n]) from its factors, in
-    ``O((m + n) r^2)``: orthonormal bases ``B = Qb Rb`` and ``A^T = Qa Ra``, then the SVD of the
-    small ``Rb @ Ra^T``. The bases come from the factors' Gram matrices when both are well
-    conditioned and long enough (:mod:`~lmerge.methods._bases`: ``Qb = B Wb diag(1/sb)``,
-    ``Rb = diag(sb) Wb^T``, never formed), else from thin QRs. Batched per group of equal
-    shapes: a few torch calls per group, where TSV's and Iso-CTS's many small products would take
-    dozens each (whose dispatch, under the interpreter lock, also keeps the merge's threads from
-    running side by side)."""
-    svds: dict[int, FactoredSVD] = {}
-    for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
-        group_B, group_A = [Bs[i] for i in members], [As[i] for i in members]
-        gram = _product_svds_by_gram(group_B, group_A)
-        svds.update(zip(members, gram or _product_svds_by_qr(group_B, group_A), strict=True))
-    return [svds[i] for i in range(len(Bs))]
-
-
-@dataclass(frozen=True)
-class ProductCore:
-    """``B @ A = (B Tb) C (A^T Ta)^T`` with ``B Tb`` and ``A^T Ta`` orthonormal: the Gram route's
-    bases of ``B`` [m, r] and ``A^T`` [n, r], kept implicit (``B^T B = Wb diag(sb^2) Wb^T``, ``Tb =
-    Wb diag(1/sb)``), and the core ``C = diag(sb) Wb^T Wa diag(sa)`` [r, r]. ``full_rank``: ``B @ A``
-    is of full numerical rank ``r`` for certain, as ``sigma_min(C) >= min(sb) min(sa)`` lies above
-    the tolerance (:func:`rank_tolerance`) at ``sigma_max(C) <= max(sb) max(sa)``."""
-
-    Tb: torch.Tensor
-    C: torch.Tensor
-    Ta: torch.Tensor
-    full_rank: bool
-
-
-def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[ProductCore] | None:
-    """:class:`ProductCore` of every ``Bs[i] @ As[i]``, in the factors' precision, batched per
-    group of equal shapes; None unless every factor takes the Gram route (as
-    :func:`product_svds` would: long enough and well conditioned)."""
-    found: dict[int, ProductCore] = {}
-    for members in _groups([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
-        group = _product_cores_by_gram([Bs[i] for i in members], [As[i] for i in members])
-        if group is None:
-            return None
-        Tb, C, Ta, full_rank = group
-        dtype = Bs[members[0]].dtype
-        for j, i in enumerate(members):
-            found[i] = ProductCore(Tb[j].to(dtype), C[j].to(dtype), Ta[j].to(dtype), bool(full_rank[j]))
-    return [found[i] for i in range(len(Bs))]
-
-
-def _product_cores_by_gram(
-    Bs: list[torch.Tensor], As: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(Tb, C, Ta, full_rank)`` of :class:`ProductCore` for products of one shape, batched, in
-    the precision their Gram matrices needed; None off the Gram route."""
-    (m, r), n = Bs[0].shape, As[0].shape[1]
-    if min(m, n) < _GRAM_ROWS_PER_RANK * r:
-        return None
-    b, a = gram_eigh(torch.stack(Bs)), gram_eigh(torch.stack(As).mT)
-    if b is None or a is None:
-        return None
-    dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
-    (sb, Wb), (sa, Wa) = [[t.to(dtype) for t in pair] for pair in (b, a)]
-    C = (sb[..., :, None] * (Wb.mT @ Wa)) * sa[..., None, :]
-    largest, smallest = sb[..., 0] * sa[..., 0], sb[..., -1] * sa[..., -1]
-    full_rank = smallest > largest * (max(m, n) * torch.finfo(Bs[0].dtype).eps)  # rank_tolerance's rule
-    return Wb / sb[..., None, :], C, Wa / sa[..., None, :], full_rank
-
-
-def _product_svds_by_gram(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD] | None:
-    # One shape: B = Qb Rb and A^T = Qa Ra from the Gram matrices, kept implicit (product_svds).
-    cores = _product_cores_by_gram(Bs, As)
-    if cores is None:
-        return None
-    Tb, C, Ta, _ = cores
-    P, S, Wh = thin_svd(C)
-    P, Wh = Tb @ P, Wh @ Ta.mT
-    P, S, Wh = (t.to(Bs[0].dtype) for t in (P, S, Wh))
-    return [FactoredSVD(B, P[j], S[j], Wh[j], A.T) for j, (B, A) in enumerate(zip(Bs, As, strict=True))]
-
-
-def _product_svds_by_qr(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[FactoredSVD]:
-    Qb, Rb = thin_qr(_batch(Bs))
-    Qa, Ra = thin_qr(_batch([A.T for A in As]))
-    P, S, Wh = thin_svd(Rb @ Ra.mT)
-    return [FactoredSVD(Qb[j], P[j], S[j], Wh[j], Qa[j]) for j in range(len(Bs))]
 
 
 def _nonzero(tensors: list[torch.Tensor]) -> list[bool]:
@@ -234,7 +116,7 @@ def _nonzero(tensors: list[torch.Tensor]) -> list[bool]:
     return [found or bool(tensor.any()) for found, tensor in zip(positive, tensors, strict=True)]
 
 
-def _groups(keys: list[Any]) -> list[list[int]]:
+def groups_of(keys: list[Any]) -> list[list[int]]:
     """The indices of ``keys`` grouped by equal key. A batched QR or SVD runs LAPACK's routine on
     each matrix in turn, so each result is the one of its own call: batching saves the per-call
     overhead only, which for an adapter's thin ``[out, r_i]`` factor is a good part of the work."""
@@ -423,7 +305,7 @@ def _row_eighs(
     """:func:`~lmerge.methods._bases.well_conditioned_eigh` of every ``A_i A_i^T`` in ``dtype``,
     one batched call per rank; None if any is not well conditioned."""
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for members in _groups([A.shape for A in As]):
+    for members in groups_of([A.shape for A in As]):
         stack = torch.stack([As[i] for i in members]).to(dtype)
         decomposed = well_conditioned_eigh(stack @ stack.mT, condition)
         if decomposed is None:

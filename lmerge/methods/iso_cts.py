@@ -35,7 +35,6 @@ from lmerge.methods._lowrank import (
     as_working,
     lift_square,
     numerical_rank,
-    product_svds,
     rank_blocks,
     rank_tolerance,
     small_svd,
@@ -43,6 +42,7 @@ from lmerge.methods._lowrank import (
 )
 from lmerge.methods._params import check_number, check_range, module_lambda
 from lmerge.methods._polar import polar, polar_rows_extending
+from lmerge.methods._products import product_svds
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 

@@ -2,7 +2,7 @@
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
 Per task, the SVD ``delta_i = U_i S_i V_i^T``, computed from the LoRA factors
-(:func:`~lmerge.methods._lowrank.product_svds`); its top ``k_i`` singular triplets are kept; all
+(:func:`~lmerge.methods._products.product_svds`); its top ``k_i`` singular triplets are kept; all
 tasks' kept ``U_i`` are concatenated into ``U_cat`` [out, K] and their ``V_i`` into ``V_cat``
 [in, K], each replaced by its orthogonal polar factor (Procrustes: the nearest matrix with
 orthonormal columns), and the merge is ``lambda * polar(U_cat) diag(S_cat) polar(V_cat)^T``, a
@@ -38,13 +38,12 @@ from lmerge.methods._lowrank import (
     as_working,
     lift_square,
     numerical_rank,
-    product_cores,
-    product_svds,
     rank_tolerance,
     zero_factors,
 )
 from lmerge.methods._params import check_number, check_range, module_lambda, parse_yaml
 from lmerge.methods._polar import polar_given, polar_right
+from lmerge.methods._products import product_cores, product_svds
 from lmerge.methods.registry import Kind, ModuleContext, register
 
 
@@ -102,7 +101,7 @@ def _every_direction(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """TSV where every task keeps all its directions, without the tasks' SVDs: with each
     ``delta_i = Qb_i C_i Qa_i^T`` in orthonormal bases of its factors
-    (:func:`~lmerge.methods._lowrank.product_cores`) and
+    (:func:`~lmerge.methods._products.product_cores`) and
     ``C_i = P_i S_i W_i^T`` (its SVD), ``U_cat = Qb_stack blockdiag(P_i)`` with ``blockdiag(P_i)``
     orthogonal, so ``polar(U_cat) = polar(Qb_stack) blockdiag(P_i)`` (the same for ``V``), and the
     merge is ``polar(Qb_stack) blockdiag(C_i) polar(Qa_stack)^T``. None unless every task is of
