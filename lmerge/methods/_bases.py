@@ -91,7 +91,8 @@ def gram_eigh(X: torch.Tensor, small: torch.Tensor | None = None) -> tuple[torch
         Xd = X.to(dtype)
         G = Xd.mT @ Xd
         if small is not None:
-            G = small.to(dtype).mT @ G @ small.to(dtype)
+            Sd = small.to(dtype)
+            G = Sd.mT @ G @ Sd
         decomposed = well_conditioned_eigh(G, condition)
         if decomposed is not None:
             return decomposed
