@@ -14,6 +14,7 @@ saves).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -187,8 +188,11 @@ def _json_digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.cache
 def package_version(package: str) -> str:
-    """The installed version of ``package`` ("unknown" when it is not installed as a distribution)."""
+    """The installed version of ``package`` ("unknown" when it is not installed as a distribution),
+    looked up once per process: a lookup scans the installed distributions (a few ms each, for
+    every merge's metadata and every cache key)."""
     try:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:

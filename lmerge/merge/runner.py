@@ -9,7 +9,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from lmerge.adapters.align import align_keys, check_base, check_compatible
 from lmerge.adapters.lora import LoraAdapter, first_nonfinite, product_within, saved_dtype
 from lmerge.data import subset_namespace
 from lmerge.errors import ConfigError, MethodError
-from lmerge.evaluation.baseline_key import config_digest
+from lmerge.evaluation.baseline_key import config_digest, package_version
 from lmerge.evaluation.evaluate import Evaluation, Evaluator
 from lmerge.evaluation.record import index_entry, plan_views, results_name
 from lmerge.layers import layer_index
@@ -290,13 +289,7 @@ def _transform_scales(adapters: list[LoraAdapter], keys: list[str], transforms) 
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions
+    return {package: package_version(package) for package in _PACKAGES}
 
 
 def _metadata(config, method, params, tag, adapters, keys, dropped, saved, started) -> dict[str, Any]:
