@@ -11,7 +11,7 @@ from test_lowrank import CASES, _method_and_params, _reference, merged_delta, re
 
 import lmerge.methods.iso_cts as iso_cts_module
 import lmerge.methods.tsv as tsv_module
-from lmerge.methods._bases import Basis, basis_of
+from lmerge.methods._bases import _STACK_BELOW, Basis, basis_of, gram_matrices
 from lmerge.methods._gram_product import gram_product_svd
 from lmerge.methods._lowrank import concatenated_svd, small_svd, thin_svd
 from lmerge.methods._polar import polar
@@ -311,3 +311,16 @@ def test_a_product_is_certain_of_full_rank_only_when_its_bases_say_so():
         other_B, other_A = conditioned(1100, 2, 3, seed=3).float(), conditioned(1100, 2, 3, seed=4).T.float()
         merged = tsv_module._every_direction([B, other_B], [A, other_A], 1.0)
         assert (merged is not None) is certain
+
+
+@pytest.mark.parametrize("rows", [64, _STACK_BELOW // 4 + 5])  # stacked, and a GEMM each
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_matrices_of_a_list_are_each_matrix_s_own(rows, transposed):
+    g = torch.Generator().manual_seed(rows)
+    factors = [torch.randn(4, rows, generator=g) for _ in range(3)] if transposed else None
+    matrices = [f.T for f in factors] if transposed else [torch.randn(rows, 4, generator=g) for _ in range(3)]
+    expected = torch.stack([m.double().T @ m.double() for m in matrices])
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        grams = gram_matrices(matrices, dtype)
+        assert grams.dtype == dtype and grams.shape == (3, 4, 4)
+        assert float((grams.double() - expected).norm() / expected.norm()) < tolerance

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, gram_matrices, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -306,8 +306,7 @@ def _row_eighs(
     one batched call per rank; None if any is not well conditioned."""
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for members in groups_of([A.shape for A in As]):
-        stack = torch.stack([As[i] for i in members]).to(dtype)
-        decomposed = well_conditioned_eigh(stack @ stack.mT, condition)
+        decomposed = well_conditioned_eigh(gram_matrices([As[i].T for i in members], dtype), condition)
         if decomposed is None:
             return None
         found.update({i: (decomposed[0][j], decomposed[1][j]) for j, i in enumerate(members)})

@@ -97,7 +97,7 @@ def _product_cores_by_gram(
     (m, r), n = Bs[0].shape, As[0].shape[1]
     if min(m, n) < _GRAM_ROWS_PER_RANK * r:
         return None
-    b, a = gram_eigh(torch.stack(Bs)), gram_eigh(torch.stack(As).mT)
+    b, a = gram_eigh(Bs), gram_eigh([A.T for A in As])
     if b is None or a is None:
         return None
     dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram
