@@ -306,8 +306,7 @@ def test_a_product_is_certain_of_full_rank_only_when_its_bases_say_so():
     for kappa, certain in ((3, True), (90, False)):
         B = conditioned(1100, 2, kappa, seed=1).float()
         A = conditioned(1100, 2, kappa, seed=2).T.float()
-        (core,) = product_cores([B], [A])
-        assert core.full_rank is certain
+        assert product_cores([B], [A]).full_rank is certain
         other_B, other_A = conditioned(1100, 2, 3, seed=3).float(), conditioned(1100, 2, 3, seed=4).T.float()
         merged = tsv_module._every_direction([B, other_B], [A, other_A], 1.0)
         assert (merged is not None) is certain

@@ -60,39 +60,45 @@ def product_svds(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[Factore
 
 
 @dataclass(frozen=True)
-class ProductCore:
-    """``B @ A = (B Tb) C (A^T Ta)^T`` with ``B Tb`` and ``A^T Ta`` orthonormal: the Gram route's
-    bases of ``B`` [m, r] and ``A^T`` [n, r], kept implicit (``B^T B = Wb diag(sb^2) Wb^T``, ``Tb =
-    Wb diag(1/sb)``), and the core ``C = diag(sb) Wb^T Wa diag(sa)`` [r, r]. ``full_rank``: ``B @ A``
-    is of full numerical rank ``r`` for certain, as ``sigma_min(C) >= min(sb) min(sa)`` lies above
-    the tolerance (:func:`rank_tolerance`) at ``sigma_max(C) <= max(sb) max(sa)``."""
+class ProductCores:
+    """Every ``B_i @ A_i = (B_i Tb[i]) C[i] (A_i^T Ta[i])^T`` with ``B_i Tb[i]`` and ``A_i^T Ta[i]``
+    orthonormal: the Gram route's bases of ``B_i`` [m, r_i] and ``A_i^T`` [n, r_i], kept implicit
+    (``B_i^T B_i = Wb diag(sb^2) Wb^T``, ``Tb[i] = Wb diag(1/sb)``), and the cores ``C[i] =
+    diag(sb) Wb^T Wa diag(sa)`` [r_i, r_i]. ``full_rank``: every ``B_i @ A_i`` is of full
+    numerical rank ``r_i`` for certain, as ``sigma_min(C) >= min(sb) min(sa)`` lies above the
+    tolerance (:func:`rank_tolerance`) at ``sigma_max(C) <= max(sb) max(sa)``."""
 
-    Tb: torch.Tensor
-    C: torch.Tensor
-    Ta: torch.Tensor
+    Tb: list[torch.Tensor]
+    C: list[torch.Tensor]
+    Ta: list[torch.Tensor]
     full_rank: bool
 
 
-def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[ProductCore] | None:
-    """:class:`ProductCore` of every ``Bs[i] @ As[i]``, in the factors' precision, batched per
-    group of equal shapes; None unless every factor takes the Gram route (as
-    :func:`product_svds` would: long enough and well conditioned)."""
-    found: dict[int, ProductCore] = {}
+def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> ProductCores | None:
+    """:class:`ProductCores` of the products ``Bs[i] @ As[i]``, in the factors' precision, batched
+    per group of equal shapes; None unless every factor takes the Gram route (as
+    :func:`product_svds` would: long enough and well conditioned). A few torch calls per group,
+    not per task: each call hands the interpreter lock to the other merging threads and back
+    (measured: tens of microseconds per call, when they wait for it)."""
+    Tb: list[torch.Tensor] = [torch.empty(0)] * len(Bs)
+    C, Ta = list(Tb), list(Tb)
+    full_rank = True
     for members in groups_of([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
         group = _product_cores_by_gram([Bs[i] for i in members], [As[i] for i in members])
         if group is None:
             return None
-        Tb, C, Ta, full_rank = group
         dtype = Bs[members[0]].dtype
-        for j, i in enumerate(members):
-            found[i] = ProductCore(Tb[j].to(dtype), C[j].to(dtype), Ta[j].to(dtype), bool(full_rank[j]))
-    return [found[i] for i in range(len(Bs))]
+        for found, batch in zip((Tb, C, Ta), group[:3], strict=True):
+            for i, matrix in zip(members, batch.to(dtype).unbind(0), strict=True):
+                found[i] = matrix
+        full_rank = full_rank and bool(group[3].all())
+    return ProductCores(Tb, C, Ta, full_rank)
 
 
 def _product_cores_by_gram(
     Bs: list[torch.Tensor], As: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(Tb, C, Ta, full_rank)`` of :class:`ProductCore` for products of one shape, batched, in
+    """``(Tb, C, Ta, full_rank)`` of :class:`ProductCores` for products of one shape, batched, in
     the precision their Gram matrices needed; None off the Gram route."""
     (m, r), n = Bs[0].shape, As[0].shape[1]
     if min(m, n) < _GRAM_ROWS_PER_RANK * r:

@@ -107,12 +107,12 @@ def _every_direction(
     merge is ``polar(Qb_stack) blockdiag(C_i) polar(Qa_stack)^T``. None unless every task is of
     full rank for certain and both polar factors come from Gram matrices."""
     cores = product_cores(Bs, As)
-    if cores is None or not all(core.full_rank for core in cores):
+    if cores is None or not cores.full_rank:
         return None
     B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
-    Tb, Ta = torch.block_diag(*[core.Tb for core in cores]), torch.block_diag(*[core.Ta for core in cores])
+    Tb, Ta = torch.block_diag(*cores.Tb), torch.block_diag(*cores.Ta)
     right_U, right_V = polar_right(B, Tb), polar_right(A.T, Ta)
     if right_U is None or right_V is None:
         return None
-    C = torch.block_diag(*[core.C for core in cores]) * scale
+    C = torch.block_diag(*cores.C) * scale
     return lift_square(B, (Tb @ right_U) @ C @ (Ta @ right_V).T, A)
