@@ -112,9 +112,10 @@ def gram_matrices(X: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> t
     A list of small matrices is stacked for one batched GEMM (at r = 16 and 1024 rows, 0.1 ms less
     than a GEMM each); larger ones get a GEMM each, as the stack would copy all of them (an
     adapter's factors: 7 MiB at n = 8 on Llama-3-8B's down projection, and 1 ms slower there)."""
-    if isinstance(X, list) and X[0].numel() >= _STACK_BELOW:
-        return torch.stack([(x := matrix.to(dtype)).mT @ x for matrix in X])
-    if isinstance(X, list):  # stacked as they lie in memory: transposed views as their contiguous selves
+    if isinstance(X, list):
+        if X[0].numel() >= _STACK_BELOW:
+            return torch.stack([(x := matrix.to(dtype)).mT @ x for matrix in X])
+        # Stacked as they lie in memory: transposed views as their contiguous selves.
         X = torch.stack([m.mT for m in X]).mT if X[0].mT.is_contiguous() else torch.stack(X)
     Xd = X.to(dtype)
     return Xd.mT @ Xd

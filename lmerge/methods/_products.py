@@ -80,18 +80,16 @@ def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> ProductCore
     :func:`product_svds` would: long enough and well conditioned). A few torch calls per group,
     not per task: each call hands the interpreter lock to the other merging threads and back
     (measured: tens of microseconds per call, when they wait for it)."""
-    Tb: list[torch.Tensor] = [torch.empty(0)] * len(Bs)
-    C, Ta = list(Tb), list(Tb)
+    found: dict[int, tuple[torch.Tensor, ...]] = {}
     full_rank = True
     for members in groups_of([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
         group = _product_cores_by_gram([Bs[i] for i in members], [As[i] for i in members])
         if group is None:
             return None
         dtype = Bs[members[0]].dtype
-        for found, batch in zip((Tb, C, Ta), group[:3], strict=True):
-            for i, matrix in zip(members, batch.to(dtype).unbind(0), strict=True):
-                found[i] = matrix
+        found.update(zip(members, zip(*(batch.to(dtype).unbind(0) for batch in group[:3]), strict=True), strict=True))
         full_rank = full_rank and bool(group[3].all())
+    Tb, C, Ta = (list(part) for part in zip(*(found[i] for i in range(len(Bs))), strict=True))
     return ProductCores(Tb, C, Ta, full_rank)
 
 
