@@ -11,7 +11,7 @@ from test_lowrank import CASES, _method_and_params, _reference, merged_delta, re
 
 import lmerge.methods.iso_cts as iso_cts_module
 import lmerge.methods.tsv as tsv_module
-from lmerge.methods._bases import _STACK_BELOW, Basis, basis_of, gram_matrices
+from lmerge.methods._bases import _STACK_BELOW, Basis, StackGram, basis_of, gram_matrices
 from lmerge.methods._gram_product import gram_product_svd
 from lmerge.methods._lowrank import concatenated_svd, small_svd, thin_svd
 from lmerge.methods._polar import polar
@@ -323,3 +323,24 @@ def test_gram_matrices_of_a_list_are_each_matrix_s_own(rows, transposed):
         grams = gram_matrices(matrices, dtype)
         assert grams.dtype == dtype and grams.shape == (3, 4, 4)
         assert float((grams.double() - expected).norm() / expected.norm()) < tolerance
+
+
+@pytest.mark.parametrize("side", ["B", "A"])
+def test_a_stack_s_gram_matrix_gives_its_parts_their_own(side):
+    """StackGram: the stack's Gram matrix once per precision, and each part's (an adapter's
+    factor, of mixed ranks) as its diagonal block, or in a wider precision from the part itself."""
+    g = torch.Generator().manual_seed(5)
+    if side == "B":
+        parts = [torch.randn(300, r, generator=g) for r in (4, 8, 4)]
+        X = torch.cat(parts, dim=1)
+    else:  # [A_1; ...; A_n]^T and each A_i^T: transposed views, as TSV passes them
+        As = [torch.randn(r, 300, generator=g) for r in (4, 8, 4)]
+        X, parts = torch.cat(As, dim=0).T, [A.T for A in As]
+    grams = StackGram(X, parts)
+    assert grams(torch.float32) is grams(torch.float32)  # computed once
+    for members in ([0, 2], [1]):
+        expected = torch.stack([parts[i].double().T @ parts[i].double() for i in members])
+        for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, 1e-14)):
+            blocks = grams.of(members)(dtype)
+            assert blocks.dtype == dtype
+            assert float((blocks.double() - expected).norm() / expected.norm()) < tolerance

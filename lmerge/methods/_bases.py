@@ -23,7 +23,9 @@ GEMM on the tall side whichever way the basis was found.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -79,20 +81,25 @@ def gram_basis(X: torch.Tensor) -> Basis | None:
     return Basis(X, (W / s).to(X.dtype), (s[:, None] * W.T).to(X.dtype), singular=True)
 
 
+GramSource = Callable[[torch.dtype], torch.Tensor]
+"""A factor stack's Gram matrix ``X^T X`` in the precision asked for (:class:`StackGram`)."""
+
+
 def gram_eigh(
-    X: torch.Tensor | list[torch.Tensor], small: torch.Tensor | None = None
+    X: torch.Tensor | list[torch.Tensor], small: torch.Tensor | None = None, gram: GramSource | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(s, W)``: ``X``'s singular values, descending, and right singular vectors, from ``X^T X``
     (batched over leading dims, or over a list of matrices of one shape); None unless ``X``
     [..., m, R] has ``R <= m`` and every matrix of the batch is conditioned well enough
     (:data:`GRAM_TIERS`). Given ``small`` [..., R, K], those of ``X @ small``, never formed: its
-    Gram matrix is ``small^T (X^T X) small``."""
+    Gram matrix is ``small^T (X^T X) small``. Given ``gram``, ``X^T X`` comes from it (a caller
+    that needs it more than once), else from :func:`gram_matrices`."""
     first = X[0] if isinstance(X, list) else X
     columns = first.shape[-1] if small is None else small.shape[-1]
     if columns > first.shape[-2] or not columns:
         return None
     for dtype, condition in GRAM_TIERS.get(first.dtype, ()):
-        G = gram_matrices(X, dtype)
+        G = gram(dtype) if gram is not None else gram_matrices(X, dtype)
         if small is not None:
             Sd = small.to(dtype)
             G = Sd.mT @ G @ Sd
@@ -119,6 +126,43 @@ def gram_matrices(X: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> t
         X = torch.stack([m.mT for m in X]).mT if X[0].mT.is_contiguous() else torch.stack(X)
     Xd = X.to(dtype)
     return Xd.mT @ Xd
+
+
+class StackGram:
+    """The Gram matrices of one factor stack ``X`` [m, R] (``[B_1 ... B_n]``, or ``[A_1; ...;
+    A_n]^T``) and of its blocks ``parts`` (the adapters' own factors, side by side in it), each
+    computed once per precision: TSV needs the Gram matrix of every adapter's factor and then
+    the stack's, whose diagonal blocks they are. In the stack's own precision a block is a slice
+    of the stack's Gram matrix (no copy of the factors into a batch, no GEMM of its own); in a
+    wider one each block gets its own (the stack's would cost ``n`` times their work)."""
+
+    def __init__(self, X: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        self.X, self.parts = X, parts
+        self.columns = rank_blocks([part.shape[-1] for part in parts])
+        self._grams: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        """``X^T X`` in ``dtype``."""
+        if dtype not in self._grams:
+            self._grams[dtype] = gram_matrices(self.X, dtype)
+        return self._grams[dtype]
+
+    def of(self, members: list[int]) -> GramSource:
+        """The batched Gram matrices of the ``members``' parts (of one shape)."""
+
+        def grams(dtype: torch.dtype) -> torch.Tensor:
+            if dtype != self.X.dtype:
+                return gram_matrices([self.parts[i] for i in members], dtype)
+            G = self(dtype)
+            return torch.stack([G[self.columns[i], self.columns[i]] for i in members])
+
+        return grams
+
+
+def rank_blocks(ranks: list[int]) -> list[slice]:
+    """Each adapter's columns (rows) in a factor stack of adapters of ``ranks``, side by side."""
+    ends = list(accumulate(ranks))
+    return [slice(end - rank, end) for rank, end in zip(ranks, ends, strict=True)]
 
 
 def well_conditioned_eigh(

@@ -22,12 +22,11 @@ row-major); and many small factorizations of one shape are batched
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import torch
 
-from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, gram_matrices, well_conditioned_eigh
+from lmerge.methods._bases import GRAM_TIERS, Basis, basis_of, gram_matrices, rank_blocks, well_conditioned_eigh
 from lmerge.methods._task_vectors import TaskVectors
 
 
@@ -59,12 +58,6 @@ def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             raise
         P, S, Wh = torch.linalg.svd(x.double(), full_matrices=False)
         return P.to(x.dtype), S.to(x.dtype), Wh.to(x.dtype)
-
-
-def rank_blocks(ranks: list[int]) -> list[slice]:
-    """Each adapter's columns (rows) in a factor stack of adapters of ``ranks``, side by side."""
-    ends = list(accumulate(ranks))
-    return [slice(end - rank, end) for rank, end in zip(ranks, ends, strict=True)]
 
 
 def rank_tolerance(largest: float | torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:

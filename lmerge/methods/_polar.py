@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmerge.methods._bases import gram_eigh
+from lmerge.methods._bases import GramSource, gram_eigh
 from lmerge.methods._lowrank import numerical_rank, rank_tolerance, thin_qr, thin_svd
 
 
@@ -40,15 +40,18 @@ def polar_given(x: torch.Tensor, right: torch.Tensor | None) -> torch.Tensor:
     return _square_polar(x, rows)
 
 
-def polar_right(x: torch.Tensor, small: torch.Tensor | None = None) -> torch.Tensor | None:
+def polar_right(
+    x: torch.Tensor, small: torch.Tensor | None = None, gram: GramSource | None = None
+) -> torch.Tensor | None:
     """The small ``M = W diag(1/S) W^T`` with ``polar(x) = x @ M``, from the Gram matrix of a tall,
     well-conditioned ``x`` (None for any other ``x``): a caller that multiplies the polar factor
     by more small matrices keeps ``x`` as its tall factor, one GEMM fewer. A square ``x`` has no
     QR to save, and its SVD costs about what the Gram route's eigendecomposition and GEMMs do.
     Given ``small``, the ``M`` of ``x @ small`` (:func:`~lmerge.methods._bases.gram_eigh`), never
-    formed: ``polar(x @ small) = x @ (small @ M)``."""
+    formed: ``polar(x @ small) = x @ (small @ M)``. ``gram``: ``x^T x`` when the caller has it
+    (:class:`~lmerge.methods._bases.StackGram`)."""
     rows, cols = x.shape[0], (x if small is None else small).shape[1]
-    decomposed = gram_eigh(x, small) if rows > cols else None
+    decomposed = gram_eigh(x, small, gram) if rows > cols else None
     if decomposed is None:
         return None
     S, W = decomposed

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmerge.methods._bases import gram_eigh
+from lmerge.methods._bases import GramSource, StackGram, gram_eigh
 from lmerge.methods._lowrank import groups_of, thin_qr, thin_svd
 
 
@@ -74,16 +74,23 @@ class ProductCores:
     full_rank: bool
 
 
-def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> ProductCores | None:
+def product_cores(
+    Bs: list[torch.Tensor], As: list[torch.Tensor], grams: tuple[StackGram, StackGram] | None = None
+) -> ProductCores | None:
     """:class:`ProductCores` of the products ``Bs[i] @ As[i]``, in the factors' precision, batched
     per group of equal shapes; None unless every factor takes the Gram route (as
     :func:`product_svds` would: long enough and well conditioned). A few torch calls per group,
     not per task: each call hands the interpreter lock to the other merging threads and back
-    (measured: tens of microseconds per call, when they wait for it)."""
+    (measured: tens of microseconds per call, when they wait for it). ``grams``: those of the
+    stacks ``[B_1 ... B_n]`` and ``[A_1; ...; A_n]^T``, for a caller that needs them too."""
+    if grams is None:
+        grams = StackGram(torch.cat(Bs, dim=1), Bs), StackGram(torch.cat(As, dim=0).T, [A.T for A in As])
     found: dict[int, tuple[torch.Tensor, ...]] = {}
     full_rank = True
     for members in groups_of([(B.shape, A.shape) for A, B in zip(As, Bs, strict=True)]):
-        group = _product_cores_by_gram([Bs[i] for i in members], [As[i] for i in members])
+        group = _product_cores_by_gram(
+            [Bs[i] for i in members], [As[i] for i in members], grams[0].of(members), grams[1].of(members)
+        )
         if group is None:
             return None
         dtype = Bs[members[0]].dtype
@@ -94,14 +101,18 @@ def product_cores(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> ProductCore
 
 
 def _product_cores_by_gram(
-    Bs: list[torch.Tensor], As: list[torch.Tensor]
+    Bs: list[torch.Tensor],
+    As: list[torch.Tensor],
+    gram_B: GramSource | None = None,
+    gram_A: GramSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(Tb, C, Ta, full_rank)`` of :class:`ProductCores` for products of one shape, batched, in
-    the precision their Gram matrices needed; None off the Gram route."""
+    the precision their Gram matrices needed; None off the Gram route. ``gram_B``, ``gram_A``:
+    the factors' batched Gram matrices when the caller has them."""
     (m, r), n = Bs[0].shape, As[0].shape[1]
     if min(m, n) < _GRAM_ROWS_PER_RANK * r:
         return None
-    b, a = gram_eigh(Bs), gram_eigh([A.T for A in As])
+    b, a = gram_eigh(Bs, gram=gram_B), gram_eigh([A.T for A in As], gram=gram_A)
     if b is None or a is None:
         return None
     dtype = torch.promote_types(b[0].dtype, a[0].dtype)  # one may have needed a float64 Gram

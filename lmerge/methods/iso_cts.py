@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
+from lmerge.methods._bases import rank_blocks
 from lmerge.methods._gram_product import GramProductSVD, gram_product_svd
 from lmerge.methods._lowrank import (
     CoreSpace,
     as_working,
     lift_square,
     numerical_rank,
-    rank_blocks,
     rank_tolerance,
     small_svd,
     zero_factors,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lmerge.methods._bases import StackGram
 from lmerge.methods._lowrank import (
     as_working,
     lift_square,
@@ -106,12 +107,14 @@ def _every_direction(
     orthogonal, so ``polar(U_cat) = polar(Qb_stack) blockdiag(P_i)`` (the same for ``V``), and the
     merge is ``polar(Qb_stack) blockdiag(C_i) polar(Qa_stack)^T``. None unless every task is of
     full rank for certain and both polar factors come from Gram matrices."""
-    cores = product_cores(Bs, As)
+    B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    # The tasks' Gram matrices are the diagonal blocks of the stacks': each computed once.
+    gram_B, gram_A = StackGram(B, Bs), StackGram(A.T, [A_i.T for A_i in As])
+    cores = product_cores(Bs, As, (gram_B, gram_A))
     if cores is None or not cores.full_rank:
         return None
-    B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
     Tb, Ta = torch.block_diag(*cores.Tb), torch.block_diag(*cores.Ta)
-    right_U, right_V = polar_right(B, Tb), polar_right(A.T, Ta)
+    right_U, right_V = polar_right(B, Tb, gram_B), polar_right(A.T, Ta, gram_A)
     if right_U is None or right_V is None:
         return None
     C = torch.block_diag(*cores.C) * scale
